@@ -1,0 +1,3 @@
+"""gemport: convert, quantize and validate Gemma checkpoints across runtimes."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,127 @@
+"""Checkpoint: a GemmaSpec, tokenizer files and lazy tensors in canonical (HF) names/layouts.
+
+Canonical layout: Hugging Face names, linear weights [out, in], norm weights stored as
+the raw ``w`` of ``(1 + w)``. Tensors are lazy (name, shape, dtype, loader) so that a
+conversion streams tensor by tensor and peak memory stays near the largest tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from gemport.errors import CheckpointError
+from gemport.spec import GemmaSpec
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = ("f32", "f16", "bf16")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    import torch
+
+    names = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+    if dtype not in names:
+        raise CheckpointError(f"unsupported tensor dtype {dtype}")
+    return names[dtype]
+
+
+DTYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor not yet read: ``load()`` returns a torch tensor of ``shape`` and ``dtype``."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    load: Callable[[], torch.Tensor] = field(repr=False, compare=False)
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_BYTES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+    def cast(self, dtype: str) -> LazyTensor:
+        """The same tensor, converted to ``dtype`` when loaded."""
+        if dtype == self.dtype:
+            return self
+        return replace(self, dtype=dtype, load=lambda: self.load().to(torch_dtype(dtype)))
+
+
+@dataclass
+class Checkpoint:
+    """spec + tokenizer files (name -> bytes) + lazy tensors keyed by canonical name."""
+
+    spec: GemmaSpec
+    tensors: dict[str, LazyTensor]
+    tokenizer_files: dict[str, bytes] = field(default_factory=dict)
+    generation_config: dict | None = None
+    source: str = ""
+
+    def __iter__(self) -> Iterator[LazyTensor]:
+        return iter(self.tensors.values())
+
+    def cast(self, dtype: str) -> Checkpoint:
+        return replace(self, tensors={k: t.cast(dtype) for k, t in self.tensors.items()})
+
+    def check(self) -> None:
+        """Raise CheckpointError unless names and shapes are exactly what the spec implies."""
+        expected = expected_shapes(self.spec)
+        missing = [n for n in expected if n not in self.tensors]
+        if missing:
+            raise CheckpointError(
+                f"missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+                self.source)
+        unexpected = [n for n in self.tensors if n not in expected]
+        if unexpected:
+            raise CheckpointError(f"unexpected tensor {unexpected[0]}", self.source)
+        for name, shape in expected.items():
+            got = tuple(self.tensors[name].shape)
+            if got != shape:
+                raise CheckpointError(f"tensor {name} has shape {list(got)}, expected {list(shape)}", self.source)
+
+
+def expected_shapes(spec: GemmaSpec) -> dict[str, tuple[int, ...]]:
+    """Canonical tensor names and shapes for ``spec``, in the order HF stores them."""
+    h, q, kv, f = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, \
+        spec.intermediate_size
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab_size, h)}
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        out[p + "self_attn.q_proj.weight"] = (q, h)
+        out[p + "self_attn.k_proj.weight"] = (kv, h)
+        out[p + "self_attn.v_proj.weight"] = (kv, h)
+        out[p + "self_attn.o_proj.weight"] = (h, q)
+        if spec.qk_norm:
+            out[p + "self_attn.q_norm.weight"] = (spec.head_dim,)
+            out[p + "self_attn.k_norm.weight"] = (spec.head_dim,)
+        out[p + "mlp.gate_proj.weight"] = (f, h)
+        out[p + "mlp.up_proj.weight"] = (f, h)
+        out[p + "mlp.down_proj.weight"] = (h, f)
+        out[p + "input_layernorm.weight"] = (h,)
+        out[p + "post_attention_layernorm.weight"] = (h,)
+        if spec.post_norms:
+            out[p + "pre_feedforward_layernorm.weight"] = (h,)
+            out[p + "post_feedforward_layernorm.weight"] = (h,)
+    out["model.norm.weight"] = (h,)
+    if not spec.tie_embeddings:
+        out["lm_head.weight"] = (spec.vocab_size, h)
+    return out
+
+
+def is_norm(shape: tuple[int, ...]) -> bool:
+    """Every 1-D Gemma tensor is an RMSNorm weight: ``w`` of ``(1 + w)`` canonically."""
+    return len(shape) == 1

