@@ -23,8 +23,14 @@ log = logging.getLogger(__name__)
 
 CONFIG, INDEX, SINGLE = "config.json", "model.safetensors.index.json", "model.safetensors"
 GENERATION_CONFIG = "generation_config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 _ST_DTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
@@ -103,14 +109,19 @@ def _read_header(file: Path) -> list[LazyTensor]:
     header.pop("__metadata__", None)
     data_end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + data_end > size:
-        raise InputError(f"truncated safetensors file: data ends at byte {size}, header needs "
-                         f"{8 + n + data_end}", file)
+        raise InputError(f"truncated safetensors file: data ends at byte {size}, header needs {8 + n + data_end}", file)
     out = []
     for name, info in header.items():
         if info["dtype"] not in _ST_DTYPES:
             raise InputError(f"tensor {name} has unsupported dtype {info['dtype']}", file)
-        out.append(LazyTensor(name, tuple(info["shape"]), _ST_DTYPES[info["dtype"]],
-                              load=lambda file=file, name=name: _load(file, name)))
+        out.append(
+            LazyTensor(
+                name,
+                tuple(info["shape"]),
+                _ST_DTYPES[info["dtype"]],
+                load=lambda file=file, name=name: _load(file, name),
+            )
+        )
     return out
 
 
@@ -123,8 +134,14 @@ def _load(file: Path, name: str):
         return f.get_tensor(name).clone()
 
 
-def write(ckpt: Checkpoint, dst: str | Path, dtype: str | None = None, max_shard_bytes: int | None = None,
-          overwrite: bool = False, config_style: str = "5") -> Path:
+def write(
+    ckpt: Checkpoint,
+    dst: str | Path,
+    dtype: str | None = None,
+    max_shard_bytes: int | None = None,
+    overwrite: bool = False,
+    config_style: str = "5",
+) -> Path:
     """Write ``ckpt`` as an HF folder at ``dst`` (atomically), optionally cast to ``dtype``."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -143,8 +160,7 @@ def write(ckpt: Checkpoint, dst: str | Path, dtype: str | None = None, max_shard
             total = sum(t.nbytes for ts in shards.values() for t in ts)
             _write_json(tmp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         config = ckpt.spec.to_hf_config(config_style)
-        config["dtype"] = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[
-            ckpt.tensors[order[0]].dtype]
+        config["dtype"] = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[ckpt.tensors[order[0]].dtype]
         _write_json(tmp / CONFIG, config)
         _write_json(tmp / GENERATION_CONFIG, ckpt.generation_config or _generation_config(ckpt.spec))
         for name, data in ckpt.tokenizer_files.items():
@@ -182,8 +198,11 @@ def _write_safetensors(path: Path, tensors: list[LazyTensor], advance, source: s
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
-                          "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {
+            "dtype": _ST_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # ref: safetensors format, header padded to 8 bytes
@@ -193,8 +212,10 @@ def _write_safetensors(path: Path, tensors: list[LazyTensor], advance, source: s
         for t in tensors:
             data = t.load()
             if tuple(data.shape) != t.shape or data.dtype != torch_dtype(t.dtype):
-                raise CheckpointError(f"tensor {t.name} loaded as {list(data.shape)} {data.dtype}, "
-                                      f"expected {list(t.shape)} {t.dtype}", source)
+                raise CheckpointError(
+                    f"tensor {t.name} loaded as {list(data.shape)} {data.dtype}, expected {list(t.shape)} {t.dtype}",
+                    source,
+                )
             if not bool(torch.isfinite(data).all()):
                 raise CheckpointError(f"tensor {t.name} has NaN or infinite values", source)
             f.write(memoryview(data.contiguous().view(torch.uint8).numpy()))

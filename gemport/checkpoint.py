@@ -84,7 +84,8 @@ class Checkpoint:
         if missing:
             raise CheckpointError(
                 f"missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
-                self.source)
+                self.source,
+            )
         unexpected = [n for n in self.tensors if n not in expected]
         if unexpected:
             raise CheckpointError(f"unexpected tensor {unexpected[0]}", self.source)
@@ -96,8 +97,12 @@ class Checkpoint:
 
 def expected_shapes(spec: GemmaSpec) -> dict[str, tuple[int, ...]]:
     """Canonical tensor names and shapes for ``spec``, in the order HF stores them."""
-    h, q, kv, f = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, \
-        spec.intermediate_size
+    h, q, kv, f = (
+        spec.hidden_size,
+        spec.num_heads * spec.head_dim,
+        spec.num_kv_heads * spec.head_dim,
+        spec.intermediate_size,
+    )
     out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab_size, h)}
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."

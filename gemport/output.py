@@ -14,9 +14,13 @@ from gemport.errors import OutputError
 
 log = logging.getLogger(__name__)
 
-_WRITE_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
-                 errno.EACCES: "permission denied", errno.EROFS: "read-only file system",
-                 errno.EPERM: "operation not permitted"}
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EROFS: "read-only file system",
+    errno.EPERM: "operation not permitted",
+}
 
 
 def _remove(path: Path) -> None:

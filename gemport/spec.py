@@ -74,8 +74,15 @@ class GemmaSpec:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
@@ -130,15 +137,13 @@ class GemmaSpec:
         """Build a spec from a transformers config dict (4.x or 5.x style)."""
         model_type = cfg.get("model_type")
         if model_type == "gemma3" and isinstance(cfg.get("text_config"), dict):
-            raise UnsupportedError(
-                "multimodal Gemma 3 (model_type 'gemma3') is not supported; only text models", path)
+            raise UnsupportedError("multimodal Gemma 3 (model_type 'gemma3') is not supported; only text models", path)
         if model_type not in _MODEL_TYPES:
             raise UnsupportedError(
-                f"unsupported architecture model_type={model_type!r} "
-                f"(supported: {', '.join(_MODEL_TYPES)})", path)
+                f"unsupported architecture model_type={model_type!r} (supported: {', '.join(_MODEL_TYPES)})", path
+            )
         family = _MODEL_TYPES[model_type]
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         missing = [k for k in required if cfg.get(k) is None]
         if missing:
             raise InputError(f"config is missing required field(s): {', '.join(missing)}", path)
@@ -215,8 +220,11 @@ class GemmaSpec:
     def _rope_parameters(self) -> dict:
         full = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
-            full = {"rope_type": self.rope_scaling.rope_type, "factor": self.rope_scaling.factor,
-                    "rope_theta": self.rope_theta}
+            full = {
+                "rope_type": self.rope_scaling.rope_type,
+                "factor": self.rope_scaling.factor,
+                "rope_theta": self.rope_theta,
+            }
         if self.family != "gemma3":
             return full
         local = {"rope_type": "default", "rope_theta": self.rope_local_theta or self.rope_theta}
@@ -229,7 +237,9 @@ class GemmaSpec:
             out["sliding_window_pattern"] = _pattern_of(self.layer_types)
             out["rope_scaling"] = (
                 {"rope_type": self.rope_scaling.rope_type, "factor": self.rope_scaling.factor}
-                if self.rope_scaling else None)
+                if self.rope_scaling
+                else None
+            )
         return out
 
 

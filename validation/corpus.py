@@ -60,7 +60,7 @@ def windows(tokens: list[int], n_ctx: int, n_windows: int, bos_id: int) -> list[
         raise InputError(f"corpus has {len(tokens)} tokens, fewer than one window of {n_ctx}")
     out = []
     for i in range(min(n_windows, available)):
-        chunk = list(tokens[i * n_ctx:(i + 1) * n_ctx])
+        chunk = list(tokens[i * n_ctx : (i + 1) * n_ctx])
         chunk[0] = bos_id
         out.append(chunk)
     return out
