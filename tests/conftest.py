@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import VARIANTS, make_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "build" / "models" / "gemma-3-270m"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Every tiny variant, single-file f32, plus a sharded bf16 Gemma 3."""
+    root = tmp_path_factory.mktemp("tiny")
+    models = {v: make_tiny(v, root / v) for v in VARIANTS}
+    models["gemma3-sharded-bf16"] = make_tiny("gemma3", root / "gemma3-sharded-bf16", dtype="bfloat16",
+                                              shard="60KB")
+    return models
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """The real Gemma 3 270M as HF bf16 (built by `make demo-model`; built here if missing)."""
+    if not (DEMO / "config.json").is_file():
+        from gemport.demo import build_demo_model
+
+        build_demo_model(DEMO)
+    return DEMO
