@@ -61,11 +61,27 @@ def main() -> None:
             dst_bytes = largest.nbytes * {"f32": 4, "bf16": 2}[dtype] // {"f32": 4, "bf16": 2}[largest.dtype]
             budget = 1.5 * max(src_bytes, dst_bytes) + 400 * MB
             rss, wall = run(GEMPORT, "convert", str(args.model), f"{tmp}/g-{dtype}", "--to", "hf", "--dtype", dtype)
-            rows.append({"tool": "gemport convert", "to": dtype, "peak_rss_mb": rss / MB, "wall_s": wall,
-                         "budget_mb": budget / MB, "within_budget": rss <= budget})
+            rows.append(
+                {
+                    "tool": "gemport convert",
+                    "to": dtype,
+                    "peak_rss_mb": rss / MB,
+                    "wall_s": wall,
+                    "budget_mb": budget / MB,
+                    "within_budget": rss <= budget,
+                }
+            )
         rss, wall = run(TRANSFORMERS, str(args.model), f"{tmp}/t-f32")
-        rows.append({"tool": "transformers from_pretrained+save_pretrained", "to": "f32", "peak_rss_mb": rss / MB,
-                     "wall_s": wall, "budget_mb": None, "within_budget": None})
+        rows.append(
+            {
+                "tool": "transformers from_pretrained+save_pretrained",
+                "to": "f32",
+                "peak_rss_mb": rss / MB,
+                "wall_s": wall,
+                "budget_mb": None,
+                "within_budget": None,
+            }
+        )
     print(f"model {args.model}: largest tensor {largest.name} {list(largest.shape)} {largest.dtype}")
     print(f"{'tool':48} {'to':5} {'peak RSS MB':>12} {'budget MB':>10} {'wall s':>7}")
     for r in rows:

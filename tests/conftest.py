@@ -15,8 +15,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Every tiny variant, single-file f32, plus a sharded bf16 Gemma 3."""
     root = tmp_path_factory.mktemp("tiny")
     models = {v: make_tiny(v, root / v) for v in VARIANTS}
-    models["gemma3-sharded-bf16"] = make_tiny("gemma3", root / "gemma3-sharded-bf16", dtype="bfloat16",
-                                              shard="60KB")
+    models["gemma3-sharded-bf16"] = make_tiny("gemma3", root / "gemma3-sharded-bf16", dtype="bfloat16", shard="60KB")
     return models
 
 

@@ -32,11 +32,11 @@ def rewrite_safetensors(file: Path, edit) -> None:
     """Apply ``edit(header)`` to a safetensors header, keeping the data."""
     raw = file.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     edit(header)
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
-    file.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    file.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
 
 
 def truncate(file: Path) -> None:
@@ -61,12 +61,21 @@ CASES = {
     "truncated safetensors": (lambda m: truncate(m / "model.safetensors"), "model.safetensors", "truncated"),
     "wrong magic": (lambda m: wrong_magic(m / "model.safetensors"), "model.safetensors", "not a safetensors file"),
     "config missing a field": (lambda m: edit_config(m, hidden_size=None), "config.json", "hidden_size"),
-    "llama config": (lambda m: edit_config(m, model_type="llama", architectures=["LlamaForCausalLM"]),
-                     "config.json", "unsupported architecture model_type='llama'"),
-    "missing tensor": (lambda m: rewrite_safetensors(m / "model.safetensors", drop_tensor), "",
-                       "missing tensor model.layers.1.mlp.up_proj.weight"),
-    "wrong shape": (lambda m: rewrite_safetensors(m / "model.safetensors", reshape_tensor), "",
-                    "model.layers.0.self_attn.k_proj.weight has shape [64, 32], expected [32, 64]"),
+    "llama config": (
+        lambda m: edit_config(m, model_type="llama", architectures=["LlamaForCausalLM"]),
+        "config.json",
+        "unsupported architecture model_type='llama'",
+    ),
+    "missing tensor": (
+        lambda m: rewrite_safetensors(m / "model.safetensors", drop_tensor),
+        "",
+        "missing tensor model.layers.1.mlp.up_proj.weight",
+    ),
+    "wrong shape": (
+        lambda m: rewrite_safetensors(m / "model.safetensors", reshape_tensor),
+        "",
+        "model.layers.0.self_attn.k_proj.weight has shape [64, 32], expected [32, 64]",
+    ),
 }
 
 
@@ -160,8 +169,11 @@ def test_cli_subprocess_exit_code(tiny_models, tmp_path):
 
     src = copy_model(tiny_models["gemma-mha"], tmp_path / "src")
     truncate(src / "model.safetensors")
-    proc = subprocess.run([sys.executable, "-m", "gemport.cli", "convert", str(src), str(tmp_path / "dst"),
-                           "--to", "hf"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gemport.cli", "convert", str(src), str(tmp_path / "dst"), "--to", "hf"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert_one_line_error(proc.returncode, proc.stderr, "truncated")
     assert_nothing_left(tmp_path / "dst")

@@ -37,8 +37,9 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(tiny_models, tmp_
     assert AutoTokenizer.from_pretrained(out)(text).input_ids == AutoTokenizer.from_pretrained(src)(text).input_ids
 
 
-@pytest.mark.parametrize("dtype,torch_dtype", [("f32", torch.float32), ("f16", torch.float16),
-                                               ("bf16", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "dtype,torch_dtype", [("f32", torch.float32), ("f16", torch.float16), ("bf16", torch.bfloat16)]
+)
 def test_convert_casts_dtype(tiny_models, tmp_path, dtype, torch_dtype):
     src = tiny_models["gemma3"]
     assert main(["convert", str(src), str(tmp_path / "out"), "--to", "hf", "--dtype", dtype]) == 0

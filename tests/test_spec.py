@@ -8,12 +8,29 @@ from gemport.spec import FULL, SLIDING, GemmaSpec, RopeScaling
 
 # The config.json of google/gemma-3-1b-pt as published (transformers 4.x style).
 GEMMA3_1B_4X = {
-    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "attention_bias": False,
-    "attn_logit_softcapping": None, "bos_token_id": 2, "eos_token_id": 1, "final_logit_softcapping": None,
-    "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152, "intermediate_size": 6912,
-    "max_position_embeddings": 32768, "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1,
-    "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
-    "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
+    "architectures": ["Gemma3ForCausalLM"],
+    "model_type": "gemma3_text",
+    "attention_bias": False,
+    "attn_logit_softcapping": None,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "final_logit_softcapping": None,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 1152,
+    "intermediate_size": 6912,
+    "max_position_embeddings": 32768,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 26,
+    "num_key_value_heads": 1,
+    "pad_token_id": 0,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06,
+    "rope_local_base_freq": 10000,
+    "rope_scaling": None,
+    "rope_theta": 1000000,
+    "sliding_window": 512,
+    "sliding_window_pattern": 6,
     "vocab_size": 262144,
 }
 CLASSES = {"gemma": GemmaConfig, "gemma2": Gemma2Config, "gemma3": Gemma3TextConfig}
@@ -35,16 +52,26 @@ def test_gemma3_4x_config_reads_like_transformers():
 def test_written_config_loads_in_transformers_and_reads_back(family, style):
     n = 6
     spec = GemmaSpec(
-        family=family, vocab_size=1000, hidden_size=64, intermediate_size=96, num_layers=n, num_heads=4,
-        num_kv_heads=1 if family == "gemma" else 2, head_dim=32,
-        layer_types=(FULL,) * n if family == "gemma" else
-        tuple(FULL if (i + 1) % (2 if family == "gemma2" else 3) == 0 else SLIDING for i in range(n)),
+        family=family,
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=n,
+        num_heads=4,
+        num_kv_heads=1 if family == "gemma" else 2,
+        head_dim=32,
+        layer_types=(FULL,) * n
+        if family == "gemma"
+        else tuple(FULL if (i + 1) % (2 if family == "gemma2" else 3) == 0 else SLIDING for i in range(n)),
         sliding_window=None if family == "gemma" else 128,
-        rope_theta=1e6 if family == "gemma3" else 1e4, rope_local_theta=1e4 if family == "gemma3" else None,
+        rope_theta=1e6 if family == "gemma3" else 1e4,
+        rope_local_theta=1e4 if family == "gemma3" else None,
         rope_scaling=RopeScaling("linear", 8.0) if family == "gemma3" else None,
         query_pre_attn_scalar=None if family == "gemma" else 48,
-        attn_softcap=50.0 if family == "gemma2" else None, final_softcap=30.0 if family == "gemma2" else None,
-        tie_embeddings=family != "gemma2")
+        attn_softcap=50.0 if family == "gemma2" else None,
+        final_softcap=30.0 if family == "gemma2" else None,
+        tie_embeddings=family != "gemma2",
+    )
     cfg = spec.to_hf_config(style)
     hf = CLASSES[family](**{k: v for k, v in cfg.items() if k != "model_type"})
     assert GemmaSpec.from_hf_config(cfg) == spec
@@ -69,11 +96,28 @@ def test_missing_field_is_named():
 
 def test_invalid_values_are_refused():
     with pytest.raises(ValueError, match="num_kv_heads"):
-        GemmaSpec(family="gemma", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=3,
-                  num_kv_heads=2, head_dim=4)
+        GemmaSpec(
+            family="gemma",
+            vocab_size=8,
+            hidden_size=8,
+            intermediate_size=8,
+            num_layers=1,
+            num_heads=3,
+            num_kv_heads=2,
+            head_dim=4,
+        )
     with pytest.raises(ValueError, match="sliding_window"):
-        GemmaSpec(family="gemma2", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1,
-                  num_kv_heads=1, head_dim=4, layer_types=(SLIDING,))
+        GemmaSpec(
+            family="gemma2",
+            vocab_size=8,
+            hidden_size=8,
+            intermediate_size=8,
+            num_layers=1,
+            num_heads=1,
+            num_kv_heads=1,
+            head_dim=4,
+            layer_types=(SLIDING,),
+        )
 
 
 def test_spec_json_round_trip():
