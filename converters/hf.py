@@ -112,26 +112,34 @@ def _read_header(file: Path) -> list[LazyTensor]:
         raise InputError(f"truncated safetensors file: data ends at byte {size}, header needs {8 + n + data_end}", file)
     out = []
     for name, info in header.items():
-        if info["dtype"] not in _ST_DTYPES:
-            raise InputError(f"tensor {name} has unsupported dtype {info['dtype']}", file)
-        out.append(
-            LazyTensor(
-                name,
-                tuple(info["shape"]),
-                _ST_DTYPES[info["dtype"]],
-                load=lambda file=file, name=name: _load(file, name),
-            )
+        if info.get("dtype") not in _ST_DTYPES:
+            raise InputError(f"tensor {name} has unsupported dtype {info.get('dtype')}", file)
+        shape, dtype = tuple(info["shape"]), _ST_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        tensor = LazyTensor(
+            name, shape, dtype, load=lambda f=file, s=8 + n + start, sh=shape, d=dtype: _load(f, s, sh, d)
         )
+        if end - start != tensor.nbytes:
+            raise InputError(f"tensor {name}: header shape {list(shape)} does not match its {end - start} bytes", file)
+        out.append(tensor)
     return out
 
 
-def _load(file: Path, name: str):
-    from safetensors import safe_open
+def _load(file: Path, start: int, shape: tuple[int, ...], dtype: str):
+    """Read one tensor's bytes straight into a fresh tensor.
 
-    # A fresh handle per tensor: the mapping is dropped once the tensor is copied out,
-    # so resident memory does not grow with the model.
-    with safe_open(file, framework="pt") as f:
-        return f.get_tensor(name).clone()
+    Plain reads rather than safetensors' mmap: pages of the mapping would stay resident
+    while the file is open, and the copy out of it would double the peak for each tensor.
+    """
+    import torch
+
+    out = torch.empty(shape, dtype=torch_dtype(dtype))
+    view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+    with open(file, "rb") as f:
+        f.seek(start)
+        if f.readinto(view) != len(view):
+            raise InputError("truncated safetensors file", file)
+    return out
 
 
 def write(
@@ -197,7 +205,7 @@ def _all_finite(data, rows: int = 4096) -> bool:
     import torch
 
     flat = data.reshape(data.shape[0], -1) if data.ndim > 1 else data.reshape(1, -1)
-    return all(bool(torch.isfinite(flat[i:i + rows]).all()) for i in range(0, flat.shape[0], rows))
+    return all(bool(torch.isfinite(flat[i : i + rows]).all()) for i in range(0, flat.shape[0], rows))
 
 
 def _write_safetensors(path: Path, tensors: list[LazyTensor], advance, source: str) -> None:

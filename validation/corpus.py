@@ -46,8 +46,9 @@ def split_text(text: str, eval_fraction: float = EVAL_FRACTION) -> tuple[str, st
 
 
 def tokenize(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` without BOS (windows add their own), via an HF tokenizer."""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Token ids of ``text`` with BOS first, as llama-perplexity tokenizes (add_bos), via an HF tokenizer."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return [tokenizer.bos_token_id, *ids]
 
 
 def windows(tokens: list[int], n_ctx: int, n_windows: int, bos_id: int) -> list[list[int]]:

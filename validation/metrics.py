@@ -1,0 +1,137 @@
+"""Perplexity, delta-ppl, KL divergence and top-1 agreement, llama-perplexity style, streamed window by window.
+
+Protocol (ref: llama.cpp tools/perplexity/perplexity.cpp, perplexity() and kl_divergence()):
+``first = n_ctx / 2``; the logits of positions first .. n_ctx - 2 are scored against tokens
+first + 1 .. n_ctx - 1, so each window scores ``n_ctx - 1 - n_ctx // 2`` tokens.
+Standard errors follow its ``mean_and_uncertainty``: sqrt((E[x^2] - E[x]^2) / (n - 1)).
+
+Differences from llama.cpp, both towards exactness: the reference log-probs are not quantized to
+16 bits, and the KL sum runs over the full vocabulary (llama.cpp skips base log-probs below -16).
+
+Inputs are log-probabilities (any float dtype); they are renormalized here in float64, so raw
+logits work too, and identical inputs give a KL divergence of exactly 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+ROWS_PER_CHUNK_ELEMENTS = 1 << 24  # float64 work arrays of at most 128 MiB each
+
+
+def scored_span(n_ctx: int) -> tuple[int, int]:
+    """(first scored position, tokens scored) of one window of ``n_ctx`` tokens."""
+    first = n_ctx // 2
+    return first, n_ctx - 1 - first
+
+
+@dataclass(frozen=True)
+class Metrics:
+    tokens: int
+    ppl_ref: float
+    ppl_ref_se: float
+    ppl_cand: float
+    ppl_cand_se: float
+    delta_ppl_pct: float  # 100 * (ppl_cand / ppl_ref - 1)
+    delta_ppl_pct_se: float
+    kld: float  # mean KL(reference || candidate), nats
+    kld_se: float
+    top1_pct: float  # % of scored positions where both argmaxes agree
+    top1_pct_se: float
+
+    def to_json(self) -> dict:
+        return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in asdict(self).items()}
+
+
+class _Sums:
+    """Streaming sum and sum of squares in float64."""
+
+    def __init__(self) -> None:
+        self.n, self.s, self.s2 = 0, 0.0, 0.0
+
+    def add(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64)
+        self.n += x.size
+        self.s += float(x.sum())
+        self.s2 += float(np.square(x).sum())
+
+    def mean(self) -> float:
+        return self.s / self.n if self.n else math.nan
+
+    def se(self) -> float:
+        """Standard error of the mean; nan below 2 values."""
+        if self.n < 2:
+            return math.nan
+        m = self.mean()
+        return math.sqrt(max(self.s2 / self.n - m * m, 0.0) / (self.n - 1))
+
+
+def _log_softmax64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))
+
+
+def token_scores(ref: np.ndarray, cand: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per row: (reference NLL, candidate NLL, KL(ref || cand), argmaxes equal), for [rows, vocab] inputs."""
+    lr, lc = _log_softmax64(ref), _log_softmax64(cand)
+    rows = np.arange(len(targets))
+    p = np.exp(lr)
+    with np.errstate(invalid="ignore"):
+        # where the reference has no mass the term is 0 (0 * log 0), whatever the candidate says
+        kld = np.where(p > 0, p * (lr - lc), 0.0).sum(axis=1)
+    same_top = ref.argmax(axis=1) == cand.argmax(axis=1)
+    return -lr[rows, targets], -lc[rows, targets], kld, same_top
+
+
+class Accumulator:
+    """Feed windows in turn (``add_window``), then read ``result()``; holds only running sums."""
+
+    def __init__(self) -> None:
+        self.nll_ref, self.nll_cand, self.nll_diff, self.kld, self.top1 = (_Sums() for _ in range(5))
+
+    def add_window(self, tokens: list[int], ref_logprobs: np.ndarray, cand_logprobs: np.ndarray) -> None:
+        """Score one window: ``tokens`` [n_ctx] and both runtimes' [n_ctx, vocab] outputs."""
+        n_ctx = len(tokens)
+        for name, a in (("reference", ref_logprobs), ("candidate", cand_logprobs)):
+            if a.ndim != 2 or a.shape[0] != n_ctx:
+                raise ValueError(f"{name} log-probs have shape {list(a.shape)}, expected [{n_ctx}, vocab]")
+        if ref_logprobs.shape != cand_logprobs.shape:
+            ref_v, cand_v = ref_logprobs.shape[1], cand_logprobs.shape[1]
+            raise ValueError(f"vocab sizes differ: reference {ref_v}, candidate {cand_v}")
+        first, count = scored_span(n_ctx)
+        targets = np.asarray(tokens[first + 1 :], dtype=np.int64)
+        self.add(ref_logprobs[first : first + count], cand_logprobs[first : first + count], targets)
+
+    def add(self, ref: np.ndarray, cand: np.ndarray, targets: np.ndarray) -> None:
+        """Score rows of [rows, vocab] log-probs against ``targets`` [rows], in memory-bounded chunks."""
+        step = max(1, ROWS_PER_CHUNK_ELEMENTS // max(1, ref.shape[1]))
+        for i in range(0, len(targets), step):
+            nll_r, nll_c, kld, same = token_scores(ref[i : i + step], cand[i : i + step], targets[i : i + step])
+            self.nll_ref.add(nll_r)
+            self.nll_cand.add(nll_c)
+            self.nll_diff.add(nll_c - nll_r)
+            self.kld.add(kld)
+            self.top1.add(same)
+
+    def result(self) -> Metrics:
+        ppl_ref, ppl_cand = math.exp(self.nll_ref.mean()), math.exp(self.nll_cand.mean())
+        # ppl_cand / ppl_ref = exp(mean(nll_cand - nll_ref)); its error from the paired differences,
+        # which is llama.cpp's sqrt(se_q^2 + se_base^2 - 2 cov).
+        ratio = math.exp(self.nll_diff.mean())
+        return Metrics(
+            tokens=self.kld.n,
+            ppl_ref=ppl_ref,
+            ppl_ref_se=ppl_ref * self.nll_ref.se(),
+            ppl_cand=ppl_cand,
+            ppl_cand_se=ppl_cand * self.nll_cand.se(),
+            delta_ppl_pct=100.0 * (ratio - 1.0),
+            delta_ppl_pct_se=100.0 * ratio * self.nll_diff.se(),
+            kld=self.kld.mean(),
+            kld_se=self.kld.se(),
+            top1_pct=100.0 * self.top1.mean(),
+            top1_pct_se=100.0 * self.top1.se(),
+        )

@@ -1,0 +1,134 @@
+"""The result of one validation: what was compared, how, the numbers, and the gates."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from gemport.errors import GateFailed
+from validation.metrics import Metrics, scored_span
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One pass/fail check. ``limit`` is None for the always-on ``finite`` gate."""
+
+    name: str  # "max-kld", "max-ppl-delta" (CLI option names) or "finite"
+    value: float
+    limit: float | None
+    passed: bool
+
+    def describe(self) -> str:
+        if self.name == "max-kld":
+            return f"KLD {self.value:.6g} {'<=' if self.passed else '>'} {self.limit:g}"
+        if self.name == "max-ppl-delta":
+            return f"|delta-ppl| {self.value:.4g} % {'<=' if self.passed else '>'} {self.limit:g} %"
+        if self.passed:
+            return "candidate ppl and KLD are finite"
+        return f"candidate output is not finite (KLD {self.value})"
+
+
+def make_gates(m: Metrics, max_ppl_delta: float | None, max_kld: float | None) -> list[Gate]:
+    """The requested gates, plus ``finite``: NaN or infinite candidate scores always fail. NaN fails every gate."""
+    finite = all(math.isfinite(v) for v in (m.ppl_cand, m.delta_ppl_pct, m.kld))
+    gates = [Gate("finite", m.kld, None, finite)]
+    if max_ppl_delta is not None:
+        value = abs(m.delta_ppl_pct)
+        gates.append(Gate("max-ppl-delta", value, max_ppl_delta, value <= max_ppl_delta))
+    if max_kld is not None:
+        gates.append(Gate("max-kld", m.kld, max_kld, m.kld <= max_kld))
+    return gates
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _pm(value: float, se: float, fmt: str, unit: str = "") -> str:
+    text = f"{value:{fmt}}{unit}"
+    return text if math.isnan(se) else f"{text} +/- {se:{fmt.lstrip('+')}}{unit}"
+
+
+@dataclass
+class Report:
+    reference: str
+    candidate: str
+    candidate_format: str
+    runtime: str  # the runtime that loaded the candidate
+    runtime_kind: str  # "parity" or "round-trip"
+    reference_runtime: str
+    corpus: str
+    n_ctx: int
+    windows: int
+    windows_requested: int
+    metrics: Metrics
+    gates: list[Gate]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    @property
+    def failed_gates(self) -> list[Gate]:
+        return [g for g in self.gates if not g.passed]
+
+    def table(self) -> str:
+        """Plain text, one fact per line; reads the same on a terminal, in a pipe or in a log."""
+        m = self.metrics
+        first, count = scored_span(self.n_ctx)
+        rows = [
+            ("candidate", f"{self.candidate} ({self.candidate_format}, {self.runtime}, {self.runtime_kind})"),
+            ("reference", f"{self.reference} ({self.reference_runtime})"),
+            ("corpus", f"{self.corpus}, evaluation split"),
+            ("protocol", f"{self.windows} windows x {self.n_ctx} tokens, BOS first, scored from position {first}"),
+            ("tokens scored", f"{m.tokens} ({count} per window)"),
+            ("ppl reference", _pm(m.ppl_ref, m.ppl_ref_se, ".4f")),
+            ("ppl candidate", _pm(m.ppl_cand, m.ppl_cand_se, ".4f")),
+            ("delta-ppl", _pm(m.delta_ppl_pct, m.delta_ppl_pct_se, "+.4f", " %")),
+            ("KLD", _pm(m.kld, m.kld_se, ".6f")),
+            ("top-1 agree", _pm(m.top1_pct, m.top1_pct_se, ".2f", " %")),
+        ]
+        rows += [(f"gate {g.name}", f"{'PASS' if g.passed else 'FAIL'}  {g.describe()}") for g in self.gates]
+        rows += [("warning", w) for w in self.warnings]
+        rows.append(("result", "PASS" if self.passed else "FAIL"))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+    def to_json(self) -> dict:
+        first, count = scored_span(self.n_ctx)
+        return {
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "candidate_format": self.candidate_format,
+            "runtime": {"name": self.runtime, "kind": self.runtime_kind},
+            "reference_runtime": self.reference_runtime,
+            "protocol": {
+                "corpus": self.corpus,
+                "split": "evaluation",
+                "n_ctx": self.n_ctx,
+                "windows": self.windows,
+                "windows_requested": self.windows_requested,
+                "first_scored_position": first,
+                "tokens_per_window": count,
+            },
+            "metrics": self.metrics.to_json(),
+            "gates": [
+                {"name": g.name, "value": _finite_or_none(g.value), "limit": g.limit, "passed": g.passed}
+                for g in self.gates
+            ],
+            "warnings": list(self.warnings),
+            "passed": self.passed,
+        }
+
+    def raise_if_failed(self) -> None:
+        failed = self.failed_gates
+        if failed:
+            m = self.metrics
+            raise GateFailed(
+                "validation failed: "
+                + "; ".join(f"gate {g.name}: {g.describe()}" for g in failed)
+                + f" (ppl {m.ppl_cand:.4f} vs reference {m.ppl_ref:.4f}, KLD {m.kld:.6g}, top-1 {m.top1_pct:.2f} %,"
+                f" {m.tokens} tokens in {self.windows} windows of {self.n_ctx})",
+                self.candidate,
+            )

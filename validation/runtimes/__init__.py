@@ -1,0 +1,49 @@
+"""Runtimes that score a window of tokens: the interface, and the table of which runtime loads which format.
+
+A runtime loads an artifact the way a user would and returns log-probabilities. ``kind`` says what
+a match proves: "parity" when the format's real target runtime loads the artifact (transformers for
+HF, llama.cpp for GGUF, ...), "round-trip" when only gemport's own reader does.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from gemport.errors import UnsupportedError
+
+PARITY = "parity"
+ROUND_TRIP = "round-trip"
+
+# format name -> "module:factory"; the factory takes the artifact's path and returns a Runtime.
+# Modules are imported only when their format is validated.
+RUNTIMES: dict[str, str] = {
+    "hf": "validation.runtimes.hf_transformers:TransformersRuntime",
+}
+
+
+class Runtime(Protocol):
+    name: str  # e.g. "transformers (fp32, CPU)"
+    kind: str  # PARITY or ROUND_TRIP
+    vocab_size: int  # columns of logprobs()
+
+    def logprobs(self, tokens: list[int]) -> np.ndarray:
+        """float32 log-softmax [len(tokens), vocab_size] of one window; row i predicts token i + 1."""
+        ...
+
+
+def check_supported(fmt: str, path: str | Path | None = None) -> None:
+    """UnsupportedError, listing the formats that have one, unless a runtime validates ``fmt``."""
+    if fmt not in RUNTIMES:
+        known = ", ".join(RUNTIMES)
+        raise UnsupportedError(f"no runtime validates format {fmt!r} yet (runtimes exist for: {known})", path)
+
+
+def runtime_for(path: str | Path, fmt: str) -> Runtime:
+    """Load ``path`` (of format ``fmt``) with the runtime that validates that format."""
+    check_supported(fmt, path)
+    module, _, factory = RUNTIMES[fmt].partition(":")
+    return getattr(importlib.import_module(module), factory)(Path(path))

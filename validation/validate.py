@@ -1,0 +1,113 @@
+"""Score a candidate artifact against the reference HF checkpoint, window by window, in lockstep."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from gemport import registry
+from gemport.errors import CheckpointError, InputError, UnsupportedError
+from gemport.progress import progress
+from validation.corpus import load_text, split_text, tokenize, windows
+from validation.metrics import Accumulator, scored_span
+from validation.report import Report, make_gates
+from validation.runtimes import check_supported, runtime_for
+from validation.runtimes.hf_transformers import TransformersRuntime
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_CHECK_CHARS = 2000
+
+
+def load_tokenizer(path: Path, role: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot load the {role}'s tokenizer: {exc}", path) from None
+
+
+def check_same_tokenizer(reference, candidate, text: str, path: Path) -> None:
+    """CheckpointError unless ``candidate`` tokenizes ``text`` (and BOS) exactly as ``reference`` does."""
+    if candidate.bos_token_id != reference.bos_token_id:
+        raise CheckpointError(f"BOS id {candidate.bos_token_id}, reference has {reference.bos_token_id}", path)
+    ref_ids, cand_ids = tokenize(reference, text), tokenize(candidate, text)
+    if ref_ids == cand_ids:
+        return
+    pairs = zip(ref_ids, cand_ids, strict=False)
+    i = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(ref_ids), len(cand_ids)))
+    got = cand_ids[i] if i < len(cand_ids) else "end"
+    want = ref_ids[i] if i < len(ref_ids) else "end"
+    raise CheckpointError(f"tokenizer differs from the reference's: token {i} is {got}, reference has {want}", path)
+
+
+def _check_options(n_ctx: int, n_windows: int) -> None:
+    if scored_span(n_ctx)[1] < 1:
+        raise UnsupportedError(f"a window of {n_ctx} tokens scores nothing; use at least 3")
+    if n_windows < 1:
+        raise UnsupportedError(f"windows must be at least 1, got {n_windows}")
+
+
+def validate(
+    candidate: str | Path,
+    reference: str | Path,
+    corpus: str | Path | None = None,
+    n_ctx: int = 512,
+    n_windows: int = 16,
+    max_ppl_delta: float | None = None,
+    max_kld: float | None = None,
+) -> Report:
+    """Perplexity, delta-ppl %, KLD and top-1 of ``candidate`` (run by its format's runtime) vs ``reference``."""
+    candidate, reference = Path(candidate), Path(reference)
+    _check_options(n_ctx, n_windows)
+    fmt = registry.detect(candidate)
+    check_supported(fmt, candidate)
+    if registry.detect(reference) != "hf":
+        raise InputError("the reference must be a Hugging Face checkpoint folder", reference)
+
+    evaluation = split_text(load_text(corpus))[0]
+    tokenizer = load_tokenizer(reference, "reference")
+    if fmt == "hf":
+        cand_tokenizer = load_tokenizer(candidate, "candidate")
+        check_same_tokenizer(tokenizer, cand_tokenizer, evaluation[:TOKENIZER_CHECK_CHARS], candidate)
+    else:
+        log.info("candidate is %s: tokenizer not compared; token ids come from the reference tokenizer", fmt)
+    if tokenizer.bos_token_id is None:
+        raise CheckpointError("the reference tokenizer has no BOS token", reference)
+    chunks = windows(tokenize(tokenizer, evaluation), n_ctx, n_windows, tokenizer.bos_token_id)
+    warnings = []
+    if len(chunks) < n_windows:
+        warnings.append(f"the corpus holds {len(chunks)} windows of {n_ctx} tokens, fewer than the {n_windows} asked")
+        log.warning("%s", warnings[-1])
+
+    cand_rt = runtime_for(candidate, fmt)
+    ref_rt = TransformersRuntime(reference)
+    if cand_rt.vocab_size != ref_rt.vocab_size:
+        raise CheckpointError(f"vocab size {cand_rt.vocab_size}, reference has {ref_rt.vocab_size}", candidate)
+    top = max(max(c) for c in chunks)
+    if top >= ref_rt.vocab_size:
+        raise CheckpointError(f"the tokenizer yields id {top}, beyond the vocab of {ref_rt.vocab_size}", reference)
+
+    acc = Accumulator()
+    with progress(f"validating {candidate.name}", total=len(chunks)) as advance:
+        for chunk in chunks:
+            acc.add_window(chunk, ref_rt.logprobs(chunk), cand_rt.logprobs(chunk))
+            advance()
+    metrics = acc.result()
+    log.info("%d tokens scored: KLD %.6g, delta-ppl %+.4f %%", metrics.tokens, metrics.kld, metrics.delta_ppl_pct)
+    return Report(
+        reference=str(reference),
+        candidate=str(candidate),
+        candidate_format=fmt,
+        runtime=cand_rt.name,
+        runtime_kind=cand_rt.kind,
+        reference_runtime=ref_rt.name,
+        corpus=str(corpus) if corpus is not None else "pydoc topics (default)",
+        n_ctx=n_ctx,
+        windows=len(chunks),
+        windows_requested=n_windows,
+        metrics=metrics,
+        gates=make_gates(metrics, max_ppl_delta, max_kld),
+        warnings=warnings,
+    )
