@@ -1,12 +1,90 @@
-"""GGUF (llama.cpp) checkpoints of arch gemma, gemma2 and gemma3: reading."""
+"""GGUF (llama.cpp) checkpoints of arch gemma, gemma2 and gemma3: reading.
+
+The file is opened with the ``gguf`` package's memory-mapped GGUFReader; each tensor is
+dequantized (``gguf.quants.dequantize``) only when it is loaded, so a conversion streams
+tensor by tensor. Quantized and F32 tensors load as f32, F16/BF16 ones in their own dtype.
+
+The spec is rebuilt from the ``{arch}.*`` metadata, with llama.cpp's own defaults where the
+file is silent (ref: llama.cpp src/llama-model.cpp, llama_model::load_hparams). The tokenizer
+is rebuilt from ``tokenizer.ggml.*`` as a SentencePiece ``tokenizer.model``, plus the
+``tokenizer.json`` and ``tokenizer_config.json`` transformers makes of it.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
+import re
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from gemport.errors import UnsupportedError
+from gemport.checkpoint import Checkpoint, LazyTensor
+from gemport.errors import CheckpointError, InputError, UnsupportedError
+from gemport.spec import FULL, SLIDING, GemmaSpec, RopeScaling
+
+if TYPE_CHECKING:
+    import torch
+    from gguf import GGUFReader, ReaderTensor
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"GGUF"
+ARCHS = ("gemma", "gemma2", "gemma3")
+
+# GGUF tensor name -> canonical (HF) name. GGUF names are gguf-py's TENSOR_NAMES; the pairs
+# are what llama.cpp convert_hf_to_gguf.py writes for each arch (via gguf-py tensor_mapping.py),
+# and what transformers' GGUF loader maps back (modeling_gguf_pytorch_utils.get_gguf_hf_weights_map).
+_TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",  # absent when tied (llama.cpp never writes it for gemma/gemma2)
+}
+_LAYER_NAMES_COMMON = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+# Gemma 2/3 have four norms per layer. gguf-py maps HF post_attention_layernorm to
+# post_attention_norm for these archs, and pre_feedforward_layernorm to ffn_norm.
+_LAYER_NAMES_GEMMA2 = _LAYER_NAMES_COMMON | {
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+LAYER_NAMES = {
+    # Gemma 1's HF post_attention_layernorm is the pre-FFN norm: llama-style, GGUF ffn_norm.
+    "gemma": _LAYER_NAMES_COMMON | {"ffn_norm.weight": "post_attention_layernorm.weight"},
+    "gemma2": _LAYER_NAMES_GEMMA2,
+    "gemma3": _LAYER_NAMES_GEMMA2
+    | {"attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight"},
+}
+# Every Gemma RMSNorm weight is stored as 1 + w: llama.cpp GemmaModel/Gemma2Model/Gemma3Model
+# .modify_tensors add 1 to every tensor named "*norm.weight" (q/k norms included), since ggml's
+# rms_norm multiplies by the weight as is; transformers' Gemma2TensorProcessor subtracts it again.
+OFFSET_NORMS = frozenset(
+    {
+        "output_norm.weight",
+        "attn_norm.weight",
+        "ffn_norm.weight",
+        "post_attention_norm.weight",
+        "post_ffw_norm.weight",
+        "attn_q_norm.weight",
+        "attn_k_norm.weight",
+    }
+)
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
+
+# SentencePiece piece types; llama.cpp's tokenizer.ggml.token_type uses the same numbers
+# (ref: gguf-py constants.py TokenType, sentencepiece_model.proto ModelProto.SentencePiece.Type).
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
 def sniff(path: Path) -> bool:
@@ -16,5 +94,319 @@ def sniff(path: Path) -> bool:
         return f.read(4) == MAGIC
 
 
-def read(path):
-    raise UnsupportedError("GGUF reading is not implemented yet", path)
+def read(path: str | Path) -> Checkpoint:
+    """Open a Gemma GGUF lazily: metadata and tokenizer now, tensors when loaded."""
+    path = Path(path)
+    reader = _open(path)
+    meta = _Metadata(reader, path)
+    arch = meta.get("general.architecture")
+    if arch not in ARCHS:
+        raise UnsupportedError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(ARCHS)})", path)
+    spec = _spec(meta, arch, has_output=any(t.name == "output.weight" for t in reader.tensors))
+    tensors: dict[str, LazyTensor] = {}
+    for t in reader.tensors:
+        name, offset = _canonical_name(t.name, arch, path)
+        if name in tensors:
+            raise InputError(f"tensor {t.name} is stored twice", path)
+        tensors[name] = _lazy(t, name, offset, path)
+    ckpt = Checkpoint(
+        spec=spec,
+        tensors=tensors,
+        tokenizer_files=_tokenizer_files(meta),
+        generation_config=_generation_config(meta),
+        source=str(path),
+    )
+    ckpt.check()
+    return ckpt
+
+
+def _open(path: Path) -> GGUFReader:
+    from gguf import GGUFReader
+
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror}", path) from None
+    if magic != MAGIC:
+        raise InputError(f"not a GGUF file (magic {magic!r}, expected {MAGIC!r})", path)
+    try:
+        return GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as exc:
+        # GGUFReader raises these when the metadata, tensor table or data ends early.
+        raise InputError(f"truncated or corrupt GGUF file ({type(exc).__name__}: {exc})", path) from None
+
+
+class _Metadata:
+    """The reader's key/value fields, decoded on demand."""
+
+    def __init__(self, reader: GGUFReader, path: Path):
+        self.fields, self.path = reader.fields, path
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self.fields.get(key)
+        return default if field is None else field.contents()
+
+    def require(self, key: str) -> Any:
+        if key not in self.fields:
+            raise InputError(f"GGUF metadata has no {key}", self.path)
+        return self.get(key)
+
+
+# --- spec ---------------------------------------------------------------------------------
+
+
+def _spec(meta: _Metadata, arch: str, has_output: bool) -> GemmaSpec:
+    a = f"{arch}."
+    hidden, n_layers = int(meta.require(a + "embedding_length")), int(meta.require(a + "block_count"))
+    n_heads = int(meta.require(a + "attention.head_count"))
+    # ref: llama-model.cpp load_hparams: n_head_kv defaults to n_head, n_embd_head_k to n_embd / n_head
+    head_dim = int(meta.get(a + "attention.key_length", hidden // n_heads))
+    if meta.get(a + "attention.value_length", head_dim) != head_dim:
+        raise UnsupportedError("attention.value_length differs from key_length", meta.path)
+    if meta.get(a + "rope.dimension_count", head_dim) != head_dim:
+        raise UnsupportedError("partial rotary embedding (rope.dimension_count != head_dim)", meta.path)
+    tokens = meta.require("tokenizer.ggml.tokens")
+    eos = _eos_ids(meta)
+    try:
+        return GemmaSpec(
+            family=arch,
+            vocab_size=len(tokens),
+            hidden_size=hidden,
+            intermediate_size=int(meta.require(a + "feed_forward_length")),
+            num_layers=n_layers,
+            num_heads=n_heads,
+            num_kv_heads=int(meta.get(a + "attention.head_count_kv", n_heads)),
+            head_dim=head_dim,
+            rms_eps=float(meta.require(a + "attention.layer_norm_rms_epsilon")),
+            max_position=int(meta.require(a + "context_length")),
+            rope_theta=float(meta.get(a + "rope.freq_base", 10000.0)),  # llama.cpp default
+            rope_scaling=_rope_scaling(meta, arch),
+            tie_embeddings=not has_output,
+            bos_token_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
+            eos_token_id=eos[0] if len(eos) == 1 else eos,
+            pad_token_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),
+            **_ARCH_FACTS[arch](meta, a, n_layers, hidden // n_heads, head_dim),
+        )
+    except ValueError as exc:
+        raise InputError(f"inconsistent GGUF metadata: {exc}", meta.path) from None
+
+
+def _eos_ids(meta: _Metadata) -> tuple[int, ...]:
+    """EOS, then EOT if the file names another: llama.cpp ends generation on either (llama-vocab.cpp)."""
+    ids = [int(meta.get("tokenizer.ggml.eos_token_id", 1))]
+    eot = meta.get("tokenizer.ggml.eot_token_id")
+    if eot is not None and int(eot) not in ids:
+        ids.append(int(eot))
+    return tuple(ids)
+
+
+def _gemma_facts(meta: _Metadata, a: str, n_layers: int, embd_per_head: int, head_dim: int) -> dict:
+    # ref: llama-model.cpp LLM_ARCH_GEMMA: all layers global, attention scale 1/sqrt(head_dim)
+    return {"layer_types": (FULL,) * n_layers}
+
+
+def _gemma2_facts(meta: _Metadata, a: str, n_layers: int, embd_per_head: int, head_dim: int) -> dict:
+    # ref: llama-model.cpp LLM_ARCH_GEMMA2: n_swa defaults to 4096, set_swa_pattern(2) (even layers
+    # sliding), softcaps default to llama-hparams.h's 50.0 / 30.0, and the attention scale is
+    # 1/sqrt(n_embd / n_head) for the 27B (46 layers), else 1/sqrt(head_dim)
+    # (from gemma_pytorch config.py, as HF query_pre_attn_scalar).
+    return {
+        "layer_types": tuple(SLIDING if i % 2 == 0 else FULL for i in range(n_layers)),
+        "sliding_window": int(meta.get(a + "attention.sliding_window", 4096)),
+        "query_pre_attn_scalar": embd_per_head if n_layers == 46 else head_dim,
+        "attn_softcap": _softcap(meta.get(a + "attn_logit_softcapping", 50.0)),
+        "final_softcap": _softcap(meta.get(a + "final_logit_softcapping", 30.0)),
+    }
+
+
+def _gemma3_facts(meta: _Metadata, a: str, n_layers: int, embd_per_head: int, head_dim: int) -> dict:
+    # ref: llama-model.cpp LLM_ARCH_GEMMA3: with a sliding window, set_swa_pattern(6) (every 6th
+    # layer global) and local rope base 10000 unscaled; no attention softcap; final softcap only
+    # if stated; attention scale 1/sqrt(n_embd / n_head) for the 27B (62 layers), else 1/sqrt(head_dim).
+    window = int(meta.get(a + "attention.sliding_window", 0))
+    facts: dict = {
+        "query_pre_attn_scalar": embd_per_head if n_layers == 62 else head_dim,
+        "final_softcap": _softcap(meta.get(a + "final_logit_softcapping")),
+    }
+    if window > 0:
+        facts["layer_types"] = tuple(FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n_layers))
+        facts["sliding_window"] = window
+        facts["rope_local_theta"] = float(meta.get(a + "rope.freq_base_swa", 10000.0))  # newer files state it
+    return facts
+
+
+_ARCH_FACTS: dict[str, Callable[..., dict]] = {"gemma": _gemma_facts, "gemma2": _gemma2_facts, "gemma3": _gemma3_facts}
+
+
+def _softcap(value: float | None) -> float | None:
+    return float(value) if value else None
+
+
+def _rope_scaling(meta: _Metadata, arch: str) -> RopeScaling | None:
+    """ref: llama-model.cpp load_hparams: type defaults to linear; factor from rope.scaling.factor,
+    else the older rope.scale_linear; 0 (absent) means none."""
+    a = f"{arch}.rope."
+    kind = meta.get(a + "scaling.type", "linear")
+    factor = float(meta.get(a + "scaling.factor", meta.get(a + "scale_linear", 0.0)))
+    if kind == "none" or factor in (0.0, 1.0):
+        return None
+    if kind != "linear":
+        raise UnsupportedError(f"rope scaling type {kind!r} is not supported (only linear)", meta.path)
+    if arch == "gemma2":  # llama.cpp scales gemma2's sliding layers too; GemmaSpec scales global ones only
+        raise UnsupportedError("rope scaling on a gemma2 model is not supported", meta.path)
+    return RopeScaling("linear", factor)
+
+
+# --- tensors ------------------------------------------------------------------------------
+
+
+def _canonical_name(gguf_name: str, arch: str, path: Path) -> tuple[str, bool]:
+    """(canonical name, stored as 1 + w) of a GGUF tensor."""
+    if gguf_name in _TOP_NAMES:
+        return _TOP_NAMES[gguf_name], gguf_name in OFFSET_NORMS
+    m = _LAYER_RE.fullmatch(gguf_name)
+    if m and m.group(2) in LAYER_NAMES[arch]:
+        return f"model.layers.{int(m.group(1))}.{LAYER_NAMES[arch][m.group(2)]}", m.group(2) in OFFSET_NORMS
+    raise CheckpointError(f"unexpected tensor {gguf_name} for arch {arch}", path)
+
+
+def _lazy(t: ReaderTensor, name: str, offset: bool, path: Path) -> LazyTensor:
+    from gguf import GGMLQuantizationType as Q
+
+    if not _can_dequantize(t.tensor_type):
+        raise UnsupportedError(
+            f"tensor {t.name} has type {t.tensor_type.name}, which the gguf package cannot dequantize", path
+        )
+    shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims in ne order, innermost first
+    dtype = {Q.F16: "f16", Q.BF16: "bf16"}.get(t.tensor_type, "f32")
+    if offset:
+        dtype = "f32"  # w = (1 + w) - 1 is exact in f32 for any stored float
+    return LazyTensor(name, shape, dtype, load=functools.partial(_load, t, shape, offset))
+
+
+@functools.cache
+def _can_dequantize(qtype: int) -> bool:
+    """Whether gguf.quants.dequantize handles this type: tried on one block of zeros."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    qtype = GGMLQuantizationType(qtype)
+    try:
+        dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _load(t: ReaderTensor, shape: tuple[int, ...], offset: bool) -> torch.Tensor:
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    if t.tensor_type == Q.F16:
+        out = torch.from_numpy(np.array(t.data, dtype=np.float16))
+    elif t.tensor_type == Q.BF16:  # the reader maps BF16 as raw bytes; numpy has no bfloat16
+        out = torch.from_numpy(np.array(t.data).view(np.int16)).view(torch.bfloat16)
+    else:
+        out = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+    out = out.reshape(shape)
+    if offset:
+        # Undo llama.cpp's 1 + w in f32, as transformers' Gemma2TensorProcessor does (weights - 1
+        # on the f32 array gguf.quants.dequantize returns).
+        out = out.float() - 1.0
+    return out
+
+
+# --- tokenizer and generation config -------------------------------------------------------
+
+
+def _tokenizer_files(meta: _Metadata) -> dict[str, bytes]:
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "llama":
+        raise UnsupportedError(
+            f"tokenizer.ggml.model {kind!r} is not supported (only 'llama', SentencePiece)", meta.path
+        )
+    model = _sentencepiece_model(meta)
+    config = {
+        "tokenizer_class": "GemmaTokenizer",
+        # transformers and llama.cpp add BOS to a SentencePiece vocabulary unless the file says not to
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+    }
+    tokens = meta.get("tokenizer.ggml.tokens")
+    for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None:
+            config[f"{name}_token"] = tokens[int(token_id)]
+    return {"tokenizer.model": model} | _hf_tokenizer_files(model, config)
+
+
+def _sentencepiece_model(meta: _Metadata) -> bytes:
+    """A SentencePiece BPE ModelProto holding the file's pieces, scores and piece types."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    tokens = meta.require("tokenizer.ggml.tokens")
+    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    unk = int(meta.get("tokenizer.ggml.unknown_token_id", 3))
+    proto = pb.ModelProto()
+    for i, (token, score, kind) in enumerate(zip(tokens, scores, types, strict=True)):
+        piece = proto.pieces.add()
+        # llama.cpp writes user-defined pieces with "▁" turned back into spaces ("pre-normalize
+        # user-defined spaces", convert_hf_to_gguf.py _create_vocab_sentencepiece); SentencePiece
+        # matches them after its normalizer has replaced spaces with "▁", so undo that.
+        piece.piece = token.replace(" ", "\u2581") if kind == _USER_DEFINED else token
+        piece.score = float(score)
+        # llama.cpp marks the tokens HF lists as special (<unk> included) CONTROL; SentencePiece
+        # needs exactly one UNKNOWN piece, at the file's unknown_token_id.
+        piece.type = _UNKNOWN if i == unk else kind
+    spec = proto.trainer_spec
+    spec.model_type = pb.TrainerSpec.BPE
+    spec.vocab_size = len(tokens)
+    spec.byte_fallback = True
+    # Encoding options as in Gemma's own tokenizer.model (ref: transformers convert_slow_tokenizer
+    # GemmaConverter docstring); only allow_whitespace_only_pieces changes how text is encoded.
+    spec.split_digits = spec.allow_whitespace_only_pieces = True
+    spec.treat_whitespace_as_suffix = False
+    for name, key, default in (("unk", "unknown", 3), ("bos", "bos", 2), ("eos", "eos", 1), ("pad", "padding", 0)):
+        token_id = int(meta.get(f"tokenizer.ggml.{key}_token_id", default))
+        setattr(spec, f"{name}_id", token_id)
+        setattr(spec, f"{name}_piece", proto.pieces[token_id].piece)
+    norm = proto.normalizer_spec
+    norm.name = "identity"
+    norm.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
+    norm.remove_extra_whitespaces = False
+    norm.escape_whitespaces = True
+    return proto.SerializeToString()
+
+
+def _hf_tokenizer_files(model: bytes, config: dict) -> dict[str, bytes]:
+    """tokenizer.json and tokenizer_config.json, as transformers makes them from ``model``."""
+    from transformers import AutoTokenizer
+
+    keep = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    with tempfile.TemporaryDirectory(prefix="gemport-tok-") as tmp:
+        src, dst = Path(tmp, "src"), Path(tmp, "dst")
+        src.mkdir()
+        (src / "tokenizer.model").write_bytes(model)
+        (src / "tokenizer_config.json").write_text(json.dumps(config))
+        AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+        files = {name: (dst / name).read_bytes() for name in keep if (dst / name).is_file()}
+    # save_pretrained echoes where it loaded from (the temporary folder); drop those keys.
+    saved = json.loads(files["tokenizer_config.json"])
+    for key in ("vocab_file", "is_local", "local_files_only"):
+        saved.pop(key, None)
+    files["tokenizer_config.json"] = (json.dumps(saved, indent=2, ensure_ascii=False) + "\n").encode()
+    return files
+
+
+def _generation_config(meta: _Metadata) -> dict:
+    eos = _eos_ids(meta)
+    out = {"eos_token_id": eos[0] if len(eos) == 1 else list(eos)}
+    for name, key in (("bos_token_id", "bos_token_id"), ("pad_token_id", "padding_token_id")):
+        if (value := meta.get(f"tokenizer.ggml.{key}")) is not None:
+            out[name] = int(value)
+    return out

