@@ -1,0 +1,802 @@
+"""GGUF block quantizers in vectorized numpy, bit-faithful to libggml.
+
+``quantize(x, qtype, imatrix)`` returns the bytes libggml's ``ggml_quantize_chunk`` writes for
+float32 rows: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, with
+or without an importance matrix. Each function re-expresses one routine of ggml-quants.c
+(llama.cpp as vendored by llama-cpp-python 0.3.36) over many blocks at once and names it in a
+``# ref:`` comment.
+
+Numeric assumptions; they are what makes the output bit-identical:
+
+* All arithmetic is IEEE float32 in the order the C code evaluates it (``w*x[i]*l`` is
+  ``(w*x)*l``, ``w*l*x[i]`` is ``(w*l)*x``), with no fused multiply-add. That is how gcc
+  compiles libggml-base for x86-64: no ``-ffast-math`` and no FMA in the baseline ISA. A
+  build that contracts ``a*b + c`` into an FMA (e.g. aarch64) can differ in the last bit of a
+  sum and hence, rarely, in a chosen scale.
+* C sums run left to right; numpy's pairwise summation does not, so every sum over a group
+  goes through ``_seq_sum``.
+* ``nearest_int`` (ggml-quants.c) adds 1.5 * 2**23 in float32 and reads the mantissa: round
+  half to even for |v| < 2**22, wrapped garbage beyond. ``_nearest_int`` reproduces the trick
+  bit for bit. The hot search loops use the cheaper ``np.rint`` where the argument is below
+  2**22: by construction in make_qx_quants, by a per-step bound check in make_qkx*_quants.
+* float32 -> fp16 is round-to-nearest-even with subnormals in both numpy's cast and
+  ggml_compute_fp32_to_fp16 (ggml-impl.h).
+* C's ``(int8_t)f`` / ``(uint8_t)f`` truncate toward zero; ``roundf`` rounds half away from zero.
+
+Layout: the searches work element-major. A group of n values (a 16- or 32-value (sub-)block)
+is one column of an [n, N] float32 array, so each per-element step is one numpy operation over
+N groups and each sum over a group runs down axis 0, in order. Rows are processed in chunks of
+about ``_CHUNK_ELEMENTS`` values, so memory stays bounded whatever the tensor size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from gemport.errors import UnsupportedError
+
+__all__ = ["SUPPORTED_TYPES", "quantize"]
+
+_F32 = np.float32
+_MAGIC = _F32(12582912.0)  # 1.5 * 2**23, ref: ggml-quants.c nearest_int
+_GROUP_MAX_EPS = _F32(1e-15)  # ref: ggml-quants.c GROUP_MAX_EPS
+_RINT_SAFE = _F32(4.0e6)  # below 2**22 - 1 with margin: np.rint equals nearest_int under this bound
+_QK_K = 256
+_CHUNK_ELEMENTS = 1 << 16  # values per chunk: working arrays of 256 KiB stay in L2
+
+_Encoder = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------
+# numeric primitives
+# ---------------------------------------------------------------------------------------------
+
+
+def _seq_sum(a: np.ndarray) -> np.ndarray:
+    """Sum over axis 0 strictly left to right in float32, like C's ``for (i) s += a[i]``.
+
+    numpy reduces the outer axis of a C-contiguous 2-D array row by row (pairwise summation only
+    runs along the contiguous axis), which is the C order; with a single column it would sum
+    pairwise, so that case, and anything not 2-D contiguous, takes the explicit loop.
+    tests/test_gguf_blocks.py guards the numpy behaviour.
+    """
+    if a.ndim == 2 and a.shape[1] >= 2 and a.flags.c_contiguous:
+        return np.add.reduce(a, axis=0)
+    acc = a[0].copy()
+    for row in a[1:]:
+        acc += row
+    return acc
+
+
+def _nearest_int(v: np.ndarray) -> np.ndarray:
+    """ref: ggml-quants.c nearest_int, bit for bit (including its wrap-around beyond 2**22)."""
+    t = np.asarray(v, dtype=_F32) + _MAGIC
+    return (t.view(np.int32) & 0x007FFFFF) - 0x00400000
+
+
+def _roundf(v: np.ndarray) -> np.ndarray:
+    """C roundf: half away from zero (v - trunc(v) is exact in float32)."""
+    t = np.trunc(v)
+    return t + np.where(np.abs(v - t) >= _F32(0.5), np.sign(v), _F32(0))
+
+
+def _fp16(v: np.ndarray) -> np.ndarray:
+    """float32 -> fp16 bits as little-endian uint16; ref: ggml-impl.h ggml_compute_fp32_to_fp16."""
+    return np.asarray(v, dtype=_F32).astype("<f2").view("<u2")
+
+
+def _fp16_value(bits: np.ndarray) -> np.ndarray:
+    """fp16 bits -> float32, i.e. GGML_FP16_TO_FP32 of what was stored."""
+    return bits.view("<f2").astype(_F32)
+
+
+def _inverse_or_zero(d: np.ndarray) -> np.ndarray:
+    """``d ? 1.0f/d : 0.0f``."""
+    return np.where(d != 0, _F32(1) / np.where(d != 0, d, _F32(1)), _F32(0))
+
+
+def _scan_min(x: np.ndarray) -> np.ndarray:
+    """Minimum over axis 0 as C's ``if (x[i] < min) min = x[i]`` finds it: of equal values the
+    first wins, which decides the sign when the minimum is +-0.0 (it can reach an fp16 field)."""
+    m = x.min(axis=0)
+    zero = m == 0
+    if zero.any():
+        sub = x[:, zero]
+        m[zero] = sub[np.argmax(sub == 0, axis=0), np.arange(sub.shape[1])]
+    return m
+
+
+def _signed_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(amax, max): largest |x| over axis 0 and the signed value holding it, first one on ties.
+
+    ref: ggml-quants.c quantize_row_q4_0_ref / make_qx_quants scan with ``amax < fabsf(v)`` from
+    amax = max = 0.0f, so an all-zero group keeps max = +0.0 whatever the sign of its zeros.
+    """
+    ax = np.abs(x)
+    idx = ax.argmax(axis=0)
+    cols = np.arange(x.shape[1])
+    amax = ax[idx, cols]
+    return amax, np.where(amax > 0, x[idx, cols], _F32(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# layout helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _groups(a: np.ndarray, g: int) -> np.ndarray:
+    """[rows, n] -> [g, rows*n/g]; column c holds the c-th run of g consecutive values."""
+    return np.ascontiguousarray(a.reshape(-1, g).T)
+
+
+def _tiled_weights(qw: np.ndarray, g: int, rows: int) -> np.ndarray:
+    """Per-column importance [n] laid out like ``_groups`` of a [rows, n] chunk."""
+    return np.ascontiguousarray(np.tile(qw.reshape(-1, g).T, (1, rows)))
+
+
+def _superblock_sum_x2(x: np.ndarray) -> np.ndarray:
+    """Sequential ``sum x[l]*x[l]`` over each 256-value super-block, one value per super-block."""
+    sb = _groups(x, _QK_K)
+    return _seq_sum(sb * sb)
+
+
+def _to_rows(rows: int, *fields: np.ndarray) -> np.ndarray:
+    """Concatenate per-block byte fields ([blocks, k] uint8 each) into [rows, bytes_per_row]."""
+    blocks = np.concatenate([f.reshape(f.shape[0], -1).view(np.uint8) for f in fields], axis=1)
+    return blocks.reshape(rows, -1)
+
+
+def _levels_aos(levels: np.ndarray, block: int) -> np.ndarray:
+    """Element-major levels [g, N] back to one uint8 row per block: [blocks, block]."""
+    return np.ascontiguousarray(levels.T).reshape(-1, block).astype(np.uint8)
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """[N, 32] 4-bit values -> [N, 16]: byte j = q[j] | q[j+16] << 4 (legacy block layout)."""
+    return (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+
+
+def _high_bits32(q: np.ndarray) -> np.ndarray:
+    """[N, 32] 5-bit values -> [N, 4] little-endian uint32 of bit 4; ref: quantize_row_q5_0_ref qh."""
+    return np.packbits((q >> 4) & 1, axis=1, bitorder="little")
+
+
+def _crumbs(levels: np.ndarray) -> np.ndarray:
+    """[S, 256] 2-bit values -> [S, 64]: byte 32h+l = L[128h+l] | L[+32]<<2 | L[+64]<<4 | L[+96]<<6.
+
+    ref: ggml-quants.c quantize_row_q2_K_ref / q3_K (the qs loop).
+    """
+    q = levels.reshape(-1, 2, 4, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# group searches (ref: ggml-quants.c helper functions), element-major [n, N]
+# ---------------------------------------------------------------------------------------------
+
+
+def _make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ref: ggml-quants.c make_qx_quants with rmse_type = 1 and weights ``w`` (x*x when qw is NULL).
+
+    Symmetric levels in [0, 2*nmax) (0 for an all-zero group) and the scale.
+    """
+    amax, mx = _signed_absmax(x)
+    zero = amax < _GROUP_MAX_EPS
+    mx = np.where(zero, _F32(1), mx)  # those groups return early in C; keep their arithmetic finite
+    wx = w * x
+    lo, hi = _F32(-nmax), _F32(nmax - 1)
+    lf = np.empty_like(x)
+    buf = np.empty_like(x)
+
+    def trial(iscale: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # |iscale*x| <= nmax + 0.9 since max is the value of largest magnitude, so np.rint is
+        # nearest_int exactly here.
+        np.multiply(x, iscale, out=out)
+        np.rint(out, out=out)
+        np.clip(out, lo, hi, out=out)
+        sumlx = _seq_sum(np.multiply(wx, out, out=buf))
+        np.multiply(w, out, out=buf)
+        return sumlx, _seq_sum(np.multiply(buf, out, out=buf))
+
+    best_l = np.empty_like(x)
+    sumlx, suml2 = trial(_F32(-nmax) / mx, best_l)
+    scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, _F32(1)), _F32(0))
+    best = scale * sumlx
+    for step in (*range(-9, 0), *range(1, 10)):
+        iscale = -(_F32(nmax) + _F32(0.1) * _F32(step)) / mx
+        sumlx, suml2 = trial(iscale, lf)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        if better.any():
+            np.copyto(best_l, lf, where=better)
+            scale = np.where(better, sumlx / suml2, scale)
+            best = np.where(better, scale * sumlx, best)
+    levels = best_l.astype(np.int32) + nmax
+    levels[:, zero] = 0
+    scale[zero] = 0
+    return levels, scale
+
+
+def _weighted_error(
+    x: np.ndarray, w: np.ndarray, levels: np.ndarray, scale: np.ndarray, mn: np.ndarray, use_mad: bool, buf: np.ndarray
+) -> np.ndarray:
+    """Sequential sum of ``w * f(scale*L + min - x)``, f = |.| or square, in C's operation order
+    (ref: make_qkx2_quants error loops). ``buf`` is scratch of x's shape."""
+    np.multiply(levels, scale, out=buf)
+    buf += mn
+    buf -= x
+    if use_mad:
+        np.abs(buf, out=buf)
+    else:
+        buf *= buf
+    buf *= w
+    return _seq_sum(buf)
+
+
+def _asymmetric_levels(
+    x: np.ndarray, iscale: np.ndarray, mn: np.ndarray, nmax: int, exact: bool, out: np.ndarray
+) -> np.ndarray:
+    """clamp(nearest_int(iscale*(x - min)), 0, nmax) as float32 into ``out``.
+
+    With ``exact`` False np.rint stands in for nearest_int, which is only valid while
+    |iscale*(x - min)| < 2**22; the caller checks that bound.
+    """
+    np.subtract(x, mn, out=out)
+    out *= iscale
+    if exact:
+        out[...] = _nearest_int(out)
+    else:
+        np.rint(out, out=out)
+    return np.clip(out, _F32(0), _F32(nmax), out=out)
+
+
+def _make_qkx_quants(
+    x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ref: ggml-quants.c make_qkx2_quants / make_qkx3_quants (the same once weights are given:
+    qkx3's ``max <= min`` equals qkx2's ``max == min`` because min is clamped to <= 0 <= max
+    first). Asymmetric levels in [0, nmax] (float32), the scale and ``the_min`` (= -min >= 0).
+
+    Note the C quirk kept here: after an accepted step, later steps use the new ``min`` both in
+    ``iscale = (...)/(max - min)`` and in ``x[i] - min``.
+    """
+    xmin = _scan_min(x)
+    mn = np.where(xmin > 0, _F32(0), xmin)
+    mx = x.max(axis=0)
+    flat = mx == mn
+    mn_flat = mn
+    sum_w = _seq_sum(w)
+    sum_x = _seq_sum(w * x)
+    fnmax = _F32(nmax)
+
+    def needs_exact(iscale: np.ndarray, mn: np.ndarray) -> bool:
+        # np.rint is nearest_int while |iscale*(x - min)| < 2**22. That usually holds, but once a
+        # fitted min has been accepted, an element with (near) zero weight can lie far outside
+        # the new [min, max] range, and C then rounds with the trick's wrap-around. The bound per
+        # group is cheap (the argument is monotonic in x), so emulate exactly only when needed.
+        reach = np.abs(iscale) * np.maximum(np.abs(mx - mn), np.abs(xmin - mn))
+        return bool(np.any((reach >= _RINT_SAFE) & ~flat))
+
+    trial = np.empty_like(x)
+    wl = np.empty_like(x)
+    buf = np.empty_like(x)
+    iscale = fnmax / (mx - mn)
+    scale = _F32(1) / iscale
+    levels = _asymmetric_levels(x, iscale, mn, nmax, needs_exact(iscale, mn), np.empty_like(x))
+    best_err = _weighted_error(x, w, levels, scale, mn, use_mad, buf)
+    for step in range(nstep + 1):
+        iscale = (_F32(rmin) + _F32(rdelta) * _F32(step) + fnmax) / (mx - mn)
+        _asymmetric_levels(x, iscale, mn, nmax, needs_exact(iscale, mn), trial)
+        np.multiply(w, trial, out=wl)
+        sum_l = _seq_sum(wl)
+        sum_l2 = _seq_sum(np.multiply(wl, trial, out=buf))
+        sum_xl = _seq_sum(np.multiply(wl, x, out=buf))
+        det = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        clamp = this_min > 0
+        this_min = np.where(clamp, _F32(0), this_min)
+        this_scale = np.where(clamp, sum_xl / sum_l2, this_scale)
+        cur_err = _weighted_error(x, w, trial, this_scale, this_min, use_mad, buf)
+        better = (det > 0) & (cur_err < best_err)
+        if better.any():
+            np.copyto(levels, trial, where=better)
+            best_err = np.where(better, cur_err, best_err)
+            scale = np.where(better, this_scale, scale)
+            mn = np.where(better, this_min, mn)
+    levels[:, flat] = 0
+    scale = np.where(flat, _F32(0), scale)
+    return levels, scale, -np.where(flat, mn_flat, mn)
+
+
+def _make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """ref: ggml-quants.c make_q3_quants with do_rmse = true (weights x*x).
+
+    Levels in [0, 2*nmax) (0 for an all-zero group) and the scale. The coordinate descent visits
+    the elements of every group in order; a pass that changes nothing leaves the state as it
+    was, so running the remaining passes (as done here for groups that already stopped) is
+    the same as C's per-group ``break``.
+    """
+    amax, mx = _signed_absmax(x)
+    zero = amax < _GROUP_MAX_EPS
+    mx = np.where(zero, _F32(1), mx)
+    levels = np.clip(_nearest_int((_F32(-nmax) / mx) * x), -nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    lf = levels.astype(_F32)
+    sumlx = _seq_sum(wx * lf)
+    suml2 = _seq_sum((w * lf) * lf)
+    for _ in range(5):
+        changed = False
+        for i in range(x.shape[0]):
+            li = levels[i].astype(_F32)
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - (w[i] * li) * li
+            new_l = np.clip(_nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1)
+            new_f = new_l.astype(_F32)
+            slx_new = slx + wx[i] * new_f
+            sl2_new = sl2 + (w[i] * new_f) * new_f
+            take = (
+                (slx > 0)
+                & (new_l != levels[i])
+                & (sl2_new > 0)
+                & ((slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new)
+            )
+            if take.any():
+                changed = True
+                levels[i] = np.where(take, new_l, levels[i])
+                sumlx = np.where(take, slx_new, sumlx)
+                suml2 = np.where(take, sl2_new, suml2)
+        if not changed:
+            break
+    scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, _F32(1)), _F32(0))
+    levels = levels + nmax
+    levels[:, zero] = 0
+    return levels, np.where(zero, _F32(0), scale)
+
+
+def _make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ref: ggml-quants.c make_qp_quants: non-negative levels (stored as uint8, so a negative
+    nearest_int wraps, as in C) for the sub-block scales of a super-block, and their scale."""
+    mx = np.maximum(x.max(axis=0), _F32(0))
+    zero = mx < _GROUP_MAX_EPS
+    mx = np.where(zero, _F32(1), mx)
+    fnmax = _F32(nmax)
+    iscale = fnmax / mx
+    stored = (_nearest_int(iscale * x) & 0xFF).astype(_F32)
+    scale = _F32(1) / iscale
+    diff = x - scale * stored
+    best_mse = _seq_sum((w * diff) * diff)
+    for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+        iscale_is = (_F32(0.1) * _F32(step) + fnmax) / mx
+        scale_is = _F32(1) / iscale_is
+        lf = np.minimum(_nearest_int(iscale_is * x), nmax).astype(_F32)
+        diff = x - scale_is * lf
+        mse = _seq_sum((w * diff) * diff)
+        better = mse < best_mse
+        best_mse = np.where(better, mse, best_mse)
+        iscale = np.where(better, iscale_is, iscale)
+    lvals = np.minimum(_nearest_int(iscale * x), nmax)
+    levels = lvals & 0xFF
+    wx = w * x
+    lf = lvals.astype(_F32)
+    sumlx = _seq_sum(wx * lf)
+    suml2 = _seq_sum((w * lf) * lf)
+    for _ in range(5):
+        changed = False
+        for i in range(x.shape[0]):
+            li = levels[i].astype(_F32)
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - (w[i] * li) * li
+            ok = (slx > 0) & (sl2 > 0)
+            new_l = np.minimum(_nearest_int(x[i] * sl2 / slx), nmax)
+            new_f = new_l.astype(_F32)
+            slx_new = slx + wx[i] * new_f
+            sl2_new = sl2 + (w[i] * new_f) * new_f
+            take = ok & (new_l != levels[i]) & ((slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new)
+            if take.any():
+                changed = True
+                levels[i] = np.where(take, new_l & 0xFF, levels[i])
+                sumlx = np.where(take, slx_new, sumlx)
+                suml2 = np.where(take, sl2_new, suml2)
+        if not changed:
+            break
+    scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, _F32(1)), _F32(0))
+    levels[:, zero] = 0
+    return levels, np.where(zero, _F32(0), scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# legacy 32-value blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def _row_weights(x: np.ndarray, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks of 32 and their weights ``qw[j] * sqrtf(sigma2 + x[j]*x[j])``, sigma2 = mean x^2
+    of the whole row. ref: ggml-quants.c quantize_row_q4_0_impl (same in q4_1/q5_0/q5_1)."""
+    rows, n = x.shape
+    xt = np.ascontiguousarray(x.T)
+    sigma2 = _seq_sum(xt * xt) / _F32(n)
+    xs = _groups(x, 32)
+    sigma2 = np.repeat(sigma2, n // 32)
+    return xs, _tiled_weights(qw, 32, rows) * np.sqrt(sigma2 + xs * xs)
+
+
+def _q8_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    # ref: quantize_q8_0 ignores quant_weights and calls quantize_row_q8_0_ref.
+    xs = _groups(x, 32)
+    d = np.abs(xs).max(axis=0) / _F32(127)
+    q = _roundf(xs * _inverse_or_zero(d)).astype(np.int8)
+    return _to_rows(x.shape[0], _fp16(d), np.ascontiguousarray(q.T))
+
+
+def _q4_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    if qw is not None:
+        # ref: quantize_row_q4_0_impl: levels straight from make_qx_quants, no requantization.
+        xs, w = _row_weights(x, qw)
+        levels, d = _make_qx_quants(xs, 8, w)
+        return _to_rows(x.shape[0], _fp16(d), _nibbles(_levels_aos(levels, 32)))
+    # ref: quantize_row_q4_0_ref: d = max / -8, q = MIN(15, (int8_t)(x*id + 8.5f)).
+    xs = _groups(x, 32)
+    _, mx = _signed_absmax(xs)
+    d = mx / _F32(-8)
+    q = np.minimum(np.trunc(xs * _inverse_or_zero(d) + _F32(8.5)), _F32(15)).astype(np.uint8)
+    return _to_rows(x.shape[0], _fp16(d), _nibbles(np.ascontiguousarray(q.T)))
+
+
+def _q5_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    if qw is not None:
+        # ref: quantize_row_q5_0_impl
+        xs, w = _row_weights(x, qw)
+        levels, d = _make_qx_quants(xs, 16, w)
+        q = _levels_aos(levels, 32)
+    else:
+        # ref: quantize_row_q5_0_ref: d = max / -16, q = MIN(31, (int8_t)(x*id + 16.5f)).
+        xs = _groups(x, 32)
+        _, mx = _signed_absmax(xs)
+        d = mx / _F32(-16)
+        q = np.minimum(np.trunc(xs * _inverse_or_zero(d) + _F32(16.5)), _F32(31)).astype(np.uint8)
+        q = np.ascontiguousarray(q.T)
+    return _to_rows(x.shape[0], _fp16(d), _high_bits32(q), _nibbles(q))
+
+
+def _min_max_ref(xs: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(min, d, 1/d) of quantize_row_q4_1_ref / q5_1_ref: d = (max - min) / nmax."""
+    mn = _scan_min(xs)
+    mx = xs.max(axis=0)
+    span = np.where(mx == mn, _F32(0), mx - mn)  # C's max - min of one and the same value: +0.0
+    d = span / _F32(nmax)
+    return mn, d, _inverse_or_zero(d)
+
+
+def _q4_1(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    if qw is not None:
+        # ref: quantize_row_q4_1_impl: make_qkx3_quants(32, 15, ..., -0.9f, 0.05f, 36), m = -the_min.
+        xs, w = _row_weights(x, qw)
+        levels, d, the_min = _make_qkx_quants(xs, w, 15, -0.9, 0.05, 36, False)
+        return _to_rows(x.shape[0], _fp16(d), _fp16(-the_min), _nibbles(_levels_aos(levels, 32)))
+    # ref: quantize_row_q4_1_ref: q = MIN(15, (int8_t)((x - min)*id + 0.5f)).
+    xs = _groups(x, 32)
+    mn, d, inv = _min_max_ref(xs, 15)
+    q = np.minimum(np.trunc((xs - mn) * inv + _F32(0.5)), _F32(15)).astype(np.uint8)
+    return _to_rows(x.shape[0], _fp16(d), _fp16(mn), _nibbles(np.ascontiguousarray(q.T)))
+
+
+def _q5_1(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    if qw is not None:
+        # ref: quantize_row_q5_1_impl: make_qkx3_quants(32, 31, ..., -0.9f, 0.05f, 36), m = -the_min.
+        xs, w = _row_weights(x, qw)
+        levels, d, the_min = _make_qkx_quants(xs, w, 31, -0.9, 0.05, 36, False)
+        m = -the_min
+        q = _levels_aos(levels, 32)
+    else:
+        # ref: quantize_row_q5_1_ref: q = (uint8_t)((x - min)*id + 0.5f), no clamp.
+        xs = _groups(x, 32)
+        m, d, inv = _min_max_ref(xs, 31)
+        q = np.ascontiguousarray(np.trunc((xs - m) * inv + _F32(0.5)).astype(np.uint8).T)
+    return _to_rows(x.shape[0], _fp16(d), _fp16(m), _high_bits32(q), _nibbles(q))
+
+
+# ---------------------------------------------------------------------------------------------
+# K-quants: 256-value super-blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def _superblock_weights(x: np.ndarray, qw: np.ndarray, g: int, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-blocks of g values and weights ``qw[l] * sqrtf(sigma2 + x[l]*x[l])`` with
+    sigma2 = factor * sum(x^2) / 256 over the super-block.
+
+    ref: ggml-quants.c quantize_row_q2_K_impl (factor 1), q3_K/q4_K/q5_K_impl (factor 2).
+    """
+    sigma2 = (_F32(factor) * _superblock_sum_x2(x)) / _F32(_QK_K)  # 1*s == s exactly
+    xs = _groups(x, g)
+    sigma2 = np.repeat(sigma2, _QK_K // g)
+    return xs, _tiled_weights(qw, g, x.shape[0]) * np.sqrt(sigma2 + xs * xs)
+
+
+def _per_superblock(v: np.ndarray, nsub: int) -> np.ndarray:
+    """[S*nsub] per-sub-block values -> [nsub, S], element-major for the super-block searches."""
+    return np.ascontiguousarray(v.reshape(-1, nsub).T)
+
+
+def _requantize(
+    xs: np.ndarray, levels: np.ndarray, d: np.ndarray, offset: np.ndarray | None, lo: int, hi: int, bias: int
+) -> np.ndarray:
+    """Second pass of every K-quant: with the stored (fp16, integer) scales, levels become
+    clamp(nearest_int((x + offset)/d)) + bias; sub-blocks whose d is 0 keep their search levels.
+
+    ``d`` and ``offset`` are per sub-block ([N]); ``offset`` is None for symmetric types.
+    """
+    num = xs if offset is None else xs + offset
+    new = np.clip(_nearest_int(num / np.where(d != 0, d, _F32(1))), lo, hi) + bias
+    return np.where(d != 0, new, levels).astype(np.int32)
+
+
+def _pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """[S, 8] 6-bit scales and mins -> the 12-byte K_SCALE_SIZE field (uint8 arithmetic wraps as C
+    stores into uint8). ref: ggml-quants.c quantize_row_q4_K_ref."""
+    ls = ls.astype(np.uint8)
+    lm = lm.astype(np.uint8)
+    out = np.empty((ls.shape[0], 12), np.uint8)
+    out[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    out[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)
+    return out
+
+
+def _unpack_scale_min_k4(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ref: ggml-quants.c get_scale_min_k4, for all 8 sub-blocks: ([S, 8] scales, [S, 8] mins)."""
+    sc = np.empty((q.shape[0], 8), np.uint8)
+    m = np.empty_like(sc)
+    sc[:, :4] = q[:, 0:4] & 63
+    m[:, :4] = q[:, 4:8] & 63
+    sc[:, 4:] = (q[:, 8:12] & 0x0F) | ((q[:, 0:4] >> 6) << 4)
+    m[:, 4:] = (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)
+    return sc, m
+
+
+def _pack_scales_q3(l6: np.ndarray) -> np.ndarray:
+    """[S, 16] 6-bit scales (0..63) -> the 12-byte q3_K scales field. ref: quantize_row_q3_K_ref."""
+    l6 = l6.astype(np.uint8)
+    out = np.empty((l6.shape[0], 12), np.uint8)
+    out[:, :8] = (l6[:, :8] & 0x0F) | ((l6[:, 8:] & 0x0F) << 4)
+    hi = l6 >> 4
+    out[:, 8:] = hi[:, 0:4] | (hi[:, 4:8] << 2) | (hi[:, 8:12] << 4) | (hi[:, 12:16] << 6)
+    return out
+
+
+def _q2_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    if qw is None:
+        xs = _groups(x, 16)
+        # ref: quantize_row_q2_K_ref: make_qkx2_quants(16, 3, x, |x|, ..., -0.5f, 0.1f, 15, true).
+        levels, scales, mins = _make_qkx_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
+        sc_bytes, d, dmin = _q2_k_scales_ref(scales.reshape(-1, 16), mins.reshape(-1, 16))
+    else:
+        # ref: quantize_row_q2_K_impl: make_qkx3_quants(16, 3, ..., -0.9f, 0.05f, 36, false), then
+        # make_qp_quants(16, 15, ...) for the scales and for the mins.
+        xs, w = _superblock_weights(x, qw, 16, 1.0)
+        levels, scales, mins = _make_qkx_quants(xs, w, 3, -0.9, 0.05, 36, False)
+        sw = _per_superblock(_seq_sum(w), 16)
+        ls, dm = _make_qp_quants(_per_superblock(scales, 16), 15, sw)
+        lm, mm = _make_qp_quants(_per_superblock(mins, 16), 15, sw)
+        sc_bytes = ((ls.T | (lm.T << 4)) & 0xFF).astype(np.uint8)
+        d, dmin = _fp16(dm), _fp16(mm)
+    dsub = (_fp16_value(d)[:, None] * (sc_bytes & 0x0F)).reshape(-1)
+    msub = (_fp16_value(dmin)[:, None] * (sc_bytes >> 4)).reshape(-1)
+    levels = _requantize(xs, levels, dsub, msub, 0, 3, 0)
+    return _to_rows(x.shape[0], sc_bytes, _crumbs(_levels_aos(levels, _QK_K)), d, dmin)
+
+
+def _q2_k_scales_ref(scales: np.ndarray, mins: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ref: quantize_row_q2_K_ref: 4-bit scales and mins against their maxima (q4scale = 15)."""
+    max_scale = np.maximum(scales.max(axis=1), _F32(0))
+    max_min = np.maximum(mins.max(axis=1), _F32(0))
+    has_s, has_m = max_scale > 0, max_min > 0
+    fifteen = _F32(15)
+    ls = np.where(has_s[:, None], _nearest_int((fifteen / max_scale)[:, None] * scales), 0)
+    lm = np.where(has_m[:, None], _nearest_int((fifteen / max_min)[:, None] * mins), 0)
+    sc_bytes = ((ls & 0xFF) | (lm << 4)) & 0xFF
+    d = np.where(has_s, max_scale / fifteen, _F32(0))
+    dmin = np.where(has_m, max_min / fifteen, _F32(0))
+    return sc_bytes.astype(np.uint8), _fp16(d), _fp16(dmin)
+
+
+def _q3_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    if qw is None:
+        xs = _groups(x, 16)
+        # ref: quantize_row_q3_K_ref: make_q3_quants(16, 4, x, L, true), 6-bit scales against the
+        # scale of largest magnitude (iscale = -32/max_scale).
+        levels, scales = _make_q3_quants(xs, 4)
+        l6, d = _q3_k_scales_ref(scales.reshape(-1, 16))
+    else:
+        # ref: quantize_row_q3_K_impl: make_qx_quants(16, 4, ..., weight), then
+        # make_qx_quants(16, 32, scales, Ls, 1, sw) for the scales.
+        xs, w = _superblock_weights(x, qw, 16, 2.0)
+        levels, scales = _make_qx_quants(xs, 4, w)
+        ls, d_block = _make_qx_quants(_per_superblock(scales, 16), 32, _per_superblock(_seq_sum(w), 16))
+        l6, d = np.ascontiguousarray(ls.T), _fp16(d_block)
+    dsub = (_fp16_value(d)[:, None] * (l6.astype(np.int32) - 32).astype(_F32)).reshape(-1)
+    levels = _requantize(xs, levels, dsub, None, -4, 3, 4)
+    q = _levels_aos(levels, _QK_K)
+    high = (q > 3).astype(np.uint8).reshape(-1, 8, 32)
+    hmask = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)
+    return _to_rows(x.shape[0], hmask, _crumbs(q & 3), _pack_scales_q3(l6), d)
+
+
+def _q3_k_scales_ref(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ref: quantize_row_q3_K_ref: ([S, 16] 6-bit scales 0..63, fp16 d); all zero when max_scale is 0."""
+    _, max_scale = _signed_absmax(np.ascontiguousarray(scales.T))
+    has = max_scale != 0
+    iscale = _F32(-32) / np.where(has, max_scale, _F32(1))
+    l6 = np.clip(_nearest_int(iscale[:, None] * scales).astype(np.int8), -32, 31).astype(np.int32) + 32
+    l6 = np.where(has[:, None], l6, 0)
+    # with max_scale == 0 the scales field stays zeroed: sc = -32 and d = 0, so nothing is requantized
+    d = _fp16(np.where(has, _F32(1) / iscale, _F32(0)))
+    return l6, d
+
+
+def _q45_k(
+    x: np.ndarray, qw: np.ndarray | None, nmax: int, ref_search: tuple[float, float, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Shared body of Q4_K (nmax 15) and Q5_K (nmax 31): returns (levels [S, 256], packed scales
+    [S, 12], d, dmin). ``ref_search`` is (rmin, rdelta, nstep) of the reference routine."""
+    if qw is None:
+        xs = _groups(x, 32)
+        # ref: quantize_row_q4_K_ref / q5_K_ref: weights av_x + |x| with av_x = sqrtf(sum x^2 / 32),
+        # then make_qkx2_quants(32, nmax, x, weights, ..., rmin, rdelta, nstep, false).
+        av_x = np.sqrt(_seq_sum(xs * xs) / _F32(32))
+        levels, scales, mins = _make_qkx_quants(xs, av_x + np.abs(xs), nmax, *ref_search, False)
+        packed, d, dmin = _q45_k_scales_ref(scales.reshape(-1, 8), mins.reshape(-1, 8))
+    else:
+        # ref: quantize_row_q4_K_impl / q5_K_impl: make_qkx3_quants(32, nmax, ..., -0.9f, 0.05f, 36),
+        # then make_qp_quants(8, 63, ...) for scales and mins; Q5_K clamps them with MIN(63, .).
+        xs, w = _superblock_weights(x, qw, 32, 2.0)
+        levels, scales, mins = _make_qkx_quants(xs, w, nmax, -0.9, 0.05, 36, False)
+        sw = _per_superblock(_seq_sum(w), 8)
+        ls, d_block = _make_qp_quants(_per_superblock(scales, 8), 63, sw)
+        lm, m_block = _make_qp_quants(_per_superblock(mins, 8), 63, sw)
+        if nmax == 31:
+            ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
+        packed, d, dmin = _pack_scale_min_k4(ls.T, lm.T), _fp16(d_block), _fp16(m_block)
+    sc, m = _unpack_scale_min_k4(packed)
+    dsub = (_fp16_value(d)[:, None] * sc).reshape(-1)
+    msub = (_fp16_value(dmin)[:, None] * m).reshape(-1)
+    levels = _requantize(xs, levels, dsub, msub, 0, nmax, 0)
+    return _levels_aos(levels, _QK_K), packed, d, dmin
+
+
+def _q45_k_scales_ref(scales: np.ndarray, mins: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ref: quantize_row_q4_K_ref: 6-bit scales/mins = MIN(63, (uint8_t)nearest_int(63/max * v))."""
+    max_scale = np.maximum(scales.max(axis=1), _F32(0))
+    max_min = np.maximum(mins.max(axis=1), _F32(0))
+    f63 = _F32(63)
+    inv_scale = np.where(max_scale > 0, f63 / np.where(max_scale > 0, max_scale, _F32(1)), _F32(0))
+    inv_min = np.where(max_min > 0, f63 / np.where(max_min > 0, max_min, _F32(1)), _F32(0))
+    ls = np.minimum(_nearest_int(inv_scale[:, None] * scales) & 0xFF, 63)
+    lm = np.minimum(_nearest_int(inv_min[:, None] * mins) & 0xFF, 63)
+    return _pack_scale_min_k4(ls, lm), _fp16(max_scale / f63), _fp16(max_min / f63)
+
+
+def _q4_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    q, packed, d, dmin = _q45_k(x, qw, 15, (-1.0, 0.1, 20))  # ref: quantize_row_q4_K_ref
+    # ref: quantize_row_q4_K_ref: qs[32c + l] = L[64c + l] | L[64c + l + 32] << 4
+    q = q.reshape(-1, 4, 2, 32)
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+    return _to_rows(x.shape[0], d, dmin, packed, qs)
+
+
+def _q5_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    q, packed, d, dmin = _q45_k(x, qw, 31, (-0.5, 0.1, 15))  # ref: quantize_row_q5_K_ref
+    # ref: quantize_row_q5_K_ref: low nibbles as Q4_K; bit 4 of L[64c + j] / L[64c + j + 32] goes to
+    # bit 2c / 2c+1 of qh[j].
+    q = q.reshape(-1, 4, 2, 32)
+    qs = ((q[:, :, 0] & 0x0F) | ((q[:, :, 1] & 0x0F) << 4)).reshape(-1, 128)
+    shifts = (2 * np.arange(4, dtype=np.uint8))[None, :, None, None] + np.arange(2, dtype=np.uint8)[None, None, :, None]
+    qh = np.bitwise_or.reduce(((q >> 4) & 1) << shifts, axis=(1, 2))
+    return _to_rows(x.shape[0], d, dmin, packed, qh, qs)
+
+
+def _q6_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    xs = _groups(x, 16)
+    # ref: quantize_row_q6_K_ref: make_qx_quants(16, 32, x, L, 1, NULL) (weights x*x);
+    # quantize_row_q6_K_impl passes the raw quant_weights instead.
+    w = xs * xs if qw is None else _tiled_weights(qw, 16, x.shape[0])
+    levels, scales = _make_qx_quants(xs, 32, w)
+    _, max_scale = _signed_absmax(_per_superblock(scales, 16))
+    zero = np.abs(max_scale) < _GROUP_MAX_EPS
+    iscale = _F32(-128) / np.where(zero, _F32(1), max_scale)
+    d = _fp16(_F32(1) / iscale)
+    sc = np.minimum(_nearest_int(iscale[:, None] * scales.reshape(-1, 16)), 127).astype(np.int8)
+    dsub = (_fp16_value(d)[:, None] * sc.astype(_F32)).reshape(-1)
+    q = _levels_aos(_requantize(xs, levels, dsub, None, -32, 31, 32), _QK_K)
+    # ref: quantize_row_q6_K_ref packing: per 128-value half h, ql[64h + l] = L[l] | L[l + 64] << 4,
+    # ql[64h + l + 32] = L[l + 32] | L[l + 96] << 4, qh[32h + l] = 2-bit high parts of the four.
+    q = q.reshape(-1, 2, 4, 32)
+    lo = q & 0x0F
+    ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2)
+    hi = q >> 4
+    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+    out = _to_rows(x.shape[0], ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8), d)
+    if zero.any():
+        # ref: quantize_row_q6_K_ref: memset(&y[i], 0, ...) when max_abs_scale < GROUP_MAX_EPS
+        blocks = out.reshape(-1, 210)
+        blocks[zero] = 0
+    return out
+
+
+_ENCODERS: dict[GGMLQuantizationType, _Encoder] = {
+    GGMLQuantizationType.Q8_0: _q8_0,
+    GGMLQuantizationType.Q4_0: _q4_0,
+    GGMLQuantizationType.Q4_1: _q4_1,
+    GGMLQuantizationType.Q5_0: _q5_0,
+    GGMLQuantizationType.Q5_1: _q5_1,
+    GGMLQuantizationType.Q2_K: _q2_k,
+    GGMLQuantizationType.Q3_K: _q3_k,
+    GGMLQuantizationType.Q4_K: _q4_k,
+    GGMLQuantizationType.Q5_K: _q5_k,
+    GGMLQuantizationType.Q6_K: _q6_k,
+}
+
+SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = tuple(_ENCODERS)
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def _importance(imatrix: np.ndarray | None, n_per_row: int) -> np.ndarray | None:
+    if imatrix is None:
+        return None
+    qw = np.ascontiguousarray(imatrix, dtype=_F32)
+    if qw.shape != (n_per_row,):
+        raise ValueError(f"imatrix must hold one importance per column, shape ({n_per_row},), got {qw.shape}")
+    if not np.isfinite(qw).all():
+        raise ValueError("imatrix has non-finite values")
+    return qw
+
+
+def _float_chunk(x: np.ndarray, r0: int, rows: int, qtype: GGMLQuantizationType) -> np.ndarray:
+    chunk = np.ascontiguousarray(x[r0 : r0 + rows], dtype=_F32)
+    finite = np.isfinite(chunk).all(axis=1)
+    if not finite.all():
+        bad = r0 + int(np.argmin(finite))
+        raise ValueError(f"row {bad} has non-finite values; cannot quantize to {qtype.name}")
+    return chunk
+
+
+def quantize(x: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Encode float rows [rows, n_per_row] into GGUF blocks: uint8 [rows, bytes_per_row].
+
+    The bytes are those of ``ggml_quantize_chunk(qtype, x, dst, 0, rows, n_per_row, imatrix)``:
+    with ``imatrix`` None the reference routines (quantize_row_*_ref), with a per-column
+    importance vector (as llama-imatrix writes it) the importance-weighted ones
+    (quantize_row_*_impl); Q8_0 ignores the importance. ``x`` is cast to float32 chunk by chunk.
+    n_per_row must be a multiple of the block size (32, or 256 for K-types). Non-finite values
+    are refused (ValueError): ggml would encode them into meaningless blocks.
+    """
+    try:
+        qtype = GGMLQuantizationType(qtype)
+        encode = _ENCODERS[qtype]
+    except (KeyError, ValueError) as exc:
+        names = ", ".join(t.name for t in SUPPORTED_TYPES)
+        raise UnsupportedError(f"no block quantizer for GGML type {qtype!r}; supported: {names}") from exc
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"expected a [rows, n_per_row] matrix, got shape {x.shape}")
+    rows, n_per_row = x.shape
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    if n_per_row % block_size:
+        raise ValueError(
+            f"{qtype.name} needs rows of a multiple of {block_size} values, got {n_per_row} "
+            "(llama.cpp falls back to a 32-value block type for such tensors)"
+        )
+    qw = _importance(imatrix, n_per_row)
+    out = np.empty((rows, n_per_row // block_size * type_size), np.uint8)
+    step = max(1, _CHUNK_ELEMENTS // max(n_per_row, 1))
+    with np.errstate(all="ignore"):  # masked-out lanes divide by zero; results never use them
+        for r0 in range(0, rows, step):
+            out[r0 : r0 + step] = encode(_float_chunk(x, r0, step, qtype), qw)
+    return out
