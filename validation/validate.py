@@ -32,7 +32,11 @@ def check_same_tokenizer(reference, candidate, text: str, path: Path) -> None:
     """CheckpointError unless ``candidate`` tokenizes ``text`` (and BOS) exactly as ``reference`` does."""
     if candidate.bos_token_id != reference.bos_token_id:
         raise CheckpointError(f"BOS id {candidate.bos_token_id}, reference has {reference.bos_token_id}", path)
-    ref_ids, cand_ids = tokenize(reference, text), tokenize(candidate, text)
+    check_same_ids(tokenize(reference, text), tokenize(candidate, text), path)
+
+
+def check_same_ids(ref_ids: list[int], cand_ids: list[int], path: Path) -> None:
+    """CheckpointError naming the first token where the candidate's ids differ from the reference's."""
     if ref_ids == cand_ids:
         return
     pairs = zip(ref_ids, cand_ids, strict=False)
@@ -72,7 +76,7 @@ def validate(
         cand_tokenizer = load_tokenizer(candidate, "candidate")
         check_same_tokenizer(tokenizer, cand_tokenizer, evaluation[:TOKENIZER_CHECK_CHARS], candidate)
     else:
-        log.info("candidate is %s: tokenizer not compared; token ids come from the reference tokenizer", fmt)
+        log.info("candidate is %s: token ids come from the reference tokenizer", fmt)
     if tokenizer.bos_token_id is None:
         raise CheckpointError("the reference tokenizer has no BOS token", reference)
     chunks = windows(tokenize(tokenizer, evaluation), n_ctx, n_windows, tokenizer.bos_token_id)
@@ -82,6 +86,9 @@ def validate(
         log.warning("%s", warnings[-1])
 
     cand_rt = runtime_for(candidate, fmt)
+    if hasattr(cand_rt, "tokenize"):  # a runtime with its own tokenizer (llama.cpp) must agree with the reference
+        sample = evaluation[:TOKENIZER_CHECK_CHARS]
+        check_same_ids(tokenize(tokenizer, sample), cand_rt.tokenize(sample), candidate)
     ref_rt = TransformersRuntime(reference)
     if cand_rt.vocab_size != ref_rt.vocab_size:
         raise CheckpointError(f"vocab size {cand_rt.vocab_size}, reference has {ref_rt.vocab_size}", candidate)

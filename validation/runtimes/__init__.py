@@ -22,6 +22,7 @@ ROUND_TRIP = "round-trip"
 # Modules are imported only when their format is validated.
 RUNTIMES: dict[str, str] = {
     "hf": "validation.runtimes.hf_transformers:TransformersRuntime",
+    "gguf": "validation.runtimes.llamacpp:LlamaCppRuntime",
 }
 
 
