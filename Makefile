@@ -4,10 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := build/models/gemma-3-270m
+OFFGRID := build/models/gemma-3-270m-offgrid
 DEMO_OUT := build/demo/gemma-3-270m-f32
 WINDOWS ?= 16
+# llama.cpp's own converter (a test oracle and bench peer) comes from the sdist of the
+# llama-cpp-python version pyproject.toml pins; only extracted here, never copied into the project.
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP_SRC := build/llama.cpp/llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp
 
-.PHONY: venv demo demo-model test lint bench clean
+.PHONY: venv demo demo-model llamacpp-src test lint bench clean
 
 venv: $(STAMP)
 
@@ -17,10 +22,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo-model: $(DEMO)/config.json
+demo-model: $(DEMO)/config.json $(OFFGRID)/config.json
 
 $(DEMO)/config.json: | $(STAMP)
 	$(BIN)/gemport demo-model --out $(DEMO)
+
+$(OFFGRID)/config.json: | $(STAMP)
+	$(BIN)/gemport demo-model --offgrid --out $(OFFGRID)
+
+llamacpp-src: $(LLAMACPP_SRC)/convert_hf_to_gguf.py
+
+$(LLAMACPP_SRC)/convert_hf_to_gguf.py: | $(STAMP)
+	$(BIN)/pip download --quiet --no-binary :all: --no-deps llama-cpp-python==$(LLAMACPP_VERSION) -d build/llama.cpp
+	tar -xzf build/llama.cpp/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz -C build/llama.cpp
+	touch $@
 
 demo: demo-model
 	rm -rf $(DEMO_OUT)
@@ -28,7 +43,7 @@ demo: demo-model
 	$(BIN)/gemport validate $(DEMO_OUT) --reference $(DEMO) --windows $(WINDOWS) \
 		--max-kld 1e-5 --max-ppl-delta 0.01 --json build/demo/validate.json
 
-test: demo-model
+test: demo-model llamacpp-src
 	$(BIN)/ruff check gemport converters quantizers validation tests bench
 	$(BIN)/python -m pytest -q -ra
 

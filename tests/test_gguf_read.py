@@ -271,6 +271,43 @@ def test_unreadable_file(tmp_path, capsys, kind, message):
     assert rc == 2 and message in err
 
 
+def _patched(tmp_path: Path, kind: str) -> Path:
+    """A tiny GGUF with one header field overwritten: a huge array count, a huge tensor dimension,
+    an unknown tensor type id, or a tensor data offset far past the end of the file."""
+    import struct
+
+    good = tmp_path / "src" / "good.gguf"
+    good.parent.mkdir()
+    write_tiny_gguf(good, "gemma")
+    r = gguf.GGUFReader(good)
+    tokens = r.fields["tokenizer.ggml.tokens"]
+    count_at = tokens.offset + 8 + len("tokenizer.ggml.tokens") + 4 + 4  # key length, key, type, item type
+    t = r.tensors[1]
+    dims_at = t.field.offset + 8 + len(t.name) + 4  # name length, name, n_dims
+    type_at = dims_at + 8 * len(t.shape)
+    at, value = {
+        "array": (count_at, struct.pack("<Q", 2**50)),
+        "dims": (dims_at + 8, struct.pack("<Q", 2**40)),
+        "type": (type_at, struct.pack("<I", 99)),
+        "offset": (type_at + 4, struct.pack("<Q", 2**45)),
+    }[kind]
+    data = bytearray(good.read_bytes())
+    data[at : at + len(value)] = value
+    del r
+    good.unlink()
+    bad = good.with_name(f"{kind}.gguf")
+    bad.write_bytes(bytes(data))
+    return bad
+
+
+@pytest.mark.parametrize("kind", ["array", "dims", "type", "offset"])
+def test_header_claims_beyond_the_file(tmp_path, capsys, kind):
+    """Claims of 2**50 array items or a 2**40-row tensor fail at once: the reader maps the file and
+    never allocates what the header claims (this test would exhaust memory otherwise)."""
+    rc, err, _ = _convert(_patched(tmp_path, kind), capsys)
+    assert rc == 2 and "truncated or corrupt GGUF file" in err
+
+
 @pytest.mark.parametrize(
     "options,message",
     [

@@ -28,7 +28,14 @@ _COMMON = dict(
 )
 
 
-def _config(variant: str):
+def _config(variant: str, **overrides):
+    config = _base_config(variant)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _base_config(variant: str):
     from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig
 
     if variant == "gemma-mha":
@@ -94,13 +101,16 @@ def tokenizer_model() -> bytes:
     return buf.getvalue()
 
 
-def make_tiny(variant: str, path: Path, seed: int = 0, dtype: str = "float32", shard: str | None = None) -> Path:
-    """Write a seeded random ``variant`` checkpoint (weights, config, tokenizer) to ``path``."""
+def make_tiny(
+    variant: str, path: Path, seed: int = 0, dtype: str = "float32", shard: str | None = None, **overrides
+) -> Path:
+    """Write a seeded random ``variant`` checkpoint (weights, config, tokenizer) to ``path``;
+    ``overrides`` replace config fields."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(variant), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(_config(variant, **overrides), dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             # Norm weights default to zeros; random values make (1 + w) mistakes visible.

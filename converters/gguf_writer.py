@@ -1,0 +1,388 @@
+"""GGUF writing for arch gemma, gemma2 and gemma3, the way llama.cpp's own tools write them.
+
+Metadata keys, tensor names and the ``1 + w`` norm storage follow convert_hf_to_gguf.py
+(conversion/gemma.py GemmaModel, Gemma2Model, Gemma3Model); per-tensor types of a mixed
+file follow llama-quantize (quantizers/gguf_mix.py); block encodings are ggml's
+(quantizers/gguf_blocks.py). The file is streamed: tensor infos are laid out from the lazy
+shapes first, then each tensor is loaded, encoded and written in turn, so peak memory stays
+near the largest tensor. A tensor read from a GGUF whose type is kept is copied as stored,
+never re-quantized.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from converters.gguf import (
+    LAYER_NAMES,
+    OFFSET_NORMS,
+    TOP_NAMES,
+    llamacpp_layer_types,
+    llamacpp_query_scalar,
+    split_paths,
+)
+from gemport.checkpoint import Checkpoint, LazyTensor
+from gemport.errors import CheckpointError, InputError, UnsupportedError
+from gemport.output import atomic_files
+from gemport.progress import progress
+from gemport.spec import SLIDING, GemmaSpec
+from quantizers import gguf_mix
+
+if TYPE_CHECKING:
+    import gguf
+
+log = logging.getLogger(__name__)
+
+_LAYER_PREFIX = re.compile(r"^blk\.\d+\.")
+# SentencePiece piece types, the numbers tokenizer.ggml.token_type uses (ref: gguf-py TokenType).
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+def write(
+    ckpt: Checkpoint,
+    dst: str | Path,
+    quant: str | None = None,
+    dtype: str | None = None,
+    imatrix: dict[str, np.ndarray] | None = None,
+    max_shard_bytes: int | None = None,
+    overwrite: bool = False,
+    pure: bool = False,
+    imatrix_source: str | None = None,
+) -> Path:
+    """Write ``ckpt`` as a GGUF file at ``dst`` (atomically); split into shards of at most
+    ``max_shard_bytes`` when given (``dst`` then names the shards' common stem).
+
+    ``quant`` is a whole-file type (f32, f16, bf16, q8_0, q4_0, ..., q4_k_m, q6_k); the default
+    is ``dtype``, else the source's own: each tensor of a GGUF source keeps its stored type, a
+    float checkpoint keeps its dtype (as convert_hf_to_gguf.py --outtype auto). ``imatrix`` holds
+    the mean squared activation per input column by GGUF tensor name (``imatrix_source`` names
+    where it came from, for errors).
+    """
+    ckpt.check()
+    dst = Path(dst)
+    arch = ckpt.spec.family
+    if arch in ("gemma", "gemma2") and not ckpt.spec.tie_embeddings:
+        # ref: llama.cpp src/models/gemma.cpp, gemma2.cpp: the output layer is always token_embd
+        # (convert_hf_to_gguf.py drops lm_head.weight without a word, changing the model).
+        raise UnsupportedError(
+            f"{arch} in llama.cpp always uses the token embedding as output layer; this checkpoint has its own "
+            "lm_head.weight (untied embeddings), which a GGUF cannot carry",
+            ckpt.source or None,
+        )
+    names = _gguf_names(ckpt, arch)
+    order = gguf_mix.llamacpp_order(list(names))
+    shapes = [(g, tuple(reversed(ckpt.tensors[names[g]].shape))) for g in order]  # ne order: row length first
+    ftype = _ftype(ckpt, quant or dtype)
+    if ftype is None:
+        plans = [_keep_plan(g, ckpt.tensors[names[g]]) for g in order]
+        file_type = ckpt.extra.get("gguf.file_type")
+        file_type = _file_type_of(plans) if file_type is None else int(file_type)
+    else:
+        plans = gguf_mix.plan_types(
+            shapes, ftype, ckpt.spec.num_layers, ckpt.spec.num_heads // ckpt.spec.num_kv_heads, pure, bool(imatrix)
+        )
+        file_type = gguf_mix.FTYPES[ftype][0]
+    _log_plan(plans)
+    imatrix = _check_imatrix(imatrix or {}, dict(shapes), imatrix_source)
+    writer = _new_writer(dst, arch, max_shard_bytes)
+    add_metadata(writer, ckpt, file_type)
+    add_tokenizer(writer, ckpt)
+    for plan, (_, ne) in zip(plans, shapes, strict=True):
+        shape = tuple(reversed(ne))  # gguf-py takes numpy order and writes ne order
+        writer.add_tensor_info(plan.name, shape, np.dtype(np.float32), _nbytes(ne, plan.qtype), _qtype(plan.qtype))
+    return _write_files(writer, dst, overwrite, ckpt, names, plans, imatrix)
+
+
+# --- names, types -----------------------------------------------------------------------------
+
+
+def _gguf_names(ckpt: Checkpoint, arch: str) -> dict[str, str]:
+    """GGUF name -> canonical name, for every tensor written (no output.weight when tied)."""
+    table = {hf: g for g, hf in TOP_NAMES.items()}
+    layer = {hf: g for g, hf in LAYER_NAMES[arch].items()}
+    out = {}
+    for name in ckpt.tensors:
+        if name in table:
+            out[table[name]] = name
+            continue
+        _, _, i, rest = name.split(".", 3)  # model.layers.{i}.{rest}
+        out[f"blk.{i}.{layer[rest]}"] = name
+    return out
+
+
+def _ftype(ckpt: Checkpoint, quant: str | None) -> str | None:
+    if quant is not None:
+        try:
+            return gguf_mix.ftype_of(quant)
+        except ValueError as exc:
+            raise UnsupportedError(str(exc)) from None
+    if any(t.raw is not None for t in ckpt):
+        return None  # a GGUF source: keep every tensor's stored type
+    dtypes = {t.dtype for t in ckpt if len(t.shape) == 2}
+    return "f32" if "f32" in dtypes else ("f16" if "f16" in dtypes else "bf16")
+
+
+def _keep_plan(gguf_name: str, t: LazyTensor) -> gguf_mix.TensorPlan:
+    qtype = t.raw[0] if t.raw is not None else {"f32": "F32", "f16": "F16", "bf16": "BF16"}[t.dtype]
+    if len(t.shape) == 1:
+        qtype = "F32"  # ggml's norms are F32 (ref: convert_hf_to_gguf.py: 1-D tensors stay F32)
+    return gguf_mix.TensorPlan(gguf_name, qtype, qtype)
+
+
+def _file_type_of(plans: list[gguf_mix.TensorPlan]) -> int:
+    """general.file_type of a file whose tensors keep their types: that of its commonest 2-D type."""
+    from collections import Counter
+
+    counts = Counter(p.qtype for p in plans if p.qtype != "F32") or Counter(["F32"])
+    main = counts.most_common(1)[0][0]
+    return next(n for n, t in gguf_mix.FTYPES.values() if t == main)
+
+
+def _qtype(name: str) -> gguf.GGMLQuantizationType:
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType[name]
+
+
+def _nbytes(shape: tuple[int, ...], qtype: str) -> int:
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[_qtype(qtype)]
+    return int(np.prod(shape)) // block * size
+
+
+def _check_imatrix(
+    imatrix: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], source: str | None
+) -> dict[str, np.ndarray]:
+    """The entries that fit this model; one whose length is not the row length is an error."""
+    for name, values in imatrix.items():
+        if name in shapes and len(values) != shapes[name][0]:
+            raise InputError(
+                f"importance matrix entry {name} has {len(values)} values, the tensor's rows {shapes[name][0]}"
+            )
+    unused = sorted(set(imatrix) - set(shapes))
+    if unused:
+        log.warning("importance matrix entries for tensors this model lacks, ignored: %s", ", ".join(unused[:5]))
+    missing = [n for n, s in shapes.items() if len(s) == 2 and n not in imatrix]
+    if imatrix and missing:
+        log.warning(
+            "%d tensors have no importance matrix entry (quantized unweighted), e.g. %s", len(missing), missing[0]
+        )
+    return {n: v for n, v in imatrix.items() if n in shapes}
+
+
+def _log_plan(plans: list[gguf_mix.TensorPlan]) -> None:
+    from collections import Counter
+
+    for p in plans:
+        if p.qtype != p.wanted:
+            log.info("%s: rows do not fit %s, falling back to %s", p.name, p.wanted, p.qtype)
+    log.info("tensor types: %s", dict(Counter(p.qtype for p in plans)))
+
+
+# --- metadata ---------------------------------------------------------------------------------
+
+
+def add_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, file_type: int) -> None:
+    """Every key llama.cpp reads for the arch (ref: convert_hf_to_gguf.py conversion/gemma.py
+    set_gguf_parameters; llama-model.cpp load_hparams for what each means)."""
+    import gguf
+
+    s = ckpt.spec
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(_model_name(ckpt))
+    w.add_context_length(s.max_position)
+    w.add_embedding_length(s.hidden_size)
+    w.add_block_count(s.num_layers)
+    w.add_feed_forward_length(s.intermediate_size)
+    w.add_head_count(s.num_heads)
+    w.add_head_count_kv(s.num_kv_heads)
+    w.add_layer_norm_rms_eps(s.rms_eps)
+    w.add_key_length(s.head_dim)
+    w.add_value_length(s.head_dim)
+    if s.family != "gemma":
+        _check_attention_scale(s)
+        if s.layer_types != llamacpp_layer_types(s.family, s.num_layers, SLIDING in s.layer_types):
+            # llama.cpp reads a per-layer pattern here; without it, it assumes its default one.
+            w.add_sliding_window_pattern([t == SLIDING for t in s.layer_types])
+    if s.family == "gemma2":
+        w.add_attn_logit_softcapping(s.attn_softcap or 0.0)
+        w.add_final_logit_softcapping(s.final_softcap or 0.0)
+        w.add_sliding_window(s.sliding_window)
+    if s.family == "gemma3":
+        w.add_rope_freq_base(s.rope_theta)
+        w.add_rope_freq_base_swa(s.rope_local_theta or s.rope_theta)
+        if s.final_softcap:
+            w.add_final_logit_softcapping(s.final_softcap)
+        if SLIDING in s.layer_types:
+            w.add_sliding_window(s.sliding_window)
+        if s.rope_scaling:
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(s.rope_scaling.factor)
+    w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _check_attention_scale(s: GemmaSpec) -> None:
+    """GGUF has no key for the attention scale: llama.cpp derives it (ref: models/gemma2.cpp,
+    gemma3.cpp load_arch_hparams). Refuse a spec that differs rather than write a file that
+    llama.cpp would run differently."""
+    scalar = llamacpp_query_scalar(s.family, s.num_layers, s.hidden_size // s.num_heads, s.head_dim)
+    if (s.query_pre_attn_scalar or s.head_dim) != scalar:
+        raise UnsupportedError(
+            f"query_pre_attn_scalar {s.query_pre_attn_scalar} differs from the {scalar} llama.cpp assumes for a "
+            f"{s.num_layers}-layer {s.family} and GGUF cannot state it; llama.cpp would run this model differently"
+        )
+
+
+def _model_name(ckpt: Checkpoint) -> str:
+    source = Path(ckpt.source.split(" (")[0]) if ckpt.source else None
+    return source.stem if source and source.suffix == ".gguf" else (source.name if source else "gemma")
+
+
+def add_tokenizer(w: gguf.GGUFWriter, ckpt: Checkpoint) -> None:
+    """tokenizer.ggml.* from tokenizer.model and tokenizer_config.json, as convert_hf_to_gguf.py
+    writes a SentencePiece vocabulary (ref: conversion/base.py _create_vocab_sentencepiece,
+    gguf-py vocab.py SpecialVocab)."""
+    tokens, scores, types = sentencepiece_vocab(ckpt)
+    config = _json(ckpt, "tokenizer_config.json")
+    s = ckpt.spec
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(s.bos_token_id)
+    eos = s.eos_token_id if isinstance(s.eos_token_id, int) else s.eos_token_id[0]
+    w.add_eos_token_id(eos)
+    if isinstance(s.eos_token_id, tuple) and len(s.eos_token_id) > 1:
+        w.add_eot_token_id(s.eos_token_id[1])  # llama.cpp stops on EOS or EOT (llama-vocab.cpp)
+    unk = _special_id(config, "unk_token", tokens)
+    if unk is not None:
+        w.add_unk_token_id(unk)
+    w.add_pad_token_id(s.pad_token_id)
+    w.add_add_bos_token(bool(config.get("add_bos_token", True)))
+    w.add_add_eos_token(bool(config.get("add_eos_token", False)))
+    w.add_add_space_prefix(False)  # ref: GemmaModel.set_vocab
+    template = _chat_template(ckpt, config)
+    if template:
+        w.add_chat_template(template)
+
+
+def sentencepiece_vocab(ckpt: Checkpoint) -> tuple[list[str], list[float], list[int]]:
+    """Pieces, scores and types of the SentencePiece model, with the tokens that
+    tokenizer_config.json lists as added marked CONTROL (special) or USER_DEFINED, score -1000."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    data = ckpt.tokenizer_files.get("tokenizer.model")
+    if data is None:
+        raise UnsupportedError("writing GGUF needs a SentencePiece tokenizer.model; the checkpoint has none")
+    proto = pb.ModelProto()
+    proto.ParseFromString(data)
+    tokens = [p.piece for p in proto.pieces]
+    scores = [float(p.score) for p in proto.pieces]
+    types = [int(p.type) for p in proto.pieces]
+    added = _json(ckpt, "tokenizer_config.json").get("added_tokens_decoder", {})
+    for key, entry in added.items():
+        i = int(key)
+        if i >= len(tokens):
+            continue
+        if entry.get("special") or _looks_special(entry["content"]):
+            types[i], tokens[i] = _CONTROL, entry["content"]
+        else:
+            types[i], tokens[i] = _USER_DEFINED, entry["content"]
+        scores[i] = -1000.0
+    # llama.cpp matches user-defined tokens against the raw text, so their "▁" are spaces there
+    # (ref: conversion/base.py _create_vocab_sentencepiece, "pre-normalize user-defined spaces").
+    tokens = [t.replace("\u2581", " ") if k == _USER_DEFINED else t for t, k in zip(tokens, types, strict=True)]
+    if len(tokens) != ckpt.spec.vocab_size:
+        vocab = ckpt.spec.vocab_size
+        raise CheckpointError(f"tokenizer.model holds {len(tokens)} pieces, the model's vocab is {vocab}")
+    return tokens, scores, types
+
+
+def _looks_special(token: str) -> bool:
+    # ref: conversion/base.py does_token_look_special
+    return (token.startswith("<|") and token.endswith("|>")) or (token.startswith("<") and token.endswith(">"))
+
+
+def _special_id(config: dict, key: str, tokens: list[str]) -> int | None:
+    value = config.get(key)
+    if isinstance(value, dict):
+        value = value.get("content")
+    return tokens.index(value) if isinstance(value, str) and value in tokens else None
+
+
+def _chat_template(ckpt: Checkpoint, config: dict) -> str | None:
+    if "chat_template.jinja" in ckpt.tokenizer_files:
+        return ckpt.tokenizer_files["chat_template.jinja"].decode()
+    template = config.get("chat_template")
+    return template if isinstance(template, str) else None
+
+
+def _json(ckpt: Checkpoint, name: str) -> dict:
+    data = ckpt.tokenizer_files.get(name)
+    return json.loads(data) if data else {}
+
+
+# --- tensors ----------------------------------------------------------------------------------
+
+
+def _new_writer(dst: Path, arch: str, max_shard_bytes: int | None) -> gguf.GGUFWriter:
+    import gguf
+
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # gguf-py logs its plan at INFO
+    return gguf.GGUFWriter(None, arch, split_max_size=max_shard_bytes or 0)
+
+
+def _write_files(
+    writer: gguf.GGUFWriter,
+    dst: Path,
+    overwrite: bool,
+    ckpt: Checkpoint,
+    names: dict[str, str],
+    plans: list[gguf_mix.TensorPlan],
+    imatrix: dict[str, np.ndarray],
+) -> Path:
+    """Stream every tensor into the file(s) in a temporary folder, then move them to ``dst``."""
+    finals = split_paths(dst, len(writer.tensors))
+    with atomic_files(finals, overwrite) as tmp:
+        writer.write_header_to_file(tmp / dst.name)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        try:
+            with progress(f"writing {dst.name}", total=len(plans)) as advance:
+                for plan in plans:
+                    writer.write_tensor_data(_encode(ckpt.tensors[names[plan.name]], plan, imatrix.get(plan.name)))
+                    advance()
+        finally:
+            writer.close()
+    return finals[0]
+
+
+def _encode(t: LazyTensor, plan: gguf_mix.TensorPlan, imatrix: np.ndarray | None) -> np.ndarray:
+    """The tensor's bytes in its planned type: the stored blocks if already of that type."""
+    if t.raw is not None and t.raw[0] == plan.qtype:
+        return t.raw[1]()
+    x = t.load().float().numpy()
+    if not np.isfinite(x).all():
+        raise CheckpointError(f"tensor {t.name} holds NaN or infinite values")
+    if _LAYER_PREFIX.sub("", plan.name) in OFFSET_NORMS:
+        x = x + np.float32(1.0)  # ref: GemmaModel.modify_tensors: norms are stored as 1 + w, in f32
+    if plan.qtype == "F32":
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if plan.qtype == "F16":
+        return x.astype(np.float16)
+    from gguf.quants import quantize
+
+    if plan.qtype == "BF16":
+        return quantize(x, _qtype("BF16"))  # round to nearest even, as convert_hf_to_gguf.py
+    from quantizers.gguf_blocks import quantize as quantize_blocks
+
+    return quantize_blocks(x.reshape(-1, x.shape[-1]), _qtype(plan.qtype), imatrix)
