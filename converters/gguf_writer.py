@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import re
+from collections.abc import Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,6 +59,7 @@ def write(
     overwrite: bool = False,
     pure: bool = False,
     imatrix_source: str | None = None,
+    jobs: int | None = None,
 ) -> Path:
     """Write ``ckpt`` as a GGUF file at ``dst`` (atomically); split into shards of at most
     ``max_shard_bytes`` when given (``dst`` then names the shards' common stem).
@@ -62,7 +68,7 @@ def write(
     is ``dtype``, else the source's own: each tensor of a GGUF source keeps its stored type, a
     float checkpoint keeps its dtype (as convert_hf_to_gguf.py --outtype auto). ``imatrix`` holds
     the mean squared activation per input column by GGUF tensor name (``imatrix_source`` names
-    where it came from, for errors).
+    where it came from, for errors). ``jobs`` worker processes quantize (default: one per CPU).
     """
     ckpt.check()
     dst = Path(dst)
@@ -96,7 +102,7 @@ def write(
     for plan, (_, ne) in zip(plans, shapes, strict=True):
         shape = tuple(reversed(ne))  # gguf-py takes numpy order and writes ne order
         writer.add_tensor_info(plan.name, shape, np.dtype(np.float32), _nbytes(ne, plan.qtype), _qtype(plan.qtype))
-    return _write_files(writer, dst, overwrite, ckpt, names, plans, imatrix)
+    return _write_files(writer, dst, overwrite, ckpt, names, plans, imatrix, jobs or os.cpu_count() or 1)
 
 
 # --- names, types -----------------------------------------------------------------------------
@@ -163,17 +169,15 @@ def _check_imatrix(
     """The entries that fit this model; one whose length is not the row length is an error."""
     for name, values in imatrix.items():
         if name in shapes and len(values) != shapes[name][0]:
-            raise InputError(
-                f"importance matrix entry {name} has {len(values)} values, the tensor's rows {shapes[name][0]}"
-            )
+            rows = shapes[name][0]
+            message = f"importance matrix entry {name} has {len(values)} values, the tensor's rows {rows}"
+            raise InputError(message, source)
     unused = sorted(set(imatrix) - set(shapes))
     if unused:
         log.warning("importance matrix entries for tensors this model lacks, ignored: %s", ", ".join(unused[:5]))
     missing = [n for n, s in shapes.items() if len(s) == 2 and n not in imatrix]
     if imatrix and missing:
-        log.warning(
-            "%d tensors have no importance matrix entry (quantized unweighted), e.g. %s", len(missing), missing[0]
-        )
+        log.warning("%d tensors have no importance matrix entry (unweighted), e.g. %s", len(missing), missing[0])
     return {n: v for n, v in imatrix.items() if n in shapes}
 
 
@@ -341,6 +345,17 @@ def _new_writer(dst: Path, arch: str, max_shard_bytes: int | None) -> gguf.GGUFW
     return gguf.GGUFWriter(None, arch, split_max_size=max_shard_bytes or 0)
 
 
+@contextmanager
+def _pool(jobs: int, plans: list[gguf_mix.TensorPlan]) -> Iterator[Executor | None]:
+    """Worker processes for block quantization, when there is some and more than one CPU to use.
+    forkserver: the workers start clean (numpy only), not as copies of a process holding torch."""
+    if jobs <= 1 or all(p.qtype in gguf_mix.UNQUANTIZED or p.qtype == "F32" for p in plans):
+        yield None
+        return
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        yield pool
+
+
 def _write_files(
     writer: gguf.GGUFWriter,
     dst: Path,
@@ -349,6 +364,7 @@ def _write_files(
     names: dict[str, str],
     plans: list[gguf_mix.TensorPlan],
     imatrix: dict[str, np.ndarray],
+    jobs: int,
 ) -> Path:
     """Stream every tensor into the file(s) in a temporary folder, then move them to ``dst``."""
     finals = split_paths(dst, len(writer.tensors))
@@ -357,16 +373,17 @@ def _write_files(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         try:
-            with progress(f"writing {dst.name}", total=len(plans)) as advance:
+            with _pool(jobs, plans) as pool, progress(f"writing {dst.name}", total=len(plans)) as advance:
                 for plan in plans:
-                    writer.write_tensor_data(_encode(ckpt.tensors[names[plan.name]], plan, imatrix.get(plan.name)))
+                    t = ckpt.tensors[names[plan.name]]
+                    writer.write_tensor_data(_encode(t, plan, imatrix.get(plan.name), pool))
                     advance()
         finally:
             writer.close()
     return finals[0]
 
 
-def _encode(t: LazyTensor, plan: gguf_mix.TensorPlan, imatrix: np.ndarray | None) -> np.ndarray:
+def _encode(t: LazyTensor, plan: gguf_mix.TensorPlan, imatrix: np.ndarray | None, pool: Executor | None) -> np.ndarray:
     """The tensor's bytes in its planned type: the stored blocks if already of that type."""
     if t.raw is not None and t.raw[0] == plan.qtype:
         return t.raw[1]()
@@ -383,6 +400,22 @@ def _encode(t: LazyTensor, plan: gguf_mix.TensorPlan, imatrix: np.ndarray | None
 
     if plan.qtype == "BF16":
         return quantize(x, _qtype("BF16"))  # round to nearest even, as convert_hf_to_gguf.py
-    from quantizers.gguf_blocks import quantize as quantize_blocks
+    return _quantize_rows(x.reshape(-1, x.shape[-1]), _qtype(plan.qtype), imatrix, pool)
 
-    return quantize_blocks(x.reshape(-1, x.shape[-1]), _qtype(plan.qtype), imatrix)
+
+PARALLEL_MIN_VALUES = 1 << 20  # below this a tensor is quantized in-process: a pool round trip costs more
+
+
+def _quantize_rows(
+    x: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None, pool: Executor | None
+) -> np.ndarray:
+    """ggml blocks of ``x`` [rows, n]; rows are independent, so large tensors are cut into row
+    chunks that the pool's worker processes quantize in parallel (the output is the same bytes)."""
+    from quantizers import gguf_blocks
+
+    if pool is None or x.size < PARALLEL_MIN_VALUES:
+        return gguf_blocks.quantize(x, qtype, imatrix)
+    n_chunks = 4 * (os.cpu_count() or 1)  # a few chunks per worker keeps them all busy to the end
+    bounds = np.linspace(0, len(x), n_chunks + 1).astype(int)
+    parts = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    return np.concatenate(list(pool.map(gguf_blocks.quantize, parts, [qtype] * len(parts), [imatrix] * len(parts))))

@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="GGUF: the --quant type for every quantizable tensor (llama-quantize --pure)",
     )
+    s.add_argument("--jobs", type=int, metavar="N", help="GGUF: worker processes that quantize (default: one per CPU)")
     s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
     s = sub.add_parser(
@@ -198,10 +199,10 @@ def cmd_convert(args) -> int:
     options = {"dtype": args.dtype, "max_shard_bytes": args.max_shard_size, "overwrite": args.overwrite}
     if args.dst_format == "gguf":
         options |= {"quant": args.quant, "pure": args.pure, "imatrix": _importance(args, src_fmt)}
-    elif args.quant or args.pure or args.imatrix or args.calibrate:
-        raise UnsupportedError(
-            f"--quant, --pure, --imatrix and --calibrate apply to --to gguf, not --to {args.dst_format}"
-        )
+        options |= {"imatrix_source": str(args.imatrix or args.src), "jobs": args.jobs}
+    elif args.quant or args.pure or args.imatrix or args.calibrate or args.jobs:
+        flags = "--quant, --pure, --imatrix, --calibrate and --jobs"
+        raise UnsupportedError(f"{flags} apply to --to gguf, not --to {args.dst_format}")
     out = writer.write(ckpt, args.dst, **options)
     print(f"wrote {out}")
     return 0

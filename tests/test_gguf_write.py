@@ -179,3 +179,38 @@ def test_demo_gguf_round_trip_keeps_every_block(demo_model, tmp_path):
     original = gguf.GGUFReader(source).fields
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "general.file_type", "gemma3.context_length"):
         assert fields[key].contents() == original[key].contents(), key
+
+
+def test_imatrix_weights_the_quantization(tiny, tmp_path, capsys):
+    """--calibrate and --imatrix FILE (made by `gemport imatrix`) give the same bytes, and differ
+    from unweighted Q4_0 in the quantizable tensors; a wrong-sized entry names the file."""
+    from quantizers.imatrix import load_imatrix, save_imatrix
+
+    src = tiny["gemma3"]
+    plain = tensor_bytes(convert(src, tmp_path / "plain.gguf", "--quant", "q4_0"))
+    calibrated = tensor_bytes(convert(src, tmp_path / "cal.gguf", "--quant", "q4_0", "--calibrate"))
+    assert main(["imatrix", str(src), str(tmp_path / "m.imatrix.gguf"), "--chunks", "4"]) == 0
+    from_file = tensor_bytes(
+        convert(src, tmp_path / "file.gguf", "--quant", "q4_0", "--imatrix", str(tmp_path / "m.imatrix.gguf"))
+    )
+    changed = [n for n in plain if plain[n] != calibrated[n]]
+    assert len(changed) >= 4 * 7 and all(n.startswith("blk.") for n in changed)  # every projection
+    assert from_file != plain
+    bad = load_imatrix(tmp_path / "m.imatrix.gguf")
+    bad.sums["blk.0.attn_q.weight"] = bad.sums["blk.0.attn_q.weight"][:-1]
+    save_imatrix(bad, tmp_path / "bad.imatrix.gguf")
+    rc = main(
+        [
+            "convert",
+            str(src),
+            str(tmp_path / "x.gguf"),
+            "--to",
+            "gguf",
+            "--quant",
+            "q4_0",
+            "--imatrix",
+            str(tmp_path / "bad.imatrix.gguf"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "bad.imatrix.gguf" in err and "blk.0.attn_q.weight" in err and not (tmp_path / "x.gguf").exists()
