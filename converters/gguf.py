@@ -473,6 +473,14 @@ def _hf_tokenizer_files(model: bytes, config: dict) -> dict[str, bytes]:
     saved = json.loads(files["tokenizer_config.json"])
     for key in ("vocab_file", "is_local", "local_files_only"):
         saved.pop(key, None)
+    # transformers 5 no longer writes added_tokens_decoder, but llama.cpp's convert_hf_to_gguf.py
+    # takes its user-defined and control tokens (Gemma's whitespace runs among them) from that list
+    # alone (ref: conversion/base.py _create_vocab_sentencepiece); without it they become NORMAL and
+    # llama.cpp tokenizes runs of spaces differently. Rebuilt from tokenizer.json's added_tokens.
+    if not saved.get("added_tokens_decoder"):
+        keys = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+        added = json.loads(files["tokenizer.json"]).get("added_tokens", [])
+        saved["added_tokens_decoder"] = {str(t["id"]): {k: t[k] for k in keys if k in t} for t in added}
     files["tokenizer_config.json"] = (json.dumps(saved, indent=2, ensure_ascii=False) + "\n").encode()
     return files
 

@@ -30,6 +30,20 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _temporary_beside(finals: list[Path], overwrite: bool) -> Path:
+    """A free temporary name beside ``finals[0]``, once no final path is in the way."""
+    for final in finals:
+        if final.exists() and not overwrite:
+            raise OutputError("destination already exists (pass --overwrite to replace it)", final)
+    try:
+        finals[0].parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the destination folder: {exc.strerror}", finals[0]) from None
+    tmp = finals[0].parent / f".{finals[0].name}.partial-{os.getpid()}"
+    _remove(tmp)
+    return tmp
+
+
 @contextmanager
 def atomic_output(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling path of ``dst``; on success it is renamed to ``dst``.
@@ -39,14 +53,7 @@ def atomic_output(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
     become one-line OutputErrors naming ``dst``.
     """
     dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise OutputError("destination already exists (pass --overwrite to replace it)", dst)
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the destination folder: {exc.strerror}", dst) from None
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    _remove(tmp)
+    tmp = _temporary_beside([dst], overwrite)
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -69,16 +76,8 @@ def atomic_files(finals: list[Path], overwrite: bool = False) -> Iterator[Path]:
     path, of the same name. On success each is fsynced and renamed into place; on any error the
     folder is removed and no final path is touched. Write errors become one-line OutputErrors.
     """
-    for final in finals:
-        if final.exists() and not overwrite:
-            raise OutputError("destination already exists (pass --overwrite to replace it)", final)
     dst = finals[0]
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the destination folder: {exc.strerror}", dst) from None
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    _remove(tmp)
+    tmp = _temporary_beside(finals, overwrite)
     try:
         tmp.mkdir()
         yield tmp

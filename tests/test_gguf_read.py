@@ -200,6 +200,16 @@ def test_hf_folder_written_from_gguf_loads_in_transformers(tiny, tmp_path):
         assert torch.equal(state[name], data), name
 
 
+def test_hf_tokenizer_config_lists_added_tokens(tiny, tmp_path):
+    """llama.cpp's converter takes user-defined/control tokens only from added_tokens_decoder."""
+    import json
+
+    arch, path, _ = tiny
+    config = json.loads(reader.read(path).tokenizer_files["tokenizer_config.json"])
+    added = {v["content"]: v["special"] for v in config["added_tokens_decoder"].values()}
+    assert added["<bos>"] is True and added["<start_of_turn>"] is False
+
+
 def test_tokenizer_rebuilt_from_metadata(tmp_path):
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as pb
