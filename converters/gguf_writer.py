@@ -32,7 +32,7 @@ from converters.gguf import (
     llamacpp_query_scalar,
     split_paths,
 )
-from gemport.checkpoint import Checkpoint, LazyTensor
+from gemport.checkpoint import Checkpoint, LazyTensor, all_finite
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_files
 from gemport.progress import progress
@@ -297,7 +297,11 @@ def sentencepiece_vocab(ckpt: Checkpoint) -> tuple[list[str], list[float], list[
         i = int(key)
         if i >= len(tokens):
             continue
-        if entry.get("special") or _looks_special(entry["content"]):
+        # The special flag alone decides, not llama.cpp's converter's look-alike test (any "<...>"
+        # is CONTROL there, ref: conversion/base.py does_token_look_special): transformers matches a
+        # non-special added token such as "<table>" in plain text, and only a USER_DEFINED token is
+        # matched so by llama.cpp, as in the GGUF Google's release was converted to.
+        if entry.get("special"):
             types[i], tokens[i] = _CONTROL, entry["content"]
         else:
             types[i], tokens[i] = _USER_DEFINED, entry["content"]
@@ -309,11 +313,6 @@ def sentencepiece_vocab(ckpt: Checkpoint) -> tuple[list[str], list[float], list[
         vocab = ckpt.spec.vocab_size
         raise CheckpointError(f"tokenizer.model holds {len(tokens)} pieces, the model's vocab is {vocab}")
     return tokens, scores, types
-
-
-def _looks_special(token: str) -> bool:
-    # ref: conversion/base.py does_token_look_special
-    return (token.startswith("<|") and token.endswith("|>")) or (token.startswith("<") and token.endswith(">"))
 
 
 def _special_id(config: dict, key: str, tokens: list[str]) -> int | None:
@@ -376,20 +375,23 @@ def _write_files(
             with _pool(jobs, plans) as pool, progress(f"writing {dst.name}", total=len(plans)) as advance:
                 for plan in plans:
                     t = ckpt.tensors[names[plan.name]]
-                    writer.write_tensor_data(_encode(t, plan, imatrix.get(plan.name), pool))
+                    writer.write_tensor_data(_encode(t, plan, imatrix.get(plan.name), pool, jobs))
                     advance()
         finally:
             writer.close()
     return finals[0]
 
 
-def _encode(t: LazyTensor, plan: gguf_mix.TensorPlan, imatrix: np.ndarray | None, pool: Executor | None) -> np.ndarray:
+def _encode(
+    t: LazyTensor, plan: gguf_mix.TensorPlan, imatrix: np.ndarray | None, pool: Executor | None, jobs: int
+) -> np.ndarray:
     """The tensor's bytes in its planned type: the stored blocks if already of that type."""
     if t.raw is not None and t.raw[0] == plan.qtype:
         return t.raw[1]()
-    x = t.load().float().numpy()
-    if not np.isfinite(x).all():
-        raise CheckpointError(f"tensor {t.name} holds NaN or infinite values")
+    data = t.load()
+    if not all_finite(data):
+        raise CheckpointError(f"tensor {t.name} has NaN or infinite values")
+    x = data.float().numpy()
     if _LAYER_PREFIX.sub("", plan.name) in OFFSET_NORMS:
         x = x + np.float32(1.0)  # ref: GemmaModel.modify_tensors: norms are stored as 1 + w, in f32
     if plan.qtype == "F32":
@@ -400,14 +402,14 @@ def _encode(t: LazyTensor, plan: gguf_mix.TensorPlan, imatrix: np.ndarray | None
 
     if plan.qtype == "BF16":
         return quantize(x, _qtype("BF16"))  # round to nearest even, as convert_hf_to_gguf.py
-    return _quantize_rows(x.reshape(-1, x.shape[-1]), _qtype(plan.qtype), imatrix, pool)
+    return _quantize_rows(x.reshape(-1, x.shape[-1]), _qtype(plan.qtype), imatrix, pool, jobs)
 
 
 PARALLEL_MIN_VALUES = 1 << 20  # below this a tensor is quantized in-process: a pool round trip costs more
 
 
 def _quantize_rows(
-    x: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None, pool: Executor | None
+    x: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None, pool: Executor | None, jobs: int
 ) -> np.ndarray:
     """ggml blocks of ``x`` [rows, n]; rows are independent, so large tensors are cut into row
     chunks that the pool's worker processes quantize in parallel (the output is the same bytes)."""
@@ -415,7 +417,7 @@ def _quantize_rows(
 
     if pool is None or x.size < PARALLEL_MIN_VALUES:
         return gguf_blocks.quantize(x, qtype, imatrix)
-    n_chunks = 4 * (os.cpu_count() or 1)  # a few chunks per worker keeps them all busy to the end
+    n_chunks = 4 * jobs  # a few chunks per worker keeps them all busy to the end
     bounds = np.linspace(0, len(x), n_chunks + 1).astype(int)
     parts = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
     return np.concatenate(list(pool.map(gguf_blocks.quantize, parts, [qtype] * len(parts), [imatrix] * len(parts))))

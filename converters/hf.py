@@ -13,7 +13,7 @@ import logging
 import struct
 from pathlib import Path
 
-from gemport.checkpoint import DTYPES, Checkpoint, LazyTensor, expected_shapes, torch_dtype
+from gemport.checkpoint import DTYPES, Checkpoint, LazyTensor, all_finite, expected_shapes, torch_dtype
 from gemport.errors import CheckpointError, InputError
 from gemport.output import atomic_output
 from gemport.progress import progress
@@ -200,14 +200,6 @@ def _plan_shards(tensors: list[LazyTensor], max_bytes: int | None) -> dict[str, 
     return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
 
 
-def _all_finite(data, rows: int = 4096) -> bool:
-    """isfinite in row chunks, so the check never allocates a mask the size of the tensor."""
-    import torch
-
-    flat = data.reshape(data.shape[0], -1) if data.ndim > 1 else data.reshape(1, -1)
-    return all(bool(torch.isfinite(flat[i : i + rows]).all()) for i in range(0, flat.shape[0], rows))
-
-
 def _write_safetensors(path: Path, tensors: list[LazyTensor], advance, source: str) -> None:
     import torch
 
@@ -232,7 +224,7 @@ def _write_safetensors(path: Path, tensors: list[LazyTensor], advance, source: s
                     f"tensor {t.name} loaded as {list(data.shape)} {data.dtype}, expected {list(t.shape)} {t.dtype}",
                     source,
                 )
-            if not _all_finite(data):
+            if not all_finite(data):
                 raise CheckpointError(f"tensor {t.name} has NaN or infinite values", source)
             f.write(memoryview(data.contiguous().view(torch.uint8).numpy()))
             del data

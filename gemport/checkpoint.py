@@ -133,6 +133,14 @@ def expected_shapes(spec: GemmaSpec) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def all_finite(data: torch.Tensor, rows: int = 4096) -> bool:
+    """isfinite in row chunks, so the check never allocates a mask the size of the tensor."""
+    import torch
+
+    flat = data.reshape(data.shape[0], -1) if data.ndim > 1 else data.reshape(1, -1)
+    return all(bool(torch.isfinite(flat[i : i + rows]).all()) for i in range(0, flat.shape[0], rows))
+
+
 def is_norm(shape: tuple[int, ...]) -> bool:
     """Every 1-D Gemma tensor is an RMSNorm weight: ``w`` of ``(1 + w)`` canonically."""
     return len(shape) == 1

@@ -180,7 +180,8 @@ def test_demo_gguf_round_trip_keeps_every_block(demo_model, tmp_path):
     assert tensor_bytes(out) == tensor_bytes(source)
     fields = gguf.GGUFReader(out).fields
     original = gguf.GGUFReader(source).fields
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "general.file_type", "gemma3.context_length"):
+    keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "general.file_type")
+    for key in (*keys, "gemma3.context_length"):
         assert fields[key].contents() == original[key].contents(), key
 
 
