@@ -27,6 +27,20 @@ def _size(text: str) -> int:
     return int(t)
 
 
+def _add_source_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="JAX source without gemport.json: the official model it is (gemma-2b, gemma-7b, gemma2-2b/9b/27b, "
+        "gemma3-270m/1b/4b/12b/27b), when its shapes match none or to override the match",
+    )
+    s.add_argument(
+        "--keep-padded-vocab",
+        action="store_true",
+        help="JAX source: keep the unused embedding rows past the tokenizer's pieces (Gemma 1/2: 256128 rows)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gemport",
@@ -42,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="show a checkpoint's format, spec, tensors, dtypes and bytes")
     s.add_argument("path", type=Path, help="checkpoint folder or file")
     s.add_argument("--from", dest="src_format", choices=registry.readers(), help="force the source format")
+    _add_source_options(s)
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     s = sub.add_parser(
@@ -54,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dst", type=Path, help="destination path (must not exist unless --overwrite)")
     s.add_argument("--to", dest="dst_format", required=True, choices=registry.writers(), help="target format")
     s.add_argument("--from", dest="src_format", choices=registry.readers(), help="force the source format")
+    _add_source_options(s)
     s.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -155,13 +171,18 @@ def cmd_formats(args) -> int:
     return 0
 
 
-def _read(path: Path, fmt: str | None):
+def _read(path: Path, fmt: str | None, args=None):
     fmt = fmt or registry.detect(path)
-    return fmt, registry.get(fmt).load().read(path)
+    options = {}
+    if args is not None and (args.preset or args.keep_padded_vocab):
+        if fmt != "jax":
+            raise UnsupportedError(f"--preset and --keep-padded-vocab apply to a JAX source, not {fmt}", path)
+        options = {"preset": args.preset, "keep_padded_vocab": args.keep_padded_vocab}
+    return fmt, registry.get(fmt).load().read(path, **options)
 
 
 def cmd_inspect(args) -> int:
-    fmt, ckpt = _read(args.path, args.src_format)
+    fmt, ckpt = _read(args.path, args.src_format, args)
     dtypes = Counter(t.dtype for t in ckpt)
     info = {
         "path": str(args.path),
@@ -193,7 +214,7 @@ def _numel(shape) -> int:
 
 
 def cmd_convert(args) -> int:
-    src_fmt, ckpt = _read(args.src, args.src_format)
+    src_fmt, ckpt = _read(args.src, args.src_format, args)
     writer = registry.get(args.dst_format).load()
     log.info("%s (%s) -> %s (%s)", args.src, src_fmt, args.dst, args.dst_format)
     options = {"dtype": args.dtype, "max_shard_bytes": args.max_shard_size, "overwrite": args.overwrite}

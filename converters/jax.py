@@ -1,0 +1,750 @@
+"""JAX/Orbax checkpoints of google-deepmind's ``gemma`` library: read and write.
+
+The parameter tree is the one ``gm.ckpts.load_params`` loads (ref: google-deepmind/gemma
+gemma/gm/ckpts/_checkpoint.py), in either of its two stored structures:
+
+- flat, as the checkpoints were released: top-level keys ``transformer/layer_{i}/attn/q_einsum``
+  holding ``{"w": array}``, ``transformer/embedder`` holding ``{"input_embedding": array}``, ...
+  (``_CheckpointType.FLAT``; ref: gemma/gm/ckpts/_compat.py flatten_and_remap_params);
+- nested, as ``model.init()`` makes it and ``gm.ckpts.save_params`` saves it:
+  ``{"layer_0": {"attn": {"q_einsum": {"w": ...}}, "mlp": {"gating_einsum": ...}}}``; the MLP
+  weights are bare arrays there, ``{"w": ...}`` in the flat structure (ref: _compat.py
+  param_remapper).
+
+Layouts (ref: gemma/gm/nn/_modules.py Attention.setup, FeedForward, Block; _layers.py RMSNorm):
+
+- ``attn/qkv_einsum/w`` [3, N, D, H] when num_heads == num_kv_heads, else ``attn/q_einsum/w``
+  [N, D, H] and ``attn/kv_einsum/w`` [2, K, D, H]; ``attn/attn_vec_einsum/w`` [N, H, D];
+- ``mlp/gating_einsum`` [2, F, D] (``transpose_gating_einsum=True``: Gemma 2 9B/27B and every
+  Gemma 3) or [2, D, F] (Gemma 1, Gemma 2 2B; ref: gemma/gm/nn/_gemma.py presets); index 0 is
+  the gate (the GELU input), 1 the up projection; ``mlp/linear`` [F, D];
+- RMSNorm ``scale`` multiplies by ``1 + scale``: stored as the raw ``w``, as in HF;
+- ``embedder/input_embedding`` [vocab, D], also the output head (Gemma ties them). Gemma 1 and 2
+  pad it to 256128 rows for a 256000-piece tokenizer (ref: _gemma.py ``num_embed=256128``).
+
+Canonical (HF) names follow transformers' converter (ref: transformers
+models/gemma3/convert_gemma3_weights.py convert_transformer_weights): q/k/v are
+``w.transpose(0, 2, 1).reshape(heads * H, D)``, o_proj ``w.transpose(2, 0, 1).reshape(D, N * H)``,
+gate/up the two halves of ``gating_einsum`` [2, F, D], down ``linear.T``.
+
+The tree holds no config. gemport writes ``gemport.json`` (the GemmaSpec, generation config and
+how the tree was written) and the tokenizer beside the tree; a tree without it (as released) gets
+its spec from its shapes plus the official model of that size (``PRESETS``), or the ``preset``
+named by the caller. ``tokenizer.model`` is looked for in the checkpoint folder and its parent
+(Kaggle's layout puts it beside the checkpoint folder).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gemport import __version__
+from gemport.checkpoint import DTYPES, Checkpoint, LazyTensor, all_finite, expected_shapes
+from gemport.errors import CheckpointError, InputError, UnsupportedError
+from gemport.output import atomic_output
+from gemport.progress import progress
+from gemport.spec import FULL, SLIDING, GemmaSpec, RopeScaling
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "gemport.json"
+TOKENIZER = "tokenizer.model"
+FLAT_PREFIX = "transformer/"
+LAYOUTS = ("flat", "nested")
+# Orbax writes one of these at the top of every checkpoint folder (ref: orbax-checkpoint
+# PyTreeCheckpointHandler: _METADATA with the tree, _CHECKPOINT_METADATA from the Checkpointer).
+_ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
+# Gemma 1 and 2 store 128 unused rows after the 256000 pieces of their tokenizer.
+PADDED_ROWS = {256000: 256128}
+
+# --- name table -------------------------------------------------------------------------------
+# JAX parameter (nested structure, under layer_{i}) -> (canonical names under
+# model.layers.{i}., layout kind). Layout kinds are the functions in _TO_CANONICAL/_FROM_CANONICAL.
+_LAYER_COMMON = {
+    "attn/q_einsum/w": (("self_attn.q_proj.weight",), "heads"),
+    "attn/kv_einsum/w": (("self_attn.k_proj.weight", "self_attn.v_proj.weight"), "stacked_heads"),
+    "attn/qkv_einsum/w": (
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        "stacked_heads",
+    ),
+    "attn/attn_vec_einsum/w": (("self_attn.o_proj.weight",), "attn_out"),
+    "mlp/gating_einsum": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gating"),
+    "mlp/linear": (("mlp.down_proj.weight",), "transpose"),
+    "pre_attention_norm/scale": (("input_layernorm.weight",), "copy"),
+}
+LAYER_TABLE = {
+    # Gemma 1 has one norm before the MLP; HF calls it post_attention_layernorm.
+    "gemma": _LAYER_COMMON | {"pre_ffw_norm/scale": (("post_attention_layernorm.weight",), "copy")},
+    "gemma2": _LAYER_COMMON
+    | {
+        "post_attention_norm/scale": (("post_attention_layernorm.weight",), "copy"),
+        "pre_ffw_norm/scale": (("pre_feedforward_layernorm.weight",), "copy"),
+        "post_ffw_norm/scale": (("post_feedforward_layernorm.weight",), "copy"),
+    },
+}
+LAYER_TABLE["gemma3"] = LAYER_TABLE["gemma2"] | {
+    "attn/_query_norm/scale": (("self_attn.q_norm.weight",), "copy"),
+    "attn/_key_norm/scale": (("self_attn.k_norm.weight",), "copy"),
+}
+TOP_TABLE = {
+    "embedder/input_embedding": (("model.embed_tokens.weight",), "embedding"),
+    "final_norm/scale": (("model.norm.weight",), "copy"),
+}
+# Parameters of the multimodal Gemma 3 models that a text model does not use; dropped on read
+# (ref: _checkpoint.py _remove_mm_params; flat trees keep the vision tower under SigLiPFromPatches_0/).
+_MULTIMODAL = re.compile(r"(vision_encoder|SigLiPFromPatches_0)/.*|embedder/mm_.*")
+_LAYER_RE = re.compile(r"layer_(\d+)/(.+)")
+_DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+# --- official sizes -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Preset:
+    """The facts of an official model that its tree does not hold (ref: gemma/gm/nn/_gemma.py
+    and gemma/transformer.py TransformerConfig presets; HF configs of the same models)."""
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position: int = 8192
+    sliding_window: int | None = None
+    query_pre_attn_scalar: int | None = None
+    rope_scaling: float | None = None
+
+    def dims(self) -> tuple[int, ...]:
+        return (
+            self.num_layers,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        )
+
+
+PRESETS = {
+    "gemma-2b": Preset("gemma", 18, 2048, 16384, 8, 1, 256),
+    "gemma-7b": Preset("gemma", 28, 3072, 24576, 16, 16, 256),
+    "gemma2-2b": Preset("gemma2", 26, 2304, 9216, 8, 4, 256, sliding_window=4096, query_pre_attn_scalar=256),
+    "gemma2-9b": Preset("gemma2", 42, 3584, 14336, 16, 8, 256, sliding_window=4096, query_pre_attn_scalar=256),
+    # BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS: 4608 // 32 = 144
+    "gemma2-27b": Preset("gemma2", 46, 4608, 36864, 32, 16, 128, sliding_window=4096, query_pre_attn_scalar=144),
+    "gemma3-270m": Preset("gemma3", 18, 640, 2048, 4, 1, 256, 32768, 512, 256),
+    "gemma3-1b": Preset("gemma3", 26, 1152, 6912, 4, 1, 256, 32768, 512, 256),
+    "gemma3-4b": Preset("gemma3", 34, 2560, 10240, 8, 4, 256, 131072, 1024, 256, 8.0),
+    "gemma3-12b": Preset("gemma3", 48, 3840, 15360, 16, 8, 256, 131072, 1024, 256, 8.0),
+    # 5376 // 32 = 168
+    "gemma3-27b": Preset("gemma3", 62, 5376, 21504, 32, 16, 128, 131072, 1024, 168, 8.0),
+}
+
+
+def spec_from_preset(preset: Preset, vocab_size: int) -> GemmaSpec:
+    """The GemmaSpec of an official model (ref: gemma/gm/nn/_gemma.py: Gemma 2 alternates
+    LOCAL_SLIDING, GLOBAL with softcaps 50/30; Gemma 3 repeats 5 sliding + 1 global, rope bases
+    10k local / 1M global, linear x8 on global layers from 4B up)."""
+    n = preset.num_layers
+    facts: dict[str, Any] = {}
+    if preset.family == "gemma2":
+        facts = {
+            "layer_types": tuple(SLIDING if i % 2 == 0 else FULL for i in range(n)),
+            "attn_softcap": 50.0,
+            "final_softcap": 30.0,
+        }
+    elif preset.family == "gemma3":
+        facts = {
+            "layer_types": tuple(FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n)),
+            "rope_theta": 1_000_000.0,
+            "rope_local_theta": 10_000.0,
+            "rope_scaling": RopeScaling("linear", preset.rope_scaling) if preset.rope_scaling else None,
+        }
+    return GemmaSpec(
+        family=preset.family,
+        vocab_size=vocab_size,
+        hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size,
+        num_layers=n,
+        num_heads=preset.num_heads,
+        num_kv_heads=preset.num_kv_heads,
+        head_dim=preset.head_dim,
+        max_position=preset.max_position,
+        sliding_window=preset.sliding_window,
+        query_pre_attn_scalar=preset.query_pre_attn_scalar,
+        **facts,
+    )
+
+
+# --- layouts ----------------------------------------------------------------------------------
+def _heads_to_canonical(w: np.ndarray) -> np.ndarray:
+    """[n, D, H] -> [n * H, D]"""
+    n, d, h = w.shape
+    return w.transpose(0, 2, 1).reshape(n * h, d)
+
+
+def _heads_from_canonical(w: np.ndarray, head_dim: int) -> np.ndarray:
+    """[n * H, D] -> [n, D, H]"""
+    return w.reshape(-1, head_dim, w.shape[1]).transpose(0, 2, 1)
+
+
+def to_canonical(kind: str, leaf: np.ndarray, part: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Canonical tensor number ``part`` of a JAX leaf, of canonical ``shape``."""
+    if kind == "heads":
+        return _heads_to_canonical(leaf)
+    if kind == "stacked_heads":
+        return _heads_to_canonical(leaf[part])
+    if kind == "attn_out":  # [N, H, D] -> [D, N * H]
+        return leaf.reshape(-1, leaf.shape[2]).T
+    if kind == "gating":  # [2, F, D] as is, [2, D, F] transposed
+        half = leaf[part]
+        return half if half.shape == shape else half.T
+    if kind == "transpose":
+        return leaf.T
+    if kind == "embedding":  # padded rows dropped
+        return leaf if leaf.shape[0] == shape[0] else leaf[: shape[0]]
+    return leaf
+
+
+def from_canonical(kind: str, parts: list[np.ndarray], spec: GemmaSpec, leaf_shape: tuple[int, ...]) -> np.ndarray:
+    """The JAX leaf of ``leaf_shape`` made of its canonical tensors ``parts``."""
+    if kind == "heads":
+        return _heads_from_canonical(parts[0], spec.head_dim)
+    if kind == "stacked_heads":
+        return np.stack([_heads_from_canonical(p, spec.head_dim) for p in parts])
+    if kind == "attn_out":
+        return parts[0].T.reshape(spec.num_heads, spec.head_dim, spec.hidden_size)
+    if kind == "gating":
+        halves = parts if leaf_shape[1] == spec.intermediate_size else [p.T for p in parts]
+        return np.stack(halves)
+    if kind == "transpose":
+        return parts[0].T
+    if kind == "embedding" and leaf_shape[0] > parts[0].shape[0]:
+        pad = np.zeros((leaf_shape[0] - parts[0].shape[0], leaf_shape[1]), dtype=parts[0].dtype)
+        return np.concatenate([parts[0], pad])
+    return parts[0]
+
+
+def leaf_shapes(spec: GemmaSpec, embedding_rows: int, transposed_gating: bool) -> dict[str, tuple[int, ...]]:
+    """Every JAX parameter (nested names) of ``spec`` and its shape (ref: _modules.py)."""
+    d, f, h = spec.hidden_size, spec.intermediate_size, spec.head_dim
+    n, k = spec.num_heads, spec.num_kv_heads
+    out: dict[str, tuple[int, ...]] = {"embedder/input_embedding": (embedding_rows, d)}
+    for i in range(spec.num_layers):
+        p = f"layer_{i}/"
+        if n == k:  # ref: Attention.use_qkv_einsum
+            out[p + "attn/qkv_einsum/w"] = (3, n, d, h)
+        else:
+            out[p + "attn/q_einsum/w"] = (n, d, h)
+            out[p + "attn/kv_einsum/w"] = (2, k, d, h)
+        out[p + "attn/attn_vec_einsum/w"] = (n, h, d)
+        if spec.qk_norm:
+            out[p + "attn/_query_norm/scale"] = (h,)
+            out[p + "attn/_key_norm/scale"] = (h,)
+        out[p + "mlp/gating_einsum"] = (2, f, d) if transposed_gating else (2, d, f)
+        out[p + "mlp/linear"] = (f, d)
+        out[p + "pre_attention_norm/scale"] = (d,)
+        out[p + "pre_ffw_norm/scale"] = (d,)
+        if spec.post_norms:
+            out[p + "post_attention_norm/scale"] = (d,)
+            out[p + "post_ffw_norm/scale"] = (d,)
+    out["final_norm/scale"] = (d,)
+    return out
+
+
+def official_gating_transposed(spec: GemmaSpec) -> bool:
+    """[2, F, D] as the official model of this family and size stores it (ref: _gemma.py:
+    ``transpose_gating_einsum=True`` for Gemma 2 9B/27B and every Gemma 3; Gemma 1 and Gemma 2
+    2B use [2, D, F]). Sizes with no official model follow the newer orientation for Gemma 2/3."""
+    if spec.family == "gemma":
+        return False
+    return not (spec.family == "gemma2" and spec.hidden_size == PRESETS["gemma2-2b"].hidden_size)
+
+
+def _rule(family: str, name: str) -> tuple[str, tuple[str, ...], str]:
+    """(canonical prefix, canonical names, layout kind) of a nested JAX parameter name."""
+    if name in TOP_TABLE:
+        names, kind = TOP_TABLE[name]
+        return "", names, kind
+    m = _LAYER_RE.fullmatch(name)
+    names, kind = LAYER_TABLE[family][m.group(2)]
+    return f"model.layers.{int(m.group(1))}.", names, kind
+
+
+def _known(name: str) -> bool:
+    if name in TOP_TABLE:
+        return True
+    m = _LAYER_RE.fullmatch(name)
+    return bool(m) and m.group(2) in LAYER_TABLE["gemma3"]
+
+
+# --- the stored tree ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Leaf:
+    """One stored array: its key path in the Orbax tree, its nested parameter name, shape, dtype."""
+
+    key: tuple[str, ...]
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def stored_name(self) -> str:
+        return "/".join(self.key)
+
+
+def nested_name(key: tuple[str, ...], flat: bool) -> str:
+    """The nested parameter name of a stored key path (ref: _compat.py param_remapper: a flat
+    ``.../mlp/linear`` holds ``{"w": ...}``, which the nested structure stores bare)."""
+    if not flat:
+        return "/".join(key)
+    name = "/".join(key).removeprefix(FLAT_PREFIX)
+    return name.removesuffix("/w") if re.fullmatch(r"layer_\d+/mlp/(gating_einsum|linear)/w", name) else name
+
+
+def stored_key(name: str, flat: bool) -> tuple[str, ...]:
+    """Inverse of nested_name (ref: _compat.py flatten_and_remap_params)."""
+    if not flat:
+        return tuple(name.split("/"))
+    if re.fullmatch(r"layer_\d+/mlp/(gating_einsum|linear)", name):
+        name += "/w"
+    group, leaf = name.rsplit("/", 1)
+    return (FLAT_PREFIX + group, leaf)
+
+
+def _orbax():
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError:
+        raise UnsupportedError("JAX checkpoints need orbax-checkpoint (pip install orbax-checkpoint)") from None
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs every save and restore through absl
+    return ocp
+
+
+def _tree_leaves(path: Path) -> tuple[list[Leaf], bool]:
+    """The arrays an Orbax checkpoint holds, from its metadata (no data is read)."""
+    ocp = _orbax()
+    try:
+        meta = ocp.PyTreeCheckpointer().metadata(path.resolve())
+    except (OSError, ValueError, FileNotFoundError, KeyError, TypeError) as exc:
+        raise InputError(f"not a readable Orbax checkpoint: {exc}", path) from None
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", None) or meta
+    if not isinstance(tree, dict) or not tree:
+        raise InputError("no readable parameter tree (Orbax metadata missing or damaged)", path)
+    if set(tree) == {"collections", "opt_state", "params", "step"}:  # ref: _checkpoint.py _is_kauldron_layout
+        raise UnsupportedError("a Kauldron training state, not a parameter tree (load its params and save them)", path)
+    flat = all(str(k).startswith((FLAT_PREFIX, "SigLiPFromPatches_0/")) for k in tree)
+    if any(str(k).startswith("transformer/stacked_layers") for k in tree):
+        raise UnsupportedError("stacked-layers Orbax trees are not supported (only flat and nested)", path)
+    leaves = []
+    for key, value in _walk(tree, ()):
+        dtype = str(getattr(value, "dtype", ""))
+        stored = "/".join(key)
+        if dtype not in _DTYPES:
+            raise UnsupportedError(f"parameter {stored} has unsupported dtype {dtype or type(value).__name__}", path)
+        leaves.append(Leaf(key, nested_name(key, flat), tuple(int(d) for d in value.shape), _DTYPES[dtype]))
+    return leaves, flat
+
+
+def _walk(tree: Any, key: tuple[str, ...]):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _walk(v, (*key, str(k)))
+    else:
+        yield key, tree
+
+
+class _LeafReader:
+    """Restores one stored array at a time (Orbax partial restore), keeping the last one, so the
+    q/k/v or gate/up parts of one leaf read it once."""
+
+    def __init__(self, path: Path):
+        self.path = path.resolve()
+        self._last: tuple[tuple[str, ...], np.ndarray] | None = None
+
+    def get(self, key: tuple[str, ...]) -> np.ndarray:
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        ocp = _orbax()
+        item: Any = 0  # a placeholder leaf: None would mark an empty subtree
+        restore: Any = ocp.RestoreArgs(restore_type=np.ndarray)
+        for k in reversed(key):
+            item, restore = {k: item}, {k: restore}
+        try:
+            tree = ocp.PyTreeCheckpointer().restore(
+                self.path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore, partial_restore=True)
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputError(f"cannot read parameter {'/'.join(key)}: {exc}", self.path) from None
+        for k in key:
+            tree = tree[k]
+        self._last = (key, np.asarray(tree))
+        return self._last[1]
+
+
+# --- reading ----------------------------------------------------------------------------------------
+def sniff(path: Path) -> bool:
+    return path.is_dir() and any((path / m).exists() for m in _ORBAX_MARKERS)
+
+
+def read(path: str | Path, preset: str | None = None, keep_padded_vocab: bool = False) -> Checkpoint:
+    """Open an Orbax Gemma checkpoint lazily: metadata now, each array when a tensor is loaded.
+
+    ``preset`` names the official model (``PRESETS``) when the tree has no gemport.json and its
+    shapes match no official size, or to override the match. ``keep_padded_vocab`` keeps the unused
+    embedding rows after the tokenizer's pieces (256128 rows for Gemma 1 and 2) as vocabulary.
+    """
+    path = Path(path)
+    if not sniff(path):
+        raise InputError("not an Orbax checkpoint folder (no _METADATA)", path)
+    leaves, flat = _tree_leaves(path)
+    leaves = _text_leaves(leaves, path)
+    family = _family(leaves)
+    tokenizer = _find_tokenizer(path)
+    manifest = _read_manifest(path)
+    by_name = {leaf.name: leaf for leaf in leaves}
+    rows = by_name["embedder/input_embedding"].shape[0] if "embedder/input_embedding" in by_name else 0
+    if manifest:
+        spec = GemmaSpec.from_json(manifest["spec"])
+    else:
+        vocab = rows if keep_padded_vocab else _vocab_size(rows, tokenizer, path)
+        spec = _infer_spec(by_name, family, vocab, preset, path)
+    if keep_padded_vocab and manifest and rows > spec.vocab_size:
+        spec = GemmaSpec.from_json(spec.to_json() | {"vocab_size": rows})
+    _check_tree(by_name, spec, path)
+    reader = _LeafReader(path)
+    tensors = _lazy_tensors(by_name, spec, reader)
+    files = manifest.get("tokenizer_files", []) if manifest else []
+    tokenizer_files = {n: (path / n).read_bytes() for n in files if (path / n).is_file()}
+    if tokenizer is not None:
+        tokenizer_files[TOKENIZER] = tokenizer.read_bytes()
+    if TOKENIZER in tokenizer_files and "tokenizer_config.json" not in tokenizer_files:
+        config = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False}
+        tokenizer_files["tokenizer_config.json"] = (json.dumps(config, indent=2) + "\n").encode()
+    ckpt = Checkpoint(
+        spec=spec,
+        tensors=tensors,
+        tokenizer_files=tokenizer_files,
+        generation_config=manifest.get("generation_config") if manifest else None,
+        source=str(path),
+        extra={"jax.layout": "flat" if flat else "nested"},
+    )
+    ckpt.check()
+    return ckpt
+
+
+def _text_leaves(leaves: list[Leaf], path: Path) -> list[Leaf]:
+    """The text model's arrays; multimodal ones are dropped (logged), unknown names refused."""
+    text, dropped = [], 0
+    for leaf in leaves:
+        if _MULTIMODAL.fullmatch(leaf.name):
+            dropped += 1
+        elif _known(leaf.name):
+            text.append(leaf)
+        else:
+            raise CheckpointError(f"unknown parameter {leaf.stored_name}", path)
+    if dropped:
+        log.info("%s: dropped %d multimodal parameters (vision encoder and projection)", path, dropped)
+    return text
+
+
+def _family(leaves: list[Leaf]) -> str:
+    """gemma3 has query/key norms, gemma2 post-norms, gemma neither (ref: _modules.py Block)."""
+    names = {leaf.name.split("/", 1)[-1] for leaf in leaves if leaf.name.startswith("layer_")}
+    if "attn/_query_norm/scale" in names:
+        return "gemma3"
+    if "post_attention_norm/scale" in names:
+        return "gemma2"
+    return "gemma"
+
+
+def _find_tokenizer(path: Path) -> Path | None:
+    for folder in (path, path.parent):
+        if (folder / TOKENIZER).is_file():
+            return folder / TOKENIZER
+    return None
+
+
+def _read_manifest(path: Path) -> dict | None:
+    file = path / MANIFEST
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        GemmaSpec.from_json(data["spec"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"invalid gemport manifest: {exc}", file) from None
+    return data
+
+
+def _vocab_size(rows: int, tokenizer: Path | None, path: Path) -> int:
+    """The tokenizer's piece count (the rows after it are padding); without a tokenizer, the
+    known padding of Gemma 1/2 is dropped."""
+    if tokenizer is None:
+        log.info("%s: no %s beside the checkpoint", path, TOKENIZER)
+        return next((v for v, padded in PADDED_ROWS.items() if padded == rows), rows)
+    import sentencepiece as spm
+
+    try:
+        pieces = spm.SentencePieceProcessor(model_proto=tokenizer.read_bytes()).get_piece_size()
+    except (RuntimeError, OSError) as exc:
+        raise InputError(f"not a SentencePiece model: {exc}", tokenizer) from None
+    if pieces > rows:
+        raise CheckpointError(f"the tokenizer has {pieces} pieces but the embedding only {rows} rows", path)
+    return pieces
+
+
+def _tree_dims(by_name: dict[str, Leaf], path: Path) -> dict[str, int]:
+    """Sizes read off the shapes of the embedding, layer 0 and the layer count."""
+    layers = {int(m.group(1)) for n in by_name if (m := _LAYER_RE.fullmatch(n))}
+    for n in ("embedder/input_embedding", "layer_0/mlp/linear", "layer_0/attn/attn_vec_einsum/w"):
+        if n not in by_name:
+            raise CheckpointError(f"missing parameter {stored_key(n, True)[0]}", path)
+    heads, head_dim, hidden = by_name["layer_0/attn/attn_vec_einsum/w"].shape
+    if "layer_0/attn/qkv_einsum/w" in by_name:
+        kv_heads = heads
+    elif "layer_0/attn/kv_einsum/w" in by_name:
+        kv_heads = by_name["layer_0/attn/kv_einsum/w"].shape[1]
+    else:
+        raise CheckpointError(f"missing parameter {FLAT_PREFIX}layer_0/attn/kv_einsum", path)
+    return {
+        "num_layers": max(layers) + 1 if layers else 0,
+        "hidden_size": hidden,
+        "intermediate_size": by_name["layer_0/mlp/linear"].shape[0],
+        "num_heads": heads,
+        "num_kv_heads": kv_heads,
+        "head_dim": head_dim,
+    }
+
+
+def _infer_spec(by_name: dict[str, Leaf], family: str, vocab: int, preset: str | None, path: Path) -> GemmaSpec:
+    dims = _tree_dims(by_name, path)
+    key = tuple(dims[k] for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads"))
+    key += (dims["num_kv_heads"], dims["head_dim"])
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UnsupportedError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        if PRESETS[preset].family != family or PRESETS[preset].dims() != key:
+            raise CheckpointError(f"the tree is not a {preset}: {family} with {_describe(dims)}", path)
+        return spec_from_preset(PRESETS[preset], vocab)
+    matches = [p for p in PRESETS.values() if p.family == family and p.dims() == key]
+    if not matches:
+        raise UnsupportedError(
+            f"a {family} tree of no official size ({_describe(dims)}) and no {MANIFEST}: "
+            f"its sliding window, rope and attention scale are unknown (known sizes: {', '.join(PRESETS)})",
+            path,
+        )
+    return spec_from_preset(matches[0], vocab)
+
+
+def _describe(dims: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in dims.items())
+
+
+def _check_tree(by_name: dict[str, Leaf], spec: GemmaSpec, path: Path) -> None:
+    """Names and shapes exactly as the spec's official tree, one error naming the first fault."""
+    rows = by_name["embedder/input_embedding"].shape[0] if "embedder/input_embedding" in by_name else spec.vocab_size
+    if rows < spec.vocab_size:
+        raise CheckpointError(f"the embedding has {rows} rows, the vocabulary {spec.vocab_size}", path)
+    gating = by_name.get("layer_0/mlp/gating_einsum")
+    transposed = gating is None or gating.shape[1] == spec.intermediate_size
+    expected = leaf_shapes(spec, rows, transposed)
+    for i in range(spec.num_layers):
+        if not any(n.startswith(f"layer_{i}/") for n in by_name):
+            raise CheckpointError(f"missing layer layer_{i} (no {FLAT_PREFIX}layer_{i}/* parameters)", path)
+    missing = [n for n in expected if n not in by_name]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"missing parameter {'/'.join(stored_key(missing[0], True))}{more}", path)
+    for name, leaf in by_name.items():
+        if name not in expected:
+            raise CheckpointError(f"unexpected parameter {leaf.stored_name} for a {spec.family} model", path)
+        if leaf.shape != expected[name]:
+            raise CheckpointError(
+                f"parameter {leaf.stored_name} has shape {list(leaf.shape)}, expected {list(expected[name])}", path
+            )
+
+
+def _lazy_tensors(by_name: dict[str, Leaf], spec: GemmaSpec, reader: _LeafReader) -> dict[str, LazyTensor]:
+    shapes = expected_shapes(spec)
+    tensors: dict[str, LazyTensor] = {}
+    for name, leaf in by_name.items():
+        prefix, names, kind = _rule(spec.family, name)
+        for part, canonical in enumerate(names):
+            full = prefix + canonical
+            load = _loader(reader, leaf.key, kind, part, shapes[full])
+            tensors[full] = LazyTensor(full, shapes[full], leaf.dtype, load=load)
+    return {n: tensors[n] for n in shapes if n in tensors}
+
+
+def _loader(reader: _LeafReader, key: tuple[str, ...], kind: str, part: int, shape: tuple[int, ...]) -> Callable:
+    def load() -> torch.Tensor:
+        return _to_torch(np.ascontiguousarray(to_canonical(kind, reader.get(key), part, shape)))
+
+    return load
+
+
+def _to_torch(array: np.ndarray) -> torch.Tensor:
+    import ml_dtypes
+    import torch
+
+    if not array.flags.owndata:  # a view of the restored leaf, which the reader keeps for the next part
+        array = array.copy()
+    if array.dtype == ml_dtypes.bfloat16:  # numpy has no bfloat16 of its own: move the bits
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    import ml_dtypes
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        return tensor.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.contiguous().numpy()
+
+
+# --- writing ------------------------------------------------------------------------------------
+def write(
+    ckpt: Checkpoint,
+    dst: str | Path,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    layout: str = "flat",
+    pad_vocab: bool = True,
+    transposed_gating: bool | None = None,
+    **_ignored: Any,
+) -> Path:
+    """Write ``ckpt`` as an Orbax checkpoint folder at ``dst`` that ``gm.ckpts.load_params(dst)``
+    loads, with ``tokenizer.model`` and gemport.json beside the tree.
+
+    ``layout`` 'flat' (as released) or 'nested' (as ``gm.ckpts.save_params``); ``pad_vocab`` pads
+    a 256000-row Gemma 1/2 embedding to the official 256128 rows; ``transposed_gating`` picks
+    [2, F, D] over [2, D, F] (default: as the official model of that family and size).
+
+    Each array is converted and spilled to a scratch file beside ``dst`` in turn, then Orbax writes
+    the tree from memory maps of those files one array at a time, so peak memory stays near the
+    largest array (plus Orbax's write buffers), not the model.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    unused = [k for k, v in _ignored.items() if v]
+    if unused:
+        raise UnsupportedError(f"option(s) {', '.join(unused)} do not apply to JAX output")
+    ckpt.check()
+    spec = ckpt.spec
+    if not spec.tie_embeddings:
+        raise UnsupportedError(
+            "the gemma library ties the output head to the embedding; this checkpoint has a separate lm_head",
+            ckpt.source,
+        )
+    if dtype:
+        ckpt = ckpt.cast(dtype)
+    if transposed_gating is None:
+        transposed_gating = official_gating_transposed(spec)
+    rows = PADDED_ROWS.get(spec.vocab_size, spec.vocab_size) if pad_vocab and spec.family != "gemma3" else None
+    shapes = leaf_shapes(spec, rows or spec.vocab_size, transposed_gating)
+    dst = Path(dst)
+    with atomic_output(dst, overwrite) as tmp:
+        with tempfile.TemporaryDirectory(prefix=f".{dst.name}.spill-", dir=dst.parent) as scratch:
+            tree = _spill(ckpt, shapes, Path(scratch), layout == "flat")
+            _save_tree(tree, tmp)
+            del tree
+        _write_extras(ckpt, tmp, layout, transposed_gating, shapes["embedder/input_embedding"][0])
+    return dst
+
+
+def _spill(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]], scratch: Path, flat: bool) -> dict:
+    """Convert each leaf from its canonical tensors into a scratch file; a tree of read-only maps."""
+    tree: dict = {}
+    with progress("converting to JAX layout", total=len(shapes)) as advance:
+        for i, (name, shape) in enumerate(shapes.items()):
+            prefix, names, kind = _rule(ckpt.spec.family, name)
+            parts = [_load_checked(ckpt, prefix + n) for n in names]
+            leaf = np.ascontiguousarray(from_canonical(kind, parts, ckpt.spec, shape))
+            del parts
+            if leaf.shape != shape:
+                raise CheckpointError(f"JAX parameter {name} came out {list(leaf.shape)}, expected {list(shape)}")
+            file, dtype = scratch / f"{i}.bin", leaf.dtype
+            mm = np.memmap(file, dtype=dtype, mode="w+", shape=shape)
+            mm[...] = leaf
+            mm.flush()
+            del mm, leaf
+            node = tree
+            *groups, last = stored_key(name, flat)
+            for g in groups:
+                node = node.setdefault(g, {})
+            node[last] = np.memmap(file, dtype=dtype, mode="r", shape=shape)
+            advance()
+    return tree
+
+
+def _load_checked(ckpt: Checkpoint, name: str) -> np.ndarray:
+    t = ckpt.tensors[name]
+    data = t.load()
+    if tuple(data.shape) != t.shape:
+        raise CheckpointError(f"tensor {name} loaded as {list(data.shape)}, expected {list(t.shape)}", ckpt.source)
+    if not all_finite(data):
+        raise CheckpointError(f"tensor {name} has NaN or infinite values", ckpt.source)
+    return _to_numpy(data)
+
+
+def _save_tree(tree: dict, dst: Path) -> None:
+    """Orbax's PyTree save, with host arrays written one at a time and not copied first."""
+    ocp = _orbax()
+    import jax
+
+    class SequentialNumpyHandler(ocp.type_handlers.NumpyHandler):
+        # NumpyHandler starts every array's tensorstore write at once (asyncio.gather in
+        # _background_serialize), which holds all of them in flight; one at a time keeps Orbax's
+        # buffers near the largest array. Private hook of the pinned orbax-checkpoint version.
+        _lock: asyncio.Lock | None = None
+
+        async def _open_and_write(self, value, tspec, ts_context):
+            self._lock = self._lock or asyncio.Lock()
+            async with self._lock:
+                await super()._open_and_write(value, tspec, ts_context)
+
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, SequentialNumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.ArrayHandler()),
+    )
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+    try:
+        checkpointer.save(dst.resolve(), args=ocp.args.PyTreeSave(tree))
+    finally:
+        checkpointer.close()
+
+
+def _write_extras(ckpt: Checkpoint, tmp: Path, layout: str, transposed_gating: bool, rows: int) -> None:
+    manifest = {
+        "format": "gemma-orbax",
+        "written_by": f"gemport {__version__}",
+        "layout": layout,
+        "gating_einsum": "[2, F, D]" if transposed_gating else "[2, D, F]",
+        "embedding_rows": rows,
+        "dtype": ckpt.tensors["model.embed_tokens.weight"].dtype,
+        "spec": ckpt.spec.to_json(),
+        "generation_config": ckpt.generation_config,
+        "tokenizer_files": sorted(ckpt.tokenizer_files),
+        "source": ckpt.source,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    for name, data in ckpt.tokenizer_files.items():
+        (tmp / name).write_bytes(data)
