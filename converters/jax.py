@@ -48,12 +48,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from converters.presets import PRESETS, find_preset, spec_from_preset
 from gemport import __version__
 from gemport.checkpoint import DTYPES, Checkpoint, LazyTensor, all_finite, expected_shapes
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_output
 from gemport.progress import progress
-from gemport.spec import FULL, SLIDING, GemmaSpec, RopeScaling
+from gemport.spec import GemmaSpec
 
 if TYPE_CHECKING:
     import torch
@@ -108,86 +109,6 @@ TOP_TABLE = {
 _MULTIMODAL = re.compile(r"(vision_encoder|SigLiPFromPatches_0)/.*|embedder/mm_.*")
 _LAYER_RE = re.compile(r"layer_(\d+)/(.+)")
 _DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
-
-
-# --- official sizes -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Preset:
-    """The facts of an official model that its tree does not hold (ref: gemma/gm/nn/_gemma.py
-    and gemma/transformer.py TransformerConfig presets; HF configs of the same models)."""
-
-    family: str
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    max_position: int = 8192
-    sliding_window: int | None = None
-    query_pre_attn_scalar: int | None = None
-    rope_scaling: float | None = None
-
-    def dims(self) -> tuple[int, ...]:
-        return (
-            self.num_layers,
-            self.hidden_size,
-            self.intermediate_size,
-            self.num_heads,
-            self.num_kv_heads,
-            self.head_dim,
-        )
-
-
-PRESETS = {
-    "gemma-2b": Preset("gemma", 18, 2048, 16384, 8, 1, 256),
-    "gemma-7b": Preset("gemma", 28, 3072, 24576, 16, 16, 256),
-    "gemma2-2b": Preset("gemma2", 26, 2304, 9216, 8, 4, 256, sliding_window=4096, query_pre_attn_scalar=256),
-    "gemma2-9b": Preset("gemma2", 42, 3584, 14336, 16, 8, 256, sliding_window=4096, query_pre_attn_scalar=256),
-    # BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS: 4608 // 32 = 144
-    "gemma2-27b": Preset("gemma2", 46, 4608, 36864, 32, 16, 128, sliding_window=4096, query_pre_attn_scalar=144),
-    "gemma3-270m": Preset("gemma3", 18, 640, 2048, 4, 1, 256, 32768, 512, 256),
-    "gemma3-1b": Preset("gemma3", 26, 1152, 6912, 4, 1, 256, 32768, 512, 256),
-    "gemma3-4b": Preset("gemma3", 34, 2560, 10240, 8, 4, 256, 131072, 1024, 256, 8.0),
-    "gemma3-12b": Preset("gemma3", 48, 3840, 15360, 16, 8, 256, 131072, 1024, 256, 8.0),
-    # 5376 // 32 = 168
-    "gemma3-27b": Preset("gemma3", 62, 5376, 21504, 32, 16, 128, 131072, 1024, 168, 8.0),
-}
-
-
-def spec_from_preset(preset: Preset, vocab_size: int) -> GemmaSpec:
-    """The GemmaSpec of an official model (ref: gemma/gm/nn/_gemma.py: Gemma 2 alternates
-    LOCAL_SLIDING, GLOBAL with softcaps 50/30; Gemma 3 repeats 5 sliding + 1 global, rope bases
-    10k local / 1M global, linear x8 on global layers from 4B up)."""
-    n = preset.num_layers
-    facts: dict[str, Any] = {}
-    if preset.family == "gemma2":
-        facts = {
-            "layer_types": tuple(SLIDING if i % 2 == 0 else FULL for i in range(n)),
-            "attn_softcap": 50.0,
-            "final_softcap": 30.0,
-        }
-    elif preset.family == "gemma3":
-        facts = {
-            "layer_types": tuple(FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n)),
-            "rope_theta": 1_000_000.0,
-            "rope_local_theta": 10_000.0,
-            "rope_scaling": RopeScaling("linear", preset.rope_scaling) if preset.rope_scaling else None,
-        }
-    return GemmaSpec(
-        family=preset.family,
-        vocab_size=vocab_size,
-        hidden_size=preset.hidden_size,
-        intermediate_size=preset.intermediate_size,
-        num_layers=n,
-        num_heads=preset.num_heads,
-        num_kv_heads=preset.num_kv_heads,
-        head_dim=preset.head_dim,
-        max_position=preset.max_position,
-        sliding_window=preset.sliding_window,
-        query_pre_attn_scalar=preset.query_pre_attn_scalar,
-        **facts,
-    )
 
 
 # --- layouts ----------------------------------------------------------------------------------
@@ -533,26 +454,8 @@ def _tree_dims(by_name: dict[str, Leaf], path: Path) -> dict[str, int]:
 
 def _infer_spec(by_name: dict[str, Leaf], family: str, vocab: int, preset: str | None, path: Path) -> GemmaSpec:
     dims = _tree_dims(by_name, path)
-    key = tuple(dims[k] for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads"))
-    key += (dims["num_kv_heads"], dims["head_dim"])
-    if preset is not None:
-        if preset not in PRESETS:
-            raise UnsupportedError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-        if PRESETS[preset].family != family or PRESETS[preset].dims() != key:
-            raise CheckpointError(f"the tree is not a {preset}: {family} with {_describe(dims)}", path)
-        return spec_from_preset(PRESETS[preset], vocab)
-    matches = [p for p in PRESETS.values() if p.family == family and p.dims() == key]
-    if not matches:
-        raise UnsupportedError(
-            f"a {family} tree of no official size ({_describe(dims)}) and no {MANIFEST}: "
-            f"its sliding window, rope and attention scale are unknown (known sizes: {', '.join(PRESETS)})",
-            path,
-        )
-    return spec_from_preset(matches[0], vocab)
-
-
-def _describe(dims: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in dims.items())
+    missing = f"no {MANIFEST}: its sliding window, rope and attention scale are unknown"
+    return spec_from_preset(find_preset(family, dims, preset, path, missing), vocab)
 
 
 def _check_tree(by_name: dict[str, Leaf], spec: GemmaSpec, path: Path) -> None:

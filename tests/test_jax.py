@@ -12,6 +12,7 @@ import torch
 
 from converters import hf
 from converters import jax as cj
+from converters.presets import PRESETS, Preset
 from gemport.cli import main
 from gemport.errors import CheckpointError, UnsupportedError
 from tests.test_bad_input import assert_nothing_left, assert_one_line_error
@@ -185,12 +186,12 @@ def test_padded_vocabulary_is_trimmed_or_kept(sources, tmp_path, monkeypatch):
     )
     # Without gemport.json the tokenizer's piece count says where the padding starts.
     (out / cj.MANIFEST).unlink()
-    monkeypatch.setitem(cj.PRESETS, "tiny", _preset_of(hf.read(src).spec))
+    monkeypatch.setitem(PRESETS, "tiny", _preset_of(hf.read(src).spec))
     assert cj.read(out).spec.vocab_size == vocab
 
 
-def _preset_of(spec) -> cj.Preset:
-    return cj.Preset(
+def _preset_of(spec) -> Preset:
+    return Preset(
         spec.family,
         spec.num_layers,
         spec.hidden_size,
