@@ -31,13 +31,15 @@ def _add_source_options(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--preset",
         metavar="NAME",
-        help="JAX source without gemport.json: the official model it is (gemma-2b, gemma-7b, gemma2-2b/9b/27b, "
-        "gemma3-270m/1b/4b/12b/27b), when its shapes match none or to override the match",
+        help="JAX source without gemport.json, or gemma_pytorch source without config.json: the official model "
+        "it is (gemma-2b, gemma-7b, gemma2-2b/9b/27b, gemma3-270m/1b/4b/12b/27b), when its shapes match none or to "
+        "override the match",
     )
     s.add_argument(
         "--keep-padded-vocab",
         action="store_true",
-        help="JAX source: keep the unused embedding rows past the tokenizer's pieces (Gemma 1/2: 256128 rows)",
+        help="JAX or gemma_pytorch source: keep the unused embedding rows past the tokenizer's pieces "
+        "(Gemma 1/2 JAX: 256128 rows)",
     )
 
 
@@ -175,8 +177,10 @@ def _read(path: Path, fmt: str | None, args=None):
     fmt = fmt or registry.detect(path)
     options = {}
     if args is not None and (args.preset or args.keep_padded_vocab):
-        if fmt != "jax":
-            raise UnsupportedError(f"--preset and --keep-padded-vocab apply to a JAX source, not {fmt}", path)
+        if fmt not in ("jax", "gemma-pytorch"):
+            raise UnsupportedError(
+                f"--preset and --keep-padded-vocab apply to a JAX or gemma_pytorch source, not {fmt}", path
+            )
         options = {"preset": args.preset, "keep_padded_vocab": args.keep_padded_vocab}
     return fmt, registry.get(fmt).load().read(path, **options)
 

@@ -32,6 +32,7 @@ FORMATS: dict[str, Format] = {
         Format("hf", "converters.hf", True, True, "Hugging Face safetensors folder (config.json, tokenizer)"),
         Format("gguf", "converters.gguf", True, True, "GGUF file (llama.cpp) of arch gemma/gemma2/gemma3"),
         Format("jax", "converters.jax", True, True, "Orbax checkpoint folder of Google's gemma library (JAX/Flax)"),
+        Format("gemma-pytorch", "converters.gemma_pytorch", True, False, "gemma_pytorch .ckpt (float or int8)"),
     )
 }
 

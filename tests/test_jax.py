@@ -309,7 +309,7 @@ def test_bad_tree(sources, tmp_path, capsys, case):
 
 def test_preset_option_applies_to_jax_sources_only(sources, tmp_path, capsys):
     code = main(["convert", str(sources["gemma3"]), str(tmp_path / "o"), "--to", "hf", "--preset", "gemma3-1b"])
-    assert_one_line_error(code, capsys.readouterr().err, "apply to a JAX source")
+    assert_one_line_error(code, capsys.readouterr().err, "apply to a JAX or gemma_pytorch source")
 
 
 def test_unknown_preset_lists_known_ones(sources, tmp_path):
