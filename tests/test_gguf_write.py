@@ -218,3 +218,43 @@ def test_imatrix_weights_the_quantization(tiny, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert rc == 2 and "bad.imatrix.gguf" in err and "blk.0.attn_q.weight" in err and not (tmp_path / "x.gguf").exists()
+
+
+# llama.cpp's own quantizer (llama_model_quantize in libllama, what llama-quantize calls) as the peer:
+# the same F32 GGUF in, every tensor's type and bytes compared. A hidden size of 256 lets the
+# K-types apply; the 64-wide tiny model exercises the fallbacks for rows not a multiple of 256.
+LLAMA_FTYPES = {"q8_0": 7, "q4_0": 2, "q5_1": 9, "q2_k": 10, "q3_k_m": 12, "q4_k_s": 14, "q4_k_m": 15, "q5_k_m": 17}
+LLAMA_FTYPES |= {"q6_k": 18}
+
+
+def llamacpp_quantize(src: Path, dst: Path, ftype: int) -> Path:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 1
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) == 0, dst
+    return dst
+
+
+@pytest.fixture(scope="module")
+def wide_gemma3(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("gguf-wide")
+    return make_tiny(
+        "gemma3", root / "gemma3-256", hidden_size=256, intermediate_size=512, head_dim=64, query_pre_attn_scalar=64
+    )
+
+
+@pytest.mark.parametrize("quant", list(LLAMA_FTYPES))
+@pytest.mark.parametrize("model", ["wide", "narrow"])
+def test_quant_types_equal_llama_quantize(quant, model, wide_gemma3, tiny, tmp_path):
+    src = wide_gemma3 if model == "wide" else tiny["gemma3"]
+    f32 = convert(src, tmp_path / "f32.gguf", "--quant", "f32")
+    ours = tensor_bytes(convert(src, tmp_path / f"ours.{quant}.gguf", "--quant", quant, "--jobs", "1"))
+    theirs = tensor_bytes(llamacpp_quantize(f32, tmp_path / f"theirs.{quant}.gguf", LLAMA_FTYPES[quant]))
+    assert ours.keys() == theirs.keys()
+    assert {n: t for n, (t, _) in ours.items()} == {n: t for n, (t, _) in theirs.items()}
+    differ = [n for n in ours if ours[n][1] != theirs[n][1]]
+    assert not differ, differ
+    if model == "wide" and quant not in ("q8_0", "q4_0", "q5_1"):  # a K-type really was used
+        assert any(t.endswith("_K") for t, _ in ours.values()), ours

@@ -75,3 +75,15 @@ def test_demo_model_round_trip_is_bit_identical(demo_model, tmp_path, shard):
     out = hf.write(hf.read(demo_model), tmp_path / "out", max_shard_bytes=shard)
     assert len(list(out.glob("*.safetensors"))) == (1 if shard is None else 3)
     assert_bit_identical(demo_model, out)
+
+
+@pytest.mark.realmodel
+def test_demo_model_to_f32_passes_the_parity_gates(demo_model, tmp_path):
+    """`make demo` in small: the f32 conversion of the demo model scores as the reference in transformers."""
+    from validation.validate import validate
+
+    out = tmp_path / "f32"
+    assert main(["convert", str(demo_model), str(out), "--to", "hf", "--dtype", "f32"]) == 0
+    report = validate(out, demo_model, n_windows=2, max_kld=1e-5, max_ppl_delta=0.01)
+    assert report.metrics.tokens == 2 * 255
+    assert report.passed, report.table()
