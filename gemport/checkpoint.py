@@ -11,37 +11,55 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from gemport.errors import CheckpointError
+from gemport.errors import CheckpointError, UnsupportedError
 from gemport.spec import GemmaSpec
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from quantizers.record import QuantFormat
+
 DTYPES = ("f32", "f16", "bf16")
+
+
+# Integer dtypes are for the tensors a quantized format stores (packed codes, zero points, shapes);
+# DTYPES are the floating-point types a checkpoint's weights are cast to.
+_TORCH_NAMES = {
+    "f32": "float32",
+    "f16": "float16",
+    "bf16": "bfloat16",
+    "i8": "int8",
+    "i32": "int32",
+    "i64": "int64",
+}
 
 
 def torch_dtype(name: str) -> torch.dtype:
     import torch
 
-    return {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[name]
+    return getattr(torch, _TORCH_NAMES[name])
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     import torch
 
-    names = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+    names = {getattr(torch, t): n for n, t in _TORCH_NAMES.items()}
     if dtype not in names:
         raise CheckpointError(f"unsupported tensor dtype {dtype}")
     return names[dtype]
 
 
-DTYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
+DTYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "i8": 1, "i32": 4, "i64": 8}
 
 
 @dataclass(frozen=True)
 class LazyTensor:
-    """A tensor not yet read: ``load()`` returns a torch tensor of ``shape`` and ``dtype``."""
+    """A tensor not yet read: ``load()`` returns a torch tensor of ``shape`` and ``dtype``.
+
+    When ``quant`` is set, ``load()`` returns a ``quantizers.record.QuantizedTensor`` of ``shape``
+    in that format instead, and ``dtype`` is the dtype of the weight it was quantized from.
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -50,17 +68,23 @@ class LazyTensor:
     # The bytes as a GGUF stored them, (ggml type name, loader of a uint8 array), so that a writer
     # keeping that type copies them instead of re-quantizing. Any change to the tensor drops it.
     raw: tuple[str, Callable[[], np.ndarray]] | None = field(default=None, repr=False, compare=False)
+    quant: QuantFormat | None = None
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_BYTES[self.dtype]
+        """Bytes stored: the codes at ``bits`` each plus scales and zero points for a quantized tensor."""
+        n = 1
         for d in self.shape:
             n *= d
-        return n
+        if self.quant is None:
+            return n * DTYPE_BYTES[self.dtype]
+        groups = self.shape[0] * self.quant.groups(self.shape[1])
+        zero_points = 0 if self.quant.symmetric else groups
+        return n * self.quant.bits // 8 + groups * DTYPE_BYTES[self.quant.scale_dtype] + zero_points
 
     def cast(self, dtype: str) -> LazyTensor:
-        """The same tensor, converted to ``dtype`` when loaded."""
-        if dtype == self.dtype:
+        """The same tensor, converted to ``dtype`` when loaded; a quantized tensor keeps its record."""
+        if dtype == self.dtype or self.quant is not None:
             return self
         return replace(self, dtype=dtype, load=lambda: self.load().to(torch_dtype(dtype)), raw=None)
 
@@ -83,8 +107,11 @@ class Checkpoint:
     def cast(self, dtype: str) -> Checkpoint:
         return replace(self, tensors={k: t.cast(dtype) for k, t in self.tensors.items()})
 
-    def check(self) -> None:
-        """Raise CheckpointError unless names and shapes are exactly what the spec implies."""
+    def check(self, quantized_ok: bool = False) -> None:
+        """Raise CheckpointError unless names and shapes are exactly what the spec implies, and
+        UnsupportedError if a tensor is a quantized record and the caller (a writer) does not take them."""
+        if not quantized_ok:
+            self.refuse_quantized()
         expected = expected_shapes(self.spec)
         missing = [n for n in expected if n not in self.tensors]
         if missing:
@@ -99,6 +126,21 @@ class Checkpoint:
             got = tuple(self.tensors[name].shape)
             if got != shape:
                 raise CheckpointError(f"tensor {name} has shape {list(got)}, expected {list(shape)}", self.source)
+
+    def quantized(self) -> dict[str, LazyTensor]:
+        """The tensors that load as quantized records, by name."""
+        return {n: t for n, t in self.tensors.items() if t.quant is not None}
+
+    def refuse_quantized(self) -> None:
+        """UnsupportedError naming the first quantized record: for writers that do not map records yet."""
+        quantized = self.quantized()
+        if quantized:
+            name, t = next(iter(quantized.items()))
+            raise UnsupportedError(
+                f"quantized records not supported by this writer yet: tensor {name} is {t.quant.describe()} "
+                f"({len(quantized)} quantized tensors; the hf writer takes them)",
+                self.source,
+            )
 
 
 def expected_shapes(spec: GemmaSpec) -> dict[str, tuple[int, ...]]:
