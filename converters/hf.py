@@ -13,8 +13,9 @@ import logging
 import struct
 from pathlib import Path
 
+from converters import compressed_tensors as ct
 from gemport.checkpoint import DTYPES, Checkpoint, LazyTensor, all_finite, expected_shapes, torch_dtype
-from gemport.errors import CheckpointError, InputError
+from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_output
 from gemport.progress import progress
 from gemport.spec import GemmaSpec
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 CONFIG, INDEX, SINGLE = "config.json", "model.safetensors.index.json", "model.safetensors"
 GENERATION_CONFIG = "generation_config.json"
+MANIFEST = "gemport.json"  # how a quantized artifact was made
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -32,7 +34,8 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 _ST_DTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+# Written only: the integer tensors of compressed-tensors' packed format (converters/compressed_tensors.py).
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()} | {"i8": "I8", "i32": "I32", "i64": "I64"}
 
 
 def sniff(path: Path) -> bool:
@@ -53,7 +56,11 @@ def read(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not sniff(path):
         raise InputError(f"not a Hugging Face checkpoint folder (no {CONFIG})", path)
-    spec = GemmaSpec.from_hf_config(read_json(path / CONFIG), path / CONFIG)
+    config = read_json(path / CONFIG)
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method", "?")
+        raise UnsupportedError(f"reading quantized HF checkpoints ({method}) is not supported yet", path)
+    spec = GemmaSpec.from_hf_config(config, path / CONFIG)
     tensors: dict[str, LazyTensor] = {}
     for file in _weight_files(path):
         for tensor in _read_header(file):
@@ -150,17 +157,25 @@ def write(
     overwrite: bool = False,
     config_style: str = "5",
 ) -> Path:
-    """Write ``ckpt`` as an HF folder at ``dst`` (atomically), optionally cast to ``dtype``."""
+    """Write ``ckpt`` as an HF folder at ``dst`` (atomically), optionally cast to ``dtype``.
+
+    Quantized records are written in compressed-tensors' pack-quantized format (with
+    ``quantization_config`` in config.json and the quantization manifest in gemport.json);
+    ``dtype`` then casts only the tensors left unquantized.
+    """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    ckpt.check()
+    ckpt.check(quantized_ok=True)
+    quant = ct.check_writable(ckpt) if ckpt.quantized() else None
     if dtype:
         ckpt = ckpt.cast(dtype)
     order = [n for n in expected_shapes(ckpt.spec)]
-    shards = _plan_shards([ckpt.tensors[n] for n in order], max_shard_bytes)
+    stored = ct.wire_tensors(ckpt, order) if quant else [ckpt.tensors[n] for n in order]
+    shards = _plan_shards(stored, max_shard_bytes)
+    verb = f"quantizing ({quant.describe()}) and writing" if quant else "writing"
     with atomic_output(dst, overwrite) as tmp:
         tmp.mkdir()
-        with progress(f"writing {Path(dst).name}", total=len(order)) as advance:
+        with progress(f"{verb} {Path(dst).name}", total=len(stored)) as advance:
             for file_name, tensors in shards.items():
                 _write_safetensors(tmp / file_name, tensors, advance, ckpt.source)
         if len(shards) > 1:
@@ -170,6 +185,9 @@ def write(
         config = ckpt.spec.to_hf_config(config_style)
         config["dtype"] = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[ckpt.tensors[order[0]].dtype]
         _write_json(tmp / CONFIG, config)
+        if quant:
+            ct.add_quantization_config(ckpt, quant, tmp)
+            _write_json(tmp / MANIFEST, {"quantization": ckpt.extra.get("quantization")})
         _write_json(tmp / GENERATION_CONFIG, ckpt.generation_config or _generation_config(ckpt.spec))
         for name, data in ckpt.tokenizer_files.items():
             (tmp / name).write_bytes(data)

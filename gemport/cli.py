@@ -43,6 +43,71 @@ def _add_source_options(s: argparse.ArgumentParser) -> None:
     )
 
 
+QUANT_METHODS = ("rtn", "awq", "gptq")
+QUANT_METHODS_BUILT = ("rtn",)
+
+
+def _group_size(text: str) -> int | None:
+    """'128' -> 128; 'channel' or '-1' -> None (one scale per output channel)."""
+    if text.strip().lower() in ("channel", "-1"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a group size: {text!r} (32, 64, 128 or channel)") from None
+
+
+def _add_quantize_parser(sub) -> None:
+    s = sub.add_parser(
+        "quantize",
+        help="quantize the decoder projections to int8/int4 and write a compressed-tensors HF folder",
+        description="Quantize every linear projection of the decoder layers of SRC (q/k/v/o, gate/up/down) "
+        "and write DST. The embedding and tied LM head stay in the source dtype unless "
+        "--embedding-bits is given; norms are never quantized; every tensor left unquantized is listed in "
+        "DST/gemport.json. --to hf writes compressed-tensors' pack-quantized format, which transformers "
+        "(with the compressed-tensors package) and vLLM load. DST appears only when complete.",
+    )
+    s.add_argument("src", type=Path, help="source checkpoint (format detected; --from to force)")
+    s.add_argument("dst", type=Path, help="destination folder (must not exist unless --overwrite)")
+    s.add_argument("--from", dest="src_format", choices=registry.readers(), help="force the source format")
+    _add_source_options(s)
+    s.add_argument(
+        "--method",
+        choices=QUANT_METHODS,
+        default="rtn",
+        help="rtn: round to nearest with min-max scales (default); awq, gptq: not available yet",
+    )
+    s.add_argument("--bits", type=int, choices=(4, 8), required=True, help="bits per weight: 8 or 4")
+    s.add_argument(
+        "--group-size",
+        type=_group_size,
+        metavar="N",
+        help="input columns per scale: 32, 64 or 128, or 'channel' for one scale per output row "
+        "(default: channel for --bits 8, 128 for --bits 4)",
+    )
+    sym = s.add_mutually_exclusive_group()
+    sym.add_argument(
+        "--sym", dest="symmetric", action="store_true", default=True, help="symmetric codes, no zero point (default)"
+    )
+    sym.add_argument(
+        "--asym", dest="symmetric", action="store_false", help="asymmetric codes with a zero point per group"
+    )
+    s.add_argument(
+        "--scale-dtype",
+        choices=DTYPES,
+        help="dtype of the stored scales (default: each weight's own dtype, as llm-compressor stores them)",
+    )
+    s.add_argument(
+        "--embedding-bits",
+        type=int,
+        choices=(4, 8),
+        help="also quantize the embedding (tied LM head) to this many bits (default: keep its source dtype; "
+        "not written by --to hf yet)",
+    )
+    s.add_argument("--to", dest="dst_format", choices=("hf",), default="hf", help="target format (default hf)")
+    s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gemport",
@@ -114,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--jobs", type=int, metavar="N", help="GGUF: worker processes that quantize (default: one per CPU)")
     s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+    _add_quantize_parser(sub)
 
     s = sub.add_parser(
         "imatrix",
@@ -233,6 +300,33 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from quantizers.rtn import RTNConfig, quantize
+
+    if args.method not in QUANT_METHODS_BUILT:
+        raise UnsupportedError(
+            f"--method {args.method} is not available yet (available: {', '.join(QUANT_METHODS_BUILT)})"
+        )
+    group_size = args.group_size if args.group_size is not None or args.bits == 8 else 128
+    try:
+        config = RTNConfig(
+            bits=args.bits,
+            group_size=group_size,
+            symmetric=args.symmetric,
+            scale_dtype=args.scale_dtype,
+            embedding_bits=args.embedding_bits,
+        )
+    except ValueError as exc:
+        raise UnsupportedError(str(exc)) from None
+    src_fmt, ckpt = _read(args.src, args.src_format, args)
+    log.info("%s (%s) -> %s: %s", args.src, src_fmt, args.dst, config)
+    quantized = quantize(ckpt, config)
+    out = registry.get(args.dst_format).load().write(quantized, args.dst, overwrite=args.overwrite)
+    manifest = quantized.extra["quantization"]
+    print(f"wrote {out} ({manifest['quantized']} tensors quantized, {len(manifest['kept'])} kept)")
+    return 0
+
+
 def _importance(args, src_fmt: str):
     """Mean squared activation per input column, by GGUF tensor name, from --imatrix or --calibrate."""
     from quantizers.imatrix import compute_imatrix, load_imatrix
@@ -286,6 +380,7 @@ COMMANDS = {
     "formats": cmd_formats,
     "inspect": cmd_inspect,
     "convert": cmd_convert,
+    "quantize": cmd_quantize,
     "imatrix": cmd_imatrix,
     "validate": cmd_validate,
     "demo-model": cmd_demo_model,

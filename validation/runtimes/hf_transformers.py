@@ -5,6 +5,7 @@ Named hf_transformers so that nothing here can shadow the ``transformers`` packa
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -26,14 +27,48 @@ class TransformersRuntime:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # gemport draws its own; keep stderr to one line on errors
-        log.info("loading %s with transformers (fp32, eager attention)", path)
+        options = self._compressed_tensors(path)
+        log.info("loading %s with %s", path, self.name)
         try:
             # eager: the attention path that applies Gemma 2's attention softcap exactly as written.
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, attn_implementation="eager", **options
+            )
+        except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
             raise CheckpointError(f"transformers cannot load it: {exc}", path) from None
         self.model = model.eval()
         self.vocab_size = int(model.config.vocab_size)
+
+    def _compressed_tensors(self, path: Path) -> dict:
+        """Loading options for a compressed-tensors folder (and the runtime's name says what loads it).
+
+        transformers decompresses a symmetric pack-quantized model on its first forward pass. An
+        asymmetric one it loads only with ``dequantize=True``: compressed-tensors 0.20.0 lays out
+        the model's zero points unpacked on the meta device (compressors/pack_quantized/base.py,
+        ``compress`` meta branch) while checkpoints store them packed, so the default load stops
+        at a size mismatch (vllm-project/llm-compressor#1618).
+        """
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        quant = config.get("quantization_config") or {}
+        if quant.get("quant_method") != "compressed-tensors":
+            return {}
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            ct_version = version("compressed-tensors")
+        except PackageNotFoundError:
+            raise CheckpointError(
+                "a compressed-tensors checkpoint needs the compressed-tensors package", path
+            ) from None
+        groups = quant.get("config_groups", {}).values()
+        asymmetric = any(not (g.get("weights") or {}).get("symmetric", True) for g in groups)
+        how = "dequantized at load" if asymmetric else "decompressed on first forward"
+        self.name = f"transformers + compressed-tensors {ct_version} (fp32, CPU, {how})"
+        if not asymmetric:
+            return {}
+        from transformers import CompressedTensorsConfig
+
+        return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
 
     def logprobs(self, tokens: list[int]) -> np.ndarray:
         import torch

@@ -1,0 +1,153 @@
+"""Quantized records as compressed-tensors ``pack-quantized`` tensors in an HF safetensors folder.
+
+What llm-compressor saves for a weight-only int scheme, and what transformers (with the
+compressed-tensors package) and vLLM load (ref: compressed-tensors 0.20.0
+compressors/pack_quantized/base.py ``PackedQuantizationCompressor.compress``,
+compressors/model_compressors/model_compressor.py ``update_config``):
+
+- ``{module}.weight_packed``: int32 ``[out, ceil(in * bits / 32)]``, codes packed along the input
+  dimension by compressed-tensors' own ``pack_to_int32`` (offset by ``2**(bits-1)``);
+- ``{module}.weight_scale``: ``[out, groups]`` (``[out, 1]`` per channel) in the scale dtype;
+- ``{module}.weight_zero_point``: asymmetric only, int32 packed along the output dimension
+  (``pack_to_int32(zero_point, bits, packed_dim=0)``);
+- ``{module}.weight_shape``: int64 ``[2]``, the unpacked ``[out, in]``;
+- config.json ``quantization_config``: one config group targeting ``Linear`` with the weights'
+  QuantizationArgs (strategy ``channel`` or ``group``), format ``pack-quantized``, status
+  ``compressed``, and an ``ignore`` list naming every Linear module left unquantized (``lm_head``).
+
+The compressed-tensors package builds the config and packs the bits, so the output follows the
+pinned version exactly. Only the decoder projections may be records here: a quantized embedding
+is refused, since its tied LM head would need its own scheme.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from gemport.checkpoint import Checkpoint, LazyTensor
+from gemport.errors import UnsupportedError
+from quantizers.record import QuantFormat, QuantizedTensor
+from quantizers.rtn import PROJECTIONS, projection_names
+
+SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+
+def check_writable(ckpt: Checkpoint) -> QuantFormat:
+    """The one format every record shares; UnsupportedError for what this writer cannot express."""
+    quantized = ckpt.quantized()
+    projections = set(projection_names(ckpt.spec.num_layers))
+    other = [n for n in quantized if n not in projections]
+    if other:
+        raise UnsupportedError(
+            f"compressed-tensors output takes quantized decoder projections only, not {other[0]} "
+            "(keep the embedding in the source dtype)",
+            ckpt.source,
+        )
+    formats = {t.quant for t in quantized.values()}
+    if len(formats) > 1:
+        listed = ", ".join(sorted(f.describe() for f in formats))
+        raise UnsupportedError(f"compressed-tensors output takes one scheme per model, got {listed}", ckpt.source)
+    return formats.pop()
+
+
+def wire_tensors(ckpt: Checkpoint, order: list[str]) -> list[LazyTensor]:
+    """The tensors as stored, in ``order``: dense ones as they are, each record as its packed set."""
+    out: list[LazyTensor] = []
+    for name in order:
+        t = ckpt.tensors[name]
+        out.extend(_packed(t) if t.quant is not None else [t])
+    return out
+
+
+def _packed(t: LazyTensor) -> list[LazyTensor]:
+    """The stored tensors of one record; they share one load of the record."""
+    module = t.name.removesuffix(".weight")
+    fmt, (rows, cols) = t.quant, t.shape
+    groups = fmt.groups(cols)
+    record = _OneRecord(t)
+    shapes = {
+        "weight_packed": ((rows, math.ceil(cols * fmt.bits / 32)), "i32"),
+        "weight_scale": ((rows, groups), fmt.scale_dtype),
+        "weight_zero_point": ((math.ceil(rows * fmt.bits / 32), groups), "i32"),
+        "weight_shape": ((2,), "i64"),
+    }
+    if fmt.symmetric:
+        del shapes["weight_zero_point"]
+    return [
+        LazyTensor(f"{module}.{suffix}", shape, dtype, load=lambda s=suffix: _stored(record.get(), s))
+        for suffix, (shape, dtype) in shapes.items()
+    ]
+
+
+class _OneRecord:
+    """Loads a record once for all its stored tensors, and lets go of it after the last."""
+
+    def __init__(self, t: LazyTensor):
+        self.t, self.record, self.uses = t, None, 0
+
+    def get(self) -> QuantizedTensor:
+        if self.record is None:
+            self.record = self.t.load()
+        record = self.record
+        self.uses += 1
+        if self.uses == (3 if self.t.quant.symmetric else 4):
+            self.record, self.uses = None, 0
+        return record
+
+
+def _stored(record: QuantizedTensor, suffix: str):
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    bits = record.format.bits
+    if suffix == "weight_packed":
+        return pack_to_int32(record.codes, bits)
+    if suffix == "weight_scale":
+        return record.scales.contiguous()
+    if suffix == "weight_zero_point":
+        return pack_to_int32(record.zero_points, bits, packed_dim=0)
+    return torch.tensor(record.shape, dtype=torch.int64)
+
+
+def ignored_modules(ckpt: Checkpoint) -> list[str]:
+    """Every Linear module of the HF model whose weight is not a record (the LM head, tied or not)."""
+    dense = [
+        f"model.layers.{i}.{p}"
+        for i in range(ckpt.spec.num_layers)
+        for p in PROJECTIONS
+        if ckpt.tensors[f"model.layers.{i}.{p}.weight"].quant is None
+    ]
+    return [*dense, "lm_head"]
+
+
+def quantization_args(fmt: QuantFormat):
+    """compressed-tensors QuantizationArgs of a record format (weight-only INT, static)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    strategy = "channel" if fmt.group_size is None else "group"
+    return QuantizationArgs(
+        num_bits=fmt.bits,
+        type="int",
+        strategy=strategy,
+        group_size=fmt.group_size,
+        symmetric=fmt.symmetric,
+        dynamic=False,
+    )
+
+
+def add_quantization_config(ckpt: Checkpoint, fmt: QuantFormat, folder: Path) -> None:
+    """Add ``quantization_config`` to ``folder``/config.json with compressed-tensors' own writer."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.config import CompressionFormat
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
+
+    packed = CompressionFormat.pack_quantized.value
+    scheme = QuantizationScheme(targets=["Linear"], weights=quantization_args(fmt), format=packed)
+    config = QuantizationConfig(
+        config_groups={"group_0": scheme},
+        format=packed,
+        quantization_status=QuantizationStatus.COMPRESSED,
+        ignore=ignored_modules(ckpt),
+    )
+    ModelCompressor(quantization_config=config).update_config(str(folder))
