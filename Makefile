@@ -11,8 +11,13 @@ WINDOWS ?= 16
 # llama-cpp-python version pyproject.toml pins; only extracted here, never copied into the project.
 LLAMACPP_VERSION := 0.3.36
 LLAMACPP_SRC := build/llama.cpp/llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp
+# Google's gemma library, the runtime that validates JAX checkpoints, in its own venv: it pins an older
+# jax than gemport and imports TensorFlow. The pins (the whole installed set) are in GEMMA_REQS.
+GEMMA_VENV := build/gemma-venv
+GEMMA_STAMP := $(GEMMA_VENV)/.installed
+GEMMA_REQS := requirements/gemma-runtime.txt
 
-.PHONY: venv demo demo-model llamacpp-src test lint bench clean
+.PHONY: venv demo demo-model llamacpp-src gemma-venv test lint bench clean
 
 venv: $(STAMP)
 
@@ -37,13 +42,24 @@ $(LLAMACPP_SRC)/convert_hf_to_gguf.py: | $(STAMP)
 	tar -xzf build/llama.cpp/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz -C build/llama.cpp
 	touch $@
 
+gemma-venv: $(GEMMA_STAMP)
+
+# --no-deps: the requirements file is the complete set; pip's resolver never runs (see the file's header).
+# --prefer-binary: wheels throughout, but for promise (a tensorflow-datasets dependency), an sdist only.
+$(GEMMA_STAMP): $(GEMMA_REQS)
+	rm -rf $(GEMMA_VENV)
+	$(PYTHON) -m venv $(GEMMA_VENV)
+	$(GEMMA_VENV)/bin/pip install --quiet --no-deps --prefer-binary -r $(GEMMA_REQS)
+	$(GEMMA_VENV)/bin/python -I -c "from gemma import gm; gm.ckpts.load_params; gm.nn.Gemma3_270M"
+	touch $@
+
 demo: demo-model
 	rm -rf $(DEMO_OUT)
 	$(BIN)/gemport convert $(DEMO) $(DEMO_OUT) --to hf --dtype f32
 	$(BIN)/gemport validate $(DEMO_OUT) --reference $(DEMO) --windows $(WINDOWS) \
 		--max-kld 1e-5 --max-ppl-delta 0.01 --json build/demo/validate.json
 
-test: demo-model llamacpp-src
+test: demo-model llamacpp-src gemma-venv
 	$(BIN)/ruff check gemport converters quantizers validation tests bench
 	$(BIN)/python -m pytest -q -ra
 

@@ -23,6 +23,7 @@ ROUND_TRIP = "round-trip"
 RUNTIMES: dict[str, str] = {
     "hf": "validation.runtimes.hf_transformers:TransformersRuntime",
     "gguf": "validation.runtimes.llamacpp:LlamaCppRuntime",
+    "jax": "validation.runtimes.jax:GemmaLibraryRuntime",
 }
 
 
