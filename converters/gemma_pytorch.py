@@ -38,7 +38,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from converters.presets import find_preset, spec_from_preset
+from converters.presets import find_preset, spec_from_preset, tokenizer_pieces
 from gemport.checkpoint import Checkpoint, LazyTensor, dtype_name, expected_shapes
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.spec import GemmaSpec
@@ -236,15 +236,7 @@ def _spec(
 def _vocab_size(rows: int, tokenizer: Path | None, path: Path) -> int:
     if tokenizer is None or not tokenizer.is_file():
         return rows
-    import sentencepiece as spm
-
-    try:
-        pieces = spm.SentencePieceProcessor(model_proto=tokenizer.read_bytes()).get_piece_size()
-    except (RuntimeError, OSError) as exc:
-        raise InputError(f"not a SentencePiece model: {exc}", tokenizer) from None
-    if pieces > rows:
-        raise CheckpointError(f"the tokenizer has {pieces} pieces but the embedding only {rows} rows", path)
-    return pieces
+    return tokenizer_pieces(tokenizer, rows, path)
 
 
 def _lazy_tensors(

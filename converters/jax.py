@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from converters.presets import PRESETS, find_preset, spec_from_preset
+from converters.presets import PRESETS, find_preset, spec_from_preset, tokenizer_pieces
 from gemport import __version__
 from gemport.checkpoint import DTYPES, Checkpoint, LazyTensor, all_finite, expected_shapes
 from gemport.errors import CheckpointError, InputError, UnsupportedError
@@ -418,15 +418,7 @@ def _vocab_size(rows: int, tokenizer: Path | None, path: Path) -> int:
     if tokenizer is None:
         log.info("%s: no %s beside the checkpoint", path, TOKENIZER)
         return next((v for v, padded in PADDED_ROWS.items() if padded == rows), rows)
-    import sentencepiece as spm
-
-    try:
-        pieces = spm.SentencePieceProcessor(model_proto=tokenizer.read_bytes()).get_piece_size()
-    except (RuntimeError, OSError) as exc:
-        raise InputError(f"not a SentencePiece model: {exc}", tokenizer) from None
-    if pieces > rows:
-        raise CheckpointError(f"the tokenizer has {pieces} pieces but the embedding only {rows} rows", path)
-    return pieces
+    return tokenizer_pieces(tokenizer, rows, path)
 
 
 def _tree_dims(by_name: dict[str, Leaf], path: Path) -> dict[str, int]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gemport.errors import CheckpointError, UnsupportedError
+from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.spec import FULL, SLIDING, GemmaSpec, RopeScaling
 
 
@@ -104,3 +104,16 @@ def find_preset(family: str, dims: dict[str, int], name: str | None, path: Path,
             path,
         )
     return matches[0]
+
+
+def tokenizer_pieces(tokenizer: Path, rows: int, path: Path) -> int:
+    """The piece count of the SentencePiece ``tokenizer`` beside ``path``, whose embedding has ``rows`` rows."""
+    import sentencepiece as spm
+
+    try:
+        pieces = spm.SentencePieceProcessor(model_proto=tokenizer.read_bytes()).get_piece_size()
+    except (RuntimeError, OSError) as exc:
+        raise InputError(f"not a SentencePiece model: {exc}", tokenizer) from None
+    if pieces > rows:
+        raise CheckpointError(f"the tokenizer has {pieces} pieces but the embedding only {rows} rows", path)
+    return pieces
