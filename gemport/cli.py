@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -44,13 +45,13 @@ def _add_source_options(s: argparse.ArgumentParser) -> None:
 
 
 QUANT_METHODS = ("rtn", "awq", "gptq")
-QUANT_METHODS_BUILT = ("rtn",)
+QUANT_METHODS_BUILT = ("rtn", "awq")
 
 
-def _group_size(text: str) -> int | None:
-    """'128' -> 128; 'channel' or '-1' -> None (one scale per output channel)."""
+def _group_size(text: str) -> int:
+    """'128' -> 128; 'channel' or '-1' -> -1 (one scale per output channel; None means not given)."""
     if text.strip().lower() in ("channel", "-1"):
-        return None
+        return -1
     try:
         return int(text)
     except ValueError:
@@ -75,7 +76,9 @@ def _add_quantize_parser(sub) -> None:
         "--method",
         choices=QUANT_METHODS,
         default="rtn",
-        help="rtn: round to nearest with min-max scales (default); awq, gptq: not available yet",
+        help="rtn: round to nearest with min-max scales (default); awq: activation-aware scales searched on "
+        "the corpus calibration split and folded into the preceding norm or projection, plus clipping search "
+        "(4 bits, group-wise); gptq: not available yet",
     )
     s.add_argument("--bits", type=int, choices=(4, 8), required=True, help="bits per weight: 8 or 4")
     s.add_argument(
@@ -104,8 +107,46 @@ def _add_quantize_parser(sub) -> None:
         help="also quantize the embedding (tied LM head) to this many bits (default: keep its source dtype; "
         "not written by --to hf yet)",
     )
+    _add_awq_options(s)
     s.add_argument("--to", dest="dst_format", choices=("hf",), default="hf", help="target format (default hf)")
     s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
+AWQ_DEFAULTS = {"calib_tokens": 4096, "calib_ctx": 512, "grid": 20}
+
+
+def _add_awq_options(s: argparse.ArgumentParser) -> None:
+    """Calibration and search options; only --method awq takes them."""
+    s.add_argument(
+        "--corpus",
+        type=Path,
+        help="awq: UTF-8 text whose calibration split (never the evaluation split) calibrates "
+        "(default: Python's pydoc topics)",
+    )
+    s.add_argument(
+        "--calib-tokens",
+        type=int,
+        metavar="N",
+        help=f"awq: calibration tokens, rounded up to whole windows (default {AWQ_DEFAULTS['calib_tokens']})",
+    )
+    s.add_argument(
+        "--calib-ctx",
+        type=int,
+        metavar="N",
+        help=f"awq: tokens per calibration window, the first one BOS (default {AWQ_DEFAULTS['calib_ctx']})",
+    )
+    s.add_argument(
+        "--grid",
+        type=int,
+        metavar="N",
+        help=f"awq: scale-search points, alpha = i/N for i < N (default {AWQ_DEFAULTS['grid']})",
+    )
+    s.add_argument("--no-clip", action="store_true", help="awq: skip the weight clipping search")
+    s.add_argument(
+        "--duo-scaling",
+        action="store_true",
+        help="awq: scales mean|x|^alpha / mean|w|^(1-alpha) (AutoAWQ's default) instead of mean|x|^alpha",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,12 +342,29 @@ def cmd_convert(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from quantizers.rtn import RTNConfig, quantize
-
     if args.method not in QUANT_METHODS_BUILT:
         raise UnsupportedError(
             f"--method {args.method} is not available yet (available: {', '.join(QUANT_METHODS_BUILT)})"
         )
+    method = _awq_method(args) if args.method == "awq" else _rtn_method(args)
+    src_fmt, ckpt = _read(args.src, args.src_format, args)
+    log.info("%s (%s) -> %s: %s", args.src, src_fmt, args.dst, method.keywords["config"])
+    quantized = method(ckpt)
+    out = registry.get(args.dst_format).load().write(quantized, args.dst, overwrite=args.overwrite)
+    manifest = quantized.extra["quantization"]
+    print(f"wrote {out} ({manifest['quantized']} tensors quantized, {len(manifest['kept'])} kept)")
+    return 0
+
+
+def _rtn_method(args) -> functools.partial:
+    from quantizers.rtn import RTNConfig, quantize
+
+    given = [f"--{k.replace('_', '-')}" for k in AWQ_DEFAULTS if getattr(args, k) is not None]
+    given += [
+        f for f, v in (("--corpus", args.corpus), ("--no-clip", args.no_clip), ("--duo-scaling", args.duo_scaling)) if v
+    ]
+    if given:
+        raise UnsupportedError(f"{given[0]} applies to --method awq, not rtn")
     group_size = args.group_size if args.group_size is not None or args.bits == 8 else 128
     try:
         config = RTNConfig(
@@ -318,13 +376,35 @@ def cmd_quantize(args) -> int:
         )
     except ValueError as exc:
         raise UnsupportedError(str(exc)) from None
-    src_fmt, ckpt = _read(args.src, args.src_format, args)
-    log.info("%s (%s) -> %s: %s", args.src, src_fmt, args.dst, config)
-    quantized = quantize(ckpt, config)
-    out = registry.get(args.dst_format).load().write(quantized, args.dst, overwrite=args.overwrite)
-    manifest = quantized.extra["quantization"]
-    print(f"wrote {out} ({manifest['quantized']} tensors quantized, {len(manifest['kept'])} kept)")
-    return 0
+    return functools.partial(quantize, config=config)
+
+
+def _awq_method(args) -> functools.partial:
+    from quantizers.awq import AWQConfig, quantize
+    from quantizers.calibration import CalibrationConfig
+
+    if args.embedding_bits is not None:
+        raise UnsupportedError("--embedding-bits applies to --method rtn, not awq")
+    value = {k: v if (v := getattr(args, k)) is not None else d for k, d in AWQ_DEFAULTS.items()}
+    try:
+        calibration = CalibrationConfig(
+            tokens=value["calib_tokens"],
+            n_ctx=value["calib_ctx"],
+            corpus=str(args.corpus) if args.corpus else None,
+        )
+        config = AWQConfig(
+            bits=args.bits,
+            group_size=args.group_size if args.group_size is not None else 128,
+            symmetric=args.symmetric,
+            n_grid=value["grid"],
+            clip=not args.no_clip,
+            duo_scaling=args.duo_scaling,
+            scale_dtype=args.scale_dtype,
+            calibration=calibration,
+        )
+    except ValueError as exc:
+        raise UnsupportedError(str(exc)) from None
+    return functools.partial(quantize, config=config)
 
 
 def _importance(args, src_fmt: str):

@@ -170,7 +170,7 @@ def load_layer(ckpt: Checkpoint, config, index: int) -> torch.nn.Module:
     with torch.device("meta"):
         layer = _module(ckpt.spec.family, 0)(config, index)
     state = {
-        name.removeprefix(prefix): t.load().to(torch.float32)
+        name.removeprefix(prefix): t.load().to(torch.float32, copy=True)
         for name, t in ckpt.tensors.items()
         if name.startswith(prefix)
     }
