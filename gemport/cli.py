@@ -29,6 +29,8 @@ def _size(text: str) -> int:
 
 
 def _add_source_options(s: argparse.ArgumentParser) -> None:
+    """--from and the options of config-less sources, shared by inspect, convert and quantize."""
+    s.add_argument("--from", dest="src_format", choices=registry.readers(), help="force the source format")
     s.add_argument(
         "--preset",
         metavar="NAME",
@@ -70,7 +72,6 @@ def _add_quantize_parser(sub) -> None:
     )
     s.add_argument("src", type=Path, help="source checkpoint (format detected; --from to force)")
     s.add_argument("dst", type=Path, help="destination folder (must not exist unless --overwrite)")
-    s.add_argument("--from", dest="src_format", choices=registry.readers(), help="force the source format")
     _add_source_options(s)
     s.add_argument(
         "--method",
@@ -163,7 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("inspect", help="show a checkpoint's format, spec, tensors, dtypes and bytes")
     s.add_argument("path", type=Path, help="checkpoint folder or file")
-    s.add_argument("--from", dest="src_format", choices=registry.readers(), help="force the source format")
     _add_source_options(s)
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -176,7 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src", type=Path, help="source checkpoint (format detected; --from to force)")
     s.add_argument("dst", type=Path, help="destination path (must not exist unless --overwrite)")
     s.add_argument("--to", dest="dst_format", required=True, choices=registry.writers(), help="target format")
-    s.add_argument("--from", dest="src_format", choices=registry.readers(), help="force the source format")
     _add_source_options(s)
     s.add_argument(
         "--dtype",
