@@ -47,7 +47,6 @@ def _add_source_options(s: argparse.ArgumentParser) -> None:
 
 
 QUANT_METHODS = ("rtn", "awq", "gptq")
-QUANT_METHODS_BUILT = ("rtn", "awq")
 
 
 def _group_size(text: str) -> int:
@@ -79,7 +78,8 @@ def _add_quantize_parser(sub) -> None:
         default="rtn",
         help="rtn: round to nearest with min-max scales (default); awq: activation-aware scales searched on "
         "the corpus calibration split and folded into the preceding norm or projection, plus clipping search "
-        "(4 bits, group-wise); gptq: not available yet",
+        "(4 bits, group-wise); gptq: Hessian-based error compensation on the calibration split, act-order "
+        "with static groups (4 or 8 bits)",
     )
     s.add_argument("--bits", type=int, choices=(4, 8), required=True, help="bits per weight: 8 or 4")
     s.add_argument(
@@ -114,27 +114,40 @@ def _add_quantize_parser(sub) -> None:
 
 
 AWQ_DEFAULTS = {"calib_tokens": 4096, "calib_ctx": 512, "grid": 20}
+CALIBRATION_OPTIONS = ("calib_tokens", "calib_ctx")
+GPTQ_DEFAULTS = {"damp": 0.01}
 
 
 def _add_awq_options(s: argparse.ArgumentParser) -> None:
-    """Calibration and search options; only --method awq takes them."""
+    """Calibration and search options; only --method awq / gptq take them."""
     s.add_argument(
         "--corpus",
         type=Path,
-        help="awq: UTF-8 text whose calibration split (never the evaluation split) calibrates "
+        help="awq, gptq: UTF-8 text whose calibration split (never the evaluation split) calibrates "
         "(default: Python's pydoc topics)",
     )
     s.add_argument(
         "--calib-tokens",
         type=int,
         metavar="N",
-        help=f"awq: calibration tokens, rounded up to whole windows (default {AWQ_DEFAULTS['calib_tokens']})",
+        help=f"awq, gptq: calibration tokens, rounded up to whole windows (default {AWQ_DEFAULTS['calib_tokens']})",
     )
     s.add_argument(
         "--calib-ctx",
         type=int,
         metavar="N",
-        help=f"awq: tokens per calibration window, the first one BOS (default {AWQ_DEFAULTS['calib_ctx']})",
+        help=f"awq, gptq: tokens per calibration window, the first one BOS (default {AWQ_DEFAULTS['calib_ctx']})",
+    )
+    s.add_argument(
+        "--damp",
+        type=float,
+        metavar="F",
+        help=f"gptq: dampening, F * mean(diag H) added to the Hessian's diagonal (default {GPTQ_DEFAULTS['damp']})",
+    )
+    s.add_argument(
+        "--no-act-order",
+        action="store_true",
+        help="gptq: quantize columns left to right instead of by decreasing Hessian diagonal",
     )
     s.add_argument(
         "--grid",
@@ -341,11 +354,8 @@ def cmd_convert(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    if args.method not in QUANT_METHODS_BUILT:
-        raise UnsupportedError(
-            f"--method {args.method} is not available yet (available: {', '.join(QUANT_METHODS_BUILT)})"
-        )
-    method = _awq_method(args) if args.method == "awq" else _rtn_method(args)
+    _check_method_options(args)
+    method = {"rtn": _rtn_method, "awq": _awq_method, "gptq": _gptq_method}[args.method](args)
     src_fmt, ckpt = _read(args.src, args.src_format, args)
     log.info("%s (%s) -> %s: %s", args.src, src_fmt, args.dst, method.keywords["config"])
     quantized = method(ckpt)
@@ -355,15 +365,37 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _check_method_options(args) -> None:
+    """Refuse an option of another method (e.g. --grid with --method gptq)."""
+    owners = {
+        "--corpus": ("awq", "gptq"),
+        "--calib-tokens": ("awq", "gptq"),
+        "--calib-ctx": ("awq", "gptq"),
+        "--grid": ("awq",),
+        "--no-clip": ("awq",),
+        "--duo-scaling": ("awq",),
+        "--damp": ("gptq",),
+        "--no-act-order": ("gptq",),
+        "--embedding-bits": ("rtn",),
+    }
+    for flag, methods in owners.items():
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if value not in (None, False) and args.method not in methods:
+            raise UnsupportedError(f"{flag} applies to --method {' and '.join(methods)}, not {args.method}")
+
+
+def _calibration(args):
+    from quantizers.calibration import CalibrationConfig
+
+    value = {k: v if (v := getattr(args, k)) is not None else AWQ_DEFAULTS[k] for k in CALIBRATION_OPTIONS}
+    return CalibrationConfig(
+        tokens=value["calib_tokens"], n_ctx=value["calib_ctx"], corpus=str(args.corpus) if args.corpus else None
+    )
+
+
 def _rtn_method(args) -> functools.partial:
     from quantizers.rtn import RTNConfig, quantize
 
-    given = [f"--{k.replace('_', '-')}" for k in AWQ_DEFAULTS if getattr(args, k) is not None]
-    given += [
-        f for f, v in (("--corpus", args.corpus), ("--no-clip", args.no_clip), ("--duo-scaling", args.duo_scaling)) if v
-    ]
-    if given:
-        raise UnsupportedError(f"{given[0]} applies to --method awq, not rtn")
     group_size = args.group_size if args.group_size is not None or args.bits == 8 else 128
     try:
         config = RTNConfig(
@@ -380,26 +412,36 @@ def _rtn_method(args) -> functools.partial:
 
 def _awq_method(args) -> functools.partial:
     from quantizers.awq import AWQConfig, quantize
-    from quantizers.calibration import CalibrationConfig
 
-    if args.embedding_bits is not None:
-        raise UnsupportedError("--embedding-bits applies to --method rtn, not awq")
-    value = {k: v if (v := getattr(args, k)) is not None else d for k, d in AWQ_DEFAULTS.items()}
     try:
-        calibration = CalibrationConfig(
-            tokens=value["calib_tokens"],
-            n_ctx=value["calib_ctx"],
-            corpus=str(args.corpus) if args.corpus else None,
-        )
+        calibration = _calibration(args)
         config = AWQConfig(
             bits=args.bits,
             group_size=args.group_size if args.group_size is not None else 128,
             symmetric=args.symmetric,
-            n_grid=value["grid"],
+            n_grid=args.grid if args.grid is not None else AWQ_DEFAULTS["grid"],
             clip=not args.no_clip,
             duo_scaling=args.duo_scaling,
             scale_dtype=args.scale_dtype,
             calibration=calibration,
+        )
+    except ValueError as exc:
+        raise UnsupportedError(str(exc)) from None
+    return functools.partial(quantize, config=config)
+
+
+def _gptq_method(args) -> functools.partial:
+    from quantizers.gptq import GPTQConfig, quantize
+
+    try:
+        config = GPTQConfig(
+            bits=args.bits,
+            group_size=args.group_size if args.group_size is not None or args.bits == 8 else 128,
+            symmetric=args.symmetric,
+            damp=args.damp if args.damp is not None else GPTQ_DEFAULTS["damp"],
+            act_order=not args.no_act_order,
+            scale_dtype=args.scale_dtype,
+            calibration=_calibration(args),
         )
     except ValueError as exc:
         raise UnsupportedError(str(exc)) from None

@@ -199,12 +199,13 @@ class LayerInputs:
 
 
 def stream_layers(
-    ckpt: Checkpoint, config: CalibrationConfig, ids: torch.Tensor | None = None
+    ckpt: Checkpoint, config: CalibrationConfig, ids: torch.Tensor | None = None, quantized_outputs: bool = False
 ) -> Iterator[LayerInputs]:
     """Yield each decoder layer with its calibration inputs, in order. The next layer's inputs are
     this layer's outputs as loaded (computed before yielding, so a caller may change the layer in
     place, as AutoAWQ propagates the unquantized layer's outputs; ref: AutoAWQ quantizer.py
-    ``_get_input_feat``)."""
+    ``_get_input_feat``), or with ``quantized_outputs`` its outputs after the caller changed it (as
+    GPTQ propagates the quantized layer's; ref: IST-DASLab/gptq llama.py ``llama_sequential``)."""
     if ids is None:
         ids = calibration_ids(ckpt, config)
     hf = hf_config(ckpt)
@@ -212,8 +213,11 @@ def stream_layers(
     hidden = embed(ckpt, ids)
     for index in range(ckpt.spec.num_layers):
         layer = load_layer(ckpt, hf, index)
-        output = run_layer(layer, hidden, per_layer[index], config.batch)
+        if not quantized_outputs:
+            output = run_layer(layer, hidden, per_layer[index], config.batch)
         yield LayerInputs(index, layer, hidden, per_layer[index], config.batch)
+        if quantized_outputs:
+            output = run_layer(layer, hidden, per_layer[index], config.batch)
         hidden = output
         del layer
     log.info("calibration: %d windows of %d tokens through %d layers", ids.shape[0], ids.shape[1], index + 1)

@@ -141,7 +141,7 @@ def test_cli_quantize(tiny_models, tmp_path, capsys):
     [
         (["--bits", "4"], "group size 128 does not divide the row length 64"),
         (["--bits", "4", "--group-size", "48"], "group_size must be"),
-        (["--bits", "8", "--method", "gptq"], "--method gptq is not available yet"),
+        (["--bits", "8", "--method", "gptq", "--grid", "4"], "--grid applies to --method awq, not gptq"),
         (["--bits", "8", "--embedding-bits", "8"], "decoder projections only"),
     ],
 )
