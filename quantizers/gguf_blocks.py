@@ -27,6 +27,11 @@ Layout: the searches work element-major. A group of n values (a 16- or 32-value 
 is one column of an [n, N] float32 array, so each per-element step is one numpy operation over
 N groups and each sum over a group runs down axis 0, in order. Rows are processed in chunks of
 about ``_CHUNK_ELEMENTS`` values, so memory stays bounded whatever the tensor size.
+
+The encoders of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K are split into a half that
+chooses the block parameters (``_fit_*``, with ``_q45_k_steps`` / ``_q6_k_steps`` for the stored
+sub-block steps) and one that writes the bytes from parameters and levels (``_pack_*``);
+quantizers/gguf_grid.py reuses both to put GPTQ's levels on the same grids.
 """
 
 from __future__ import annotations
@@ -413,53 +418,116 @@ def _make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray
 # ---------------------------------------------------------------------------------------------
 
 
-def _row_weights(x: np.ndarray, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _row_weights(x: np.ndarray, qw: np.ndarray, sigma2: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Blocks of 32 and their weights ``qw[j] * sqrtf(sigma2 + x[j]*x[j])``, sigma2 = mean x^2
-    of the whole row. ref: ggml-quants.c quantize_row_q4_0_impl (same in q4_1/q5_0/q5_1)."""
+    of the whole row (``_row_sigma2``; pass it when ``x`` holds only part of the rows).
+    ref: ggml-quants.c quantize_row_q4_0_impl (same in q4_1/q5_0/q5_1)."""
     rows, n = x.shape
-    xt = np.ascontiguousarray(x.T)
-    sigma2 = _seq_sum(xt * xt) / _F32(n)
+    if sigma2 is None:
+        sigma2 = _row_sigma2(x)
     xs = _groups(x, 32)
     sigma2 = np.repeat(sigma2, n // 32)
     return xs, _tiled_weights(qw, 32, rows) * np.sqrt(sigma2 + xs * xs)
 
 
+def _row_sigma2(x: np.ndarray) -> np.ndarray:
+    """``sum_x2 / n_per_row`` of each row [rows, n], summed left to right.
+    ref: ggml-quants.c quantize_row_q4_0_impl (sigma2)."""
+    xt = np.ascontiguousarray(x.T)
+    return _seq_sum(xt * xt) / _F32(x.shape[1])
+
+
+def _fit_symmetric_32(xs: np.ndarray, w: np.ndarray | None, nmax: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Q4_0 (nmax 8) / Q5_0 (nmax 16) block scale d (float32, before the fp16 store) and, with
+    weights, the levels of the search (the encoder writes them as they are, no second pass).
+
+    ref: quantize_row_q4_0_ref / q5_0_ref: d = max / -nmax; quantize_row_q4_0_impl / q5_0_impl:
+    make_qx_quants(32, nmax, ..., weight).
+    """
+    if w is None:
+        _, mx = _signed_absmax(xs)
+        return mx / _F32(-nmax), None
+    levels, d = _make_qx_quants(xs, nmax, w)
+    return d, levels
+
+
+def _fit_asymmetric_32(
+    xs: np.ndarray, w: np.ndarray | None, nmax: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Q4_1 (nmax 15) / Q5_1 (nmax 31) block scale d and min m (float32, before the fp16 store;
+    value = d*q + m) and, with weights, the levels of the search (written as they are).
+
+    ref: quantize_row_q4_1_ref / q5_1_ref: m = min, d = (max - min) / nmax;
+    quantize_row_q4_1_impl / q5_1_impl: make_qkx3_quants(32, nmax, ..., -0.9f, 0.05f, 36), m = -the_min.
+    """
+    if w is None:
+        mn, d, _ = _min_max_ref(xs, nmax)
+        return d, mn, None
+    levels, d, the_min = _make_qkx_quants(xs, w, nmax, -0.9, 0.05, 36, False)
+    return d, -the_min, levels
+
+
+def _pack_q8_0(rows: int, d: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """fp16 bits d [B] and int8 levels [B, 32] -> block_q8_0 rows."""
+    return _to_rows(rows, d, q.astype(np.int8))
+
+
+def _pack_q4_0(rows: int, d: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """fp16 bits d [B] and levels 0..15 [B, 32] -> block_q4_0 rows."""
+    return _to_rows(rows, d, _nibbles(q.astype(np.uint8)))
+
+
+def _pack_q5_0(rows: int, d: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """fp16 bits d [B] and levels 0..31 [B, 32] -> block_q5_0 rows."""
+    q = q.astype(np.uint8)
+    return _to_rows(rows, d, _high_bits32(q), _nibbles(q))
+
+
+def _pack_q4_1(rows: int, d: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """fp16 bits d, m [B] and levels 0..15 [B, 32] -> block_q4_1 rows."""
+    return _to_rows(rows, d, m, _nibbles(q.astype(np.uint8)))
+
+
+def _pack_q5_1(rows: int, d: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """fp16 bits d, m [B] and levels 0..31 [B, 32] -> block_q5_1 rows."""
+    q = q.astype(np.uint8)
+    return _to_rows(rows, d, m, _high_bits32(q), _nibbles(q))
+
+
+def _legacy_blocks(x: np.ndarray, qw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Element-major blocks of 32 and, with an importance vector, their weights."""
+    return (_groups(x, 32), None) if qw is None else _row_weights(x, qw)
+
+
+def _fit_q8_0(xs: np.ndarray) -> np.ndarray:
+    """Q8_0 block scale d (float32, before the fp16 store). ref: quantize_row_q8_0_ref: d = amax / 127."""
+    return np.abs(xs).max(axis=0) / _F32(127)
+
+
 def _q8_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     # ref: quantize_q8_0 ignores quant_weights and calls quantize_row_q8_0_ref.
     xs = _groups(x, 32)
-    d = np.abs(xs).max(axis=0) / _F32(127)
-    q = _roundf(xs * _inverse_or_zero(d)).astype(np.int8)
-    return _to_rows(x.shape[0], _fp16(d), np.ascontiguousarray(q.T))
+    d = _fit_q8_0(xs)
+    q = _roundf(xs * _inverse_or_zero(d))
+    return _pack_q8_0(x.shape[0], _fp16(d), np.ascontiguousarray(q.T).astype(np.int8))
 
 
 def _q4_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    if qw is not None:
-        # ref: quantize_row_q4_0_impl: levels straight from make_qx_quants, no requantization.
-        xs, w = _row_weights(x, qw)
-        levels, d = _make_qx_quants(xs, 8, w)
-        return _to_rows(x.shape[0], _fp16(d), _nibbles(_levels_aos(levels, 32)))
-    # ref: quantize_row_q4_0_ref: d = max / -8, q = MIN(15, (int8_t)(x*id + 8.5f)).
-    xs = _groups(x, 32)
-    _, mx = _signed_absmax(xs)
-    d = mx / _F32(-8)
-    q = np.minimum(np.trunc(xs * _inverse_or_zero(d) + _F32(8.5)), _F32(15)).astype(np.uint8)
-    return _to_rows(x.shape[0], _fp16(d), _nibbles(np.ascontiguousarray(q.T)))
+    xs, w = _legacy_blocks(x, qw)
+    d, levels = _fit_symmetric_32(xs, w, 8)
+    if levels is None:
+        # ref: quantize_row_q4_0_ref: q = MIN(15, (int8_t)(x*id + 8.5f)).
+        levels = np.minimum(np.trunc(xs * _inverse_or_zero(d) + _F32(8.5)), _F32(15))
+    return _pack_q4_0(x.shape[0], _fp16(d), _levels_aos(levels, 32))
 
 
 def _q5_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    if qw is not None:
-        # ref: quantize_row_q5_0_impl
-        xs, w = _row_weights(x, qw)
-        levels, d = _make_qx_quants(xs, 16, w)
-        q = _levels_aos(levels, 32)
-    else:
-        # ref: quantize_row_q5_0_ref: d = max / -16, q = MIN(31, (int8_t)(x*id + 16.5f)).
-        xs = _groups(x, 32)
-        _, mx = _signed_absmax(xs)
-        d = mx / _F32(-16)
-        q = np.minimum(np.trunc(xs * _inverse_or_zero(d) + _F32(16.5)), _F32(31)).astype(np.uint8)
-        q = np.ascontiguousarray(q.T)
-    return _to_rows(x.shape[0], _fp16(d), _high_bits32(q), _nibbles(q))
+    xs, w = _legacy_blocks(x, qw)
+    d, levels = _fit_symmetric_32(xs, w, 16)
+    if levels is None:
+        # ref: quantize_row_q5_0_ref: q = MIN(31, (int8_t)(x*id + 16.5f)).
+        levels = np.minimum(np.trunc(xs * _inverse_or_zero(d) + _F32(16.5)), _F32(31))
+    return _pack_q5_0(x.shape[0], _fp16(d), _levels_aos(levels, 32))
 
 
 def _min_max_ref(xs: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -472,31 +540,21 @@ def _min_max_ref(xs: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def _q4_1(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    if qw is not None:
-        # ref: quantize_row_q4_1_impl: make_qkx3_quants(32, 15, ..., -0.9f, 0.05f, 36), m = -the_min.
-        xs, w = _row_weights(x, qw)
-        levels, d, the_min = _make_qkx_quants(xs, w, 15, -0.9, 0.05, 36, False)
-        return _to_rows(x.shape[0], _fp16(d), _fp16(-the_min), _nibbles(_levels_aos(levels, 32)))
-    # ref: quantize_row_q4_1_ref: q = MIN(15, (int8_t)((x - min)*id + 0.5f)).
-    xs = _groups(x, 32)
-    mn, d, inv = _min_max_ref(xs, 15)
-    q = np.minimum(np.trunc((xs - mn) * inv + _F32(0.5)), _F32(15)).astype(np.uint8)
-    return _to_rows(x.shape[0], _fp16(d), _fp16(mn), _nibbles(np.ascontiguousarray(q.T)))
+    xs, w = _legacy_blocks(x, qw)
+    d, m, levels = _fit_asymmetric_32(xs, w, 15)
+    if levels is None:
+        # ref: quantize_row_q4_1_ref: q = MIN(15, (int8_t)((x - min)*id + 0.5f)).
+        levels = np.minimum(np.trunc((xs - m) * _inverse_or_zero(d) + _F32(0.5)), _F32(15))
+    return _pack_q4_1(x.shape[0], _fp16(d), _fp16(m), _levels_aos(levels, 32))
 
 
 def _q5_1(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    if qw is not None:
-        # ref: quantize_row_q5_1_impl: make_qkx3_quants(32, 31, ..., -0.9f, 0.05f, 36), m = -the_min.
-        xs, w = _row_weights(x, qw)
-        levels, d, the_min = _make_qkx_quants(xs, w, 31, -0.9, 0.05, 36, False)
-        m = -the_min
-        q = _levels_aos(levels, 32)
-    else:
+    xs, w = _legacy_blocks(x, qw)
+    d, m, levels = _fit_asymmetric_32(xs, w, 31)
+    if levels is None:
         # ref: quantize_row_q5_1_ref: q = (uint8_t)((x - min)*id + 0.5f), no clamp.
-        xs = _groups(x, 32)
-        m, d, inv = _min_max_ref(xs, 31)
-        q = np.ascontiguousarray(np.trunc((xs - m) * inv + _F32(0.5)).astype(np.uint8).T)
-    return _to_rows(x.shape[0], _fp16(d), _fp16(m), _high_bits32(q), _nibbles(q))
+        levels = np.trunc((xs - m) * _inverse_or_zero(d) + _F32(0.5))
+    return _pack_q5_1(x.shape[0], _fp16(d), _fp16(m), _levels_aos(levels, 32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -637,32 +695,46 @@ def _q3_k_scales_ref(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return l6, d
 
 
-def _q45_k(
-    x: np.ndarray, qw: np.ndarray | None, nmax: int, ref_search: tuple[float, float, int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Shared body of Q4_K (nmax 15) and Q5_K (nmax 31): returns (levels [S, 256], packed scales
-    [S, 12], d, dmin). ``ref_search`` is (rmin, rdelta, nstep) of the reference routine."""
+def _fit_q45_k(
+    x: np.ndarray, qw: np.ndarray | None, nmax: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Parameters of Q4_K (nmax 15) / Q5_K (nmax 31) super-blocks: (sub-blocks of 32 values
+    element-major [32, S*8], search levels of the same layout, packed 6-bit scales/mins [S, 12],
+    fp16 bits d [S], fp16 bits dmin [S])."""
     if qw is None:
         xs = _groups(x, 32)
+        # ref: quantize_row_q4_K_ref / q5_K_ref: (rmin, rdelta, nstep) = (-1, 0.1, 20) / (-0.5, 0.1, 15)
+        ref_search = (-1.0, 0.1, 20) if nmax == 15 else (-0.5, 0.1, 15)
         # ref: quantize_row_q4_K_ref / q5_K_ref: weights av_x + |x| with av_x = sqrtf(sum x^2 / 32),
         # then make_qkx2_quants(32, nmax, x, weights, ..., rmin, rdelta, nstep, false).
         av_x = np.sqrt(_seq_sum(xs * xs) / _F32(32))
         levels, scales, mins = _make_qkx_quants(xs, av_x + np.abs(xs), nmax, *ref_search, False)
         packed, d, dmin = _q45_k_scales_ref(scales.reshape(-1, 8), mins.reshape(-1, 8))
-    else:
-        # ref: quantize_row_q4_K_impl / q5_K_impl: make_qkx3_quants(32, nmax, ..., -0.9f, 0.05f, 36),
-        # then make_qp_quants(8, 63, ...) for scales and mins; Q5_K clamps them with MIN(63, .).
-        xs, w = _superblock_weights(x, qw, 32, 2.0)
-        levels, scales, mins = _make_qkx_quants(xs, w, nmax, -0.9, 0.05, 36, False)
-        sw = _per_superblock(_seq_sum(w), 8)
-        ls, d_block = _make_qp_quants(_per_superblock(scales, 8), 63, sw)
-        lm, m_block = _make_qp_quants(_per_superblock(mins, 8), 63, sw)
-        if nmax == 31:
-            ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
-        packed, d, dmin = _pack_scale_min_k4(ls.T, lm.T), _fp16(d_block), _fp16(m_block)
+        return xs, levels, packed, d, dmin
+    # ref: quantize_row_q4_K_impl / q5_K_impl: make_qkx3_quants(32, nmax, ..., -0.9f, 0.05f, 36),
+    # then make_qp_quants(8, 63, ...) for scales and mins; Q5_K clamps them with MIN(63, .).
+    xs, w = _superblock_weights(x, qw, 32, 2.0)
+    levels, scales, mins = _make_qkx_quants(xs, w, nmax, -0.9, 0.05, 36, False)
+    sw = _per_superblock(_seq_sum(w), 8)
+    ls, d_block = _make_qp_quants(_per_superblock(scales, 8), 63, sw)
+    lm, m_block = _make_qp_quants(_per_superblock(mins, 8), 63, sw)
+    if nmax == 31:
+        ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
+    return xs, levels, _pack_scale_min_k4(ls.T, lm.T), _fp16(d_block), _fp16(m_block)
+
+
+def _q45_k_steps(packed: np.ndarray, d: np.ndarray, dmin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per sub-block step d*sc and offset dmin*m as stored ([S*8] float32 each; value = step*q - offset).
+    ref: ggml-quants.c quantize_row_q4_K_ref second pass / dequantize_row_q4_K."""
     sc, m = _unpack_scale_min_k4(packed)
-    dsub = (_fp16_value(d)[:, None] * sc).reshape(-1)
-    msub = (_fp16_value(dmin)[:, None] * m).reshape(-1)
+    return (_fp16_value(d)[:, None] * sc).reshape(-1), (_fp16_value(dmin)[:, None] * m).reshape(-1)
+
+
+def _q45_k(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Shared body of Q4_K (nmax 15) and Q5_K (nmax 31): (levels [S, 256], packed scales [S, 12],
+    d, dmin)."""
+    xs, levels, packed, d, dmin = _fit_q45_k(x, qw, nmax)
+    dsub, msub = _q45_k_steps(packed, d, dmin)
     levels = _requantize(xs, levels, dsub, msub, 0, nmax, 0)
     return _levels_aos(levels, _QK_K), packed, d, dmin
 
@@ -679,26 +751,42 @@ def _q45_k_scales_ref(scales: np.ndarray, mins: np.ndarray) -> tuple[np.ndarray,
     return _pack_scale_min_k4(ls, lm), _fp16(max_scale / f63), _fp16(max_min / f63)
 
 
-def _q4_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    q, packed, d, dmin = _q45_k(x, qw, 15, (-1.0, 0.1, 20))  # ref: quantize_row_q4_K_ref
+def _pack_q4_k(rows: int, d: np.ndarray, dmin: np.ndarray, packed: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """fp16 bits d, dmin [S], scales [S, 12] and levels 0..15 [S, 256] -> block_q4_K rows."""
     # ref: quantize_row_q4_K_ref: qs[32c + l] = L[64c + l] | L[64c + l + 32] << 4
-    q = q.reshape(-1, 4, 2, 32)
+    q = q.astype(np.uint8).reshape(-1, 4, 2, 32)
     qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
-    return _to_rows(x.shape[0], d, dmin, packed, qs)
+    return _to_rows(rows, d, dmin, packed, qs)
 
 
-def _q5_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    q, packed, d, dmin = _q45_k(x, qw, 31, (-0.5, 0.1, 15))  # ref: quantize_row_q5_K_ref
+def _pack_q5_k(rows: int, d: np.ndarray, dmin: np.ndarray, packed: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """fp16 bits d, dmin [S], scales [S, 12] and levels 0..31 [S, 256] -> block_q5_K rows."""
     # ref: quantize_row_q5_K_ref: low nibbles as Q4_K; bit 4 of L[64c + j] / L[64c + j + 32] goes to
     # bit 2c / 2c+1 of qh[j].
-    q = q.reshape(-1, 4, 2, 32)
+    q = q.astype(np.uint8).reshape(-1, 4, 2, 32)
     qs = ((q[:, :, 0] & 0x0F) | ((q[:, :, 1] & 0x0F) << 4)).reshape(-1, 128)
     shifts = (2 * np.arange(4, dtype=np.uint8))[None, :, None, None] + np.arange(2, dtype=np.uint8)[None, None, :, None]
     qh = np.bitwise_or.reduce(((q >> 4) & 1) << shifts, axis=(1, 2))
-    return _to_rows(x.shape[0], d, dmin, packed, qh, qs)
+    return _to_rows(rows, d, dmin, packed, qh, qs)
 
 
-def _q6_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+def _q4_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    q, packed, d, dmin = _q45_k(x, qw, 15)
+    return _pack_q4_k(x.shape[0], d, dmin, packed, q)
+
+
+def _q5_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    q, packed, d, dmin = _q45_k(x, qw, 31)
+    return _pack_q5_k(x.shape[0], d, dmin, packed, q)
+
+
+def _fit_q6_k(x: np.ndarray, qw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Parameters of Q6_K super-blocks: (sub-blocks of 16 values element-major [16, S*16], search
+    levels 0..63 of the same layout, int8 sub-block scales [S, 16], fp16 bits d [S]).
+
+    Super-blocks whose largest sub-block scale is below GROUP_MAX_EPS come back as the encoder
+    writes them (ref: quantize_row_q6_K_ref memset): d = 0, scales 0, levels 0.
+    """
     xs = _groups(x, 16)
     # ref: quantize_row_q6_K_ref: make_qx_quants(16, 32, x, L, 1, NULL) (weights x*x);
     # quantize_row_q6_K_impl passes the raw quant_weights instead.
@@ -709,21 +797,35 @@ def _q6_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     iscale = _F32(-128) / np.where(zero, _F32(1), max_scale)
     d = _fp16(_F32(1) / iscale)
     sc = np.minimum(_nearest_int(iscale[:, None] * scales.reshape(-1, 16)), 127).astype(np.int8)
-    dsub = (_fp16_value(d)[:, None] * sc.astype(_F32)).reshape(-1)
-    q = _levels_aos(_requantize(xs, levels, dsub, None, -32, 31, 32), _QK_K)
+    if zero.any():
+        # ref: quantize_row_q6_K_ref: memset(&y[i], 0, ...) when max_abs_scale < GROUP_MAX_EPS
+        d[zero] = 0
+        sc[zero] = 0
+        levels[:, np.repeat(zero, 16)] = 0
+    return xs, levels, sc, d
+
+
+def _q6_k_steps(sc: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Per sub-block step d*sc as stored ([S*16] float32; value = step*(q - 32))."""
+    return (_fp16_value(d)[:, None] * sc.astype(_F32)).reshape(-1)
+
+
+def _pack_q6_k(rows: int, sc: np.ndarray, d: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """int8 scales [S, 16], fp16 bits d [S] and levels 0..63 [S, 256] -> block_q6_K rows."""
     # ref: quantize_row_q6_K_ref packing: per 128-value half h, ql[64h + l] = L[l] | L[l + 64] << 4,
     # ql[64h + l + 32] = L[l + 32] | L[l + 96] << 4, qh[32h + l] = 2-bit high parts of the four.
-    q = q.reshape(-1, 2, 4, 32)
+    q = q.astype(np.uint8).reshape(-1, 2, 4, 32)
     lo = q & 0x0F
     ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2)
     hi = q >> 4
     qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
-    out = _to_rows(x.shape[0], ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8), d)
-    if zero.any():
-        # ref: quantize_row_q6_K_ref: memset(&y[i], 0, ...) when max_abs_scale < GROUP_MAX_EPS
-        blocks = out.reshape(-1, 210)
-        blocks[zero] = 0
-    return out
+    return _to_rows(rows, ql.reshape(-1, 128), qh.reshape(-1, 64), sc.astype(np.int8).view(np.uint8), d)
+
+
+def _q6_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    xs, levels, sc, d = _fit_q6_k(x, qw)
+    q = _levels_aos(_requantize(xs, levels, _q6_k_steps(sc, d), None, -32, 31, 32), _QK_K)
+    return _pack_q6_k(x.shape[0], sc, d, q)
 
 
 _ENCODERS: dict[GGMLQuantizationType, _Encoder] = {
