@@ -82,17 +82,14 @@ def write(
             ckpt.source or None,
         )
     names = _gguf_names(ckpt, arch)
-    order = gguf_mix.llamacpp_order(list(names))
-    shapes = [(g, tuple(reversed(ckpt.tensors[names[g]].shape))) for g in order]  # ne order: row length first
+    shapes = _ne_shapes(ckpt, names)
     ftype = _ftype(ckpt, quant or dtype)
     if ftype is None:
-        plans = [_keep_plan(g, ckpt.tensors[names[g]]) for g in order]
+        plans = [_keep_plan(g, ckpt.tensors[names[g]]) for g, _ in shapes]
         file_type = ckpt.extra.get("gguf.file_type")
         file_type = _file_type_of(plans) if file_type is None else int(file_type)
     else:
-        plans = gguf_mix.plan_types(
-            shapes, ftype, ckpt.spec.num_layers, ckpt.spec.num_heads // ckpt.spec.num_kv_heads, pure, bool(imatrix)
-        )
+        plans = _plan(ckpt, shapes, ftype, pure, bool(imatrix))
         file_type = gguf_mix.FTYPES[ftype][0]
     _log_plan(plans)
     imatrix = _check_imatrix(imatrix or {}, dict(shapes), imatrix_source)
@@ -106,6 +103,28 @@ def write(
 
 
 # --- names, types -----------------------------------------------------------------------------
+
+
+def tensor_plans(
+    ckpt: Checkpoint, quant: str, pure: bool = False, has_imatrix: bool = False
+) -> dict[str, gguf_mix.TensorPlan]:
+    """Canonical name -> the GGUF name and GGML type ``write(ckpt, quant=quant, ...)`` gives that tensor."""
+    names = _gguf_names(ckpt, ckpt.spec.family)
+    ftype = _ftype(ckpt, quant)
+    return {names[p.name]: p for p in _plan(ckpt, _ne_shapes(ckpt, names), ftype, pure, has_imatrix)}
+
+
+def _ne_shapes(ckpt: Checkpoint, names: dict[str, str]) -> list[tuple[str, tuple[int, ...]]]:
+    """(GGUF name, shape in ne order: row length first) in llama.cpp's tensor order."""
+    order = gguf_mix.llamacpp_order(list(names))
+    return [(g, tuple(reversed(ckpt.tensors[names[g]].shape))) for g in order]
+
+
+def _plan(
+    ckpt: Checkpoint, shapes: list[tuple[str, tuple[int, ...]]], ftype: str, pure: bool, has_imatrix: bool
+) -> list[gguf_mix.TensorPlan]:
+    n_gqa = ckpt.spec.num_heads // ckpt.spec.num_kv_heads
+    return gguf_mix.plan_types(shapes, ftype, ckpt.spec.num_layers, n_gqa, pure, has_imatrix)
 
 
 def _gguf_names(ckpt: Checkpoint, arch: str) -> dict[str, str]:
@@ -193,6 +212,9 @@ def _log_plan(plans: list[gguf_mix.TensorPlan]) -> None:
 # --- metadata ---------------------------------------------------------------------------------
 
 
+QUANTIZATION_KEY = "gemport.quantization"
+
+
 def add_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, file_type: int) -> None:
     """Every key llama.cpp reads for the arch (ref: convert_hf_to_gguf.py conversion/gemma.py
     set_gguf_parameters; llama-model.cpp load_hparams for what each means)."""
@@ -231,6 +253,10 @@ def add_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, file_type: int) -> None:
             w.add_rope_scaling_factor(s.rope_scaling.factor)
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if ckpt.extra.get("quantization"):
+        # How the weights were made (gemport quantize: method, config, tensors kept); llama.cpp
+        # ignores keys it does not know.
+        w.add_string(QUANTIZATION_KEY, json.dumps(ckpt.extra["quantization"], sort_keys=True))
 
 
 def _check_attention_scale(s: GemmaSpec) -> None:

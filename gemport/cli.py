@@ -109,7 +109,21 @@ def _add_quantize_parser(sub) -> None:
         "not written by --to hf yet)",
     )
     _add_awq_options(s)
-    s.add_argument("--to", dest="dst_format", choices=("hf",), default="hf", help="target format (default hf)")
+    s.add_argument(
+        "--to",
+        dest="dst_format",
+        choices=("hf", "gguf"),
+        default="hf",
+        help="hf (default): a compressed-tensors folder; gguf: a GGUF file whose block types follow --quant, "
+        "with GPTQ's codes on llama.cpp's block grids (gptq), AWQ-scaled and clipped weights quantized by "
+        "llama-quantize's rules (awq), or llama-quantize's own rounding (rtn)",
+    )
+    s.add_argument(
+        "--quant",
+        metavar="TYPE",
+        help="--to gguf: the whole-file GGUF type whose per-tensor types are used, as in `convert --quant` "
+        "(default q4_k_m for --bits 4, q8_0 for --bits 8)",
+    )
     s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
 
@@ -209,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TYPE",
         help="GGUF whole-file type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s/m/l, "
         "q4_k_s/m, q5_k_s/m, q6_k (q4_k = q4_k_m, as llama-quantize); per-tensor types follow "
-        "llama-quantize's rules. Default: the source's types",
+        "llama-quantize's rules. Default: the source's types. With --to hf: int8, int4, int4-awq, int4-gptq or "
+        "int8-gptq, the one-step form of `gemport quantize --method rtn|awq|gptq --bits 8|4` with its defaults",
     )
     imat = s.add_mutually_exclusive_group()
     imat.add_argument(
@@ -337,7 +352,19 @@ def _numel(shape) -> int:
     return n
 
 
+# convert --to hf --quant NAME: the one-step form of `gemport quantize` (method, bits), defaults otherwise.
+HF_QUANTS = {
+    "int8": ("rtn", 8),
+    "int4": ("rtn", 4),
+    "int4-awq": ("awq", 4),
+    "int4-gptq": ("gptq", 4),
+    "int8-gptq": ("gptq", 8),
+}
+
+
 def cmd_convert(args) -> int:
+    if args.dst_format == "hf" and args.quant in HF_QUANTS:
+        return _convert_quantized(args)
     src_fmt, ckpt = _read(args.src, args.src_format, args)
     writer = registry.get(args.dst_format).load()
     log.info("%s (%s) -> %s (%s)", args.src, src_fmt, args.dst, args.dst_format)
@@ -353,15 +380,53 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _convert_quantized(args) -> int:
+    """``convert SRC DST --to hf --quant int4-gptq``: ``quantize SRC DST --method gptq --bits 4``."""
+    if args.dtype or args.max_shard_size or args.pure or args.imatrix or args.calibrate or args.jobs:
+        raise UnsupportedError(
+            "--quant int8/int4[-awq|-gptq] takes no --dtype, --max-shard-size, --pure, --imatrix, "
+            "--calibrate or --jobs; `gemport quantize` has the quantizers' options"
+        )
+    method, bits = HF_QUANTS[args.quant]
+    argv = ["quantize", str(args.src), str(args.dst), "--method", method, "--bits", str(bits)]
+    qargs = build_parser().parse_args([*argv, *(["--overwrite"] if args.overwrite else [])])
+    for name in ("src_format", "preset", "keep_padded_vocab", "corpus"):
+        setattr(qargs, name, getattr(args, name))
+    return cmd_quantize(qargs)
+
+
 def cmd_quantize(args) -> int:
     _check_method_options(args)
     method = {"rtn": _rtn_method, "awq": _awq_method, "gptq": _gptq_method}[args.method](args)
     src_fmt, ckpt = _read(args.src, args.src_format, args)
     log.info("%s (%s) -> %s: %s", args.src, src_fmt, args.dst, method.keywords["config"])
+    if args.dst_format == "gguf":
+        return _quantize_to_gguf(args, ckpt, method)
+    if args.quant:
+        raise UnsupportedError("--quant applies to --to gguf, not --to hf")
     quantized = method(ckpt)
     out = registry.get(args.dst_format).load().write(quantized, args.dst, overwrite=args.overwrite)
     manifest = quantized.extra["quantization"]
     print(f"wrote {out} ({manifest['quantized']} tensors quantized, {len(manifest['kept'])} kept)")
+    return 0
+
+
+def _quantize_to_gguf(args, ckpt, method: functools.partial) -> int:
+    from quantizers import awq, gptq
+
+    quant = args.quant or ("q4_k_m" if args.bits == 4 else "q8_0")
+    if args.embedding_bits is not None:
+        raise UnsupportedError("--embedding-bits applies to --to hf; with --to gguf, --quant sets the embedding's type")
+    imatrix = None
+    if args.method == "gptq":
+        quantized = gptq.quantize_gguf(ckpt, method.keywords["config"], quant)
+        imatrix = quantized.extra["gguf.imatrix"]
+    elif args.method == "awq":
+        quantized = awq.quantize(ckpt, method.keywords["config"], as_records=False)
+    else:
+        quantized = ckpt  # the GGUF writer's block quantizers are llama-quantize's round to nearest
+    out = registry.get("gguf").load().write(quantized, args.dst, quant=quant, imatrix=imatrix, overwrite=args.overwrite)
+    print(f"wrote {out} ({args.method}, {quant})")
     return 0
 
 

@@ -11,7 +11,8 @@ on the calibration inputs of quantizers.calibration:
    llm-compressor's default), normalised by ``sqrt(max(s) * min(s))``; every linear of the
    group becomes ``Q(W * s) / s`` and the loss is the mean squared error of the group's output
    module (the attention block, the MLP, or the single linear) against the unquantized output over
-   all calibration tokens. The ``s`` of least loss is kept.
+   all calibration tokens, or the first ``search_tokens`` of them (whole windows), which cuts the
+   search time in proportion (AutoAWQ uses all). The ``s`` of least loss is kept.
 2. All scales of the layer are folded (``apply_scales``): ``W <- W * s`` for the group's linears,
    and ``x <- x / s`` moved into the op before them: the rows of the preceding linear (v_proj for
    o_proj, up_proj for down_proj), or the preceding RMSNorm. Gemma's RMSNorm multiplies by
@@ -68,7 +69,9 @@ NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")  # ref: AutoAWQ _search_best_
 class AWQConfig:
     """bits 4; group_size 32, 64 or 128; symmetric or not; ``n_grid`` scale-search points
     (alpha = i / n_grid in [0, 1)); ``clip`` runs the clipping search; ``duo_scaling`` divides the
-    activation term by the weight term; scale_dtype None for each weight's own dtype."""
+    activation term by the weight term; scale_dtype None for each weight's own dtype;
+    ``search_tokens`` calibration tokens (whole windows) for the scale search's loss, None for all
+    of them (the mean |x| always uses all)."""
 
     bits: int = 4
     group_size: int = 128
@@ -77,9 +80,12 @@ class AWQConfig:
     clip: bool = True
     duo_scaling: bool = False
     scale_dtype: str | None = None
+    search_tokens: int | None = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self) -> None:
+        if self.search_tokens is not None and (not isinstance(self.search_tokens, int) or self.search_tokens < 1):
+            raise ValueError(f"search_tokens must be a positive integer or None, got {self.search_tokens!r}")
         if self.bits != 4:
             raise ValueError(f"AWQ quantizes to 4 bits, got bits={self.bits!r} (use --method rtn for int8)")
         if self.group_size not in GROUP_SIZES:
@@ -235,8 +241,10 @@ def search_scale(item: LayerInputs, group: Group, x: torch.Tensor, config: AWQCo
     originals = [m.weight.detach().clone() for m in linears]
     inspect = item.layer.get_submodule(group.inspect)
     attention = group.inspect == "self_attn"
-    want = _inspect_forward(inspect, x, attention, item.kwargs, item.batch)
     x_mean = x.abs().reshape(-1, x.shape[-1]).mean(0)
+    if config.search_tokens is not None:
+        x = x[: max(1, -(-config.search_tokens // x.shape[1]))]  # the loss on the first whole windows
+    want = _inspect_forward(inspect, x, attention, item.kwargs, item.batch)
     w_mean = _weight_mean(originals, config.group_size) if config.duo_scaling else None
     best = (float("inf"), None, 0.0)
     try:
@@ -286,8 +294,9 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, config: AWQConfig) -> torch.Te
 # the layer loop
 
 
-def quantize_layer(item: LayerInputs, family: str, config: AWQConfig, dtypes: dict[str, str]):
-    """Search, fold, clip and quantize one layer in place: (records, folded norms, alphas)."""
+def quantize_layer(item: LayerInputs, family: str, config: AWQConfig, dtypes: dict[str, str], as_records: bool = True):
+    """Search, fold, clip and quantize one layer in place: (records, folded norms, alphas); without
+    ``as_records`` the scaled and clipped float weights in place of the records."""
     import torch
 
     inputs = collect_inputs(item)
@@ -307,14 +316,18 @@ def quantize_layer(item: LayerInputs, family: str, config: AWQConfig, dtypes: di
             rows, cols = w.shape
             w = torch.clamp(w.reshape(rows, cols // config.group_size, -1), -bound, bound).reshape(rows, cols)
         source = dtypes[f"{proj}.weight"]
-        records[proj] = quantize_weight(w.to(torch_dtype(source)), config.format_for(source))
+        w = w.to(torch_dtype(source))
+        records[proj] = quantize_weight(w, config.format_for(source)) if as_records else w
     norms = {g.prev: weights[f"{g.prev}.weight"].clone() for g, _, _ in found}
     norms = {name: w for name, w in norms.items() if w.ndim == 1}
     return records, norms, {g.prev: alpha for g, _, alpha in found}
 
 
-def quantize(ckpt: Checkpoint, config: AWQConfig) -> Checkpoint:
+def quantize(ckpt: Checkpoint, config: AWQConfig, as_records: bool = True) -> Checkpoint:
     """``ckpt`` with every decoder projection as an AWQ record and the scales folded into its norms.
+
+    Without ``as_records`` the projections stay float, scaled and clipped: what a writer with its
+    own quantizer (GGUF's block types) takes, as llama.cpp's AWQ recipe converts the scaled model.
 
     ``extra["quantization"]`` records the method, the config, the chosen alpha per group and
     every tensor left unquantized (the embedding / tied LM head and the norms).
@@ -329,14 +342,18 @@ def quantize(ckpt: Checkpoint, config: AWQConfig) -> Checkpoint:
         for item in stream_layers(ckpt, config.calibration):
             prefix = f"model.layers.{item.index}."
             dtypes = {n.removeprefix(prefix): t.dtype for n, t in ckpt.tensors.items() if n.startswith(prefix)}
-            records, norms, alphas[item.index] = quantize_layer(item, ckpt.spec.family, config, dtypes)
+            records, norms, alphas[item.index] = quantize_layer(item, ckpt.spec.family, config, dtypes, as_records)
             for proj, record in records.items():
                 t = ckpt.tensors[f"{prefix}{proj}.weight"]
-                tensors[t.name] = replace(t, quant=record.format, raw=None, load=functools.partial(_same, record))
+                if as_records:
+                    tensors[t.name] = replace(t, quant=record.format, raw=None, load=functools.partial(_same, record))
+                else:
+                    tensors[t.name] = _eager(t, record)
             for norm, value in norms.items():
                 tensors[f"{prefix}{norm}.weight"] = _eager(ckpt.tensors[f"{prefix}{norm}.weight"], value)
             advance(1)
-    quantized = [n for n, t in tensors.items() if t.quant is not None]
+    changed = [n for n, t in tensors.items() if t is not ckpt.tensors[n] and len(t.shape) == 2]
+    quantized = [n for n, t in tensors.items() if t.quant is not None] if as_records else changed
     kept = [n for n in tensors if n not in quantized]
     log.info("AWQ: %d tensors quantized, %d kept in their source dtype", len(quantized), len(kept))
     config_json = asdict(config)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -199,13 +199,18 @@ class LayerInputs:
 
 
 def stream_layers(
-    ckpt: Checkpoint, config: CalibrationConfig, ids: torch.Tensor | None = None, quantized_outputs: bool = False
+    ckpt: Checkpoint,
+    config: CalibrationConfig,
+    ids: torch.Tensor | None = None,
+    quantized_outputs: bool = False,
+    final: Callable[[torch.Tensor], None] | None = None,
 ) -> Iterator[LayerInputs]:
     """Yield each decoder layer with its calibration inputs, in order. The next layer's inputs are
     this layer's outputs as loaded (computed before yielding, so a caller may change the layer in
     place, as AutoAWQ propagates the unquantized layer's outputs; ref: AutoAWQ quantizer.py
     ``_get_input_feat``), or with ``quantized_outputs`` its outputs after the caller changed it (as
-    GPTQ propagates the quantized layer's; ref: IST-DASLab/gptq llama.py ``llama_sequential``)."""
+    GPTQ propagates the quantized layer's; ref: IST-DASLab/gptq llama.py ``llama_sequential``).
+    ``final`` receives the last layer's outputs (the final norm's input)."""
     if ids is None:
         ids = calibration_ids(ckpt, config)
     hf = hf_config(ckpt)
@@ -220,4 +225,6 @@ def stream_layers(
             output = run_layer(layer, hidden, per_layer[index], config.batch)
         hidden = output
         del layer
+    if final is not None:
+        final(hidden)
     log.info("calibration: %d windows of %d tokens through %d layers", ids.shape[0], ids.shape[1], index + 1)

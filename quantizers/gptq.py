@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -115,7 +116,7 @@ class MinMaxGrid:
     qmax: int
 
     @classmethod
-    def fit(cls, x: torch.Tensor, fmt: QuantFormat) -> MinMaxGrid:
+    def fit(cls, x: torch.Tensor, start: int, fmt: QuantFormat) -> MinMaxGrid:
         import torch
 
         record = quantize_weight(x, replace(fmt, group_size=None))
@@ -131,10 +132,30 @@ class MinMaxGrid:
 
 
 def gptq_weight(
-    w: torch.Tensor, h: torch.Tensor, fit: Callable[[torch.Tensor], Grid], width: int, config: GPTQConfig
+    w: torch.Tensor, h: torch.Tensor, fit: Callable[[torch.Tensor, int], Grid], width: int, config: GPTQConfig
 ) -> tuple[torch.Tensor, torch.Tensor, list[Grid]]:
     """GPTQ of ``w [rows, n]`` with Hessian ``h [n, n]`` on groups of ``width`` columns fitted by
-    ``fit``: (levels [rows, n] float32, values [rows, n] float32, one grid per group in column order)."""
+    ``fit(columns, first column index)``: (levels [rows, n] float32, values [rows, n] float32, one
+    grid per group in column order)."""
+    with _one_thread():
+        return _gptq_weight(w, h, fit, width, config)
+
+
+@contextmanager
+def _one_thread():
+    """The column loop is thousands of small ops: a second thread only adds hand-off latency
+    (measured 4-7x slower with two threads on two cores while another process runs)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _gptq_weight(w, h, fit, width, config):
     import torch
 
     rows, n = w.shape
@@ -146,7 +167,7 @@ def gptq_weight(
     static = config.act_order or width >= n
     grids: list[Grid | None] = [None] * (n // width)
     if static:
-        grids = [fit(w[:, g : g + width]) for g in range(0, n, width)]
+        grids = [fit(w[:, g : g + width], g) for g in range(0, n, width)]
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if config.act_order else torch.arange(n)
     w, h = w[:, perm], h[perm][:, perm]
     u = _inverse_cholesky(h, config.damp)
@@ -160,7 +181,7 @@ def gptq_weight(
             col = int(perm[i1 + i])
             if col % width == 0 and not static:
                 # blocks hold whole groups: the group's columns as updated so far, all in w1
-                grids[col // width] = fit(w1[:, i : i + width])
+                grids[col // width] = fit(w1[:, i : i + width], col)
             lv, q = grids[col // width].round(w1[:, i], col % width)
             levels[:, i1 + i], values[:, i1 + i] = lv, q
             e = (w1[:, i] - q) / u1[i, i]
@@ -242,7 +263,7 @@ def quantize_layer(item: LayerInputs, quantize_one: QuantizeOne) -> dict[str, An
             weight = item.layer.get_submodule(proj).weight
             results[proj], values = quantize_one(proj, weight.detach(), h)
             with torch.no_grad():
-                weight.copy_(values)
+                weight.copy_(values)  # the next stages and layers see the quantized weight
         del h
     return results
 
@@ -269,21 +290,105 @@ def quantize(ckpt: Checkpoint, config: GPTQConfig) -> Checkpoint:
     return run(ckpt, config, one, attach, {"method": "gptq", "config": asdict(config)})
 
 
+def quantize_gguf(ckpt: Checkpoint, config: GPTQConfig, quant: str, pure: bool = False) -> Checkpoint:
+    """``ckpt`` with every decoder projection as GPTQ-optimised blocks of the GGML type that
+    converters.gguf_writer gives it for whole-file type ``quant`` (e.g. q4_k_m: Q4_K, Q6_K, and the
+    32-block fallbacks Q5_0/Q8_0 where rows are not a multiple of 256), fitted with ``diag H / 2``
+    (the mean squared input, llama-imatrix's statistic) as the importance. Each such tensor carries
+    its blocks as ``raw`` (the writer copies them) and loads as their float values.
+
+    ``config``'s bits, group size, symmetry and scale dtype do not apply: the type decides them.
+    Projections of a type without a grid here (F16, ...) are left to the writer. The importance of
+    every projection's input, and of the tied LM head's (the final norm's output, which
+    llama-imatrix cannot record), is returned by GGUF name in ``extra["gguf.imatrix"]`` for the
+    writer to quantize the remaining tensors with (token_embd).
+    """
+    import numpy as np
+    import torch
+
+    from converters.gguf_writer import tensor_plans
+    from quantizers import gguf_grid
+
+    plans = tensor_plans(ckpt, quant, pure, has_imatrix=True)
+    found: dict[str, np.ndarray] = {}
+
+    def one(prefix: str, proj: str, w: torch.Tensor, h: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        name = f"{prefix}{proj}.weight"
+        qtype = plans[name].qtype
+        importance = (torch.diag(h) / 2).numpy()
+        found[plans[name].name] = importance
+        if qtype not in gguf_grid.GRID_TYPES:
+            return None, w
+        w = w.to(torch_dtype(ckpt.tensors[name].dtype)).float()
+        sigma2 = gguf_grid.row_sigma2(w.numpy())
+
+        def fit(x: torch.Tensor, start: int) -> _BlockGrid:
+            width = x.shape[1]
+            return _BlockGrid(gguf_grid.fit(x.numpy(), qtype, importance[start : start + width], sigma2))
+
+        levels, values, grids = gptq_weight(w, h, fit, gguf_grid.group_width(qtype), config)
+        blocks = gguf_grid.pack([g.grid for g in grids], levels.numpy())
+        return (qtype, blocks, values), values
+
+    def attach(t: LazyTensor, result: Any) -> LazyTensor:
+        if result is None:
+            return t
+        qtype, blocks, values = result
+        data = values.to(torch_dtype(t.dtype))
+        return replace(t, raw=(qtype, functools.partial(_same, blocks)), load=functools.partial(_same, data))
+
+    def final(hidden: torch.Tensor) -> None:
+        found["token_embd.weight"] = _final_norm_mean_square(ckpt, hidden)
+
+    manifest = {"method": "gptq", "config": asdict(config), "gguf_type": quant}
+    out = run(ckpt, config, one, attach, manifest, final=final if ckpt.spec.tie_embeddings else None)
+    return replace(out, extra={**out.extra, "gguf.imatrix": found})
+
+
+def _final_norm_mean_square(ckpt: Checkpoint, hidden: torch.Tensor):
+    """Mean over tokens of the squared final-norm output per column: the LM head's input statistic
+    (Gemma RMSNorm in float32, ref: transformers ``GemmaRMSNorm.forward``)."""
+    import torch
+
+    weight = ckpt.tensors["model.norm.weight"].load().to(torch.float32)
+    acc = torch.zeros(hidden.shape[-1], dtype=torch.float64)
+    for h in hidden.split(1):
+        x = h.reshape(-1, h.shape[-1]).to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + ckpt.spec.rms_eps) * (1.0 + weight)
+        acc += x.double().square().sum(0)
+    return (acc / (hidden.shape[0] * hidden.shape[1])).to(torch.float32).numpy()
+
+
+@dataclass(frozen=True)
+class _BlockGrid:
+    """quantizers.gguf_grid's numpy grid seen from torch."""
+
+    grid: Any
+
+    def round(self, column: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        levels, values = self.grid.round(column.numpy(), k)
+        return torch.from_numpy(levels).to(torch.float32), torch.from_numpy(values)
+
+
 def run(
     ckpt: Checkpoint,
     config: GPTQConfig,
     one: Callable[[str, str, torch.Tensor, torch.Tensor], tuple[Any, torch.Tensor]],
     attach: Callable[[LazyTensor, Any], LazyTensor],
     manifest: dict[str, Any],
+    final: Callable[[torch.Tensor], None] | None = None,
 ) -> Checkpoint:
     """The layer loop shared by the record and GGUF outputs: ``one(prefix, proj, w, h)`` quantizes a
-    weight, ``attach(tensor, result)`` makes its LazyTensor."""
+    weight, ``attach(tensor, result)`` makes its LazyTensor; ``final`` gets the last layer's outputs."""
     if ckpt.quantized():
         raise UnsupportedError("the checkpoint is already quantized", ckpt.source)
-    _check_shapes(ckpt, config)
+    if "gguf_type" not in manifest:
+        _check_shapes(ckpt, config)
     tensors = dict(ckpt.tensors)
     with progress(f"GPTQ {ckpt.source or 'model'}", ckpt.spec.num_layers) as advance:
-        for item in stream_layers(ckpt, config.calibration, quantized_outputs=True):
+        for item in stream_layers(ckpt, config.calibration, quantized_outputs=True, final=final):
             prefix = f"model.layers.{item.index}."
             results = quantize_layer(item, functools.partial(one, prefix))
             for proj, result in results.items():

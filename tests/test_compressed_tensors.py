@@ -157,3 +157,15 @@ def test_cli_bits_must_be_4_or_8(tiny_models, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["quantize", str(tiny_models["gemma2"]), str(tmp_path / "q"), "--bits", "5"])
     assert exc.value.code == 2 and "invalid choice: 5" in capsys.readouterr().err
+
+
+def test_convert_quant_is_the_one_step_quantize(tiny_models, tmp_path, capsys):
+    src = tiny_models["gemma2"]
+    assert main(["convert", str(src), str(tmp_path / "a"), "--to", "hf", "--quant", "int4"]) == 2  # g128, 64-wide rows
+    assert "group size 128 does not divide the row length 64" in capsys.readouterr().err
+    assert main(["convert", str(src), str(tmp_path / "c"), "--to", "hf", "--quant", "int8"]) == 0
+    assert main(["quantize", str(src), str(tmp_path / "d"), "--bits", "8"]) == 0
+    for name in ("model.safetensors", "config.json", "gemport.json"):
+        assert (tmp_path / "c" / name).read_bytes() == (tmp_path / "d" / name).read_bytes(), name
+    assert main(["convert", str(src), str(tmp_path / "e"), "--to", "hf", "--quant", "int8", "--dtype", "f16"]) == 2
+    assert "takes no --dtype" in capsys.readouterr().err

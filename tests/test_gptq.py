@@ -167,3 +167,61 @@ def test_cli_gptq_bad_options(tiny_models, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert err.startswith("gemport: error: ") and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def wide_gemma3(tmp_path_factory):
+    """Rows of 256 and 512: the Q4_K_M mix uses Q4_K and Q6_K blocks, not only 32-block fallbacks."""
+    from tests.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("gptq-wide")
+    return make_tiny(
+        "gemma3", root / "gemma3-256", hidden_size=256, intermediate_size=512, head_dim=64, query_pre_attn_scalar=64
+    )
+
+
+def _types(path) -> dict[str, str]:
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+
+def test_gptq_gguf_beats_llama_quantize_with_imatrix_in_llamacpp(wide_gemma3, tmp_path, corpus):
+    """The same Q4_K_M tensor types as llama-quantize (so the same size), lower KLD in llama.cpp
+    than llama-quantize's Q4_K_M with an imatrix (gemport's writer, byte-identical to it:
+    tests/test_gguf_write.py)."""
+    import gguf
+
+    calib = ["--corpus", str(corpus), "--calib-tokens", "1024", "--calib-ctx", "128"]
+    ours, peer = tmp_path / "gptq.gguf", tmp_path / "peer.gguf"
+    assert (
+        main(["quantize", str(wide_gemma3), str(ours), "--method", "gptq", "--bits", "4", "--to", "gguf", *calib]) == 0
+    )
+    assert (
+        main(
+            [
+                "convert",
+                str(wide_gemma3),
+                str(peer),
+                "--to",
+                "gguf",
+                "--quant",
+                "q4_k_m",
+                "--calibrate",
+                "--corpus",
+                str(corpus),
+            ]
+        )
+        == 0
+    )
+    assert _types(ours) == _types(peer) and "Q4_K" in _types(ours).values()
+    assert abs(ours.stat().st_size - peer.stat().st_size) < 16384  # the same blocks; metadata differ
+    made = json.loads(gguf.GGUFReader(ours).get_field("gemport.quantization").contents())
+    assert made["method"] == "gptq" and made["gguf_type"] == "q4_k_m"
+    got = {
+        name: validate(path, wide_gemma3, corpus=corpus, n_ctx=128, n_windows=16).to_json()
+        for name, path in (("gptq", ours), ("peer", peer))
+    }
+    assert got["gptq"]["runtime"] == got["peer"]["runtime"] and "llama" in got["gptq"]["runtime"]["name"]
+    ours_m, peer_m = got["gptq"]["metrics"], got["peer"]["metrics"]
+    assert ours_m["kld"] < peer_m["kld"] - 2 * peer_m["kld_se"], got
