@@ -22,11 +22,12 @@ is refused, since its tied LM head would need its own scheme.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
 from gemport.checkpoint import Checkpoint, LazyTensor
-from gemport.errors import UnsupportedError
+from gemport.errors import CheckpointError, UnsupportedError
 from quantizers.record import QuantFormat, QuantizedTensor
 from quantizers.rtn import PROJECTIONS, projection_names
 
@@ -151,3 +152,78 @@ def add_quantization_config(ckpt: Checkpoint, fmt: QuantFormat, folder: Path) ->
         ignore=ignored_modules(ckpt),
     )
     ModelCompressor(quantization_config=config).update_config(str(folder))
+
+
+# ---------------------------------------------------------------------------------------------
+# reading: pack-quantized folders (gemport's own, llm-compressor's weight-only int schemes)
+
+
+def check_readable(quantization: dict, path: Path) -> None:
+    """UnsupportedError unless ``quantization`` is a compressed-tensors pack-quantized weight-only
+    int scheme with one config group, what this module writes."""
+    method, fmt = quantization.get("quant_method"), quantization.get("format")
+    if method != "compressed-tensors" or fmt != "pack-quantized":
+        raise UnsupportedError(
+            f"reading quantized HF checkpoints is supported for compressed-tensors pack-quantized only, "
+            f"not {method} {fmt or ''}".rstrip(),
+            path,
+        )
+    groups = quantization.get("config_groups") or {}
+    if len(groups) != 1:
+        raise UnsupportedError(f"compressed-tensors folders with {len(groups)} config groups are not supported", path)
+    scheme = next(iter(groups.values()))
+    weights = scheme.get("weights") or {}
+    if scheme.get("input_activations") or weights.get("type") != "int" or weights.get("num_bits") not in (4, 8):
+        raise UnsupportedError("only weight-only int4/int8 compressed-tensors schemes are read", path)
+
+
+def records_of(tensors: dict[str, LazyTensor], quantization: dict, spec, path: Path) -> dict[str, LazyTensor]:
+    """``tensors`` as read from the safetensors files, with each module's packed set replaced by
+    one lazy record ``{module}.weight`` (dtype: the scale dtype, the weight's own as llm-compressor
+    stores it)."""
+    weights = next(iter(quantization["config_groups"].values()))["weights"]
+    bits, symmetric = int(weights["num_bits"]), bool(weights.get("symmetric", True))
+    group_size = weights.get("group_size") if weights.get("strategy") == "group" else None
+    out = {n: t for n, t in tensors.items() if not n.endswith(SUFFIXES)}
+    modules = sorted({n.rsplit(".", 1)[0] for n in tensors if n.endswith(".weight_packed")})
+    for module in modules:
+        parts = {s: tensors.get(f"{module}.{s}") for s in SUFFIXES}
+        missing = [s for s in SUFFIXES if parts[s] is None and not (symmetric and s == "weight_zero_point")]
+        if missing:
+            raise CheckpointError(f"{module}: {', '.join(missing)} missing", path)
+        shape = tuple(int(v) for v in parts["weight_shape"].load().tolist())
+        scale = parts["weight_scale"]
+        fmt = QuantFormat(bits, group_size, symmetric, scale.dtype)
+        if len(shape) != 2 or tuple(scale.shape) != (shape[0], fmt.groups(shape[1])):
+            message = f"{module}: weight_scale {list(scale.shape)} does not fit weight_shape {list(shape)}"
+            raise CheckpointError(message, path)
+        load = functools.partial(_unpacked_record, parts, shape, fmt)
+        out[f"{module}.weight"] = LazyTensor(f"{module}.weight", shape, scale.dtype, load=load, quant=fmt)
+    if spec.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def _unpacked_record(parts: dict[str, LazyTensor], shape: tuple[int, int], fmt: QuantFormat) -> QuantizedTensor:
+    rows, cols = shape
+    codes = unpack_int32(parts["weight_packed"].load(), fmt.bits, cols)
+    zero = None
+    if not fmt.symmetric:
+        zero = unpack_int32(parts["weight_zero_point"].load().T.contiguous(), fmt.bits, rows).T.contiguous()
+    return QuantizedTensor(codes, parts["weight_scale"].load(), zero, fmt)
+
+
+def unpack_int32(packed, bits: int, count: int):
+    """int8 ``[rows, count]`` from compressed-tensors' dense int32 packing along dim 1: element i at
+    bit i * bits counted from the least significant bit of word 0, stored with an offset of
+    ``2**(bits-1)`` (ref: compressed-tensors 0.20.0 compressors/pack_quantized/helpers.py
+    ``pack_to_int32``/``unpack_from_int32``). Bits 4 and 8 never straddle two words; safetensors
+    is little-endian, so the words' bytes hold the elements in order."""
+    import numpy as np
+    import torch
+
+    data = np.ascontiguousarray(packed.numpy()).astype("<i4", copy=False).view(np.uint8).reshape(packed.shape[0], -1)
+    if bits == 4:
+        data = np.stack([data & 0x0F, data >> 4], axis=-1).reshape(data.shape[0], -1)
+    values = data[:, :count].astype(np.int16) - (1 << (bits - 1))
+    return torch.from_numpy(values.astype(np.int8))

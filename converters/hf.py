@@ -15,7 +15,7 @@ from pathlib import Path
 
 from converters import compressed_tensors as ct
 from gemport.checkpoint import DTYPES, Checkpoint, LazyTensor, all_finite, expected_shapes, torch_dtype
-from gemport.errors import CheckpointError, InputError, UnsupportedError
+from gemport.errors import CheckpointError, InputError
 from gemport.output import atomic_output
 from gemport.progress import progress
 from gemport.spec import GemmaSpec
@@ -34,8 +34,9 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 _ST_DTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
-# Written only: the integer tensors of compressed-tensors' packed format (converters/compressed_tensors.py).
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()} | {"i8": "I8", "i32": "I32", "i64": "I64"}
+# The integer tensors of compressed-tensors' packed format (converters/compressed_tensors.py).
+_ST_INTEGERS = {"I8": "i8", "I32": "i32", "I64": "i64"}
+_ST_NAMES = {v: k for k, v in (_ST_DTYPES | _ST_INTEGERS).items()}
 
 
 def sniff(path: Path) -> bool:
@@ -57,16 +58,18 @@ def read(path: str | Path) -> Checkpoint:
     if not sniff(path):
         raise InputError(f"not a Hugging Face checkpoint folder (no {CONFIG})", path)
     config = read_json(path / CONFIG)
-    if "quantization_config" in config:
-        method = config["quantization_config"].get("quant_method", "?")
-        raise UnsupportedError(f"reading quantized HF checkpoints ({method}) is not supported yet", path)
+    quantization = config.get("quantization_config")
+    if quantization is not None:
+        ct.check_readable(quantization, path)
     spec = GemmaSpec.from_hf_config(config, path / CONFIG)
     tensors: dict[str, LazyTensor] = {}
     for file in _weight_files(path):
-        for tensor in _read_header(file):
+        for tensor in _read_header(file, integers=quantization is not None):
             if tensor.name in tensors:
                 raise InputError(f"tensor {tensor.name} is stored twice", file)
             tensors[tensor.name] = tensor
+    if quantization is not None:
+        tensors = ct.records_of(tensors, quantization, spec, path)
     if spec.tie_embeddings and "lm_head.weight" in tensors:
         log.info("%s: dropping lm_head.weight, the config ties it to the embedding", path)
         del tensors["lm_head.weight"]
@@ -78,7 +81,7 @@ def read(path: str | Path) -> Checkpoint:
         generation_config=read_json(gen) if gen.is_file() else None,
         source=str(path),
     )
-    ckpt.check()
+    ckpt.check(quantized_ok=True)
     return ckpt
 
 
@@ -97,8 +100,9 @@ def _weight_files(path: Path) -> list[Path]:
     raise InputError(f"no {SINGLE} or {INDEX} (only safetensors weights are read)", path)
 
 
-def _read_header(file: Path) -> list[LazyTensor]:
-    """Parse a safetensors header and check that the data it names is all there."""
+def _read_header(file: Path, integers: bool = False) -> list[LazyTensor]:
+    """Parse a safetensors header and check that the data it names is all there; ``integers``
+    also accepts the integer tensors of a compressed-tensors folder."""
     try:
         with open(file, "rb") as f:
             raw = f.read(8)
@@ -118,10 +122,11 @@ def _read_header(file: Path) -> list[LazyTensor]:
     if 8 + n + data_end > size:
         raise InputError(f"truncated safetensors file: data ends at byte {size}, header needs {8 + n + data_end}", file)
     out = []
+    readable = _ST_DTYPES | (_ST_INTEGERS if integers else {})
     for name, info in header.items():
-        if info.get("dtype") not in _ST_DTYPES:
+        if info.get("dtype") not in readable:
             raise InputError(f"tensor {name} has unsupported dtype {info.get('dtype')}", file)
-        shape, dtype = tuple(info["shape"]), _ST_DTYPES[info["dtype"]]
+        shape, dtype = tuple(info["shape"]), readable[info["dtype"]]
         start, end = info["data_offsets"]
         tensor = LazyTensor(
             name, shape, dtype, load=lambda f=file, s=8 + n + start, sh=shape, d=dtype: _load(f, s, sh, d)

@@ -82,6 +82,13 @@ class LazyTensor:
         zero_points = 0 if self.quant.symmetric else groups
         return n * self.quant.bits // 8 + groups * DTYPE_BYTES[self.quant.scale_dtype] + zero_points
 
+    def dequantized(self, dtype: str) -> LazyTensor:
+        """A quantized tensor as the float weight its record stands for, ``(codes - zero) * scale``
+        computed in ``dtype``; any other tensor unchanged."""
+        if self.quant is None:
+            return self
+        return LazyTensor(self.name, self.shape, dtype, load=lambda: self.load().dequantize(dtype))
+
     def cast(self, dtype: str) -> LazyTensor:
         """The same tensor, converted to ``dtype`` when loaded; a quantized tensor keeps its record."""
         if dtype == self.dtype or self.quant is not None:

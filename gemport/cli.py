@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
@@ -207,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--dtype",
         choices=DTYPES,
-        help="cast floating-point weights (default: keep the source's; quantized sources dequantize to f32)",
+        help="cast floating-point weights (default: keep the source's; quantized GGUF sources dequantize to f32); "
+        "a compressed-tensors source is dequantized to this dtype",
     )
     s.add_argument(
         "--max-shard-size",
@@ -366,6 +368,8 @@ def cmd_convert(args) -> int:
     if args.dst_format == "hf" and args.quant in HF_QUANTS:
         return _convert_quantized(args)
     src_fmt, ckpt = _read(args.src, args.src_format, args)
+    if args.dtype and ckpt.quantized():  # a quantized HF source: dequantize its records
+        ckpt = dataclasses.replace(ckpt, tensors={n: t.dequantized(args.dtype) for n, t in ckpt.tensors.items()})
     writer = registry.get(args.dst_format).load()
     log.info("%s (%s) -> %s (%s)", args.src, src_fmt, args.dst, args.dst_format)
     options = {"dtype": args.dtype, "max_shard_bytes": args.max_shard_size, "overwrite": args.overwrite}

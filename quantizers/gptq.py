@@ -225,6 +225,10 @@ def record_from(levels: torch.Tensor, grids: list[MinMaxGrid], fmt: QuantFormat,
 # the layer loop
 
 
+class _StopForward(Exception):
+    pass
+
+
 def stage_hessian(item: LayerInputs, name: str) -> torch.Tensor:
     """``2 / N * X^T X`` of the inputs of projection ``name`` over all calibration tokens."""
     import torch
@@ -237,12 +241,16 @@ def stage_hessian(item: LayerInputs, name: str) -> torch.Tensor:
         x = args[0].detach().reshape(-1, n).to(torch.float32)
         acc["h"].addmm_(x.T, x)
         acc["tokens"] += x.shape[0]
+        raise _StopForward  # the rest of the layer is not needed for this input
 
     handle = module.register_forward_pre_hook(hook)
     try:
         with torch.inference_mode():
             for h in item.hidden.split(item.batch):
-                item.layer(h, **item.kwargs)
+                try:
+                    item.layer(h, **item.kwargs)
+                except _StopForward:
+                    pass
     finally:
         handle.remove()
     return acc["h"] * (2 / acc["tokens"])
