@@ -42,8 +42,8 @@ from gemport.checkpoint import Checkpoint, LazyTensor, torch_dtype
 from gemport.errors import UnsupportedError
 from gemport.progress import progress
 from quantizers.calibration import CalibrationConfig, LayerInputs, stream_layers
-from quantizers.record import BITS, SCALE_DTYPES, QuantFormat, QuantizedTensor
-from quantizers.rtn import GROUP_SIZES, quantize_weight
+from quantizers.record import SCALE_DTYPES, QuantFormat, QuantizedTensor
+from quantizers.rtn import check_bits_and_group, quantize_weight
 
 if TYPE_CHECKING:
     import torch
@@ -78,12 +78,7 @@ class GPTQConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self) -> None:
-        if self.group_size == -1:
-            object.__setattr__(self, "group_size", None)
-        if self.bits not in BITS:
-            raise ValueError(f"bits must be 4 or 8, got {self.bits!r}")
-        if self.group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size must be None/-1 (per output channel), 32, 64 or 128, got {self.group_size!r}")
+        object.__setattr__(self, "group_size", check_bits_and_group(self.bits, self.group_size))
         if not isinstance(self.symmetric, bool) or not isinstance(self.act_order, bool):
             raise ValueError("symmetric and act_order must be True or False")
         if not 0 < self.damp < 1:

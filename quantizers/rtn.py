@@ -55,12 +55,7 @@ class RTNConfig:
     embedding_bits: int | None = None
 
     def __post_init__(self) -> None:
-        if self.group_size == -1:
-            object.__setattr__(self, "group_size", None)
-        if self.bits not in BITS:
-            raise ValueError(f"bits must be 4 or 8, got {self.bits!r}")
-        if self.group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size must be None/-1 (per output channel), 32, 64 or 128, got {self.group_size!r}")
+        object.__setattr__(self, "group_size", check_bits_and_group(self.bits, self.group_size))
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"symmetric must be True or False, got {self.symmetric!r}")
         if self.scale_dtype not in (None, *SCALE_DTYPES):
@@ -70,6 +65,16 @@ class RTNConfig:
 
     def format_for(self, bits: int, source_dtype: str) -> QuantFormat:
         return QuantFormat(bits, self.group_size, self.symmetric, self.scale_dtype or source_dtype)
+
+
+def check_bits_and_group(bits: int, group_size: int | None) -> int | None:
+    """ValueError unless bits is 4 or 8 and group_size one of GROUP_SIZES (-1 meaning None); the group size."""
+    group_size = None if group_size == -1 else group_size
+    if bits not in BITS:
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be None/-1 (per output channel), 32, 64 or 128, got {group_size!r}")
+    return group_size
 
 
 def projection_names(num_layers: int) -> list[str]:

@@ -38,3 +38,24 @@ def offgrid_model(demo_model) -> Path:
 
         build_demo_model(OFFGRID, offgrid=True)
     return OFFGRID
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: a second thread only adds hand-off latency on a loaded machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small corpus: its calibration split calibrates, its evaluation split scores."""
+    from validation.corpus import default_text
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(default_text()[:60000], encoding="utf-8")
+    return path

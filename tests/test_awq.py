@@ -16,7 +16,6 @@ from converters import hf
 from gemport.cli import main
 from quantizers import awq, rtn
 from quantizers.calibration import CalibrationConfig
-from validation.corpus import default_text
 from validation.runtimes.hf_transformers import TransformersRuntime
 from validation.validate import validate
 
@@ -24,21 +23,7 @@ FOLD_ATOL = 1e-4  # issue 5: "reference logits within 1e-4 (max abs, fp32)"
 IDS = [2, 17, 99, 5, 300, 42, 7, 256, 3, 88, 120, 61, 400, 9, 33, 250, 77, 18, 501, 64, 11, 140, 2, 90]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: a second thread only adds hand-off latency on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small corpus: its calibration split calibrates, its evaluation split scores."""
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(default_text()[:60000], encoding="utf-8")
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer_tensors(ckpt, index: int) -> dict:

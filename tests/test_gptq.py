@@ -18,23 +18,9 @@ from gemport.cli import main
 from quantizers import gptq, rtn
 from quantizers.calibration import CalibrationConfig
 from quantizers.record import QuantFormat
-from validation.corpus import default_text
 from validation.validate import validate
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(default_text()[:60000], encoding="utf-8")
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FORMATS = [
