@@ -254,9 +254,11 @@ def add_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, file_type: int) -> None:
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if ckpt.extra.get("quantization"):
-        # How the weights were made (gemport quantize: method, config, tensors kept); llama.cpp
-        # ignores keys it does not know.
-        w.add_string(QUANTIZATION_KEY, json.dumps(ckpt.extra["quantization"], sort_keys=True))
+        # How the weights were made (gemport quantize: method, config, how many tensors were kept,
+        # compact: the file should not outgrow llama-quantize's); llama.cpp ignores unknown keys.
+        made = dict(ckpt.extra["quantization"])
+        made["kept"] = len(made.get("kept", ()))
+        w.add_string(QUANTIZATION_KEY, json.dumps(made, sort_keys=True, separators=(",", ":")))
 
 
 def _check_attention_scale(s: GemmaSpec) -> None:
