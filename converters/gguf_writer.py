@@ -256,9 +256,21 @@ def add_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, file_type: int) -> None:
     if ckpt.extra.get("quantization"):
         # How the weights were made (gemport quantize: method, config, how many tensors were kept,
         # compact: the file should not outgrow llama-quantize's); llama.cpp ignores unknown keys.
-        made = dict(ckpt.extra["quantization"])
-        made["kept"] = len(made.get("kept", ()))
-        w.add_string(QUANTIZATION_KEY, json.dumps(made, sort_keys=True, separators=(",", ":")))
+        w.add_string(QUANTIZATION_KEY, _made_summary(ckpt.extra["quantization"]))
+
+
+def _made_summary(manifest: dict) -> str:
+    """The quantization manifest's method and scalar settings as compact JSON (a hundred bytes or so:
+    the file should not outgrow llama-quantize's of the same type)."""
+    config = dict(manifest.get("config", {}))
+    config |= {f"calib_{k}": v for k, v in config.pop("calibration", {}).items() if k in ("tokens", "n_ctx")}
+    if "gguf_type" in manifest:  # the type sets bits, grouping and scales; the config's do not apply
+        config = {"gguf_type": manifest["gguf_type"]} | {k: v for k, v in config.items() if k not in _RECORD_KEYS}
+    made = {"method": manifest.get("method")} | {k: v for k, v in config.items() if v is not None}
+    return json.dumps(made, separators=(",", ":"))
+
+
+_RECORD_KEYS = ("bits", "group_size", "symmetric", "scale_dtype", "block_size")
 
 
 def _check_attention_scale(s: GemmaSpec) -> None:
