@@ -206,7 +206,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise UnsupportedError(f"GPTQ: the Hessian is not positive definite even with damp {d:g}")
 
 
-def record_from(levels: torch.Tensor, grids: list[MinMaxGrid], fmt: QuantFormat, dtype: str) -> QuantizedTensor:
+def record_from(levels: torch.Tensor, grids: list[MinMaxGrid], fmt: QuantFormat) -> QuantizedTensor:
     """The QuantizedTensor of GPTQ's levels on min-max grids (one grid per group, in order)."""
     import torch
 
@@ -283,9 +283,8 @@ def quantize(ckpt: Checkpoint, config: GPTQConfig) -> Checkpoint:
         width = fmt.group_size or w.shape[1]
         # GPTQ works on the weight as stored: rounded to the source dtype, as RTN sees it
         w = w.to(torch_dtype(dtype)).float()
-        levels, _, grids = gptq_weight(w, h, functools.partial(MinMaxGrid.fit, fmt=fmt), width, config)
-        record = record_from(levels, grids, fmt, dtype)
-        return record, record.dequantize("f32")
+        levels, values, grids = gptq_weight(w, h, functools.partial(MinMaxGrid.fit, fmt=fmt), width, config)
+        return record_from(levels, grids, fmt), values  # values == record.dequantize("f32") (tested)
 
     def attach(t: LazyTensor, record: QuantizedTensor) -> LazyTensor:
         return replace(t, quant=record.format, raw=None, load=functools.partial(_same, record))

@@ -34,7 +34,7 @@ def _gptq(w, h, fmt, **options):
     config = gptq.GPTQConfig(bits=fmt.bits, group_size=fmt.group_size, symmetric=fmt.symmetric, **options)
     width = fmt.group_size or w.shape[1]
     levels, values, grids = gptq.gptq_weight(w, h, functools.partial(gptq.MinMaxGrid.fit, fmt=fmt), width, config)
-    return gptq.record_from(levels, grids, fmt, "f32"), values
+    return gptq.record_from(levels, grids, fmt), values
 
 
 def _correlated_inputs(n: int, tokens: int, seed: int) -> torch.Tensor:
