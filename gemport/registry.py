@@ -32,6 +32,13 @@ FORMATS: dict[str, Format] = {
         Format("hf", "converters.hf", True, True, "Hugging Face safetensors folder (config.json, tokenizer)"),
         Format("gguf", "converters.gguf", True, True, "GGUF file (llama.cpp) of arch gemma/gemma2/gemma3"),
         Format("jax", "converters.jax", True, True, "Orbax checkpoint folder of Google's gemma library (JAX/Flax)"),
+        Format(
+            "onnx",
+            "converters.onnx",
+            True,
+            True,
+            "ONNX decoder folder (model.onnx + external data, genai_config.json) for onnxruntime(-genai)",
+        ),
         Format("gemma-pytorch", "converters.gemma_pytorch", True, False, "gemma_pytorch .ckpt (float or int8)"),
     )
 }

@@ -24,6 +24,7 @@ RUNTIMES: dict[str, str] = {
     "hf": "validation.runtimes.hf_transformers:TransformersRuntime",
     "gguf": "validation.runtimes.llamacpp:LlamaCppRuntime",
     "jax": "validation.runtimes.jax:GemmaLibraryRuntime",
+    "onnx": "validation.runtimes.onnxruntime:OnnxRuntime",
 }
 
 

@@ -1,0 +1,780 @@
+"""ONNX decoder graphs for Gemma 1/2/3, built from the Checkpoint (no tracing), and read back.
+
+The graph has the inputs and outputs onnxruntime-genai and optimum use: ``input_ids``,
+``attention_mask``, ``position_ids``, ``past_key_values.{i}.key|value`` [batch, kv_heads, past,
+head_dim] in, ``logits`` (float32) and ``present.{i}.key|value`` (past and new, concatenated) out.
+Two op sets compute the same model: ``fused`` uses onnxruntime's CPU contrib ops
+(GroupQueryAttention with rotary, softcap and local window; SimplifiedLayerNormalization),
+``plain`` only standard ONNX ops (any runtime). Quantized records become com.microsoft
+MatMulNBits (an embedding record becomes GatherBlockQuantized).
+
+Stored layout (the table ``gemport.layout`` in the model's metadata maps it back to canonical
+names, so the reader needs no guessing): linear weights transposed to [in, out] for MatMul; norm
+weights stored as ``1 + w``, which the reference computes in float32 too (ref: transformers
+GemmaRMSNorm.forward, ``output * (1.0 + self.weight.float())``); the embedding [vocab, hidden]
+as is, shared with the tied LM head through Gemm(transB=1).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gemport.checkpoint import Checkpoint, LazyTensor, all_finite, expected_shapes
+from gemport.errors import CheckpointError, InputError, UnsupportedError
+from gemport.output import atomic_output
+from gemport.progress import progress
+from gemport.spec import SLIDING, GemmaSpec
+
+log = logging.getLogger(__name__)
+
+MODEL, DATA, GENAI_CONFIG, MANIFEST = "model.onnx", "model.onnx.data", "genai_config.json", "gemport.json"
+SPEC_KEY, LAYOUT_KEY = "gemport.spec", "gemport.layout"
+OPSET, MS_OPSET, IR_VERSION = 21, 1, 10
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two >= 16
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """How the graph is written; saved in gemport.json beside it."""
+
+    dtype: str = "f32"  # weights and activations: f32 or f16 (logits are always float32)
+    fused: bool = True  # onnxruntime contrib ops; False: standard ONNX ops only
+    accuracy_level: int = 0  # MatMulNBits: 0/1 float compute, 4 int8 activations (faster, less exact)
+    context_length: int | None = None  # rotary cache rows and genai max_length; None: the spec's max_position
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("f32", "f16"):
+            raise ValueError(f"ONNX dtype must be f32 or f16, got {self.dtype!r}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"accuracy level must be 0-4, got {self.accuracy_level}")
+        if self.context_length is not None and self.context_length < 1:
+            raise ValueError(f"context length must be >= 1, got {self.context_length}")
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def write(
+    ckpt: Checkpoint,
+    dst: str | Path,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    fused: bool = True,
+    accuracy_level: int = 0,
+    context_length: int | None = None,
+    **_ignored,
+) -> Path:
+    """Write ``ckpt`` as an ONNX folder (model.onnx, model.onnx.data, genai_config.json, tokenizer)."""
+    import onnx_ir as ir
+
+    try:
+        options = OnnxOptions(dtype or "f32", fused, accuracy_level, context_length)
+    except ValueError as exc:
+        raise UnsupportedError(str(exc)) from None
+    ckpt.check(quantized_ok=True)
+    for name in ckpt.quantized():
+        if name == "lm_head.weight" or (name == "model.embed_tokens.weight" and not ckpt.spec.tie_embeddings):
+            raise UnsupportedError(f"tensor {name}: a quantized {name} is not written to ONNX", ckpt.source)
+    builder = _Builder(ckpt, options)
+    model = builder.build()
+    dst = Path(dst)
+    with atomic_output(dst, overwrite) as tmp:
+        tmp.mkdir()
+        with progress(f"writing {dst.name}", total=len(builder.initializers)) as advance:
+            ir.save(model, tmp / MODEL, external_data=DATA, callback=lambda *_: advance())
+        _write_json(tmp / GENAI_CONFIG, genai_config(ckpt.spec, options))
+        manifest = {"onnx": asdict(options), "quantization": ckpt.extra.get("quantization")}
+        _write_json(tmp / MANIFEST, manifest)
+        for name, data in ckpt.tokenizer_files.items():
+            (tmp / name).write_bytes(data)
+    return dst
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def genai_config(spec: GemmaSpec, options: OnnxOptions) -> dict:
+    """onnxruntime-genai's model description (ref: onnxruntime-genai src/config.h, the keys its
+    model builder writes in builder.py ``make_genai_config``)."""
+    context = options.context_length or spec.max_position
+    eos = list(spec.eos_token_id) if isinstance(spec.eos_token_id, tuple) else spec.eos_token_id
+    decoder = {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+        "filename": MODEL,
+        "head_size": spec.head_dim,
+        "hidden_size": spec.hidden_size,
+        "inputs": {
+            "input_ids": "input_ids",
+            "attention_mask": "attention_mask",
+            "position_ids": "position_ids",
+            "past_key_names": "past_key_values.%d.key",
+            "past_value_names": "past_key_values.%d.value",
+        },
+        "outputs": {
+            "logits": "logits",
+            "present_key_names": "present.%d.key",
+            "present_value_names": "present.%d.value",
+        },
+        "num_attention_heads": spec.num_heads,
+        "num_hidden_layers": spec.num_layers,
+        "num_key_value_heads": spec.num_kv_heads,
+    }
+    search = {
+        "diversity_penalty": 0.0,
+        "do_sample": False,
+        "early_stopping": True,
+        "length_penalty": 1.0,
+        "max_length": context,
+        "min_length": 0,
+        "no_repeat_ngram_size": 0,
+        "num_beams": 1,
+        "num_return_sequences": 1,
+        "past_present_share_buffer": False,
+        "repetition_penalty": 1.0,
+        "temperature": 1.0,
+        "top_k": 1,
+        "top_p": 1.0,
+    }
+    model = {
+        "bos_token_id": spec.bos_token_id,
+        "context_length": context,
+        "decoder": decoder,
+        "eos_token_id": eos,
+        "pad_token_id": spec.pad_token_id,
+        "type": {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}[spec.family],
+        "vocab_size": spec.vocab_size,
+    }
+    return {"model": model, "search": search}
+
+
+class _Builder:
+    """Builds the graph node by node with onnx-ir; initializers load lazily when saved."""
+
+    def __init__(self, ckpt: Checkpoint, options: OnnxOptions):
+        import onnx_ir as ir
+
+        self.ir = ir
+        self.ckpt, self.spec, self.options = ckpt, ckpt.spec, options
+        self.float = ir.DataType.FLOAT16 if options.dtype == "f16" else ir.DataType.FLOAT
+        self.np_float = np.float16 if options.dtype == "f16" else np.float32
+        self.nodes: list = []
+        self.initializers: list = []
+        self.layout: dict[str, dict] = {}  # canonical name -> how it is stored
+        self._consts: dict = {}
+
+    # -- graph plumbing
+    def op(self, op_type: str, *inputs, domain: str = "", outputs: int = 1, **attrs):
+        ir = self.ir
+        node = ir.node(op_type, list(inputs), attrs or None, domain=domain, num_outputs=outputs)
+        node.name = f"{op_type}_{len(self.nodes)}"
+        for i, out in enumerate(node.outputs):
+            out.name = f"{node.name}/out{i}"
+        self.nodes.append(node)
+        return node.outputs[0] if outputs == 1 else list(node.outputs)
+
+    def const(self, value, dtype=None):
+        """A small constant initializer (shapes, scalars)."""
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self._initializer(f"const_{len(self._consts)}", self.ir.tensor(array))
+        return self._consts[key]
+
+    def _initializer(self, name: str, tensor):
+        value = self.ir.Value(name=name, type=self.ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor)
+        self.initializers.append(value)
+        return value
+
+    def lazy(self, name: str, shape: tuple[int, ...], dtype, load) -> object:
+        """An initializer whose data is made by ``load()`` (a numpy array) when the model is saved."""
+        ir = self.ir
+        tensor = ir.LazyTensor(lambda: ir.tensor(load()), dtype=dtype, shape=ir.Shape(shape), name=name)
+        return self._initializer(name, tensor)
+
+    def weight(self, canonical: str, transform: str):
+        """The float initializer of a canonical tensor: 'none', 'transpose' ([in, out]) or 'one_plus'."""
+        t = self.ckpt.tensors[canonical]
+        shape = tuple(reversed(t.shape)) if transform == "transpose" else t.shape
+        self.layout[canonical] = {"kind": "float", "transform": transform, "name": canonical}
+        return self.lazy(canonical, shape, self.float, lambda: self._load_float(t, transform))
+
+    def _load_float(self, t: LazyTensor, transform: str) -> np.ndarray:
+        import torch
+
+        data = t.load()
+        if not all_finite(data):
+            raise CheckpointError(f"tensor {t.name} has NaN or infinite values", self.ckpt.source)
+        data = data.to(torch.float32)
+        if transform == "transpose":
+            data = data.t()
+        elif transform == "one_plus":
+            data = 1.0 + data
+        return data.contiguous().numpy().astype(self.np_float, copy=False)
+
+    # -- building blocks
+    def build(self):
+        ir, spec = self.ir, self.spec
+        kv, d = spec.num_kv_heads, spec.head_dim
+        f = self.float
+        self.input_ids = ir.val("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
+        self.attention_mask = ir.val("attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"])
+        self.position_ids = ir.val("position_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
+        pasts, inputs = [], [self.input_ids, self.attention_mask, self.position_ids]
+        for i in range(spec.num_layers):
+            pair = [
+                ir.val(f"past_key_values.{i}.{kind}", f, ["batch_size", kv, "past_sequence_length", d])
+                for kind in ("key", "value")
+            ]
+            pasts.append(pair)
+            inputs += pair
+        self._rope_caches()
+        self._masks(pasts[0][0])
+        x = self.embedding()
+        outputs = []
+        for i in range(spec.num_layers):
+            x, present = self.layer(i, x, pasts[i])
+            for kind, value in zip(("key", "value"), present, strict=True):
+                value.name = f"present.{i}.{kind}"
+                value.dtype, value.shape = f, ir.Shape(["batch_size", kv, "total_sequence_length", d])
+                outputs.append(value)
+        logits = self.head(x)
+        logits.name = "logits"
+        logits.dtype = ir.DataType.FLOAT
+        logits.shape = ir.Shape(["batch_size", "sequence_length", spec.vocab_size])
+        graph = ir.Graph(
+            inputs,
+            [logits, *outputs],
+            nodes=self.nodes,
+            initializers=self.initializers,
+            opset_imports={"": OPSET, "com.microsoft": MS_OPSET},
+            name=f"{spec.family}_decoder",
+        )
+        metadata = {SPEC_KEY: json.dumps(spec.to_json()), LAYOUT_KEY: json.dumps(self.layout)}
+        return ir.Model(graph, ir_version=IR_VERSION, producer_name="gemport", metadata_props=metadata)
+
+    def norm(self, x, canonical: str):
+        """Gemma RMSNorm over the last axis with scale ``1 + w``."""
+        scale = self.weight(canonical, "one_plus")
+        if self.options.fused:
+            return self.op("SimplifiedLayerNormalization", x, scale, axis=-1, epsilon=self.spec.rms_eps, stash_type=1)
+        ir = self.ir
+        x32 = self.op("Cast", x, to=ir.DataType.FLOAT) if self.float != ir.DataType.FLOAT else x
+        mean = self.op("ReduceMean", self.op("Mul", x32, x32), self.const([-1], np.int64), keepdims=1)
+        inv = self.op("Reciprocal", self.op("Sqrt", self.op("Add", mean, self.const(self.spec.rms_eps, np.float32))))
+        y = self.op("Mul", x32, inv)
+        if self.float != ir.DataType.FLOAT:
+            y = self.op("Cast", y, to=self.float)
+        return self.op("Mul", y, scale)
+
+    def linear(self, x, canonical: str):
+        t = self.ckpt.tensors[canonical]
+        if t.quant is None:
+            return self.op("MatMul", x, self.weight(canonical, "transpose"))
+        return self._matmul_nbits(x, canonical, t)
+
+    def _matmul_nbits(self, x, canonical: str, t: LazyTensor):
+        n, k = t.shape
+        fmt = t.quant
+        block = _block_size(fmt.group_size, k, canonical, self.ckpt.source)
+        blocks = k // block
+        packed = self.lazy(
+            f"{canonical}.qweight",
+            (n, blocks, block * fmt.bits // 8),
+            self.ir.DataType.UINT8,
+            lambda: _pack_codes(self._record(t).codes, fmt.bits, block),
+        )
+        scales = self.lazy(
+            f"{canonical}.scales",
+            (n * blocks,),
+            self.float,
+            lambda: _block_values(self._record(t).scales, k, block).astype(self.np_float),
+        )
+        inputs = [x, packed, scales]
+        if not fmt.symmetric:
+            zp_width = math.ceil(blocks * fmt.bits / 8)
+            inputs.append(
+                self.lazy(
+                    f"{canonical}.zero_points",
+                    (n * zp_width,),
+                    self.ir.DataType.UINT8,
+                    lambda: _pack_zero_points(self._record(t).zero_points, fmt.bits, k, block),
+                )
+            )
+        self.layout[canonical] = {"kind": "matmul_nbits", "name": canonical, "bits": fmt.bits, "block_size": block}
+        attrs = dict(K=k, N=n, bits=fmt.bits, block_size=block, accuracy_level=self.options.accuracy_level)
+        return self.op("MatMulNBits", *inputs, domain="com.microsoft", **attrs)
+
+    def _record(self, t: LazyTensor):
+        """The record of ``t``, loaded once per tensor however many initializers read it."""
+        if getattr(self, "_cached", (None,))[0] != t.name:
+            record = t.load()
+            if not all_finite(record.scales):
+                raise CheckpointError(f"tensor {t.name} has NaN or infinite scales", self.ckpt.source)
+            self._cached = (t.name, record)
+        return self._cached[1]
+
+    def _rope_caches(self) -> None:
+        """cos/sin [context, head_dim / 2] per rope base, float32 as the reference computes them
+        (ref: transformers Gemma3RotaryEmbedding: inv_freq from int64 arange, linear scaling divides it)."""
+        spec = self.spec
+        rows = self.options.context_length or spec.max_position
+        self.rope = {}
+        for layer in range(spec.num_layers):
+            theta = spec.layer_rope_theta(layer)
+            factor = spec.rope_scaling.factor if spec.rope_scaling and spec.layer_types[layer] != SLIDING else 1.0
+            if spec.family == "gemma3" and spec.layer_types[layer] == SLIDING:
+                factor = 1.0
+            key = (theta, factor)
+            if key in self.rope:
+                continue
+            cos, sin = _rope_tables(theta, factor, spec.head_dim, rows)
+            tag = f"rope.{len(self.rope)}"
+            self.rope[key] = (
+                self._initializer(f"{tag}.cos", self.ir.tensor(cos.astype(self.np_float))),
+                self._initializer(f"{tag}.sin", self.ir.tensor(sin.astype(self.np_float))),
+            )
+
+    def _rope_of(self, layer: int):
+        spec = self.spec
+        factor = spec.rope_scaling.factor if spec.rope_scaling and spec.layer_types[layer] != SLIDING else 1.0
+        return self.rope[(spec.layer_rope_theta(layer), factor)]
+
+    def _masks(self, past_key0) -> None:
+        """What attention needs besides q/k/v: GroupQueryAttention's sequence lengths, or, for the
+        plain path, additive masks [batch, 1, 1, seq, total] (causal, padding, sliding window) over
+        cache positions (past + i for query i)."""
+        ir = self.ir
+        if self.options.fused:
+            lengths = self.op("ReduceSum", self.attention_mask, self.const([1], np.int64), keepdims=0)
+            seqlens = self.op("Sub", lengths, self.const(1, np.int64))
+            self.seqlens_k = self.op("Cast", seqlens, to=ir.DataType.INT32)
+            total = self.op("Gather", self.op("Shape", self.attention_mask), self.const(1, np.int64), axis=0)
+            self.total_len = self.op("Cast", total, to=ir.DataType.INT32)
+            return
+        past = self.op("Gather", self.op("Shape", past_key0), self.const(2, np.int64), axis=0)
+        total = self.op("Gather", self.op("Shape", self.attention_mask), self.const(1, np.int64), axis=0)
+        kv_pos = self.op("Range", self.const(0, np.int64), total, self.const(1, np.int64))
+        q_pos = self.op("Range", past, total, self.const(1, np.int64))
+        diff = self.op(
+            "Sub",
+            self.op("Unsqueeze", q_pos, self.const([1], np.int64)),
+            self.op("Unsqueeze", kv_pos, self.const([0], np.int64)),
+        )  # [seq, total]: query position - key position
+        causal = self.op("GreaterOrEqual", diff, self.const(0, np.int64))
+        padding = self.op(
+            "Cast",
+            self.op("Unsqueeze", self.attention_mask, self.const([1, 2, 3], np.int64)),
+            to=ir.DataType.BOOL,
+        )  # [batch, 1, 1, 1, total]
+        lowest = self.const(np.finfo(np.float32).min, np.float32)
+        zero = self.const(0.0, np.float32)
+
+        def bias(allowed):
+            return self.op("Where", self.op("And", allowed, padding), zero, lowest)
+
+        self.mask = {"full": bias(causal)}
+        if SLIDING in self.spec.layer_types:
+            window = self.op("Less", diff, self.const(self.spec.sliding_window, np.int64))
+            self.mask["sliding"] = bias(self.op("And", causal, window))
+
+    def embedding(self):
+        spec = self.spec
+        t = self.ckpt.tensors["model.embed_tokens.weight"]
+        if t.quant is None:
+            self.embed = self.weight("model.embed_tokens.weight", "none")
+            x = self.op("Gather", self.embed, self.input_ids, axis=0)
+        else:
+            x = self._gather_block_quantized(t)
+        # ref: transformers GemmaModel.forward, normalizer = tensor(hidden_size**0.5, dtype=hidden dtype)
+        scale = self.const(np.sqrt(np.float64(spec.hidden_size)).astype(self.np_float))
+        return self.op("Mul", x, scale)
+
+    def _gather_block_quantized(self, t: LazyTensor):
+        """Embedding rows from a record: com.microsoft GatherBlockQuantized (codes offset to unsigned,
+        4-bit packed two per byte, low nibble first); the tied LM head is a MatMulNBits of the same record."""
+        fmt, (v, h) = t.quant, t.shape
+        block = _block_size(fmt.group_size, h, t.name, self.ckpt.source)
+        ir = self.ir
+        data = self.lazy(
+            f"{t.name}.qdata",
+            (v, h * fmt.bits // 8),
+            ir.DataType.UINT8,
+            lambda: _pack_codes(self._record(t).codes, fmt.bits, block).reshape(v, -1),
+        )
+        scales = self.lazy(
+            f"{t.name}.qscales",
+            (v, h // block),
+            self.float,
+            lambda: _block_values(self._record(t).scales, h, block).reshape(v, -1).astype(self.np_float),
+        )
+        inputs = [data, self.input_ids, scales]
+        if not fmt.symmetric:
+            inputs.append(
+                self.lazy(
+                    f"{t.name}.qzero_points",
+                    (v, math.ceil(h // block * fmt.bits / 8)),
+                    ir.DataType.UINT8,
+                    lambda: _pack_zero_points(self._record(t).zero_points, fmt.bits, h, block).reshape(v, -1),
+                )
+            )
+        else:  # the op's default zero point for uint8 data is 0: store the unsigned offset explicitly
+            offset = 1 << (fmt.bits - 1)
+            packed_offset = offset | (offset << 4) if fmt.bits == 4 else offset
+            width = math.ceil(h // block * fmt.bits / 8)
+            inputs.append(
+                self.lazy(
+                    f"{t.name}.qzero_points",
+                    (v, width),
+                    ir.DataType.UINT8,
+                    lambda: np.full((v, width), packed_offset, np.uint8),
+                )
+            )
+        self.layout[t.name] = {"kind": "gather_block_quantized", "name": t.name, "bits": fmt.bits, "block_size": block}
+        return self.op(
+            "GatherBlockQuantized",
+            *inputs,
+            domain="com.microsoft",
+            gather_axis=0,
+            quantize_axis=1,
+            block_size=block,
+            bits=fmt.bits,
+        )
+
+    def layer(self, i: int, x, past):
+        spec = self.spec
+        p = f"model.layers.{i}."
+        attn = self.attention(i, self.norm(x, p + "input_layernorm.weight"), past)
+        out, present = attn
+        if spec.post_norms:
+            out = self.norm(out, p + "post_attention_layernorm.weight")
+            x = self.op("Add", x, out)
+            y = self.norm(x, p + "pre_feedforward_layernorm.weight")
+        else:
+            x = self.op("Add", x, out)
+            y = self.norm(x, p + "post_attention_layernorm.weight")
+        y = self.mlp(p, y)
+        if spec.post_norms:
+            y = self.norm(y, p + "post_feedforward_layernorm.weight")
+        return self.op("Add", x, y), present
+
+    def mlp(self, p: str, x):
+        approximate = "tanh" if "tanh" in self.spec.activation else "none"
+        gate = self.op("Gelu", self.linear(x, p + "mlp.gate_proj.weight"), approximate=approximate)
+        return self.linear(self.op("Mul", gate, self.linear(x, p + "mlp.up_proj.weight")), p + "mlp.down_proj.weight")
+
+    def attention(self, i: int, x, past):
+        spec = self.spec
+        p = f"model.layers.{i}.self_attn."
+        q = self.linear(x, p + "q_proj.weight")
+        k = self.linear(x, p + "k_proj.weight")
+        v = self.linear(x, p + "v_proj.weight")
+        heads = (spec.num_heads, spec.num_kv_heads)
+        if spec.qk_norm:
+            q, k = (
+                self.op(
+                    "Reshape",
+                    self.norm(
+                        self.op("Reshape", t, self.const([0, 0, n, spec.head_dim], np.int64)), p + f"{w}_norm.weight"
+                    ),
+                    self.const([0, 0, n * spec.head_dim], np.int64),
+                )
+                for t, n, w in ((q, heads[0], "q"), (k, heads[1], "k"))
+            )
+        if self.options.fused:
+            out, present = self._gqa(i, q, k, v, past)
+        else:
+            out, present = self._plain_attention(i, q, k, v, past)
+        return self.linear(out, p + "o_proj.weight"), present
+
+    def _gqa(self, i: int, q, k, v, past):
+        """com.microsoft GroupQueryAttention: rotary (non-interleaved), scale, softcap and the sliding
+        window in one CPU kernel; present = past + new keys/values (no shared buffer)."""
+        spec = self.spec
+        cos, sin = self._rope_of(i)
+        sliding = spec.layer_types[i] == SLIDING
+        out, present_k, present_v = self.op(
+            "GroupQueryAttention",
+            q,
+            k,
+            v,
+            past[0],
+            past[1],
+            self.seqlens_k,
+            self.total_len,
+            cos,
+            sin,
+            domain="com.microsoft",
+            outputs=3,
+            num_heads=spec.num_heads,
+            kv_num_heads=spec.num_kv_heads,
+            scale=spec.attn_scale,
+            softcap=float(spec.attn_softcap or 0.0),
+            local_window_size=spec.sliding_window if sliding else -1,
+            do_rotary=1,
+            rotary_interleaved=0,
+        )
+        return out, (present_k, present_v)
+
+    def _heads(self, t, n: int):
+        """[batch, seq, n * head_dim] -> [batch, n, seq, head_dim]."""
+        t = self.op("Reshape", t, self.const([0, 0, n, self.spec.head_dim], np.int64))
+        return self.op("Transpose", t, perm=[0, 2, 1, 3])
+
+    def _rotate(self, t, cos, sin):
+        """HF rotary: t * cos + rotate_half(t) * sin, cos/sin [batch, 1, seq, head_dim]."""
+        half = self.spec.head_dim // 2
+        x1, x2 = self.op("Split", t, self.const([half, half], np.int64), axis=-1, outputs=2)
+        rotated = self.op("Concat", self.op("Neg", x2), x1, axis=-1)
+        return self.op("Add", self.op("Mul", t, cos), self.op("Mul", rotated, sin))
+
+    def _plain_attention(self, i: int, q, k, v, past):
+        spec = self.spec
+        n, kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        cos_table, sin_table = self._rope_of(i)
+        cos, sin = (
+            self.op(
+                "Unsqueeze",
+                self.op("Concat", *(2 * [self.op("Gather", table, self.position_ids, axis=0)]), axis=-1),
+                self.const([1], np.int64),
+            )
+            for table in (cos_table, sin_table)
+        )
+        q = self._rotate(self._heads(q, n), cos, sin)
+        k = self._rotate(self._heads(k, kv), cos, sin)
+        v = self._heads(v, kv)
+        present_k = self.op("Concat", past[0], k, axis=2)
+        present_v = self.op("Concat", past[1], v, axis=2)
+        # Query heads grouped by their kv head: [batch, kv, group, seq, d] against [batch, kv, 1, total, d].
+        q5 = self.op("Reshape", q, self.const([0, kv, n // kv, -1, d], np.int64))
+        k5 = self.op("Unsqueeze", present_k, self.const([2], np.int64))
+        v5 = self.op("Unsqueeze", present_v, self.const([2], np.int64))
+        scores = self.op("MatMul", q5, self.op("Transpose", k5, perm=[0, 1, 2, 4, 3]))
+        if self.float != self.ir.DataType.FLOAT:
+            scores = self.op("Cast", scores, to=self.ir.DataType.FLOAT)
+        scores = self.op("Mul", scores, self.const(spec.attn_scale, np.float32))
+        if spec.attn_softcap:  # ref: transformers Gemma2 eager_attention_forward, tanh(w / cap) * cap
+            cap = self.const(spec.attn_softcap, np.float32)
+            scores = self.op("Mul", self.op("Tanh", self.op("Div", scores, cap)), cap)
+        mask = self.mask["sliding" if spec.layer_types[i] == SLIDING else "full"]
+        probs = self.op("Softmax", self.op("Add", scores, mask), axis=-1)
+        if self.float != self.ir.DataType.FLOAT:
+            probs = self.op("Cast", probs, to=self.float)
+        out = self.op("MatMul", probs, v5)  # [batch, kv, group, seq, d]
+        out = self.op("Transpose", self.op("Reshape", out, self.const([0, n, -1, d], np.int64)), perm=[0, 2, 1, 3])
+        return self.op("Reshape", out, self.const([0, 0, n * d], np.int64)), (present_k, present_v)
+
+    def head(self, x):
+        spec = self.spec
+        x = self.norm(x, "model.norm.weight")
+        name = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
+        t = self.ckpt.tensors[name]
+        if t.quant is not None:  # the tied head of a quantized embedding: MatMulNBits of its record
+            logits = self._matmul_nbits(x, name, t)
+            self.layout[name]["tied_head"] = True
+        else:
+            w = self.embed if spec.tie_embeddings else self.weight(name, "none")
+            flat = self.op("Reshape", x, self.const([-1, spec.hidden_size], np.int64))
+            logits = self.op("Gemm", flat, w, transB=1)
+            shape = self.op(
+                "Concat",
+                self.op("Slice", self.op("Shape", x), self.const([0], np.int64), self.const([2], np.int64)),
+                self.const([-1], np.int64),
+                axis=0,
+            )
+            logits = self.op("Reshape", logits, shape)
+        if self.float != self.ir.DataType.FLOAT:
+            logits = self.op("Cast", logits, to=self.ir.DataType.FLOAT)
+        if spec.final_softcap:  # ref: transformers Gemma2ForCausalLM.forward
+            cap = self.const(spec.final_softcap, np.float32)
+            logits = self.op("Mul", self.op("Tanh", self.op("Div", logits, cap)), cap)
+        return self.op("Identity", logits)
+
+
+def _rope_tables(theta: float, factor: float, head_dim: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)) / factor
+    freqs = torch.arange(rows, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return freqs.cos().numpy(), freqs.sin().numpy()
+
+
+def _block_size(group_size: int | None, k: int, name: str, source: str) -> int:
+    """MatMulNBits' block: the record's group, or for a per-channel record the largest block that
+    divides the row (its scale repeated per block: the same weights exactly)."""
+    if group_size is not None:
+        if group_size not in BLOCK_SIZES:
+            raise UnsupportedError(f"tensor {name}: group size {group_size} is not a MatMulNBits block size", source)
+        return group_size
+    for block in (128, 64, 32, 16):
+        if k % block == 0:
+            return block
+    raise UnsupportedError(f"tensor {name}: {k} columns split into no MatMulNBits block (16-128)", source)
+
+
+def _block_values(values, k: int, block: int) -> np.ndarray:
+    """Per-group scales [n, groups] as one value per block, flattened [n * k / block] in float32."""
+    import torch
+
+    values = values.to(torch.float32)
+    repeat = (k // block) // values.shape[1]
+    return values.repeat_interleave(repeat, dim=1).reshape(-1).numpy()
+
+
+def _pack_codes(codes, bits: int, block: int) -> np.ndarray:
+    """Signed codes [n, k] -> MatMulNBits' B [n, k / block, block * bits / 8] uint8: code + 2**(bits-1),
+    4-bit values two per byte, the even column in the low nibble (ref: onnxruntime contrib_ops
+    MatMulNBits spec, 'elements packed in little-endian order')."""
+    n, k = codes.shape
+    u = (codes.numpy().astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    if bits == 4:
+        u = u[:, 0::2] | (u[:, 1::2] << 4)
+    return np.ascontiguousarray(u.reshape(n, k // block, -1))
+
+
+def _pack_zero_points(zero_points, bits: int, k: int, block: int) -> np.ndarray:
+    """Signed zero points [n, groups] -> unsigned, one per block, 4-bit packed per row with the row
+    padded to whole bytes: [n * ceil(blocks * bits / 8)]."""
+    import torch
+
+    blocks = k // block
+    zp = zero_points.to(torch.int16).repeat_interleave(blocks // zero_points.shape[1], dim=1)
+    u = (zp.numpy() + (1 << (bits - 1))).astype(np.uint8)
+    if bits == 4:
+        if blocks % 2:
+            u = np.concatenate([u, np.zeros((u.shape[0], 1), np.uint8)], axis=1)
+        u = u[:, 0::2] | (u[:, 1::2] << 4)
+    return np.ascontiguousarray(u.reshape(-1))
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def sniff(path: Path) -> bool:
+    return (path.is_dir() and (path / MODEL).is_file()) or (path.is_file() and path.suffix == ".onnx")
+
+
+def model_file(path: Path) -> Path:
+    return path / MODEL if path.is_dir() else path
+
+
+def check_external_data(model_path: Path) -> None:
+    """InputError naming the first external-data file that is missing or too short for its tensors."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and others for a file that is not ONNX
+        raise InputError(f"not a readable ONNX model: {exc}", model_path) from None
+    needed: dict[str, tuple[int, str]] = {}
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        location = info["location"]
+        if end > needed.get(location, (0, ""))[0]:
+            needed[location] = (end, tensor.name)
+    for location, (end, tensor) in needed.items():
+        data = model_path.parent / location
+        if not data.is_file():
+            raise InputError(f"external data file {location} is missing (tensor {tensor} is stored there)", model_path)
+        if data.stat().st_size < end:
+            raise InputError(
+                f"external data file {location} is truncated: {data.stat().st_size} bytes, tensor {tensor} "
+                f"ends at byte {end}",
+                model_path,
+            )
+
+
+def read(path: str | Path) -> Checkpoint:
+    """An ONNX graph gemport wrote, back as a Checkpoint: initializers under canonical names,
+    transposes and ``1 + w`` undone, MatMulNBits / GatherBlockQuantized weights dequantized to f32."""
+    import onnx_ir as ir
+
+    path = Path(path)
+    file = model_file(path)
+    if not file.is_file():
+        raise InputError(f"no {MODEL} in the folder", path)
+    check_external_data(file)
+    model = ir.load(file)
+    props = model.metadata_props
+    if SPEC_KEY not in props or LAYOUT_KEY not in props:
+        raise UnsupportedError(
+            "this ONNX model was not written by gemport (no gemport.spec / gemport.layout metadata); "
+            "gemport reads back only its own graphs (onnxruntime validates any decoder graph)",
+            file,
+        )
+    spec = GemmaSpec.from_json(json.loads(props[SPEC_KEY]))
+    layout = json.loads(props[LAYOUT_KEY])
+    values = model.graph.initializers
+    tensors = {}
+    for canonical, shape in expected_shapes(spec).items():
+        entry = layout.get(canonical)
+        if entry is None:
+            raise CheckpointError(f"tensor {canonical} is not in the model's layout table", file)
+        tensors[canonical] = LazyTensor(canonical, shape, "f32", load=_loader(values, entry, shape, file))
+    folder = file.parent
+    tokenizer_files = {n: (folder / n).read_bytes() for n in _TOKENIZER_FILES if (folder / n).is_file()}
+    return Checkpoint(spec=spec, tensors=tensors, tokenizer_files=tokenizer_files, source=str(path))
+
+
+def _loader(values, entry: dict, shape: tuple[int, ...], file: Path):
+    import torch
+
+    def array(name: str) -> np.ndarray:
+        if name not in values or values[name].const_value is None:
+            raise CheckpointError(f"initializer {name} is missing", file)
+        return values[name].const_value.numpy()
+
+    def load():
+        name, kind = entry["name"], entry["kind"]
+        if kind == "float":
+            w = torch.from_numpy(np.array(array(name), dtype=np.float32))
+            if entry["transform"] == "transpose":
+                w = w.t().contiguous()
+            elif entry["transform"] == "one_plus":
+                w = w - 1.0
+        else:
+            suffix = "q" if kind == "gather_block_quantized" else ""
+            w = _dequantize(
+                array(f"{name}.{suffix}qweight" if suffix == "" else f"{name}.qdata"),
+                array(f"{name}.{suffix}scales"),
+                array(f"{name}.{suffix}zero_points") if f"{name}.{suffix}zero_points" in values else None,
+                entry["bits"],
+                entry["block_size"],
+                shape,
+            )
+        if tuple(w.shape) != shape:
+            raise CheckpointError(f"tensor {name} is stored as {list(w.shape)}, expected {list(shape)}", file)
+        return w
+
+    return load
+
+
+def _dequantize(packed, scales, zero_points, bits: int, block: int, shape: tuple[int, ...]):
+    """MatMulNBits' dequantization: (q - zero_point) * scale per block, zero point 2**(bits-1) when absent."""
+    import torch
+
+    n, k = shape
+    blocks = k // block
+    u = packed.reshape(n, -1)
+    if bits == 4:
+        u = np.stack([u & 0x0F, u >> 4], axis=-1).reshape(n, -1)
+    q = u[:, :k].astype(np.float32).reshape(n, blocks, block)
+    if zero_points is None:
+        zp = np.full((n, blocks), 1 << (bits - 1), np.float32)
+    else:
+        z = zero_points.reshape(n, -1)
+        if bits == 4:
+            z = np.stack([z & 0x0F, z >> 4], axis=-1).reshape(n, -1)
+        zp = z[:, :blocks].astype(np.float32)
+    w = (q - zp[..., None]) * scales.astype(np.float32).reshape(n, blocks)[..., None]
+    return torch.from_numpy(w.reshape(n, k))

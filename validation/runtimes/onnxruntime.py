@@ -1,0 +1,69 @@
+"""The parity runtime for ONNX artifacts: an onnxruntime InferenceSession on the CPU.
+
+It scores any decoder graph with the inputs and outputs onnxruntime-genai and optimum use
+(``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key|value`` in,
+``logits`` out), not only gemport's: a window runs as one prefill with an empty past.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from gemport.errors import CheckpointError
+from validation.runtimes import PARITY
+
+log = logging.getLogger(__name__)
+
+_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+class OnnxRuntime:
+    kind = PARITY
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        from converters.onnx import check_external_data, model_file
+
+        file = model_file(path)
+        check_external_data(file)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        log.info("loading %s with onnxruntime %s", file, ort.__version__)
+        try:
+            self.session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise CheckpointError(f"onnxruntime cannot load it: {str(exc).splitlines()[0]}", file) from None
+        self.name = f"onnxruntime {ort.__version__} (CPU)"
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
+        if "input_ids" not in self.inputs or logits is None:
+            raise CheckpointError("not a decoder graph: needs an input_ids input and a logits output", file)
+        self.vocab_size = int(logits.shape[-1])
+
+    def feeds(self, tokens: list[int]) -> dict[str, np.ndarray]:
+        """One batch row, no past: every past_key_values input is empty along its sequence axis."""
+        n = len(tokens)
+        feeds: dict[str, np.ndarray] = {"input_ids": np.asarray([tokens], np.int64)}
+        for name, info in self.inputs.items():
+            if name == "attention_mask":
+                feeds[name] = np.ones((1, n), np.int64)
+            elif name == "position_ids":
+                feeds[name] = np.arange(n, dtype=np.int64)[None]
+            elif name.startswith("past_key_values."):
+                batch, heads, _, head_dim = info.shape
+                feeds[name] = np.zeros((1, heads, 0, head_dim), _NUMPY[info.type])
+            elif name != "input_ids":
+                raise CheckpointError(f"unknown graph input {name!r}: not a decoder graph gemport can feed")
+        return feeds
+
+    def logprobs(self, tokens: list[int]) -> np.ndarray:
+        import torch
+
+        (logits,) = self.session.run(["logits"], self.feeds(tokens))
+        return torch.log_softmax(torch.from_numpy(logits[0].astype(np.float32)), dim=-1).numpy()
