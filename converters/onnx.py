@@ -10,7 +10,7 @@ MatMulNBits (an embedding record becomes GatherBlockQuantized).
 
 Stored layout (the table ``gemport.layout`` in the model's metadata maps it back to canonical
 names, so the reader needs no guessing): linear weights transposed to [in, out] for MatMul; norm
-weights stored as ``1 + w``, which the reference computes in float32 too (ref: transformers
+weights as the raw ``w``, the graph adding 1 as the reference does in float32 (ref: transformers
 GemmaRMSNorm.forward, ``output * (1.0 + self.weight.float())``); the embedding [vocab, hidden]
 as is, shared with the tied LM head through Gemm(transB=1).
 """
@@ -200,7 +200,7 @@ class _Builder:
         return self._initializer(name, tensor)
 
     def weight(self, canonical: str, transform: str):
-        """The float initializer of a canonical tensor: 'none', 'transpose' ([in, out]) or 'one_plus'."""
+        """The float initializer of a canonical tensor: 'none' or 'transpose' ([in, out])."""
         t = self.ckpt.tensors[canonical]
         shape = tuple(reversed(t.shape)) if transform == "transpose" else t.shape
         self.layout[canonical] = {"kind": "float", "transform": transform, "name": canonical}
@@ -215,8 +215,6 @@ class _Builder:
         data = data.to(torch.float32)
         if transform == "transpose":
             data = data.t()
-        elif transform == "one_plus":
-            data = 1.0 + data
         return data.contiguous().numpy().astype(self.np_float, copy=False)
 
     # -- building blocks
@@ -262,7 +260,8 @@ class _Builder:
 
     def norm(self, x, canonical: str):
         """Gemma RMSNorm over the last axis with scale ``1 + w``."""
-        scale = self.weight(canonical, "one_plus")
+        # Stored as w (read back exactly); onnxruntime folds the constant 1 + w when the session starts.
+        scale = self.op("Add", self.weight(canonical, "none"), self.const(1.0, self.np_float))
         if self.options.fused:
             return self.op("SimplifiedLayerNormalization", x, scale, axis=-1, epsilon=self.spec.rms_eps, stash_type=1)
         ir = self.ir
@@ -740,8 +739,6 @@ def _loader(values, entry: dict, shape: tuple[int, ...], file: Path):
             w = torch.from_numpy(np.array(array(name), dtype=np.float32))
             if entry["transform"] == "transpose":
                 w = w.t().contiguous()
-            elif entry["transform"] == "one_plus":
-                w = w - 1.0
         else:
             suffix = "q" if kind == "gather_block_quantized" else ""
             w = _dequantize(

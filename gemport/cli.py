@@ -113,12 +113,15 @@ def _add_quantize_parser(sub) -> None:
     s.add_argument(
         "--to",
         dest="dst_format",
-        choices=("hf", "gguf"),
+        choices=("hf", "gguf", "onnx"),
         default="hf",
         help="hf (default): a compressed-tensors folder; gguf: a GGUF file whose block types follow --quant, "
         "with GPTQ's codes on llama.cpp's block grids (gptq), AWQ-scaled and clipped weights quantized by "
-        "llama-quantize's rules (awq), or llama-quantize's own rounding (rtn)",
+        "llama-quantize's rules (awq), or llama-quantize's own rounding (rtn); onnx: an onnxruntime(-genai) "
+        "folder whose projections are MatMulNBits with the group size as block size (per-channel scales are "
+        "repeated per block)",
     )
+    _add_onnx_options(s)
     s.add_argument(
         "--quant",
         metavar="TYPE",
@@ -126,6 +129,40 @@ def _add_quantize_parser(sub) -> None:
         "(default q4_k_m for --bits 4, q8_0 for --bits 8)",
     )
     s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
+def _add_onnx_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--plain-ops",
+        action="store_true",
+        help="ONNX: standard ONNX ops only (any runtime) instead of onnxruntime's fused CPU ops "
+        "(GroupQueryAttention, SimplifiedLayerNormalization)",
+    )
+    s.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=(0, 1, 2, 3, 4),
+        default=0,
+        help="ONNX: MatMulNBits accuracy_level; 0 (default) computes in float, 4 quantizes activations to int8 "
+        "per block (faster on CPU, less exact)",
+    )
+    s.add_argument(
+        "--context-length",
+        type=int,
+        metavar="N",
+        help="ONNX: rows of the rotary tables and onnxruntime-genai's max_length (default: the model's maximum)",
+    )
+
+
+ONNX_FLAGS = ("plain_ops", "accuracy_level", "context_length")
+
+
+def _onnx_options(args) -> dict:
+    return {
+        "fused": not args.plain_ops,
+        "accuracy_level": args.accuracy_level,
+        "context_length": args.context_length,
+    }
 
 
 AWQ_DEFAULTS = {"calib_tokens": 4096, "calib_ctx": 512, "grid": 20}
@@ -225,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TYPE",
         help="GGUF whole-file type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s/m/l, "
         "q4_k_s/m, q5_k_s/m, q6_k (q4_k = q4_k_m, as llama-quantize); per-tensor types follow "
-        "llama-quantize's rules. Default: the source's types. With --to hf: int8, int4, int4-awq, int4-gptq or "
-        "int8-gptq, the one-step form of `gemport quantize --method rtn|awq|gptq --bits 8|4` with its defaults",
+        "llama-quantize's rules. Default: the source's types. With --to hf or onnx: int8, int4, int4-awq, "
+        "int4-gptq or int8-gptq, the one-step form of `gemport quantize --method rtn|awq|gptq --bits 8|4` with "
+        "its defaults (for onnx, group size = --block-size)",
     )
     imat = s.add_mutually_exclusive_group()
     imat.add_argument(
@@ -248,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="GGUF: the --quant type for every quantizable tensor (llama-quantize --pure)",
     )
     s.add_argument("--jobs", type=int, metavar="N", help="GGUF: worker processes that quantize (default: one per CPU)")
+    s.add_argument(
+        "--block-size",
+        type=int,
+        choices=(32, 64, 128),
+        help="ONNX with --quant: input columns per MatMulNBits block (default 32)",
+    )
+    _add_onnx_options(s)
     s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
     _add_quantize_parser(sub)
@@ -365,8 +410,13 @@ HF_QUANTS = {
 
 
 def cmd_convert(args) -> int:
-    if args.dst_format == "hf" and args.quant in HF_QUANTS:
+    if args.dst_format in ("hf", "onnx") and args.quant in HF_QUANTS:
         return _convert_quantized(args)
+    if args.dst_format == "onnx" and args.quant:
+        raise UnsupportedError(f"--to onnx takes --quant {', '.join(HF_QUANTS)}, not {args.quant!r}")
+    onnx_flags = args.plain_ops or args.accuracy_level or args.context_length or args.block_size
+    if onnx_flags and args.dst_format != "onnx":
+        raise UnsupportedError("--plain-ops, --accuracy-level, --context-length and --block-size apply to --to onnx")
     src_fmt, ckpt = _read(args.src, args.src_format, args)
     if args.dtype and ckpt.quantized():  # a quantized HF source: dequantize its records
         ckpt = dataclasses.replace(ckpt, tensors={n: t.dequantized(args.dtype) for n, t in ckpt.tensors.items()})
@@ -376,6 +426,12 @@ def cmd_convert(args) -> int:
     if args.dst_format == "gguf":
         options |= {"quant": args.quant, "pure": args.pure, "imatrix": _importance(args, src_fmt)}
         options |= {"imatrix_source": str(args.imatrix or args.src), "jobs": args.jobs}
+    elif args.dst_format == "onnx":
+        options = {"dtype": args.dtype, "overwrite": args.overwrite, **_onnx_options(args)}
+        if args.max_shard_size or args.pure or args.imatrix or args.calibrate or args.jobs:
+            raise UnsupportedError(
+                "--max-shard-size, --pure, --imatrix, --calibrate and --jobs do not apply to --to onnx"
+            )
     elif args.quant or args.pure or args.imatrix or args.calibrate or args.jobs:
         flags = "--quant, --pure, --imatrix, --calibrate and --jobs"
         raise UnsupportedError(f"{flags} apply to --to gguf, not --to {args.dst_format}")
@@ -385,17 +441,31 @@ def cmd_convert(args) -> int:
 
 
 def _convert_quantized(args) -> int:
-    """``convert SRC DST --to hf --quant int4-gptq``: ``quantize SRC DST --method gptq --bits 4``."""
-    if args.dtype or args.max_shard_size or args.pure or args.imatrix or args.calibrate or args.jobs:
+    """``convert SRC DST --to hf|onnx --quant int4-gptq``: ``quantize SRC DST --method gptq --bits 4``
+    (for onnx with ``--group-size`` the block size)."""
+    if args.block_size and args.dst_format != "onnx":
+        raise UnsupportedError("--block-size applies to --to onnx")
+    if (
+        (args.dtype and args.dst_format != "onnx")
+        or args.max_shard_size
+        or args.pure
+        or args.imatrix
+        or args.calibrate
+        or args.jobs
+    ):
         raise UnsupportedError(
             "--quant int8/int4[-awq|-gptq] takes no --dtype, --max-shard-size, --pure, --imatrix, "
             "--calibrate or --jobs; `gemport quantize` has the quantizers' options"
         )
     method, bits = HF_QUANTS[args.quant]
     argv = ["quantize", str(args.src), str(args.dst), "--method", method, "--bits", str(bits)]
-    qargs = build_parser().parse_args([*argv, *(["--overwrite"] if args.overwrite else [])])
-    for name in ("src_format", "preset", "keep_padded_vocab", "corpus"):
+    argv += ["--to", args.dst_format, *(["--overwrite"] if args.overwrite else [])]
+    if args.dst_format == "onnx":
+        argv += ["--group-size", str(args.block_size or 32)]
+    qargs = build_parser().parse_args(argv)
+    for name in ("src_format", "preset", "keep_padded_vocab", "corpus", *ONNX_FLAGS):
         setattr(qargs, name, getattr(args, name))
+    qargs.dtype = args.dtype
     return cmd_quantize(qargs)
 
 
@@ -407,9 +477,14 @@ def cmd_quantize(args) -> int:
     if args.dst_format == "gguf":
         return _quantize_to_gguf(args, ckpt, method)
     if args.quant:
-        raise UnsupportedError("--quant applies to --to gguf, not --to hf")
+        raise UnsupportedError(f"--quant applies to --to gguf, not --to {args.dst_format}")
+    options = {"overwrite": args.overwrite}
+    if args.dst_format == "onnx":
+        options |= {"dtype": getattr(args, "dtype", None), **_onnx_options(args)}
+    elif args.plain_ops or args.accuracy_level or args.context_length:
+        raise UnsupportedError("--plain-ops, --accuracy-level and --context-length apply to --to onnx")
     quantized = method(ckpt)
-    out = registry.get(args.dst_format).load().write(quantized, args.dst, overwrite=args.overwrite)
+    out = registry.get(args.dst_format).load().write(quantized, args.dst, **options)
     manifest = quantized.extra["quantization"]
     print(f"wrote {out} ({manifest['quantized']} tensors quantized, {len(manifest['kept'])} kept)")
     return 0

@@ -1,0 +1,219 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from converters import hf
+from converters import onnx as onnx_conv
+from gemport.cli import main
+from gemport.errors import InputError, UnsupportedError
+from quantizers import rtn
+from validation.runtimes.onnxruntime import OnnxRuntime
+
+VARIANTS = ("gemma-mha", "gemma-mqa", "gemma2", "gemma3")
+
+
+def session(folder):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def run(sess, spec, tokens, past=None, start=0):
+    """One call with a past of ``start`` positions; returns (log-probs [seq, vocab], presents)."""
+    feeds = {
+        "input_ids": np.asarray([tokens], np.int64),
+        "attention_mask": np.ones((1, start + len(tokens)), np.int64),
+        "position_ids": np.arange(start, start + len(tokens), dtype=np.int64)[None],
+    }
+    for i in range(spec.num_layers):
+        for j, kind in enumerate(("key", "value")):
+            kv_dtype = np.float16 if sess.get_inputs()[3].type == "tensor(float16)" else np.float32
+            empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), kv_dtype)
+            feeds[f"past_key_values.{i}.{kind}"] = past[i][j] if past else empty
+    outs = sess.run(None, feeds)
+    presents = [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(spec.num_layers)]
+    return torch.log_softmax(torch.from_numpy(outs[0][0]).float(), -1).numpy(), presents
+
+
+def kld(p_log, q_log) -> float:
+    return float((np.exp(p_log) * (p_log - q_log)).sum(-1).mean())
+
+
+def reference_logprobs(path, tokens):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([tokens])).logits[0], -1).numpy()
+
+
+TOKENS = [2] + torch.randint(3, 512, (39,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fp32_graph_matches_reference_with_and_without_cache(tiny_models, tmp_path, variant, fused):
+    """40 tokens, window 16 on the sliding layers: the whole sequence at once, and 20 tokens then
+    one token per call with past_key_values, decoding across the sliding-window boundary."""
+    src = tiny_models[variant]
+    ckpt = hf.read(src)
+    out = onnx_conv.write(ckpt, tmp_path / "out", fused=fused)
+    want = reference_logprobs(src, TOKENS)
+    sess = session(out)
+    whole, _ = run(sess, ckpt.spec, TOKENS)
+    assert kld(want, whole) < 1e-4 and np.abs(whole - want).max() < 1e-4
+    rows, past = run(sess, ckpt.spec, TOKENS[:20])
+    steps = [rows]
+    for t in range(20, len(TOKENS)):
+        row, past = run(sess, ckpt.spec, TOKENS[t : t + 1], past, start=t)
+        steps.append(row)
+    assert past[0][0].shape == (1, ckpt.spec.num_kv_heads, len(TOKENS), ckpt.spec.head_dim)
+    incremental = np.concatenate(steps)
+    assert kld(want, incremental) < 1e-4 and np.abs(incremental - want).max() < 1e-4
+
+
+def test_fp16_graph_is_close(tiny_models, tmp_path):
+    src = tiny_models["gemma3"]
+    out = onnx_conv.write(hf.read(src), tmp_path / "out", dtype="f16")
+    got, _ = run(session(out), hf.read(src).spec, TOKENS)
+    assert kld(reference_logprobs(src, TOKENS), got) < 1e-3
+
+
+def test_float_graph_reads_back_bit_identical(tiny_models, tmp_path):
+    src = hf.read(tiny_models["gemma-mqa"])  # untied LM head, f32
+    back = onnx_conv.read(onnx_conv.write(src, tmp_path / "out"))
+    assert back.spec == src.spec and set(back.tensors) == set(src.tensors)
+    for name, t in src.tensors.items():
+        assert torch.equal(back.tensors[name].load(), t.load()), name
+    assert back.tokenizer_files["tokenizer.json"] == src.tokenizer_files["tokenizer.json"]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        rtn.RTNConfig(bits=4, group_size=32),
+        rtn.RTNConfig(bits=4, group_size=64, symmetric=False),
+        rtn.RTNConfig(bits=8, group_size=None),  # per channel: the scale repeated per 64-block
+        rtn.RTNConfig(bits=8, group_size=32, symmetric=False, embedding_bits=8),
+        rtn.RTNConfig(bits=4, group_size=32, embedding_bits=4),
+    ],
+    ids=["int4-g32", "int4-g64-asym", "int8-channel", "int8-g32-asym-emb8", "int4-g32-emb4"],
+)
+def test_matmul_nbits_computes_the_records_weights(tiny_models, tmp_path, config):
+    """MatMulNBits (and GatherBlockQuantized) in onnxruntime give the logits of a float graph of the
+    records' dequantized weights; the reader dequantizes to those exact weights."""
+    src = hf.read(tiny_models["gemma3"])
+    quantized = rtn.quantize(src, config)
+    packed = onnx_conv.write(quantized, tmp_path / "packed")
+    dense = dataclasses.replace(quantized, tensors={n: t.dequantized("f32") for n, t in quantized.tensors.items()})
+    plain = onnx_conv.write(dense, tmp_path / "dense")
+    got, _ = run(session(packed), src.spec, TOKENS)
+    want, _ = run(session(plain), src.spec, TOKENS)
+    assert np.abs(got - want).max() < 1e-4
+    ops = {n.op_type for n in __import__("onnx").load(str(packed / "model.onnx"), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops and ("GatherBlockQuantized" in ops) == bool(config.embedding_bits)
+    back = onnx_conv.read(packed)
+    for name, t in dense.tensors.items():
+        assert torch.equal(back.tensors[name].load(), t.load()), name
+
+
+def test_genai_loads_the_folder_and_generates_the_reference_greedy_tokens(tiny_models, tmp_path):
+    og = pytest.importorskip("onnxruntime_genai")
+    src = tiny_models["gemma2"]  # sliding window 16: 32 new tokens cross it
+    out = onnx_conv.write(hf.read(src), tmp_path / "out")
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    prompt = tokenizer("def f(x):\n    return", return_tensors="pt").input_ids
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt.shape[1] + 32, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt[0].numpy().astype(np.int32))
+    got = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        got.append(int(generator.get_next_tokens()[0]))
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    want = ref.generate(prompt, max_new_tokens=32, do_sample=False)[0, prompt.shape[1] :].tolist()
+    assert len(got) == 32 and got == want
+    text = "def f(x):\n    return x ** 2"
+    assert list(og.Tokenizer(model).encode(text)) == tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_cli_convert_quantized_and_validate(tiny_models, tmp_path, capsys):
+    src, out = tiny_models["gemma2"], tmp_path / "int4"
+    assert main(["convert", str(src), str(out), "--to", "onnx", "--quant", "int4", "--block-size", "64"]) == 0
+    manifest = json.loads((out / "gemport.json").read_text())
+    assert manifest["quantization"]["config"]["group_size"] == 64 and manifest["onnx"]["fused"] is True
+    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"] == 4
+    report = tmp_path / "report.json"
+    args = ["validate", str(out), "--reference", str(src), "--windows", "2", "--ctx", "64", "--json", str(report)]
+    assert main([*args, "--max-kld", "0.05"]) == 0
+    result = json.loads(report.read_text())
+    assert result["runtime"]["name"].startswith("onnxruntime") and result["runtime"]["kind"] == "parity"
+    assert 0 < result["metrics"]["kld"] < 0.05
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--quant", "q4_k_m"], "--to onnx takes --quant"),
+        (["--quant", "int4", "--max-shard-size", "1GB"], "takes no"),
+        (["--pure"], "do not apply to --to onnx"),
+    ],
+)
+def test_cli_refuses_options_that_do_not_apply(tiny_models, tmp_path, capsys, argv, message):
+    dst = tmp_path / "out"
+    assert main(["convert", str(tiny_models["gemma3"]), str(dst), "--to", "onnx", *argv]) == 2
+    assert message in capsys.readouterr().err and not dst.exists()
+    assert main(["convert", str(tiny_models["gemma3"]), str(dst), "--to", "hf", "--plain-ops"]) == 2
+    assert "apply to --to onnx" in capsys.readouterr().err
+
+
+def test_foreign_onnx_and_missing_external_data_are_named(tiny_models, tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto, helper
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    onnx.save(helper.make_model(graph), str(foreign / "model.onnx"))
+    with pytest.raises(UnsupportedError, match="not written by gemport"):
+        onnx_conv.read(foreign)
+    assert main(["inspect", str(foreign)]) == 2
+    assert "not written by gemport" in capsys.readouterr().err
+
+    out = onnx_conv.write(hf.read(tiny_models["gemma3"]), tmp_path / "out")
+    data = out / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(InputError, match="model.onnx.data is truncated"):
+        OnnxRuntime(out)
+    data.unlink()
+    with pytest.raises(InputError, match="external data file model.onnx.data is missing"):
+        onnx_conv.read(out)
+    assert main(["validate", str(out), "--reference", str(tiny_models["gemma3"]), "--windows", "1"]) == 2
+    assert "model.onnx.data is missing" in capsys.readouterr().err
+    (out / "model.onnx").write_bytes(b"not an onnx file at all")
+    with pytest.raises(InputError, match="not a readable ONNX model"):
+        onnx_conv.read(out)
+
+
+def test_nan_weight_leaves_no_artifact(tiny_models, tmp_path):
+    ckpt = hf.read(tiny_models["gemma3"])
+    name = "model.layers.1.mlp.up_proj.weight"
+    t = ckpt.tensors[name]
+    bad = dataclasses.replace(t, load=lambda: torch.full(t.shape, float("nan")))
+    ckpt = dataclasses.replace(ckpt, tensors={**ckpt.tensors, name: bad})
+    from gemport.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=f"{name} has NaN"):
+        onnx_conv.write(ckpt, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
