@@ -17,6 +17,7 @@ as is, shared with the tied LM head through Gemm(transB=1).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -48,12 +49,15 @@ class OnnxOptions:
     fused: bool = True  # onnxruntime contrib ops; False: standard ONNX ops only
     accuracy_level: int = 0  # MatMulNBits: 0/1 float compute, 4 int8 activations (faster, less exact)
     context_length: int | None = None  # rotary cache rows and genai max_length; None: the spec's max_position
+    head_bits: int | None = None  # a float LM head as a MatMulNBits copy of this many bits (faster decoding)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("f32", "f16"):
             raise ValueError(f"ONNX dtype must be f32 or f16, got {self.dtype!r}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy level must be 0-4, got {self.accuracy_level}")
+        if self.head_bits not in (None, 4, 8):
+            raise ValueError(f"head bits must be 4 or 8, got {self.head_bits}")
         if self.context_length is not None and self.context_length < 1:
             raise ValueError(f"context length must be >= 1, got {self.context_length}")
 
@@ -69,13 +73,13 @@ def write(
     fused: bool = True,
     accuracy_level: int = 0,
     context_length: int | None = None,
-    **_ignored,
+    head_bits: int | None = None,
 ) -> Path:
     """Write ``ckpt`` as an ONNX folder (model.onnx, model.onnx.data, genai_config.json, tokenizer)."""
     import onnx_ir as ir
 
     try:
-        options = OnnxOptions(dtype or "f32", fused, accuracy_level, context_length)
+        options = OnnxOptions(dtype or "f32", fused, accuracy_level, context_length, head_bits)
     except ValueError as exc:
         raise UnsupportedError(str(exc)) from None
     ckpt.check(quantized_ok=True)
@@ -279,19 +283,22 @@ class _Builder:
             return self.op("MatMul", x, self.weight(canonical, "transpose"))
         return self._matmul_nbits(x, canonical, t)
 
-    def _matmul_nbits(self, x, canonical: str, t: LazyTensor):
+    def _matmul_nbits(self, x, canonical: str, t: LazyTensor, stored: str | None = None):
+        """MatMulNBits of the record ``t``; ``stored`` names a quantized copy that the layout table
+        does not list (the LM head beside a float embedding)."""
         n, k = t.shape
         fmt = t.quant
         block = _block_size(fmt.group_size, k, canonical, self.ckpt.source)
         blocks = k // block
+        prefix = stored or canonical
         packed = self.lazy(
-            f"{canonical}.qweight",
+            f"{prefix}.qweight",
             (n, blocks, block * fmt.bits // 8),
             self.ir.DataType.UINT8,
             lambda: _pack_codes(self._record(t).codes, fmt.bits, block),
         )
         scales = self.lazy(
-            f"{canonical}.scales",
+            f"{prefix}.scales",
             (n * blocks,),
             self.float,
             lambda: _block_values(self._record(t).scales, k, block).astype(self.np_float),
@@ -301,13 +308,14 @@ class _Builder:
             zp_width = math.ceil(blocks * fmt.bits / 8)
             inputs.append(
                 self.lazy(
-                    f"{canonical}.zero_points",
+                    f"{prefix}.zero_points",
                     (n * zp_width,),
                     self.ir.DataType.UINT8,
                     lambda: _pack_zero_points(self._record(t).zero_points, fmt.bits, k, block),
                 )
             )
-        self.layout[canonical] = {"kind": "matmul_nbits", "name": canonical, "bits": fmt.bits, "block_size": block}
+        if stored is None:
+            self.layout[canonical] = {"kind": "matmul_nbits", "name": canonical, "bits": fmt.bits, "block_size": block}
         attrs = dict(K=k, N=n, bits=fmt.bits, block_size=block, accuracy_level=self.options.accuracy_level)
         return self.op("MatMulNBits", *inputs, domain="com.microsoft", **attrs)
 
@@ -578,6 +586,9 @@ class _Builder:
         if t.quant is not None:  # the tied head of a quantized embedding: MatMulNBits of its record
             logits = self._matmul_nbits(x, name, t)
             self.layout[name]["tied_head"] = True
+        elif self.options.head_bits:  # a tied head is a copy; an untied one is stored only quantized
+            stored = "lm_head.quantized" if spec.tie_embeddings else None
+            logits = self._matmul_nbits(x, name, self._quantized_head(t), stored=stored)
         else:
             w = self.embed if spec.tie_embeddings else self.weight(name, "none")
             flat = self.op("Reshape", x, self.const([-1, spec.hidden_size], np.int64))
@@ -595,6 +606,15 @@ class _Builder:
             cap = self.const(spec.final_softcap, np.float32)
             logits = self.op("Mul", self.op("Tanh", self.op("Div", logits, cap)), cap)
         return self.op("Identity", logits)
+
+    def _quantized_head(self, t: LazyTensor) -> LazyTensor:
+        """The LM head as a round-to-nearest record (symmetric, --head-bits, blocks of 32) for
+        MatMulNBits; the embedding lookup keeps the float rows."""
+        from quantizers.record import QuantFormat
+        from quantizers.rtn import quantize_weight
+
+        fmt = QuantFormat(self.options.head_bits, 32, True, "f32")
+        return dataclasses.replace(t, quant=fmt, load=lambda: quantize_weight(t.load(), fmt), raw=None)
 
 
 def _rope_tables(theta: float, factor: float, head_dim: int, rows: int) -> tuple[np.ndarray, np.ndarray]:

@@ -147,6 +147,13 @@ def _add_onnx_options(s: argparse.ArgumentParser) -> None:
         "per block (faster on CPU, less exact)",
     )
     s.add_argument(
+        "--head-bits",
+        type=int,
+        choices=(4, 8),
+        help="ONNX: also store the LM head as a symmetric round-to-nearest MatMulNBits copy of this many bits "
+        "(blocks of 32; the embedding lookup keeps its float rows): decoding reads 4-8x fewer bytes",
+    )
+    s.add_argument(
         "--context-length",
         type=int,
         metavar="N",
@@ -154,7 +161,7 @@ def _add_onnx_options(s: argparse.ArgumentParser) -> None:
     )
 
 
-ONNX_FLAGS = ("plain_ops", "accuracy_level", "context_length")
+ONNX_FLAGS = ("plain_ops", "accuracy_level", "context_length", "head_bits")
 
 
 def _onnx_options(args) -> dict:
@@ -162,6 +169,7 @@ def _onnx_options(args) -> dict:
         "fused": not args.plain_ops,
         "accuracy_level": args.accuracy_level,
         "context_length": args.context_length,
+        "head_bits": args.head_bits,
     }
 
 
@@ -414,9 +422,11 @@ def cmd_convert(args) -> int:
         return _convert_quantized(args)
     if args.dst_format == "onnx" and args.quant:
         raise UnsupportedError(f"--to onnx takes --quant {', '.join(HF_QUANTS)}, not {args.quant!r}")
-    onnx_flags = args.plain_ops or args.accuracy_level or args.context_length or args.block_size
+    onnx_flags = any(getattr(args, f) for f in (*ONNX_FLAGS, "block_size"))
     if onnx_flags and args.dst_format != "onnx":
-        raise UnsupportedError("--plain-ops, --accuracy-level, --context-length and --block-size apply to --to onnx")
+        raise UnsupportedError(
+            "--plain-ops, --accuracy-level, --head-bits, --context-length and --block-size apply to --to onnx"
+        )
     src_fmt, ckpt = _read(args.src, args.src_format, args)
     if args.dtype and ckpt.quantized():  # a quantized HF source: dequantize its records
         ckpt = dataclasses.replace(ckpt, tensors={n: t.dequantized(args.dtype) for n, t in ckpt.tensors.items()})
@@ -481,8 +491,8 @@ def cmd_quantize(args) -> int:
     options = {"overwrite": args.overwrite}
     if args.dst_format == "onnx":
         options |= {"dtype": getattr(args, "dtype", None), **_onnx_options(args)}
-    elif args.plain_ops or args.accuracy_level or args.context_length:
-        raise UnsupportedError("--plain-ops, --accuracy-level and --context-length apply to --to onnx")
+    elif any(getattr(args, f) for f in ONNX_FLAGS):
+        raise UnsupportedError("--plain-ops, --accuracy-level, --head-bits and --context-length apply to --to onnx")
     quantized = method(ckpt)
     out = registry.get(args.dst_format).load().write(quantized, args.dst, **options)
     manifest = quantized.extra["quantization"]
