@@ -127,20 +127,12 @@ def test_genai_loads_the_folder_and_generates_the_reference_greedy_tokens(tiny_m
     out = onnx_conv.write(hf.read(src), tmp_path / "out")
     tokenizer = AutoTokenizer.from_pretrained(src)
     prompt = tokenizer("def f(x):\n    return", return_tensors="pt").input_ids
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=prompt.shape[1] + 32, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt[0].numpy().astype(np.int32))
-    got = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        got.append(int(generator.get_next_tokens()[0]))
+    got = genai_greedy(out, prompt[0].tolist(), 32)
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     want = ref.generate(prompt, max_new_tokens=32, do_sample=False)[0, prompt.shape[1] :].tolist()
     assert len(got) == 32 and got == want
     text = "def f(x):\n    return x ** 2"
-    assert list(og.Tokenizer(model).encode(text)) == tokenizer(text, add_special_tokens=False).input_ids
+    assert list(og.Tokenizer(og.Model(str(out))).encode(text)) == tokenizer(text, add_special_tokens=False).input_ids
 
 
 def test_cli_convert_quantized_and_validate(tiny_models, tmp_path, capsys):
@@ -236,3 +228,33 @@ def test_head_bits_quantizes_only_the_head(tiny_models, tmp_path, variant):
             assert (back.tensors[name].load() - t.load()).abs().max() < 0.01
         else:
             assert torch.equal(back.tensors[name].load(), t.load()), name
+
+
+def genai_greedy(folder, prompt_ids: list[int], n: int) -> list[int]:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + n, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray(prompt_ids, np.int32))
+    out = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return out
+
+
+@pytest.mark.realmodel
+def test_demo_model_fp32_graph_in_onnxruntime_and_genai(demo_model, tmp_path):
+    from validation.validate import validate
+
+    out = tmp_path / "onnx"
+    assert main(["convert", str(demo_model), str(out), "--to", "onnx", "--dtype", "f32"]) == 0
+    metrics = validate(out, demo_model, n_windows=2).metrics
+    assert metrics.tokens == 510 and abs(metrics.delta_ppl_pct) < 0.05 and metrics.kld < 1e-4
+    prompt = "The Python language reference describes the syntax and core semantics of"
+    ids = AutoTokenizer.from_pretrained(demo_model)(prompt, return_tensors="pt").input_ids
+    ref = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32).eval()
+    want = ref.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1] :].tolist()
+    assert genai_greedy(out, ids[0].tolist(), 32) == want
