@@ -74,12 +74,16 @@ def read(path: str | Path) -> Checkpoint:
         log.info("%s: dropping lm_head.weight, the config ties it to the embedding", path)
         del tensors["lm_head.weight"]
     gen = path / GENERATION_CONFIG
+    extra = {}
+    if quantization is not None and (path / MANIFEST).is_file():  # how gemport made it, for the next writer
+        extra["quantization"] = read_json(path / MANIFEST).get("quantization")
     ckpt = Checkpoint(
         spec=spec,
         tensors=tensors,
         tokenizer_files={n: (path / n).read_bytes() for n in TOKENIZER_FILES if (path / n).is_file()},
         generation_config=read_json(gen) if gen.is_file() else None,
         source=str(path),
+        extra=extra,
     )
     ckpt.check(quantized_ok=True)
     return ckpt

@@ -258,3 +258,19 @@ def test_demo_model_fp32_graph_in_onnxruntime_and_genai(demo_model, tmp_path):
     ref = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32).eval()
     want = ref.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1] :].tolist()
     assert genai_greedy(out, ids[0].tolist(), 32) == want
+
+
+def test_compressed_tensors_folder_feeds_matmul_nbits(tiny_models, tmp_path):
+    """A quantized HF folder (compressed-tensors) converts to ONNX with its own records: onnxruntime
+    gives the logits transformers + compressed-tensors give for that folder, and the manifest follows."""
+    from validation.runtimes.hf_transformers import TransformersRuntime
+
+    folder = tmp_path / "ct"
+    argv = ["quantize", str(tiny_models["gemma3"]), str(folder), "--method", "rtn", "--bits", "4", "--asym"]
+    assert main([*argv, "--group-size", "32"]) == 0
+    assert main(["convert", str(folder), str(tmp_path / "onnx"), "--to", "onnx"]) == 0
+    manifest = json.loads((tmp_path / "onnx" / "gemport.json").read_text())
+    assert manifest["quantization"]["method"] == "rtn" and manifest["quantization"]["config"]["symmetric"] is False
+    got = OnnxRuntime(tmp_path / "onnx").logprobs(TOKENS)
+    want = TransformersRuntime(folder).logprobs(TOKENS)
+    assert np.abs(got - want).max() < 1e-4
