@@ -6,7 +6,7 @@ head_dim] in, ``logits`` (float32) and ``present.{i}.key|value`` (past and new, 
 Two op sets compute the same model: ``fused`` uses onnxruntime's CPU contrib ops
 (GroupQueryAttention with rotary, softcap and local window; SimplifiedLayerNormalization),
 ``plain`` only standard ONNX ops (any runtime). Quantized records become com.microsoft
-MatMulNBits (an embedding record becomes GatherBlockQuantized).
+MatMulNBits (an embedding record also feeds GatherBlockQuantized, sharing the bytes).
 
 Stored layout (the table ``gemport.layout`` in the model's metadata maps it back to canonical
 names, so the reader needs no guessing): linear weights transposed to [in, out] for MatMul; norm
@@ -49,7 +49,7 @@ class OnnxOptions:
     fused: bool = True  # onnxruntime contrib ops; False: standard ONNX ops only
     accuracy_level: int = 0  # MatMulNBits: 0/1 float compute, 4 int8 activations (faster, less exact)
     context_length: int | None = None  # rotary cache rows and genai max_length; None: the spec's max_position
-    head_bits: int | None = None  # a float LM head as a MatMulNBits copy of this many bits (faster decoding)
+    head_bits: int | None = None  # a float LM head (and tied embedding) quantized to this many bits
 
     def __post_init__(self) -> None:
         if self.dtype not in ("f32", "f16"):
@@ -173,6 +173,7 @@ class _Builder:
         self.initializers: list = []
         self.layout: dict[str, dict] = {}  # canonical name -> how it is stored
         self._consts: dict = {}
+        self._nbits: dict = {}  # canonical name -> (MatMulNBits initializers, block size)
 
     # -- graph plumbing
     def op(self, op_type: str, *inputs, domain: str = "", outputs: int = 1, **attrs):
@@ -283,41 +284,47 @@ class _Builder:
             return self.op("MatMul", x, self.weight(canonical, "transpose"))
         return self._matmul_nbits(x, canonical, t)
 
-    def _matmul_nbits(self, x, canonical: str, t: LazyTensor, stored: str | None = None):
-        """MatMulNBits of the record ``t``; ``stored`` names a quantized copy that the layout table
-        does not list (the LM head beside a float embedding)."""
+    def _matmul_nbits(self, x, canonical: str, t: LazyTensor):
+        """MatMulNBits of the record ``t`` (its initializers made once, shared with GatherBlockQuantized)."""
+        n, k = t.shape
+        inputs, block = self._nbits_initializers(canonical, t)
+        attrs = dict(K=k, N=n, bits=t.quant.bits, block_size=block, accuracy_level=self.options.accuracy_level)
+        return self.op("MatMulNBits", x, *inputs, domain="com.microsoft", **attrs)
+
+    def _nbits_initializers(self, canonical: str, t: LazyTensor):
+        """MatMulNBits' B [n, blocks, block * bits / 8], scales [n * blocks] and, when asymmetric,
+        packed zero points; the layout table says how the reader dequantizes them."""
+        if canonical in self._nbits:
+            return self._nbits[canonical]
         n, k = t.shape
         fmt = t.quant
         block = _block_size(fmt.group_size, k, canonical, self.ckpt.source)
         blocks = k // block
-        prefix = stored or canonical
         packed = self.lazy(
-            f"{prefix}.qweight",
+            f"{canonical}.qweight",
             (n, blocks, block * fmt.bits // 8),
             self.ir.DataType.UINT8,
             lambda: _pack_codes(self._record(t).codes, fmt.bits, block),
         )
         scales = self.lazy(
-            f"{prefix}.scales",
+            f"{canonical}.scales",
             (n * blocks,),
             self.float,
             lambda: _block_values(self._record(t).scales, k, block).astype(self.np_float),
         )
-        inputs = [x, packed, scales]
+        inputs = [packed, scales]
         if not fmt.symmetric:
-            zp_width = math.ceil(blocks * fmt.bits / 8)
             inputs.append(
                 self.lazy(
-                    f"{prefix}.zero_points",
-                    (n * zp_width,),
+                    f"{canonical}.zero_points",
+                    (n * math.ceil(blocks * fmt.bits / 8),),
                     self.ir.DataType.UINT8,
                     lambda: _pack_zero_points(self._record(t).zero_points, fmt.bits, k, block),
                 )
             )
-        if stored is None:
-            self.layout[canonical] = {"kind": "matmul_nbits", "name": canonical, "bits": fmt.bits, "block_size": block}
-        attrs = dict(K=k, N=n, bits=fmt.bits, block_size=block, accuracy_level=self.options.accuracy_level)
-        return self.op("MatMulNBits", *inputs, domain="com.microsoft", **attrs)
+        self.layout[canonical] = {"kind": "matmul_nbits", "name": canonical, "bits": fmt.bits, "block_size": block}
+        self._nbits[canonical] = (inputs, block)
+        return inputs, block
 
     def _record(self, t: LazyTensor):
         """The record of ``t``, loaded once per tensor however many initializers read it."""
@@ -395,6 +402,9 @@ class _Builder:
     def embedding(self):
         spec = self.spec
         t = self.ckpt.tensors["model.embed_tokens.weight"]
+        self.head_record = None
+        if t.quant is None and self.options.head_bits and spec.tie_embeddings:
+            t = self.head_record = self._quantized_head(t)  # the embedding lookup reads the head's record
         if t.quant is None:
             self.embed = self.weight("model.embed_tokens.weight", "none")
             x = self.op("Gather", self.embed, self.input_ids, axis=0)
@@ -405,46 +415,21 @@ class _Builder:
         return self.op("Mul", x, scale)
 
     def _gather_block_quantized(self, t: LazyTensor):
-        """Embedding rows from a record: com.microsoft GatherBlockQuantized (codes offset to unsigned,
-        4-bit packed two per byte, low nibble first); the tied LM head is a MatMulNBits of the same record."""
-        fmt, (v, h) = t.quant, t.shape
-        block = _block_size(fmt.group_size, h, t.name, self.ckpt.source)
-        ir = self.ir
-        data = self.lazy(
-            f"{t.name}.qdata",
-            (v, h * fmt.bits // 8),
-            ir.DataType.UINT8,
-            lambda: _pack_codes(self._record(t).codes, fmt.bits, block).reshape(v, -1),
-        )
-        scales = self.lazy(
-            f"{t.name}.qscales",
-            (v, h // block),
-            self.float,
-            lambda: _block_values(self._record(t).scales, h, block).reshape(v, -1).astype(self.np_float),
-        )
-        inputs = [data, self.input_ids, scales]
-        if not fmt.symmetric:
-            inputs.append(
-                self.lazy(
-                    f"{t.name}.qzero_points",
-                    (v, math.ceil(h // block * fmt.bits / 8)),
-                    ir.DataType.UINT8,
-                    lambda: _pack_zero_points(self._record(t).zero_points, fmt.bits, h, block).reshape(v, -1),
-                )
-            )
-        else:  # the op's default zero point for uint8 data is 0: store the unsigned offset explicitly
+        """Embedding rows from a record: com.microsoft GatherBlockQuantized over MatMulNBits' own
+        initializers reshaped to [vocab, ...], so the tied LM head shares the bytes (as
+        onnxruntime-genai's builder shares them)."""
+        fmt, (v, _) = t.quant, t.shape
+        (packed, scales, *zero_points), block = self._nbits_initializers(t.name, t)
+        rows = self.const([v, -1], np.int64)
+        inputs = [self.op("Reshape", packed, rows), self.input_ids, self.op("Reshape", scales, rows)]
+        if zero_points:
+            inputs.append(self.op("Reshape", zero_points[0], rows))
+        else:  # MatMulNBits' default zero point 2**(bits-1) is not GatherBlockQuantized's: state it
             offset = 1 << (fmt.bits - 1)
             packed_offset = offset | (offset << 4) if fmt.bits == 4 else offset
-            width = math.ceil(h // block * fmt.bits / 8)
-            inputs.append(
-                self.lazy(
-                    f"{t.name}.qzero_points",
-                    (v, width),
-                    ir.DataType.UINT8,
-                    lambda: np.full((v, width), packed_offset, np.uint8),
-                )
-            )
-        self.layout[t.name] = {"kind": "gather_block_quantized", "name": t.name, "bits": fmt.bits, "block_size": block}
+            width = math.ceil(t.shape[1] // block * fmt.bits / 8)
+            inputs.append(self.const(np.full((1, width), packed_offset, np.uint8)))
+            inputs[-1] = self.op("Expand", inputs[-1], self.const([v, width], np.int64))
         return self.op(
             "GatherBlockQuantized",
             *inputs,
@@ -583,12 +568,10 @@ class _Builder:
         x = self.norm(x, "model.norm.weight")
         name = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
         t = self.ckpt.tensors[name]
-        if t.quant is not None:  # the tied head of a quantized embedding: MatMulNBits of its record
-            logits = self._matmul_nbits(x, name, t)
-            self.layout[name]["tied_head"] = True
-        elif self.options.head_bits:  # a tied head is a copy; an untied one is stored only quantized
-            stored = "lm_head.quantized" if spec.tie_embeddings else None
-            logits = self._matmul_nbits(x, name, self._quantized_head(t), stored=stored)
+        if t.quant is not None or self.head_record is not None:  # MatMulNBits of the (shared) record
+            logits = self._matmul_nbits(x, name, self.head_record or t)
+        elif self.options.head_bits:  # an untied head, quantized here
+            logits = self._matmul_nbits(x, name, self._quantized_head(t))
         else:
             w = self.embed if spec.tie_embeddings else self.weight(name, "none")
             flat = self.op("Reshape", x, self.const([-1, spec.hidden_size], np.int64))
@@ -608,8 +591,8 @@ class _Builder:
         return self.op("Identity", logits)
 
     def _quantized_head(self, t: LazyTensor) -> LazyTensor:
-        """The LM head as a round-to-nearest record (symmetric, --head-bits, blocks of 32) for
-        MatMulNBits; the embedding lookup keeps the float rows."""
+        """The LM head as a round-to-nearest record (symmetric, --head-bits bits, blocks of 32); a tied
+        embedding shares it through GatherBlockQuantized."""
         from quantizers.record import QuantFormat
         from quantizers.rtn import quantize_weight
 
@@ -759,12 +742,11 @@ def _loader(values, entry: dict, shape: tuple[int, ...], file: Path):
             w = torch.from_numpy(np.array(array(name), dtype=np.float32))
             if entry["transform"] == "transpose":
                 w = w.t().contiguous()
-        else:
-            suffix = "q" if kind == "gather_block_quantized" else ""
+        else:  # matmul_nbits
             w = _dequantize(
-                array(f"{name}.{suffix}qweight" if suffix == "" else f"{name}.qdata"),
-                array(f"{name}.{suffix}scales"),
-                array(f"{name}.{suffix}zero_points") if f"{name}.{suffix}zero_points" in values else None,
+                array(f"{name}.qweight"),
+                array(f"{name}.scales"),
+                array(f"{name}.zero_points") if f"{name}.zero_points" in values else None,
                 entry["bits"],
                 entry["block_size"],
                 shape,

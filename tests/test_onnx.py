@@ -212,19 +212,22 @@ def test_nan_weight_leaves_no_artifact(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["gemma3", "gemma-mqa"])  # tied head, and a separate lm_head
-def test_head_bits_quantizes_only_the_head(tiny_models, tmp_path, variant):
+def test_head_bits_quantizes_the_head(tiny_models, tmp_path, variant):
+    """--head-bits 8: the head is a MatMulNBits; a tied embedding reads the same bytes through
+    GatherBlockQuantized, an untied one stays float. Every other weight reads back exactly."""
     src = hf.read(tiny_models[variant])
     out = onnx_conv.write(src, tmp_path / "out", head_bits=8)
     graph = __import__("onnx").load(str(out / "model.onnx"), load_external_data=False).graph
-    heads = [n for n in graph.node if n.op_type == "MatMulNBits"]
-    stored = "lm_head.quantized" if src.spec.tie_embeddings else "lm_head.weight"
-    assert len(heads) == 1 and heads[0].input[1] == f"{stored}.qweight"
+    head = "model.embed_tokens.weight" if src.spec.tie_embeddings else "lm_head.weight"
+    assert [n.input[1] for n in graph.node if n.op_type == "MatMulNBits"] == [f"{head}.qweight"]
+    assert any(n.op_type == "GatherBlockQuantized" for n in graph.node) == src.spec.tie_embeddings
+    assert not any(i.name == head for i in graph.initializer)  # no float copy kept
     got, _ = run(session(out), src.spec, TOKENS)
     want = reference_logprobs(tiny_models[variant], TOKENS)
-    assert 0 < kld(want, got) < 1e-3  # int8 head: close, not exact
-    back = onnx_conv.read(out)  # the float weights are all still there, but an untied head
+    assert 0 < kld(want, got) < 1e-3  # int8: close, not exact
+    back = onnx_conv.read(out)
     for name, t in src.tensors.items():
-        if name == "lm_head.weight":
+        if name == head:
             assert (back.tensors[name].load() - t.load()).abs().max() < 0.01
         else:
             assert torch.equal(back.tensors[name].load(), t.load()), name
