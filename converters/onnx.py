@@ -240,15 +240,15 @@ class _Builder:
             inputs += pair
         self._rope_caches()
         self._masks(pasts[0][0])
-        x = self.embedding()
+        x, delta = self.embedding(), None
         outputs = []
         for i in range(spec.num_layers):
-            x, present = self.layer(i, x, pasts[i])
+            x, delta, present = self.layer(i, x, delta, pasts[i])
             for kind, value in zip(("key", "value"), present, strict=True):
                 value.name = f"present.{i}.{kind}"
                 value.dtype, value.shape = f, ir.Shape(["batch_size", kv, "total_sequence_length", d])
                 outputs.append(value)
-        logits = self.head(x)
+        logits = self.head(self.add_norm(x, delta, "model.norm.weight")[0])
         logits.name = "logits"
         logits.dtype = ir.DataType.FLOAT
         logits.shape = ir.Shape(["batch_size", "sequence_length", spec.vocab_size])
@@ -440,34 +440,81 @@ class _Builder:
             bits=fmt.bits,
         )
 
-    def layer(self, i: int, x, past):
+    def add_norm(self, x, delta, canonical: str):
+        """(norm(x + delta), x + delta), or (norm(x), x) when delta is None: onnxruntime's
+        SkipSimplifiedLayerNormalization does both at once."""
+        if delta is None:
+            return self.norm(x, canonical), x
+        if not self.options.fused:
+            x = self.op("Add", x, delta)
+            return self.norm(x, canonical), x
+        scale = self.op("Add", self.weight(canonical, "none"), self.const(1.0, self.np_float))
+        normed, _, _, total = self.op(
+            "SkipSimplifiedLayerNormalization",
+            delta,
+            x,
+            scale,
+            domain="com.microsoft",
+            outputs=4,
+            epsilon=self.spec.rms_eps,
+        )
+        return normed, total
+
+    def layer(self, i: int, x, delta, past):
+        """One decoder layer on the residual ``x + delta``; returns the new residual and delta."""
         spec = self.spec
         p = f"model.layers.{i}."
-        attn = self.attention(i, self.norm(x, p + "input_layernorm.weight"), past)
-        out, present = attn
+        normed, x = self.add_norm(x, delta, p + "input_layernorm.weight")
+        out, present = self.attention(i, normed, past)
         if spec.post_norms:
             out = self.norm(out, p + "post_attention_layernorm.weight")
-            x = self.op("Add", x, out)
-            y = self.norm(x, p + "pre_feedforward_layernorm.weight")
+            y, x = self.add_norm(x, out, p + "pre_feedforward_layernorm.weight")
         else:
-            x = self.op("Add", x, out)
-            y = self.norm(x, p + "post_attention_layernorm.weight")
+            y, x = self.add_norm(x, out, p + "post_attention_layernorm.weight")
         y = self.mlp(p, y)
         if spec.post_norms:
             y = self.norm(y, p + "post_feedforward_layernorm.weight")
-        return self.op("Add", x, y), present
+        return x, y, present
 
     def mlp(self, p: str, x):
         approximate = "tanh" if "tanh" in self.spec.activation else "none"
-        gate = self.op("Gelu", self.linear(x, p + "mlp.gate_proj.weight"), approximate=approximate)
-        return self.linear(self.op("Mul", gate, self.linear(x, p + "mlp.up_proj.weight")), p + "mlp.down_proj.weight")
+        gate, up = self.linears(x, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], p + "mlp.gate_up_proj")
+        gate = self.op("Gelu", gate, approximate=approximate)
+        return self.linear(self.op("Mul", gate, up), p + "mlp.down_proj.weight")
+
+    def linears(self, x, names: list[str], fused_name: str) -> list:
+        """x @ W.T for each of ``names``; with fused ops, one MatMul(NBits) over the weights stacked
+        along the output axis and a Split (when all are float, or all records of one format)."""
+        tensors = [self.ckpt.tensors[n] for n in names]
+        if not self.options.fused or len({t.quant for t in tensors}) != 1 or len({t.dtype for t in tensors}) != 1:
+            return [self.linear(x, n) for n in names]
+        rows = [t.shape[0] for t in tensors]
+        stacked = _stacked(tensors, f"{fused_name}.weight", self.ckpt.source)
+        if stacked.quant is None:
+            self.layout[stacked.name] = {"kind": "float", "transform": "transpose", "name": stacked.name}
+            y = self.op(
+                "MatMul",
+                x,
+                self.lazy(
+                    stacked.name,
+                    tuple(reversed(stacked.shape)),
+                    self.float,
+                    lambda: self._load_float(stacked, "transpose"),
+                ),
+            )
+        else:
+            y = self._matmul_nbits(x, stacked.name, stacked)
+        start = 0
+        for name, n in zip(names, rows, strict=True):
+            self.layout[name] = {**self.layout[stacked.name], "rows": [start, start + n]}
+            start += n
+        del self.layout[stacked.name]
+        return self.op("Split", y, self.const(rows, np.int64), axis=-1, outputs=len(names))
 
     def attention(self, i: int, x, past):
         spec = self.spec
         p = f"model.layers.{i}.self_attn."
-        q = self.linear(x, p + "q_proj.weight")
-        k = self.linear(x, p + "k_proj.weight")
-        v = self.linear(x, p + "v_proj.weight")
+        q, k, v = self.linears(x, [p + f"{w}_proj.weight" for w in "qkv"], p + "qkv_proj")
         heads = (spec.num_heads, spec.num_kv_heads)
         if spec.qk_norm:
             q, k = (
@@ -565,7 +612,6 @@ class _Builder:
 
     def head(self, x):
         spec = self.spec
-        x = self.norm(x, "model.norm.weight")
         name = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
         t = self.ckpt.tensors[name]
         if t.quant is not None or self.head_record is not None:  # MatMulNBits of the (shared) record
@@ -598,6 +644,35 @@ class _Builder:
 
         fmt = QuantFormat(self.options.head_bits, 32, True, "f32")
         return dataclasses.replace(t, quant=fmt, load=lambda: quantize_weight(t.load(), fmt), raw=None)
+
+
+def _stacked(tensors: list[LazyTensor], name: str, source: str) -> LazyTensor:
+    """Weights [out_i, in] (all float of one dtype, or all records of one format) stacked along out."""
+    import torch
+
+    from quantizers.record import QuantizedTensor
+
+    first = tensors[0]
+    shape = (sum(t.shape[0] for t in tensors), first.shape[1])
+
+    def load_float():
+        parts = [t.load() for t in tensors]
+        for t, data in zip(tensors, parts, strict=True):
+            if not all_finite(data):
+                raise CheckpointError(f"tensor {t.name} has NaN or infinite values", source)
+        return torch.cat(parts)
+
+    if first.quant is None:
+        return LazyTensor(name, shape, first.dtype, load=load_float)
+
+    def load():
+        records = [t.load() for t in tensors]
+        zero_points = None if first.quant.symmetric else torch.cat([r.zero_points for r in records])
+        return QuantizedTensor(
+            torch.cat([r.codes for r in records]), torch.cat([r.scales for r in records]), zero_points, first.quant
+        )
+
+    return LazyTensor(name, shape, first.dtype, load=load, quant=first.quant)
 
 
 def _rope_tables(theta: float, factor: float, head_dim: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -749,8 +824,10 @@ def _loader(values, entry: dict, shape: tuple[int, ...], file: Path):
                 array(f"{name}.zero_points") if f"{name}.zero_points" in values else None,
                 entry["bits"],
                 entry["block_size"],
-                shape,
+                shape[1],
             )
+        if "rows" in entry:  # one of the projections stacked into a fused MatMul
+            w = w[entry["rows"][0] : entry["rows"][1]].contiguous()
         if tuple(w.shape) != shape:
             raise CheckpointError(f"tensor {name} is stored as {list(w.shape)}, expected {list(shape)}", file)
         return w
@@ -758,11 +835,11 @@ def _loader(values, entry: dict, shape: tuple[int, ...], file: Path):
     return load
 
 
-def _dequantize(packed, scales, zero_points, bits: int, block: int, shape: tuple[int, ...]):
+def _dequantize(packed, scales, zero_points, bits: int, block: int, k: int):
     """MatMulNBits' dequantization: (q - zero_point) * scale per block, zero point 2**(bits-1) when absent."""
     import torch
 
-    n, k = shape
+    n = packed.shape[0]
     blocks = k // block
     u = packed.reshape(n, -1)
     if bits == 4:
