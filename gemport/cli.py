@@ -142,16 +142,17 @@ def _add_onnx_options(s: argparse.ArgumentParser) -> None:
         "--accuracy-level",
         type=int,
         choices=(0, 1, 2, 3, 4),
-        default=0,
-        help="ONNX: MatMulNBits accuracy_level; 0 (default) computes in float, 4 quantizes activations to int8 "
-        "per block (faster on CPU, less exact)",
+        help="ONNX: MatMulNBits accuracy_level; 4 (default with --quant, as onnxruntime-genai's builder on CPU) "
+        "quantizes activations to int8 per block, faster on CPU and slightly less exact; 0 computes in float",
     )
     s.add_argument(
         "--head-bits",
         type=int,
-        choices=(4, 8),
-        help="ONNX: also store the LM head as a symmetric round-to-nearest MatMulNBits copy of this many bits "
-        "(blocks of 32; the embedding lookup keeps its float rows): decoding reads 4-8x fewer bytes",
+        choices=(0, 4, 8),
+        help="ONNX: store the LM head as a symmetric round-to-nearest MatMulNBits of this many bits (blocks of "
+        "32), which a tied embedding shares through GatherBlockQuantized; 0 keeps it float. Default: the "
+        "--quant bits (as onnxruntime-genai's builder), 0 without --quant. 8 with --quant int4 costs decode "
+        "speed and gains much accuracy (bench/RESULTS.md)",
     )
     s.add_argument(
         "--context-length",
@@ -164,12 +165,15 @@ def _add_onnx_options(s: argparse.ArgumentParser) -> None:
 ONNX_FLAGS = ("plain_ops", "accuracy_level", "context_length", "head_bits")
 
 
-def _onnx_options(args) -> dict:
+def _onnx_options(args, bits: int | None = None) -> dict:
+    """Writer options; ``bits`` of the quantized projections sets the defaults of head bits and accuracy level."""
+    head_bits = args.head_bits if args.head_bits is not None else bits
+    accuracy = args.accuracy_level if args.accuracy_level is not None else (4 if bits else 0)
     return {
         "fused": not args.plain_ops,
-        "accuracy_level": args.accuracy_level,
+        "accuracy_level": accuracy,
         "context_length": args.context_length,
-        "head_bits": args.head_bits,
+        "head_bits": head_bits or None,
     }
 
 
@@ -422,7 +426,7 @@ def cmd_convert(args) -> int:
         return _convert_quantized(args)
     if args.dst_format == "onnx" and args.quant:
         raise UnsupportedError(f"--to onnx takes --quant {', '.join(HF_QUANTS)}, not {args.quant!r}")
-    onnx_flags = any(getattr(args, f) for f in (*ONNX_FLAGS, "block_size"))
+    onnx_flags = any(getattr(args, f) not in (None, False) for f in (*ONNX_FLAGS, "block_size"))
     if onnx_flags and args.dst_format != "onnx":
         raise UnsupportedError(
             "--plain-ops, --accuracy-level, --head-bits, --context-length and --block-size apply to --to onnx"
@@ -490,8 +494,8 @@ def cmd_quantize(args) -> int:
         raise UnsupportedError(f"--quant applies to --to gguf, not --to {args.dst_format}")
     options = {"overwrite": args.overwrite}
     if args.dst_format == "onnx":
-        options |= {"dtype": getattr(args, "dtype", None), **_onnx_options(args)}
-    elif any(getattr(args, f) for f in ONNX_FLAGS):
+        options |= {"dtype": getattr(args, "dtype", None), **_onnx_options(args, args.bits)}
+    elif any(getattr(args, f) not in (None, False) for f in ONNX_FLAGS):
         raise UnsupportedError("--plain-ops, --accuracy-level, --head-bits and --context-length apply to --to onnx")
     quantized = method(ckpt)
     out = registry.get(args.dst_format).load().write(quantized, args.dst, **options)
