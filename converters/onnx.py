@@ -813,6 +813,8 @@ def _loader(values, entry: dict, shape: tuple[int, ...], file: Path):
 
     def load():
         name, kind = entry["name"], entry["kind"]
+        if kind not in ("float", "matmul_nbits") or entry.get("transform", "none") not in ("none", "transpose"):
+            raise UnsupportedError(f"tensor {name} is stored in a layout this gemport does not know: {entry}", file)
         if kind == "float":
             w = torch.from_numpy(np.array(array(name), dtype=np.float32))
             if entry["transform"] == "transpose":
