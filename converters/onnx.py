@@ -637,13 +637,13 @@ class _Builder:
         return self.op("Identity", logits)
 
     def _quantized_head(self, t: LazyTensor) -> LazyTensor:
-        """The LM head as a round-to-nearest record (symmetric, --head-bits bits, blocks of 32); a tied
-        embedding shares it through GatherBlockQuantized."""
+        """The LM head as a round-to-nearest record (symmetric over the full code range, --head-bits
+        bits, blocks of 32); a tied embedding shares it through GatherBlockQuantized."""
         from quantizers.record import QuantFormat
         from quantizers.rtn import quantize_weight
 
         fmt = QuantFormat(self.options.head_bits, 32, True, "f32")
-        return dataclasses.replace(t, quant=fmt, load=lambda: quantize_weight(t.load(), fmt), raw=None)
+        return dataclasses.replace(t, quant=fmt, load=lambda: quantize_weight(t.load(), fmt, True), raw=None)
 
 
 def _stacked(tensors: list[LazyTensor], name: str, source: str) -> LazyTensor:

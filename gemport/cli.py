@@ -109,6 +109,13 @@ def _add_quantize_parser(sub) -> None:
         help="also quantize the embedding (tied LM head) to this many bits (default: keep its source dtype; "
         "not written by --to hf yet)",
     )
+    s.add_argument(
+        "--full-range",
+        action="store_true",
+        help="rtn, symmetric: scale = the signed largest-magnitude value / -8 (int4) or / -128 (int8), so the whole "
+        "code range is used (llama.cpp's Q4_0 and onnxruntime's quantizer do this); about 20 %% less weight error "
+        "than compressed-tensors' amax / 7.5. Default for convert --to onnx --quant int4|int8",
+    )
     _add_awq_options(s)
     s.add_argument(
         "--to",
@@ -475,7 +482,7 @@ def _convert_quantized(args) -> int:
     argv = ["quantize", str(args.src), str(args.dst), "--method", method, "--bits", str(bits)]
     argv += ["--to", args.dst_format, *(["--overwrite"] if args.overwrite else [])]
     if args.dst_format == "onnx":
-        argv += ["--group-size", str(args.block_size or 32)]
+        argv += ["--group-size", str(args.block_size or 32), *(["--full-range"] if method == "rtn" else [])]
     qargs = build_parser().parse_args(argv)
     for name in ("src_format", "preset", "keep_padded_vocab", "corpus", *ONNX_FLAGS):
         setattr(qargs, name, getattr(args, name))
@@ -535,6 +542,7 @@ def _check_method_options(args) -> None:
         "--damp": ("gptq",),
         "--no-act-order": ("gptq",),
         "--embedding-bits": ("rtn",),
+        "--full-range": ("rtn",),
     }
     for flag, methods in owners.items():
         value = getattr(args, flag.removeprefix("--").replace("-", "_"))
@@ -562,6 +570,7 @@ def _rtn_method(args) -> functools.partial:
             symmetric=args.symmetric,
             scale_dtype=args.scale_dtype,
             embedding_bits=args.embedding_bits,
+            full_range=args.full_range,
         )
     except ValueError as exc:
         raise UnsupportedError(str(exc)) from None

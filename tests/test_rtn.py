@@ -153,3 +153,20 @@ def test_other_writers_refuse_records(tiny_models, tmp_path):
         with pytest.raises(UnsupportedError, match="quantized records not supported by this writer yet"):
             writer.write(q, dst)
         assert not dst.exists()
+
+
+def test_full_range_puts_the_largest_magnitude_on_qmin():
+    """ggml's Q4_0 rule (d = max / -8): the signed largest-magnitude value is exactly code -8."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    fmt = QuantFormat(4, 32, True, "f32")
+    record = quantize_weight(w, fmt, full_range=True)
+    groups = w.reshape(16, 2, 32)
+    idx = groups.abs().argmax(-1, keepdim=True)
+    assert (torch.gather(record.codes.reshape(16, 2, 32), -1, idx) == -8).all()
+    assert torch.allclose(record.scales, torch.gather(groups, -1, idx)[..., 0] / -8)
+    plain = quantize_weight(w, fmt)
+    error = lambda r: float(((r.dequantize() - w) ** 2).mean())  # noqa: E731
+    assert error(record) < 0.9 * error(plain)
+    with pytest.raises(ValueError, match="symmetric"):
+        RTNConfig(bits=4, group_size=32, symmetric=False, full_range=True)
