@@ -50,14 +50,17 @@ class OnnxOptions:
     accuracy_level: int = 0  # MatMulNBits: 0/1 float compute, 4 int8 activations (faster, less exact)
     context_length: int | None = None  # rotary cache rows and genai max_length; None: the spec's max_position
     head_bits: int | None = None  # a float LM head (and tied embedding) quantized to this many bits
+    lookup_bits: int | None = None  # with head_bits and a tied embedding: bits of a separate lookup table
 
     def __post_init__(self) -> None:
         if self.dtype not in ("f32", "f16"):
             raise ValueError(f"ONNX dtype must be f32 or f16, got {self.dtype!r}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy level must be 0-4, got {self.accuracy_level}")
-        if self.head_bits not in (None, 4, 8):
-            raise ValueError(f"head bits must be 4 or 8, got {self.head_bits}")
+        if self.head_bits not in (None, 4, 8) or self.lookup_bits not in (None, 4, 8):
+            raise ValueError(f"head and lookup bits must be 4 or 8, got {self.head_bits}, {self.lookup_bits}")
+        if self.lookup_bits and not self.head_bits:
+            raise ValueError("lookup bits apply to a quantized head (head bits)")
         if self.context_length is not None and self.context_length < 1:
             raise ValueError(f"context length must be >= 1, got {self.context_length}")
 
@@ -74,12 +77,13 @@ def write(
     accuracy_level: int = 0,
     context_length: int | None = None,
     head_bits: int | None = None,
+    lookup_bits: int | None = None,
 ) -> Path:
     """Write ``ckpt`` as an ONNX folder (model.onnx, model.onnx.data, genai_config.json, tokenizer)."""
     import onnx_ir as ir
 
     try:
-        options = OnnxOptions(dtype or "f32", fused, accuracy_level, context_length, head_bits)
+        options = OnnxOptions(dtype or "f32", fused, accuracy_level, context_length, head_bits, lookup_bits)
     except ValueError as exc:
         raise UnsupportedError(str(exc)) from None
     ckpt.check(quantized_ok=True)
@@ -404,7 +408,13 @@ class _Builder:
         t = self.ckpt.tensors["model.embed_tokens.weight"]
         self.head_record = None
         if t.quant is None and self.options.head_bits and spec.tie_embeddings:
-            t = self.head_record = self._quantized_head(t)  # the embedding lookup reads the head's record
+            head, lookup = self.options.head_bits, self.options.lookup_bits or self.options.head_bits
+            # The lookup reads the head's record, or its own table when its bits differ (it reads one
+            # row per token: more bits cost bytes, not speed); the head copy is then named lm_head.
+            self.head_record = self._quantized_head(t, head)
+            if lookup != head:
+                self.head_record = dataclasses.replace(self.head_record, name="lm_head.weight")
+            t = self._quantized_head(t, lookup) if lookup != head else self.head_record
         if t.quant is None:
             self.embed = self.weight("model.embed_tokens.weight", "none")
             x = self.op("Gather", self.embed, self.input_ids, axis=0)
@@ -614,10 +624,12 @@ class _Builder:
         spec = self.spec
         name = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
         t = self.ckpt.tensors[name]
-        if t.quant is not None or self.head_record is not None:  # MatMulNBits of the (shared) record
-            logits = self._matmul_nbits(x, name, self.head_record or t)
+        if self.head_record is not None:  # the tied head quantized here, maybe shared with the lookup
+            logits = self._matmul_nbits(x, self.head_record.name, self.head_record)
+        elif t.quant is not None:  # MatMulNBits of the record the lookup also reads
+            logits = self._matmul_nbits(x, name, t)
         elif self.options.head_bits:  # an untied head, quantized here
-            logits = self._matmul_nbits(x, name, self._quantized_head(t))
+            logits = self._matmul_nbits(x, name, self._quantized_head(t, self.options.head_bits))
         else:
             w = self.embed if spec.tie_embeddings else self.weight(name, "none")
             flat = self.op("Reshape", x, self.const([-1, spec.hidden_size], np.int64))
@@ -636,13 +648,13 @@ class _Builder:
             logits = self.op("Mul", self.op("Tanh", self.op("Div", logits, cap)), cap)
         return self.op("Identity", logits)
 
-    def _quantized_head(self, t: LazyTensor) -> LazyTensor:
+    def _quantized_head(self, t: LazyTensor, bits: int) -> LazyTensor:
         """The LM head as a round-to-nearest record (symmetric over the full code range, --head-bits
         bits, blocks of 32); a tied embedding shares it through GatherBlockQuantized."""
         from quantizers.record import QuantFormat
         from quantizers.rtn import quantize_weight
 
-        fmt = QuantFormat(self.options.head_bits, 32, True, "f32")
+        fmt = QuantFormat(bits, 32, True, "f32")
         return dataclasses.replace(t, quant=fmt, load=lambda: quantize_weight(t.load(), fmt, True), raw=None)
 
 

@@ -162,6 +162,14 @@ def _add_onnx_options(s: argparse.ArgumentParser) -> None:
         "speed and gains much accuracy (bench/RESULTS.md)",
     )
     s.add_argument(
+        "--lookup-bits",
+        type=int,
+        choices=(4, 8),
+        help="ONNX, tied embedding with a quantized head: bits of the embedding lookup table. Default 8: a table of "
+        "its own beside the head (a lookup reads one row per token, so more bits cost bytes, not speed); the "
+        "head's bits share the head's bytes",
+    )
+    s.add_argument(
         "--context-length",
         type=int,
         metavar="N",
@@ -169,7 +177,7 @@ def _add_onnx_options(s: argparse.ArgumentParser) -> None:
     )
 
 
-ONNX_FLAGS = ("plain_ops", "accuracy_level", "context_length", "head_bits")
+ONNX_FLAGS = ("plain_ops", "accuracy_level", "context_length", "head_bits", "lookup_bits")
 
 
 def _onnx_options(args, bits: int | None = None) -> dict:
@@ -181,6 +189,7 @@ def _onnx_options(args, bits: int | None = None) -> dict:
         "accuracy_level": accuracy,
         "context_length": args.context_length,
         "head_bits": head_bits or None,
+        "lookup_bits": (args.lookup_bits or 8) if head_bits else args.lookup_bits,
     }
 
 

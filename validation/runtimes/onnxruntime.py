@@ -45,9 +45,12 @@ class OnnxRuntime:
         if "input_ids" not in self.inputs or logits is None:
             raise CheckpointError("not a decoder graph: needs an input_ids input and a logits output", file)
         self.vocab_size = int(logits.shape[-1])
+        self.decoder = _genai_decoder(file.parent)
 
     def feeds(self, tokens: list[int]) -> dict[str, np.ndarray]:
-        """One batch row, no past: every past_key_values input is empty along its sequence axis."""
+        """One batch row, no past: every past_key_values input is empty along its sequence axis. Symbolic
+        head counts and sizes come from genai_config.json; a sliding-window cache input (onnxruntime-genai's
+        builder: ``past_sliding_length``) gets a zero cache of the window, which the mask leaves unread."""
         n = len(tokens)
         feeds: dict[str, np.ndarray] = {"input_ids": np.asarray([tokens], np.int64)}
         for name, info in self.inputs.items():
@@ -56,8 +59,14 @@ class OnnxRuntime:
             elif name == "position_ids":
                 feeds[name] = np.arange(n, dtype=np.int64)[None]
             elif name.startswith("past_key_values."):
-                batch, heads, _, head_dim = info.shape
-                feeds[name] = np.zeros((1, heads, 0, head_dim), _NUMPY[info.type])
+                _, heads, length, head_dim = info.shape
+                heads = heads if isinstance(heads, int) else self.decoder.get("num_key_value_heads")
+                head_dim = head_dim if isinstance(head_dim, int) else self.decoder.get("head_size")
+                window = (self.decoder.get("sliding_window") or {}).get("window_size", 0)
+                past = window if length == "past_sliding_length" else 0
+                if not isinstance(heads, int) or not isinstance(head_dim, int):
+                    raise CheckpointError(f"input {name} has symbolic sizes and no genai_config.json states them")
+                feeds[name] = np.zeros((1, heads, past, head_dim), _NUMPY[info.type])
             elif name != "input_ids":
                 raise CheckpointError(f"unknown graph input {name!r}: not a decoder graph gemport can feed")
         return feeds
@@ -67,3 +76,16 @@ class OnnxRuntime:
 
         (logits,) = self.session.run(["logits"], self.feeds(tokens))
         return torch.log_softmax(torch.from_numpy(logits[0].astype(np.float32)), dim=-1).numpy()
+
+
+def _genai_decoder(folder: Path) -> dict:
+    """The ``model.decoder`` entry of onnxruntime-genai's genai_config.json beside the model, or {}."""
+    import json
+
+    config = folder / "genai_config.json"
+    if not config.is_file():
+        return {}
+    try:
+        return json.loads(config.read_text(encoding="utf-8"))["model"]["decoder"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"unreadable genai_config.json: {exc}", config) from None
