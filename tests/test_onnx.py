@@ -284,3 +284,25 @@ def test_compressed_tensors_folder_feeds_matmul_nbits(tiny_models, tmp_path):
     got = OnnxRuntime(tmp_path / "onnx").logprobs(TOKENS)
     want = TransformersRuntime(folder).logprobs(TOKENS)
     assert np.abs(got - want).max() < 1e-4
+
+
+def test_lookup_bits_keep_a_finer_table_beside_a_4_bit_head(tiny_models, tmp_path):
+    """--head-bits 4 --lookup-bits 8: the head reads its int4 copy, the lookup an int8 table of its own,
+    which is much closer to the reference than one shared int4 table; the reader takes the finer one."""
+    src = hf.read(tiny_models["gemma3"])
+    shared = onnx_conv.write(src, tmp_path / "shared", head_bits=4)
+    split = onnx_conv.write(src, tmp_path / "split", head_bits=4, lookup_bits=8)
+    graph = __import__("onnx").load(str(split / "model.onnx"), load_external_data=False).graph
+    (head,) = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert head.input[1] == "lm_head.weight.qweight" and dict((a.name, a.i) for a in head.attribute)["bits"] == 4
+    (lookup,) = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert dict((a.name, a.i) for a in lookup.attribute)["bits"] == 8
+    want = reference_logprobs(tiny_models["gemma3"], TOKENS)
+    kld_shared = kld(want, run(session(shared), src.spec, TOKENS)[0])
+    kld_split = kld(want, run(session(split), src.spec, TOKENS)[0])
+    assert kld_split < 0.5 * kld_shared
+    embed = src.tensors["model.embed_tokens.weight"].load()
+    err = (onnx_conv.read(split).tensors["model.embed_tokens.weight"].load() - embed).abs().max()
+    assert err < 0.5 * (onnx_conv.read(shared).tensors["model.embed_tokens.weight"].load() - embed).abs().max()
+    with pytest.raises(UnsupportedError, match="lookup bits apply to a quantized head"):
+        onnx_conv.write(src, tmp_path / "bad", lookup_bits=8)
