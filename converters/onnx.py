@@ -655,7 +655,17 @@ class _Builder:
         from quantizers.rtn import quantize_weight
 
         fmt = QuantFormat(bits, 32, True, "f32")
-        return dataclasses.replace(t, quant=fmt, load=lambda: quantize_weight(t.load(), fmt, True), raw=None)
+
+        def load(rows: int = 16384):  # in row chunks: the float temporaries stay small beside the vocab
+            import torch
+
+            from quantizers.record import QuantizedTensor
+
+            w = t.load()
+            parts = [quantize_weight(w[i : i + rows], fmt, True) for i in range(0, w.shape[0], rows)]
+            return QuantizedTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), None, fmt)
+
+        return dataclasses.replace(t, quant=fmt, load=load, raw=None)
 
 
 def _stacked(tensors: list[LazyTensor], name: str, source: str) -> LazyTensor:
