@@ -168,7 +168,7 @@ def test_fewer_windows_than_asked_is_a_warning(tiny, tmp_path):
 
 def test_bad_inputs_are_typed_errors(tiny):
     with pytest.raises(UnsupportedError, match="runtimes exist for: hf, gguf"):
-        runtime_for(tiny, "onnx")
+        runtime_for(tiny, "gemma-pytorch")
     with pytest.raises(UnsupportedError):
         validate(tiny, tiny, n_ctx=2)
 
