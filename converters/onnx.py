@@ -145,7 +145,9 @@ def genai_config(spec: GemmaSpec, options: OnnxOptions) -> dict:
         "no_repeat_ngram_size": 0,
         "num_beams": 1,
         "num_return_sequences": 1,
-        "past_present_share_buffer": False,
+        # GroupQueryAttention writes new keys into the past buffer in place (the builder's CPU default);
+        # the plain path concatenates, so it needs separate buffers.
+        "past_present_share_buffer": options.fused,
         "repetition_penalty": 1.0,
         "temperature": 1.0,
         "top_k": 1,

@@ -125,10 +125,12 @@ def test_matmul_nbits_computes_the_records_weights(tiny_models, tmp_path, config
         assert torch.equal(back.tensors[name].load(), t.load()), name
 
 
-def test_genai_loads_the_folder_and_generates_the_reference_greedy_tokens(tiny_models, tmp_path):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-shared-kv-buffer", "plain"])
+def test_genai_loads_the_folder_and_generates_the_reference_greedy_tokens(tiny_models, tmp_path, fused):
     og = pytest.importorskip("onnxruntime_genai")
     src = tiny_models["gemma2"]  # sliding window 16: 32 new tokens cross it
-    out = onnx_conv.write(hf.read(src), tmp_path / "out")
+    out = onnx_conv.write(hf.read(src), tmp_path / "out", fused=fused)
+    assert json.loads((out / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is fused
     tokenizer = AutoTokenizer.from_pretrained(src)
     prompt = tokenizer("def f(x):\n    return", return_tensors="pt").input_ids
     got = genai_greedy(out, prompt[0].tolist(), 32)
