@@ -180,6 +180,7 @@ class _Builder:
         self.layout: dict[str, dict] = {}  # canonical name -> how it is stored
         self._consts: dict = {}
         self._nbits: dict = {}  # canonical name -> (MatMulNBits initializers, block size)
+        self._cached: tuple = (None, None)  # (name, record) of the last record loaded
 
     # -- graph plumbing
     def op(self, op_type: str, *inputs, domain: str = "", outputs: int = 1, **attrs):
@@ -210,9 +211,10 @@ class _Builder:
         tensor = ir.LazyTensor(lambda: ir.tensor(load()), dtype=dtype, shape=ir.Shape(shape), name=name)
         return self._initializer(name, tensor)
 
-    def weight(self, canonical: str, transform: str):
-        """The float initializer of a canonical tensor: 'none' or 'transpose' ([in, out])."""
-        t = self.ckpt.tensors[canonical]
+    def weight(self, canonical: str, transform: str, t: LazyTensor | None = None):
+        """The float initializer of a canonical tensor (or of ``t`` stored under that name):
+        'none' or 'transpose' ([in, out])."""
+        t = t or self.ckpt.tensors[canonical]
         shape = tuple(reversed(t.shape)) if transform == "transpose" else t.shape
         self.layout[canonical] = {"kind": "float", "transform": transform, "name": canonical}
         return self.lazy(canonical, shape, self.float, lambda: self._load_float(t, transform))
@@ -271,8 +273,7 @@ class _Builder:
 
     def norm(self, x, canonical: str):
         """Gemma RMSNorm over the last axis with scale ``1 + w``."""
-        # Stored as w (read back exactly); onnxruntime folds the constant 1 + w when the session starts.
-        scale = self.op("Add", self.weight(canonical, "none"), self.const(1.0, self.np_float))
+        scale = self._norm_scale(canonical)
         if self.options.fused:
             return self.op("SimplifiedLayerNormalization", x, scale, axis=-1, epsilon=self.spec.rms_eps, stash_type=1)
         ir = self.ir
@@ -283,6 +284,10 @@ class _Builder:
         if self.float != ir.DataType.FLOAT:
             y = self.op("Cast", y, to=self.float)
         return self.op("Mul", y, scale)
+
+    def _norm_scale(self, canonical: str):
+        """``1 + w``: w stored (read back exactly), onnxruntime folds the constant when the session starts."""
+        return self.op("Add", self.weight(canonical, "none"), self.const(1.0, self.np_float))
 
     def linear(self, x, canonical: str):
         t = self.ckpt.tensors[canonical]
@@ -334,7 +339,7 @@ class _Builder:
 
     def _record(self, t: LazyTensor):
         """The record of ``t``, loaded once per tensor however many initializers read it."""
-        if getattr(self, "_cached", (None,))[0] != t.name:
+        if self._cached[0] != t.name:
             record = t.load()
             if not all_finite(record.scales):
                 raise CheckpointError(f"tensor {t.name} has NaN or infinite scales", self.ckpt.source)
@@ -348,24 +353,24 @@ class _Builder:
         rows = self.options.context_length or spec.max_position
         self.rope = {}
         for layer in range(spec.num_layers):
-            theta = spec.layer_rope_theta(layer)
-            factor = spec.rope_scaling.factor if spec.rope_scaling and spec.layer_types[layer] != SLIDING else 1.0
-            if spec.family == "gemma3" and spec.layer_types[layer] == SLIDING:
-                factor = 1.0
-            key = (theta, factor)
+            key = self._rope_key(layer)
             if key in self.rope:
                 continue
-            cos, sin = _rope_tables(theta, factor, spec.head_dim, rows)
+            cos, sin = _rope_tables(*key, spec.head_dim, rows)
             tag = f"rope.{len(self.rope)}"
             self.rope[key] = (
                 self._initializer(f"{tag}.cos", self.ir.tensor(cos.astype(self.np_float))),
                 self._initializer(f"{tag}.sin", self.ir.tensor(sin.astype(self.np_float))),
             )
 
-    def _rope_of(self, layer: int):
+    def _rope_key(self, layer: int) -> tuple[float, float]:
+        """(base, linear scaling factor) of a layer's rope: the scaling applies to global layers only."""
         spec = self.spec
         factor = spec.rope_scaling.factor if spec.rope_scaling and spec.layer_types[layer] != SLIDING else 1.0
-        return self.rope[(spec.layer_rope_theta(layer), factor)]
+        return spec.layer_rope_theta(layer), factor
+
+    def _rope_of(self, layer: int):
+        return self.rope[self._rope_key(layer)]
 
     def _masks(self, past_key0) -> None:
         """What attention needs besides q/k/v: GroupQueryAttention's sequence lengths, or, for the
@@ -460,7 +465,7 @@ class _Builder:
         if not self.options.fused:
             x = self.op("Add", x, delta)
             return self.norm(x, canonical), x
-        scale = self.op("Add", self.weight(canonical, "none"), self.const(1.0, self.np_float))
+        scale = self._norm_scale(canonical)
         normed, _, _, total = self.op(
             "SkipSimplifiedLayerNormalization",
             delta,
@@ -503,17 +508,7 @@ class _Builder:
         rows = [t.shape[0] for t in tensors]
         stacked = _stacked(tensors, f"{fused_name}.weight", self.ckpt.source)
         if stacked.quant is None:
-            self.layout[stacked.name] = {"kind": "float", "transform": "transpose", "name": stacked.name}
-            y = self.op(
-                "MatMul",
-                x,
-                self.lazy(
-                    stacked.name,
-                    tuple(reversed(stacked.shape)),
-                    self.float,
-                    lambda: self._load_float(stacked, "transpose"),
-                ),
-            )
+            y = self.op("MatMul", x, self.weight(stacked.name, "transpose", stacked))
         else:
             y = self._matmul_nbits(x, stacked.name, stacked)
         start = 0
