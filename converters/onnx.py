@@ -260,6 +260,11 @@ class _Builder:
         logits.name = "logits"
         logits.dtype = ir.DataType.FLOAT
         logits.shape = ir.Shape(["batch_size", "sequence_length", spec.vocab_size])
+        for node in self.nodes:  # unused optional outputs left out: onnxruntime then skips computing them
+            if node.op_type == "SkipSimplifiedLayerNormalization":
+                for value in node.outputs[1:]:
+                    if not value.uses():
+                        value.name = ""
         graph = ir.Graph(
             inputs,
             [logits, *outputs],
@@ -643,7 +648,7 @@ class _Builder:
         if spec.final_softcap:  # ref: transformers Gemma2ForCausalLM.forward
             cap = self.const(spec.final_softcap, np.float32)
             logits = self.op("Mul", self.op("Tanh", self.op("Div", logits, cap)), cap)
-        return self.op("Identity", logits)
+        return logits
 
     def _quantized_head(self, t: LazyTensor, bits: int) -> LazyTensor:
         """The LM head as a round-to-nearest record (symmetric over the full code range, --head-bits
