@@ -130,7 +130,10 @@ def test_genai_loads_the_folder_and_generates_the_reference_greedy_tokens(tiny_m
     og = pytest.importorskip("onnxruntime_genai")
     src = tiny_models["gemma2"]  # sliding window 16: 32 new tokens cross it
     out = onnx_conv.write(hf.read(src), tmp_path / "out", fused=fused)
-    assert json.loads((out / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is fused
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is fused
+    # onnxruntime's default threads (one per physical core), which og.Model below parses and applies
+    assert config["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 0
     tokenizer = AutoTokenizer.from_pretrained(src)
     prompt = tokenizer("def f(x):\n    return", return_tensors="pt").input_ids
     got = genai_greedy(out, prompt[0].tolist(), 32)
