@@ -22,7 +22,12 @@ bench/gguf.py), folder size (bytes of all its files), ppl / delta-ppl / KLD / to
 validation (``validation.validate.validate`` against MODEL in transformers fp32, windows of --ctx
 tokens), and prefill / decode tokens per second in onnxruntime-genai on the CPU (og.Model +
 og.Generator: a prompt of --prompt-tokens tokens from the evaluation text appended at once, then
---decode-tokens greedy steps of one token; median of --repeats runs after one warm-up).
+--decode-tokens greedy steps of one token). Speed is measured after every row is built and scored, in
+--repeats rounds; each round times every row once, each in a fresh process (``bench/onnx.py --run-speed``:
+load, one warm-up, one timed run), in the row order on even rounds and reversed on odd ones, and the
+median over the rounds is reported. Timing several models in one process, or always in the same order,
+favours whichever runs second (up to 8 % here on decode) and swamped the differences being measured.
+Decode ratios of each gemport row to the builder row of the same weights are printed under the table.
 
 The builder runs in a child process of this script (``bench/onnx.py --run-builder [--exact] -- ARGS``)
 that patches the builder in memory before running its ``__main__``: onnxruntime-genai 0.18's builder
@@ -63,6 +68,7 @@ import runpy  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -326,12 +332,13 @@ def prompt_tokens(args: argparse.Namespace) -> list[int]:
 
 
 def og_speed(folder: Path, prompt: list[int], args: argparse.Namespace) -> dict:
-    """Prefill and decode tokens/s of the folder in onnxruntime-genai on the CPU (greedy)."""
+    """Prefill and decode tokens/s of the folder in onnxruntime-genai on the CPU (greedy), --repeats timed
+    runs in this process after a warm-up (the child of speed_rounds, which gives it one run)."""
     import onnxruntime_genai as og
 
     config = og.Config(str(folder))
     config.clear_providers()  # the CPU
-    if args.threads:
+    if args.threads is not None:  # the same threads for every folder, whatever its genai_config says
         options = {"intra_op_num_threads": args.threads, "inter_op_num_threads": 1}
         config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
     start = time.perf_counter()
@@ -398,6 +405,8 @@ def run(args: argparse.Namespace, measure, bench_error: type[Exception]) -> dict
             (work / "logs" / f"{res.row}-{what}.error").write_text(traceback.format_exc())
             return False
 
+    results: list[Result] = []
+    built: list[Result] = []  # rows whose folder is there, timed at the end
     for spec in specs:
         out = work / spec.name
         res = Result(spec.name, spec.tool, spec.weights, str(out), export_argv(spec, args, out, work))
@@ -426,13 +435,84 @@ def run(args: argparse.Namespace, measure, bench_error: type[Exception]) -> dict
             step(res, "graph", lambda out=out, res=res: res.graph.update(graph_info(out)))
             if args.windows:
                 step(res, "quality", lambda out=out, res=res: quality(out, args, res))
-            if not args.no_speed:
-                step(res, "speed", lambda out=out, res=res: res.speed.update(og_speed(out, prompt, args)))
             gc.collect()  # the row's onnxruntime sessions, before the next row loads its own
-        result["rows"].append(asdict(res))
+            built.append(res)
+        results.append(res)
+        result["rows"] = [asdict(r) for r in results]
         print(" | ".join(cells(res)), flush=True)
         write_outputs(result, args.out)  # after every row: a long run keeps what it has
+    if not args.no_speed and built:
+        speed_rounds(built, prompt, args, work, step)
+        result["rows"] = [asdict(r) for r in results]
+        write_outputs(result, args.out)
     return result
+
+
+def speed_rounds(rows: list[Result], prompt: list[int], args: argparse.Namespace, work: Path, step) -> None:
+    """--repeats rounds of one timed run per row, each in a fresh process; the order alternates between
+    rounds so that no row always runs first or second. Fills each row's speed with the medians."""
+    prompt_file = work / "logs" / "speed-prompt.json"
+    prompt_file.write_text(json.dumps(prompt))
+    runs: dict[str, list[dict]] = {r.row: [] for r in rows}
+    for k in range(args.repeats):
+        for res in rows if k % 2 == 0 else rows[::-1]:
+            if "speed" in res.errors:
+                continue
+            argv = [sys.executable, str(Path(__file__).resolve()), "--run-speed", res.folder, str(prompt_file)]
+            argv += ["--decode-tokens", str(args.decode_tokens)]
+            argv += ["--threads", str(args.threads)] if args.threads is not None else []
+
+            def once(res=res, argv=argv) -> None:
+                done = subprocess.run(argv, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                    raise RuntimeError(f"--run-speed exited with {done.returncode}: {tail}")
+                runs[res.row].append(json.loads(done.stdout.strip().splitlines()[-1]))
+
+            print(f"speed round {k + 1}/{args.repeats}: {res.row}", flush=True)
+            step(res, "speed", once)
+    for res in rows:
+        done = runs[res.row]
+        if not done:
+            continue
+        prefill = [r["prefill_tok_s"] for r in done]
+        decode = [r["decode_tok_s"] for r in done]
+        res.speed = {
+            "load_s": statistics.median(r["load_s"] for r in done),
+            "prompt_tokens": len(prompt),
+            "decode_tokens": args.decode_tokens,
+            "repeats": len(done),
+            "prefill_tok_s": statistics.median(prefill),
+            "decode_tok_s": statistics.median(decode),
+            "prefill_tok_s_runs": prefill,
+            "decode_tok_s_runs": decode,
+            "generated": done[0]["generated"],
+        }
+
+
+def run_speed(argv: list[str]) -> int:
+    """The child of speed_rounds: ``--run-speed FOLDER PROMPT_JSON [--decode-tokens N] [--threads N]``;
+    prints og_speed's result (one timed run) as one JSON line."""
+    ap = argparse.ArgumentParser(prog="bench/onnx.py --run-speed")
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("prompt", type=Path)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int)
+    args = ap.parse_args(argv)
+    args.repeats = 1
+    print(json.dumps(og_speed(args.folder, json.loads(args.prompt.read_text()), args)))
+    return 0
+
+
+def decode_ratios(rows: list[Result]) -> list[str]:
+    """gemport's decode tokens/s over the builder's, for each pair of rows with the same weights."""
+    speed = {r.row: r.speed.get("decode_tok_s") for r in rows if r.speed.get("decode_tok_s")}
+    lines = []
+    for row, tok_s in speed.items():
+        peer = row.replace("gemport-", "builder-", 1)
+        if row.startswith("gemport-") and speed.get(peer):
+            lines.append(f"decode {row} / {peer}: {tok_s / speed[peer]:.3f}")
+    return lines
 
 
 def versions() -> dict[str, str]:
@@ -485,12 +565,14 @@ def markdown(result: dict) -> str:
     s, v = result["settings"], result["versions"]
     scored = next((r for r in rows if r.tokens), None)
     ref = f"reference ppl {scored.ppl_ref:.4f}, {scored.tokens} tokens scored" if scored else "no quality scores"
+    threads = "each folder's genai_config.json" if s["threads"] is None else s["threads"]
     lines = [
         f"Model `{result['model']}`; onnxruntime {v['onnxruntime']}, onnxruntime-genai {v['onnxruntime-genai']},"
         f" transformers {v['transformers']}, {s['cpus']} CPUs. Quality: gemport validate, {s['windows']} windows of"
         f" {s['ctx']} ({ref}). Speed: onnxruntime-genai on the CPU, prompt {s['prompt_tokens']} tokens, then"
-        f" {s['decode_tokens']} greedy decode steps, median of {s['repeats']} runs"
-        f" ({s['threads'] or 'default'} threads). Export: wall time and peak RSS of the export process tree;"
+        f" {s['decode_tokens']} greedy decode steps, median of {s['repeats']} rounds (a fresh process per row and"
+        " round, the order alternating)"
+        f" (intra-op threads: {threads}). Export: wall time and peak RSS of the export process tree;"
         " folder bytes: all files of the folder (tokenizer included). block / acc: MatMulNBits block size and"
         " accuracy_level; embed / head: how the embedding and the LM head are stored. Builder rows patched to run under"
         f" transformers 5 (bench/onnx.py patch_builder), KV cache: {s['builder_kv']}.",
@@ -500,6 +582,7 @@ def markdown(result: dict) -> str:
         *[f"| {' | '.join(cells(r))} |" for r in rows],
         "",
         *[f"- `{r.row}`: `{' '.join(r.command)}`" for r in rows],
+        *[f"- {line}" for line in decode_ratios(rows)],
     ]
     for r in rows:
         lines += [f"\nFAILED {r.row} {what}: {msg}" for what, msg in r.errors.items()]
@@ -526,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--run-builder"]:
         return run_builder(argv[1:])
+    if argv[:1] == ["--run-speed"]:
+        return run_speed(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=REPO_ROOT / "build/models/gemma-3-270m-offgrid")
     ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=[s.name for s in ROWS], metavar="ROW")
@@ -558,8 +643,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--prompt-tokens", type=int, default=256, help="speed: prompt length (default 256)")
     ap.add_argument("--decode-tokens", type=int, default=64, help="speed: greedy decode steps (default 64)")
-    ap.add_argument("--repeats", type=int, default=3, help="speed: timed runs, median reported (default 3)")
-    ap.add_argument("--threads", type=int, default=0, help="speed: intra-op threads (default 0: onnxruntime's)")
+    ap.add_argument("--repeats", type=int, default=4, help="speed: rounds, a fresh process per row in each (default 4)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        help="speed: intra-op threads for every folder (0: onnxruntime's default, a thread per physical core);"
+        " default: each folder's own genai_config.json (onnxruntime-genai runs one thread unless it says)",
+    )
     ap.add_argument("--no-speed", action="store_true", help="skip the onnxruntime-genai timing")
     ap.add_argument("--out", type=Path, help="results JSON (default build/bench/onnx-<model>.json; markdown: .md)")
     ap.add_argument("--reuse", action="store_true", help="keep complete folders of a previous run (marked reused)")
