@@ -291,7 +291,7 @@ def graph_info(folder: Path) -> dict:
     for n, a in zip(nodes, attrs, strict=True):
         if n.op_type == "MatMulNBits" and a.get("N") == logits:
             head = f"int{a.get('bits', 4)} b{a.get('block_size')}"
-        elif n.op_type in ("MatMul", "Gemm") and any(logits in shapes.get(i, ()) for i in n.input):
+        elif n.op_type in ("MatMul", "Gemm", "FusedMatMul") and any(logits in shapes.get(i, ()) for i in n.input):
             head = "float"
     return {
         "ops": dict(Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in nodes).most_common()),

@@ -12,7 +12,7 @@ Stored layout (the table ``gemport.layout`` in the model's metadata maps it back
 names, so the reader needs no guessing): linear weights transposed to [in, out] for MatMul; norm
 weights as the raw ``w``, the graph adding 1 as the reference does in float32 (ref: transformers
 GemmaRMSNorm.forward, ``output * (1.0 + self.weight.float())``); the embedding [vocab, hidden]
-as is, shared with the tied LM head through Gemm(transB=1).
+as is, shared with the tied LM head through FusedMatMul(transB=1) (Gemm on the plain path).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def genai_config(spec: GemmaSpec, options: OnnxOptions) -> dict:
     context = options.context_length or spec.max_position
     eos = list(spec.eos_token_id) if isinstance(spec.eos_token_id, tuple) else spec.eos_token_id
     # intra_op_num_threads 0 is onnxruntime's own default, a thread per physical core; left out,
-    # onnxruntime-genai 0.18 runs the decoder on one thread (1.6-2x slower on two cores).
+    # onnxruntime-genai 0.18 runs the decoder on one thread (1.5-1.8x slower decoding on two cores).
     session = {"log_id": "onnxruntime-genai", "intra_op_num_threads": 0, "provider_options": []}
     decoder = {
         "session_options": session,
@@ -637,15 +637,18 @@ class _Builder:
             logits = self._matmul_nbits(x, name, self._quantized_head(t, self.options.head_bits))
         else:
             w = self.embed if spec.tie_embeddings else self.weight(name, "none")
-            flat = self.op("Reshape", x, self.const([-1, spec.hidden_size], np.int64))
-            logits = self.op("Gemm", flat, w, transB=1)
-            shape = self.op(
-                "Concat",
-                self.op("Slice", self.op("Shape", x), self.const([0], np.int64), self.const([2], np.int64)),
-                self.const([-1], np.int64),
-                axis=0,
-            )
-            logits = self.op("Reshape", logits, shape)
+            if self.options.fused:  # x @ w.T on the [vocab, hidden] table as stored, no transposed copy
+                logits = self.op("FusedMatMul", x, w, domain="com.microsoft", transB=1)
+            else:
+                flat = self.op("Reshape", x, self.const([-1, spec.hidden_size], np.int64))
+                logits = self.op("Gemm", flat, w, transB=1)
+                shape = self.op(
+                    "Concat",
+                    self.op("Slice", self.op("Shape", x), self.const([0], np.int64), self.const([2], np.int64)),
+                    self.const([-1], np.int64),
+                    axis=0,
+                )
+                logits = self.op("Reshape", logits, shape)
         if self.float != self.ir.DataType.FLOAT:
             logits = self.op("Cast", logits, to=self.ir.DataType.FLOAT)
         if spec.final_softcap:  # ref: transformers Gemma2ForCausalLM.forward
