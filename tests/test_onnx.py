@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -142,6 +145,31 @@ def test_genai_loads_the_folder_and_generates_the_reference_greedy_tokens(tiny_m
     assert len(got) == 32 and got == want
     text = "def f(x):\n    return x ** 2"
     assert list(og.Tokenizer(og.Model(str(out))).encode(text)) == tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_runtime_scores_the_builders_sliding_window_cache_graph(tiny_models, tmp_path):
+    """onnxruntime-genai's own model builder, its default windowed KV cache on Gemma 2's sliding layers
+    (a past input of the window's length): the onnxruntime runtime feeds those layers a zero cache of
+    the window, and windows four times longer than the sliding window score as the reference does."""
+    pytest.importorskip("onnxruntime_genai")
+    src, out = tiny_models["gemma2"], tmp_path / "builder"
+    argv = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out)]
+    argv += ["-p", "fp32", "-e", "cpu", "-c", str(tmp_path / "cache")]
+    subprocess.run(argv, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    sliding = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["sliding_window"]
+    graph = __import__("onnx").load(str(out / "model.onnx"), load_external_data=False).graph
+    lengths = {
+        d.dim_param
+        for i in graph.input
+        if i.name.startswith("past_key_values.0.")
+        for d in i.type.tensor_type.shape.dim
+    }
+    assert sliding["window_size"] == 16 and "past_sliding_length" in lengths
+    report = tmp_path / "report.json"
+    args = ["validate", str(out), "--reference", str(src), "--windows", "2", "--ctx", "64", "--json", str(report)]
+    assert main(args) == 0
+    metrics = json.loads(report.read_text())["metrics"]
+    assert metrics["kld"] < 1e-6 and metrics["top1_pct"] == 100.0
 
 
 def test_cli_convert_quantized_and_validate(tiny_models, tmp_path, capsys):
