@@ -332,8 +332,8 @@ def prompt_tokens(args: argparse.Namespace) -> list[int]:
 
 
 def og_speed(folder: Path, prompt: list[int], args: argparse.Namespace) -> dict:
-    """Prefill and decode tokens/s of the folder in onnxruntime-genai on the CPU (greedy), --repeats timed
-    runs in this process after a warm-up (the child of speed_rounds, which gives it one run)."""
+    """Prefill and decode tokens/s of the folder in onnxruntime-genai on the CPU (greedy): one timed run
+    after a warm-up, in this process (the child of speed_rounds)."""
     import onnxruntime_genai as og
 
     config = og.Config(str(folder))
@@ -368,19 +368,12 @@ def og_speed(folder: Path, prompt: list[int], args: argparse.Namespace) -> dict:
         return t1 - t0, t3 - t2, new
 
     once(prompt[:32], 4)  # warm-up: allocations, first-run kernel choices
-    runs = [once(prompt, args.decode_tokens) for _ in range(args.repeats)]
-    prefill = [len(prompt) / r[0] for r in runs]
-    decode = [args.decode_tokens / r[1] for r in runs]
+    prefill_s, decode_s, new = once(prompt, args.decode_tokens)
     return {
         "load_s": load_s,
-        "prompt_tokens": len(prompt),
-        "decode_tokens": args.decode_tokens,
-        "repeats": args.repeats,
-        "prefill_tok_s": statistics.median(prefill),
-        "decode_tok_s": statistics.median(decode),
-        "prefill_tok_s_runs": prefill,
-        "decode_tok_s_runs": decode,
-        "generated": [int(t) for t in runs[0][2][:16]],
+        "prefill_tok_s": len(prompt) / prefill_s,
+        "decode_tok_s": args.decode_tokens / decode_s,
+        "generated": [int(t) for t in new[:16]],
     }
 
 
@@ -499,7 +492,6 @@ def run_speed(argv: list[str]) -> int:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int)
     args = ap.parse_args(argv)
-    args.repeats = 1
     print(json.dumps(og_speed(args.folder, json.loads(args.prompt.read_text()), args)))
     return 0
 
