@@ -58,16 +58,21 @@ def read(path: str | Path) -> Checkpoint:
     if not sniff(path):
         raise InputError(f"not a Hugging Face checkpoint folder (no {CONFIG})", path)
     config = read_json(path / CONFIG)
+    if not isinstance(config, dict):
+        raise InputError(f"config is a JSON {type(config).__name__}, not an object", path / CONFIG)
     quantization = config.get("quantization_config")
     if quantization is not None:
         ct.check_readable(quantization, path)
     spec = GemmaSpec.from_hf_config(config, path / CONFIG)
-    tensors: dict[str, LazyTensor] = {}
+    found: dict[str, tuple[LazyTensor, Path]] = {}
     for file in _weight_files(path):
         for tensor in _read_header(file, integers=quantization is not None):
-            if tensor.name in tensors:
+            if tensor.name in found:
                 raise InputError(f"tensor {tensor.name} is stored twice", file)
-            tensors[tensor.name] = tensor
+            found[tensor.name] = (tensor, file)
+    if (path / INDEX).is_file():
+        _check_index_names(path / INDEX, found)
+    tensors = {name: tensor for name, (tensor, _) in found.items()}
     if quantization is not None:
         tensors = ct.records_of(tensors, quantization, spec, path)
     if spec.tie_embeddings and "lm_head.weight" in tensors:
@@ -81,7 +86,7 @@ def read(path: str | Path) -> Checkpoint:
         spec=spec,
         tensors=tensors,
         tokenizer_files={n: (path / n).read_bytes() for n in TOKENIZER_FILES if (path / n).is_file()},
-        generation_config=read_json(gen) if gen.is_file() else None,
+        generation_config=_generation_config_of(gen) if gen.is_file() else None,
         source=str(path),
         extra=extra,
     )
@@ -89,24 +94,126 @@ def read(path: str | Path) -> Checkpoint:
     return ckpt
 
 
+def _generation_config_of(file: Path) -> dict:
+    data = read_json(file)
+    if not isinstance(data, dict):
+        raise InputError(f"generation config is a JSON {type(data).__name__}, not an object", file)
+    return data
+
+
 def _weight_files(path: Path) -> list[Path]:
     if (path / INDEX).is_file():
-        index = read_json(path / INDEX)
-        if not isinstance(index.get("weight_map"), dict):
-            raise InputError("index has no weight_map", path / INDEX)
-        files = sorted(set(index["weight_map"].values()))
-        for f in files:
-            if not (path / f).is_file():
-                raise InputError(f"shard {f} named by the index is missing", path / INDEX)
-        return [path / f for f in files]
+        return [path / f for f in _index_shards(path / INDEX)]
     if (path / SINGLE).is_file():
         return [path / SINGLE]
     raise InputError(f"no {SINGLE} or {INDEX} (only safetensors weights are read)", path)
 
 
+def _index_shards(index_file: Path) -> list[str]:
+    """The shard files a sharded folder's index names, each checked: a plain file name beside the
+    index, ending in .safetensors, present (ref: transformers modeling_utils, the index's weight_map
+    of tensor name -> shard file; metadata.total_size optional)."""
+    index = read_json(index_file)
+    if not isinstance(index, dict):
+        raise InputError(f"index is a JSON {type(index).__name__}, not an object", index_file)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError("index has no weight_map (an object of tensor name -> shard file)", index_file)
+    metadata = index.get("metadata", {})
+    if metadata is not None and not isinstance(metadata, dict):
+        raise InputError(f"index metadata is a JSON {type(metadata).__name__}, not an object", index_file)
+    files = set()
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file.endswith(".safetensors") or Path(file).name != file:
+            raise InputError(
+                f"weight_map[{name!r}] = {file!r} is not a .safetensors file name in the folder", index_file
+            )
+        files.add(file)
+    for f in sorted(files):
+        if not (index_file.parent / f).is_file():
+            raise InputError(f"shard {f} named by the index is missing", index_file)
+    return sorted(files)
+
+
+def _check_index_names(index_file: Path, tensors: dict[str, tuple[LazyTensor, Path]]) -> None:
+    """Every tensor the index names is in a shard; one in another shard than the index says is a stale
+    index, which loaders that read every shard (transformers) still load: logged."""
+    weight_map = read_json(index_file)["weight_map"]
+    stale = 0
+    for name, file in weight_map.items():
+        if name not in tensors:
+            raise InputError(f"the index puts tensor {name} in {file}, and no shard holds it", index_file)
+        stale += tensors[name][1].name != file
+    if stale:
+        log.warning("%s: %d tensors are in other shards than the index says (stale index)", index_file, stale)
+
+
+# ref: safetensors tensor.rs MAX_HEADER_SIZE (100_000_000), SafeTensors::read_metadata: a longer header is refused.
+MAX_HEADER_BYTES = 100_000_000
+# dtype name -> bytes per element, every dtype of the format (ref: safetensors tensor.rs Dtype, Dtype::size).
+_ST_SIZES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+
+
 def _read_header(file: Path, integers: bool = False) -> list[LazyTensor]:
-    """Parse a safetensors header and check that the data it names is all there; ``integers``
-    also accepts the integer tensors of a compressed-tensors folder."""
+    """Parse a safetensors header, validated as a whole before use as the safetensors library does
+    (ref: safetensors tensor.rs SafeTensors::read_metadata, Metadata::validate); ``integers`` also
+    accepts the integer tensors of a compressed-tensors folder."""
+    n, header, size = _header_json(file)
+    entries = _header_entries(file, header)
+    data_size = size - 8 - n
+    end = 0
+    for name, dtype, shape, start, stop in sorted(entries, key=lambda e: (e[3], e[4])):
+        # ref: Metadata::validate: sorted by offsets, each tensor starts where the previous ends
+        if start != end:
+            why = "overlaps the previous tensor" if start < end else f"leaves a gap of {start - end} bytes before it"
+            raise InputError(f"tensor {name}: data_offsets [{start}, {stop}] {why}", file)
+        count = 1
+        for d in shape:
+            count *= d
+        if count * _ST_SIZES[dtype] != stop - start:
+            raise InputError(
+                f"tensor {name}: shape {shape} of {dtype} is {count * _ST_SIZES[dtype]} bytes, data_offsets span "
+                f"{stop - start}",
+                file,
+            )
+        end = stop
+    if end != data_size:  # ref: read_metadata, MetadataIncompleteBuffer: the last offset is the end of the file
+        word = "truncated safetensors file" if end > data_size else "safetensors file longer than its tensors"
+        raise InputError(f"{word}: the header's tensors need {end} bytes of data, the file holds {data_size}", file)
+    readable = _ST_DTYPES | (_ST_INTEGERS if integers else {})
+    out = []
+    for name, dtype, shape, start, _ in entries:
+        if dtype not in readable:
+            raise InputError(f"tensor {name} has unsupported dtype {dtype}", file)
+        out.append(
+            LazyTensor(
+                name,
+                tuple(shape),
+                readable[dtype],
+                load=lambda f=file, s=8 + n + start, sh=tuple(shape), d=readable[dtype]: _load(f, s, sh, d),
+            )
+        )
+    return out
+
+
+def _header_json(file: Path) -> tuple[int, dict, int]:
+    """(header length, header object, file size); InputError unless the header is a JSON object."""
     try:
         with open(file, "rb") as f:
             raw = f.read(8)
@@ -114,31 +221,47 @@ def _read_header(file: Path, integers: bool = False) -> list[LazyTensor]:
                 raise InputError("truncated safetensors file (no header)", file)
             (n,) = struct.unpack("<Q", raw)
             size = file.stat().st_size
-            if n > size - 8 or n > 100_000_000:
+            if n > size - 8 or n > MAX_HEADER_BYTES:
                 raise InputError("not a safetensors file (bad header length; wrong magic or truncated)", file)
             header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise InputError("not a safetensors file (header is not JSON)", file) from None
     except OSError as exc:
         raise InputError(f"cannot read: {exc.strerror}", file) from None
-    header.pop("__metadata__", None)
-    data_end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + n + data_end > size:
-        raise InputError(f"truncated safetensors file: data ends at byte {size}, header needs {8 + n + data_end}", file)
+    if not isinstance(header, dict):
+        raise InputError(f"not a safetensors file (header is a JSON {type(header).__name__}, not an object)", file)
+    return n, header, size
+
+
+def _header_entries(file: Path, header: dict) -> list[tuple[str, str, list[int], int, int]]:
+    """(name, dtype, shape, start, end) of every entry, each checked for type and range
+    (ref: safetensors tensor.rs TensorInfo: dtype, shape, data_offsets; __metadata__ a map of str -> str)."""
+    metadata = header.get("__metadata__", {})
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise InputError("__metadata__ is not an object of strings", file)
     out = []
-    readable = _ST_DTYPES | (_ST_INTEGERS if integers else {})
     for name, info in header.items():
-        if info.get("dtype") not in readable:
-            raise InputError(f"tensor {name} has unsupported dtype {info.get('dtype')}", file)
-        shape, dtype = tuple(info["shape"]), readable[info["dtype"]]
-        start, end = info["data_offsets"]
-        tensor = LazyTensor(
-            name, shape, dtype, load=lambda f=file, s=8 + n + start, sh=shape, d=dtype: _load(f, s, sh, d)
-        )
-        if end - start != tensor.nbytes:
-            raise InputError(f"tensor {name}: header shape {list(shape)} does not match its {end - start} bytes", file)
-        out.append(tensor)
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise InputError(f"tensor {name}: header entry is a JSON {type(info).__name__}, not an object", file)
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _ST_SIZES:
+            raise InputError(f"tensor {name}: unknown dtype {dtype!r}", file)
+        if not isinstance(shape, list) or len(shape) > 8 or not all(_is_index(d) for d in shape):
+            raise InputError(f"tensor {name}: shape {shape!r} is not a list of non-negative integers", file)
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o) for o in offsets):
+            raise InputError(f"tensor {name}: data_offsets {offsets!r} is not [start, end]", file)
+        if offsets[0] > offsets[1]:
+            raise InputError(f"tensor {name}: data_offsets {offsets} end before they start", file)
+        out.append((name, dtype, shape, offsets[0], offsets[1]))
     return out
+
+
+def _is_index(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _load(file: Path, start: int, shape: tuple[int, ...], dtype: str):

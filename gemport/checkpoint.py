@@ -7,7 +7,8 @@ conversion streams tensor by tensor and peak memory stays near the largest tenso
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -119,6 +120,7 @@ class Checkpoint:
         UnsupportedError if a tensor is a quantized record and the caller (a writer) does not take them."""
         if not quantized_ok:
             self.refuse_quantized()
+        self.check_sizes()
         expected = expected_shapes(self.spec)
         missing = [n for n in expected if n not in self.tensors]
         if missing:
@@ -134,6 +136,24 @@ class Checkpoint:
             if got != shape:
                 raise CheckpointError(f"tensor {name} has shape {list(got)}, expected {list(shape)}", self.source)
 
+    def check_sizes(self) -> None:
+        """The spec's layer count and embedding size against the tensors present, before anything is
+        built per layer from the spec: a config that lies about its sizes is named here, not by a
+        list of a million missing tensors."""
+        layers = layer_count(self.tensors)
+        if layers != self.spec.num_layers:
+            raise CheckpointError(
+                f"the config says {self.spec.num_layers} layers, the tensors hold {layers}", self.source
+            )
+        embed = self.tensors.get("model.embed_tokens.weight")
+        want = (self.spec.vocab_size, self.spec.hidden_size)
+        if embed is not None and tuple(embed.shape) != want:
+            raise CheckpointError(
+                f"tensor model.embed_tokens.weight has shape {list(embed.shape)}, the config says "
+                f"vocab_size x hidden_size = {list(want)}",
+                self.source,
+            )
+
     def quantized(self) -> dict[str, LazyTensor]:
         """The tensors that load as quantized records, by name."""
         return {n: t for n, t in self.tensors.items() if t.quant is not None}
@@ -148,6 +168,19 @@ class Checkpoint:
                 f"({len(quantized)} quantized tensors; the hf writer takes them)",
                 self.source,
             )
+
+
+_LAYER_NAME = re.compile(r"model\.layers\.(\d{1,9})\.")
+
+
+def layer_count(names: Iterable[str]) -> int:
+    """1 + the highest layer index among canonical tensor names (0 when none is per layer)."""
+    top = -1
+    for name in names:
+        m = _LAYER_NAME.match(name)
+        if m:
+            top = max(top, int(m.group(1)))
+    return top + 1
 
 
 def expected_shapes(spec: GemmaSpec) -> dict[str, tuple[int, ...]]:

@@ -34,9 +34,14 @@ def rewrite_safetensors(file: Path, edit) -> None:
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + n])
     edit(header)
+    data, parts = raw[8 + n :], []  # re-laid contiguously, as the format requires (dropped tensors' bytes go)
+    for info in sorted((v for k, v in header.items() if k != "__metadata__"), key=lambda v: v["data_offsets"]):
+        start, end = info["data_offsets"]
+        info["data_offsets"] = [sum(map(len, parts)), sum(map(len, parts)) + end - start]
+        parts.append(data[start:end])
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
-    file.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
+    file.write_bytes(struct.pack("<Q", len(blob)) + blob + b"".join(parts))
 
 
 def truncate(file: Path) -> None:
