@@ -372,10 +372,14 @@ class _Builder:
             )
 
     def _rope_key(self, layer: int) -> tuple[float, float]:
-        """(base, linear scaling factor) of a layer's rope: the scaling applies to global layers only."""
-        spec = self.spec
-        factor = spec.rope_scaling.factor if spec.rope_scaling and spec.layer_types[layer] != SLIDING else 1.0
-        return spec.layer_rope_theta(layer), factor
+        """(base, linear scaling factor) of a layer's rope; which layers are scaled: GemmaSpec.layer_rope_scaling
+        (Gemma 3 its global layers, Gemma 1 and 2 every layer, as transformers)."""
+        scaling = self.spec.layer_rope_scaling(layer)
+        if scaling and scaling.rope_type != "linear":
+            raise UnsupportedError(
+                f"rope_scaling {scaling.rope_type!r}: the ONNX rotary tables take linear scaling only", self.ckpt.source
+            )
+        return self.spec.layer_rope_theta(layer), scaling.factor if scaling else 1.0
 
     def _rope_of(self, layer: int):
         return self.rope[self._rope_key(layer)]
