@@ -36,7 +36,7 @@ from gemport.checkpoint import Checkpoint, LazyTensor, all_finite
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_files
 from gemport.progress import progress
-from gemport.spec import SLIDING, GemmaSpec
+from gemport.spec import SLIDING, TANH_GELU, GemmaSpec
 from quantizers import gguf_mix
 
 if TYPE_CHECKING:
@@ -237,20 +237,24 @@ def add_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, file_type: int) -> None:
         if s.layer_types != llamacpp_layer_types(s.family, s.num_layers, SLIDING in s.layer_types):
             # llama.cpp reads a per-layer pattern here; without it, it assumes its default one.
             w.add_sliding_window_pattern([t == SLIDING for t in s.layer_types])
+    _check_llamacpp_semantics(s)
+    # ref: llama-model.cpp load_hparams: rope.freq_base (default 10000) and a linear rope.scaling.factor
+    # for every arch; gemma2.cpp applies both to its sliding layers too (as transformers' one rope does),
+    # gemma3.cpp its sliding layers use rope.freq_base_swa unscaled (as Gemma 3's sliding rope_parameters).
+    w.add_rope_freq_base(s.rope_theta)
+    if s.rope_scaling:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(s.rope_scaling.factor)
     if s.family == "gemma2":
-        w.add_attn_logit_softcapping(s.attn_softcap or 0.0)
-        w.add_final_logit_softcapping(s.final_softcap or 0.0)
+        w.add_attn_logit_softcapping(s.attn_softcap)
+        w.add_final_logit_softcapping(s.final_softcap)
         w.add_sliding_window(s.sliding_window)
     if s.family == "gemma3":
-        w.add_rope_freq_base(s.rope_theta)
         w.add_rope_freq_base_swa(s.rope_local_theta or s.rope_theta)
         if s.final_softcap:
             w.add_final_logit_softcapping(s.final_softcap)
         if SLIDING in s.layer_types:
             w.add_sliding_window(s.sliding_window)
-        if s.rope_scaling:
-            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(s.rope_scaling.factor)
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if ckpt.extra.get("quantization"):
@@ -271,6 +275,24 @@ def _made_summary(manifest: dict) -> str:
 
 
 _RECORD_KEYS = ("bits", "group_size", "symmetric", "scale_dtype", "block_size")
+
+
+def _check_llamacpp_semantics(s: GemmaSpec) -> None:
+    """Refuse a spec llama.cpp would run differently from transformers, since GGUF cannot state it."""
+    if s.rope_scaling and s.rope_scaling.rope_type != "linear":
+        # ref: llama-model.cpp load_hparams / llama_rope_scaling_type: yarn is llama.cpp's own YaRN (ext_factor,
+        # beta_fast/slow from the context), not transformers' inv_freq table, and dynamic NTK does not exist there
+        raise UnsupportedError(
+            f"rope_scaling {s.rope_scaling.rope_type!r}: llama.cpp does not run it as transformers does; "
+            "GGUF takes linear rope scaling only"
+        )
+    if s.activation != TANH_GELU:
+        # ref: models/gemma*.cpp build_ffn(..., LLM_FFN_GELU): ggml_gelu, the tanh approximation
+        raise UnsupportedError(f"hidden_activation {s.activation!r}: llama.cpp runs Gemma with the tanh GELU only")
+    if s.family == "gemma2" and (s.attn_softcap is None or s.final_softcap is None):
+        # ref: models/gemma2.cpp: attn_soft_cap is always on and the final softcap always applied
+        missing = "attn_logit_softcapping" if s.attn_softcap is None else "final_logit_softcapping"
+        raise UnsupportedError(f"{missing} null: llama.cpp applies both softcaps to every Gemma 2")
 
 
 def _check_attention_scale(s: GemmaSpec) -> None:
