@@ -54,7 +54,7 @@ from gemport.checkpoint import DTYPES, Checkpoint, LazyTensor, all_finite, expec
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_output
 from gemport.progress import progress
-from gemport.spec import GemmaSpec
+from gemport.spec import TANH_GELU, GemmaSpec
 
 if TYPE_CHECKING:
     import torch
@@ -544,6 +544,7 @@ def write(
         raise UnsupportedError(f"option(s) {', '.join(unused)} do not apply to JAX output")
     ckpt.check()
     spec = ckpt.spec
+    _check_library_semantics(spec, ckpt.source)
     if not spec.tie_embeddings:
         raise UnsupportedError(
             "the gemma library ties the output head to the embedding; this checkpoint has a separate lm_head",
@@ -563,6 +564,19 @@ def write(
             del tree
         _write_extras(ckpt, tmp, layout, transposed_gating, shapes["embedder/input_embedding"][0])
     return dst
+
+
+def _check_library_semantics(spec: GemmaSpec, source: str) -> None:
+    """Refuse a spec the gemma library's Transformer would run differently from transformers."""
+    if spec.activation != TANH_GELU:  # ref: gemma/gm/nn/_modules.py FeedForward: nn.gelu, tanh-approximate
+        raise UnsupportedError(f"hidden_activation {spec.activation!r}: the gemma library has tanh-GELU only", source)
+    if spec.rms_eps != 1e-6:  # ref: gemma/gm/nn/_layers.py RMSNorm: var + 1e-06, fixed
+        raise UnsupportedError(f"rms_norm_eps {spec.rms_eps}: the gemma library fixes it at 1e-6", source)
+    # ref: gemma/gm/math/_positional_embeddings.py apply_rope: positions / scale_factor, linear only
+    if spec.rope_scaling and spec.rope_scaling.rope_type != "linear":
+        raise UnsupportedError(
+            f"rope_scaling {spec.rope_scaling.rope_type!r}: the gemma library has linear rope scaling only", source
+        )
 
 
 def _spill(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]], scratch: Path, flat: bool) -> dict:

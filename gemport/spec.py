@@ -121,7 +121,7 @@ class GemmaSpec:
     num_kv_heads: int
     head_dim: int
     rms_eps: float = 1e-6
-    activation: str = TANH_GELU  # TANH_GELU or EXACT_GELU
+    activation: str = TANH_GELU  # TANH_GELU or EXACT_GELU (other names of either are mapped to them)
     max_position: int = 8192
     layer_types: tuple[str, ...] = ()  # one of FULL / SLIDING per layer
     sliding_window: int | None = None
@@ -156,8 +156,11 @@ class GemmaSpec:
             value = getattr(self, name)
             if value is not None and (not _is_number(value) or not value > 0):
                 raise ValueError(f"{name} must be a number > 0 or None, got {value!r}")
-        if self.activation not in (TANH_GELU, EXACT_GELU):
-            raise ValueError(f"activation must be {TANH_GELU!r} or {EXACT_GELU!r}, got {self.activation!r}")
+        if not isinstance(self.activation, str) or self.activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(_ACTIVATIONS)}, got {self.activation!r}")
+        # ref: transformers GemmaConfig.__post_init__: a Gemma 1 "gelu" means the tanh approximation
+        canonical = TANH_GELU if self.family == "gemma" else _ACTIVATIONS[self.activation]
+        object.__setattr__(self, "activation", canonical)
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ValueError(f"rope_scaling must be a RopeScaling, got {self.rope_scaling!r}")
         self._normalize_family()
@@ -509,7 +512,7 @@ class _HfConfigReader:
     def _drop_ignored(self) -> None:
         for key in _IGNORED[self.family]:
             value = self.cfg.get(key)
-            if value is None or (key in ("hidden_act", "hidden_activation") and _ACTIVATIONS.get(value) == TANH_GELU):
+            if value is None or (isinstance(value, str) and _ACTIVATIONS.get(value) == TANH_GELU):
                 continue  # unset, or the tanh GELU every Gemma runs anyway
             where, arch = self.path or "config", _ARCH_NAMES[self.family]
             log.warning("%s: %s = %r is not used by transformers' %s model: dropped", where, key, value, arch)

@@ -58,9 +58,11 @@ def make_config(spec: dict, rows: int, transpose_gating: bool):
         transpose_gating_einsum=transpose_gating,
         local_base_frequency=_number(spec["rope_local_theta"] or spec["rope_theta"]),
         global_base_frequency=_number(spec["rope_theta"]),
-        # apply_rope divides positions by scale_factor: linear interpolation, global layers only in every
-        # preset (ref: gemma/gm/math/_positional_embeddings.py apply_rope; _gemma.py Gemma3_4B)
+        # apply_rope divides positions by scale_factor: linear interpolation (ref: gemma/gm/math/
+        # _positional_embeddings.py apply_rope; _transformer.py: local_/global_scale_factor by layer type).
+        # Gemma 3 scales its global layers only, Gemma 1 and 2 every layer (GemmaSpec.layer_rope_scaling).
         global_scale_factor=float(scaling.get("factor", 1.0)),
+        local_scale_factor=float(scaling.get("factor", 1.0)) if spec["family"] != "gemma3" else 1.0,
         vision_encoder=None,
     )
     scalar = spec["query_pre_attn_scalar"] or spec["head_dim"]  # HF scales queries by scalar ** -0.5

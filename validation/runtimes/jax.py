@@ -33,9 +33,9 @@ VENV_PYTHON = ROOT / "build" / "gemma-venv" / "bin" / "python"
 WORKER = Path(__file__).with_name("gemma_worker.py")
 PYTHON_ENV = "GEMPORT_GEMMA_PYTHON"
 MAKE_TARGET = "make gemma-venv"
-# Every Gemma uses tanh-approximated GELU; the library's FeedForward calls flax's nn.gelu, approximate by
-# default (ref: gemma/gm/nn/_modules.py FeedForward.__call__).
-TANH_GELU = ("gelu_pytorch_tanh", "gelu_tanh", "gelu")
+# The library's FeedForward calls flax's nn.gelu, approximate by default (ref: gemma/gm/nn/_modules.py
+# FeedForward.__call__): GemmaSpec's TANH_GELU; its EXACT_GELU ("gelu" of a Gemma 2/3 config) is not that.
+TANH_GELU = ("gelu_pytorch_tanh",)
 # The library's RMSNorm has its epsilon written in (ref: gemma/gm/nn/_layers.py RMSNorm: var + 1e-06).
 LIBRARY_RMS_EPS = 1e-6
 
@@ -55,8 +55,6 @@ def check_expressible(spec: GemmaSpec, path: Path) -> None:
     """UnsupportedError for a spec the gemma library's Transformer cannot run as transformers would."""
     if spec.rms_eps != LIBRARY_RMS_EPS:
         raise UnsupportedError(f"rms_norm_eps {spec.rms_eps}: the gemma library fixes it at 1e-6", path)
-    # "gelu" too: transformers runs every Gemma with the tanh approximation whatever hidden_act says
-    # (ref: transformers models/gemma/modeling_gemma.py GemmaMLP, config.hidden_activation).
     if spec.activation not in TANH_GELU:
         raise UnsupportedError(f"activation {spec.activation!r}: the gemma library has tanh-GELU only", path)
     if not spec.tie_embeddings:
