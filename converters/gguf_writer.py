@@ -237,7 +237,7 @@ def add_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, file_type: int) -> None:
         if s.layer_types != llamacpp_layer_types(s.family, s.num_layers, SLIDING in s.layer_types):
             # llama.cpp reads a per-layer pattern here; without it, it assumes its default one.
             w.add_sliding_window_pattern([t == SLIDING for t in s.layer_types])
-    _check_llamacpp_semantics(s)
+    _check_llamacpp_semantics(s, ckpt.source)
     # ref: llama-model.cpp load_hparams: rope.freq_base (default 10000) and a linear rope.scaling.factor
     # for every arch; gemma2.cpp applies both to its sliding layers too (as transformers' one rope does),
     # gemma3.cpp its sliding layers use rope.freq_base_swa unscaled (as Gemma 3's sliding rope_parameters).
@@ -277,22 +277,25 @@ def _made_summary(manifest: dict) -> str:
 _RECORD_KEYS = ("bits", "group_size", "symmetric", "scale_dtype", "block_size")
 
 
-def _check_llamacpp_semantics(s: GemmaSpec) -> None:
+def _check_llamacpp_semantics(s: GemmaSpec, source: str) -> None:
     """Refuse a spec llama.cpp would run differently from transformers, since GGUF cannot state it."""
     if s.rope_scaling and s.rope_scaling.rope_type != "linear":
-        # ref: llama-model.cpp load_hparams / llama_rope_scaling_type: yarn is llama.cpp's own YaRN (ext_factor,
-        # beta_fast/slow from the context), not transformers' inv_freq table, and dynamic NTK does not exist there
+        # ref: llama-model.cpp LLAMA_ROPE_SCALING_TYPES: none, linear, yarn, longrope; no dynamic NTK. Its YaRN
+        # takes ext/attn factors and betas from context parameters and keys not mapped here, unproven against
+        # transformers' _compute_yarn_parameters: refused rather than written as a possibly different model.
         raise UnsupportedError(
-            f"rope_scaling {s.rope_scaling.rope_type!r}: llama.cpp does not run it as transformers does; "
-            "GGUF takes linear rope scaling only"
+            f"rope_scaling {s.rope_scaling.rope_type!r}: not written to GGUF (linear rope scaling only)",
+            source,
         )
     if s.activation != TANH_GELU:
         # ref: models/gemma*.cpp build_ffn(..., LLM_FFN_GELU): ggml_gelu, the tanh approximation
-        raise UnsupportedError(f"hidden_activation {s.activation!r}: llama.cpp runs Gemma with the tanh GELU only")
+        raise UnsupportedError(
+            f"hidden_activation {s.activation!r}: llama.cpp runs Gemma with the tanh GELU only", source
+        )
     if s.family == "gemma2" and (s.attn_softcap is None or s.final_softcap is None):
         # ref: models/gemma2.cpp: attn_soft_cap is always on and the final softcap always applied
         missing = "attn_logit_softcapping" if s.attn_softcap is None else "final_logit_softcapping"
-        raise UnsupportedError(f"{missing} null: llama.cpp applies both softcaps to every Gemma 2")
+        raise UnsupportedError(f"{missing} null: llama.cpp applies both softcaps to every Gemma 2", source)
 
 
 def _check_attention_scale(s: GemmaSpec) -> None:
