@@ -1,8 +1,11 @@
 """GGUF (llama.cpp) checkpoints of arch gemma, gemma2 and gemma3: reading.
 
-The file is opened with the ``gguf`` package's memory-mapped GGUFReader; each tensor is
-dequantized (``gguf.quants.dequantize``) only when it is loaded, so a conversion streams
-tensor by tensor. Quantized and F32 tensors load as f32, F16/BF16 ones in their own dtype.
+The header is read by converters/gguf_header.py, which checks every count, length and offset
+against the bytes in the file before using it (gguf-py's GGUFReader trusts them; the module says
+why and how), and the metadata is checked against itself and the tensors present by
+converters/gguf_checks.py before anything is sized from it. Each tensor is memory-mapped and
+dequantized (``gguf.quants.dequantize``) only when it is loaded, so a conversion streams tensor by
+tensor. Quantized and F32 tensors load as f32, F16/BF16 ones in their own dtype.
 
 The spec is rebuilt from the ``{arch}.*`` metadata, with llama.cpp's own defaults where the
 file is silent (ref: llama.cpp src/llama-model.cpp, llama_model::load_hparams). The tokenizer
@@ -19,21 +22,21 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from converters.gguf_checks import MAX_CONTEXT, check_layers, check_sizes, check_tokenizer
+from converters.gguf_header import MAGIC, Header, Metadata, TensorInfo, read_header
 from gemport.checkpoint import Checkpoint, LazyTensor
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.spec import FULL, SLIDING, GemmaSpec, RopeScaling
 
 if TYPE_CHECKING:
     import torch
-    from gguf import GGUFReader, ReaderTensor
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"GGUF"
 ARCHS = ("gemma", "gemma2", "gemma3")
 
 # GGUF tensor name -> canonical (HF) name. GGUF names are gguf-py's TENSOR_NAMES; the pairs
@@ -108,28 +111,29 @@ def read(path: str | Path) -> Checkpoint:
     (``NAME-00001-of-0000N.gguf``, as llama-gguf-split and gguf-py write) is read whole from its
     first shard."""
     path = Path(path)
-    reader = _open(path)
-    meta = _Metadata(reader, path)
-    arch = meta.get("general.architecture")
+    header = read_header(path)
+    meta = Metadata(header)
+    arch = meta.text("general.architecture")
     if arch not in ARCHS:
         raise UnsupportedError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(ARCHS)})", path)
-    readers = [(path, reader)] + [(p, _open(p)) for p in _other_shards(path, meta)]
-    has_output = any(t.name == "output.weight" for _, r in readers for t in r.tensors)
-    spec = _spec(meta, arch, has_output=has_output)
+    infos = _tensor_infos([header] + [read_header(p) for p in _other_shards(path, meta)], meta)
+    check_tokenizer(meta)
+    n_layers = check_layers(meta, arch, infos)
+    check_sizes(meta, arch, infos)
+    spec = _spec(meta, arch, n_layers, has_output="output.weight" in infos)
     tensors: dict[str, LazyTensor] = {}
-    for shard, r in readers:
-        for t in r.tensors:
-            name, offset = canonical_name(t.name, arch, shard)
-            if name in tensors:
-                raise InputError(f"tensor {t.name} is stored twice", shard)
-            tensors[name] = _lazy(t, name, offset, shard)
+    for t in infos.values():
+        name, offset = canonical_name(t.name, arch, t.path)
+        if name in tensors:
+            raise InputError(f"tensor {t.name} is stored twice", t.path)
+        tensors[name] = _lazy(t, name, offset)
     ckpt = Checkpoint(
         spec=spec,
         tensors=tensors,
         tokenizer_files=_tokenizer_files(meta),
         generation_config=_generation_config(meta),
         source=str(path),
-        extra={"gguf.file_type": meta.get("general.file_type")},
+        extra={"gguf.file_type": meta.integer("general.file_type", None)},
     )
     ckpt.check()
     return ckpt
@@ -144,8 +148,11 @@ def split_paths(path: Path, n: int) -> list[Path]:
     return [path] if n == 1 else [path.with_name(SHARD_NAME.format(path.stem, i, n)) for i in range(1, n + 1)]
 
 
-def _other_shards(path: Path, meta: _Metadata) -> list[Path]:
-    count = int(meta.get("split.count", 1))
+MAX_SHARDS = 99999  # five digits in the shard names (ref: gguf-py constants.py SHARD_NAME_FORMAT)
+
+
+def _other_shards(path: Path, meta: Metadata) -> list[Path]:
+    count = meta.integer("split.count", 1, lo=1, hi=MAX_SHARDS)
     if count <= 1:
         return []
     m = _SHARD_RE.fullmatch(path.name)
@@ -159,84 +166,74 @@ def _other_shards(path: Path, meta: _Metadata) -> list[Path]:
     return shards
 
 
-def _open(path: Path) -> GGUFReader:
-    from gguf import GGUFReader
-
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror}", path) from None
-    if magic != MAGIC:
-        raise InputError(f"not a GGUF file (magic {magic!r}, expected {MAGIC!r})", path)
-    try:
-        return GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as exc:
-        # GGUFReader raises these when the metadata, tensor table or data ends early.
-        raise InputError(f"truncated or corrupt GGUF file ({type(exc).__name__}: {exc})", path) from None
-
-
-class _Metadata:
-    """The reader's key/value fields, decoded on demand."""
-
-    def __init__(self, reader: GGUFReader, path: Path):
-        self.fields, self.path = reader.fields, path
-
-    def get(self, key: str, default: Any = None) -> Any:
-        field = self.fields.get(key)
-        return default if field is None else field.contents()
-
-    def require(self, key: str) -> Any:
-        if key not in self.fields:
-            raise InputError(f"GGUF metadata has no {key}", self.path)
-        return self.get(key)
+def _tensor_infos(headers: list[Header], meta: Metadata) -> dict[str, TensorInfo]:
+    """Every shard's tensors by name; each shard must say it is shard i of the same split
+    (ref: gguf-py constants.py Keys.Split: split.no counts from 0, split.tensors.count is the total)."""
+    infos: dict[str, TensorInfo] = {}
+    count = len(headers)
+    for i, header in enumerate(headers):
+        if count > 1:
+            shard = Metadata(header)
+            if shard.integer("split.count", 1) != count or shard.integer("split.no", i) != i:
+                raise InputError(
+                    f"metadata split.no/split.count do not make this shard {i + 1} of {count}", header.path
+                )
+        for t in header.tensors:
+            if t.name in infos:
+                raise InputError(f"tensor {t.name} is stored twice", header.path)
+            infos[t.name] = t
+    total = meta.integer("split.tensors.count", len(infos))
+    if total != len(infos):
+        raise InputError(f"metadata split.tensors.count is {total}, the shards hold {len(infos)} tensors", meta.path)
+    return infos
 
 
 # --- spec ---------------------------------------------------------------------------------
 
 
-def _spec(meta: _Metadata, arch: str, has_output: bool) -> GemmaSpec:
+def _spec(meta: Metadata, arch: str, n_layers: int, has_output: bool) -> GemmaSpec:
+    """The spec, from metadata that check_layers and check_sizes have found consistent with the tensors."""
     a = f"{arch}."
-    hidden, n_layers = int(meta.require(a + "embedding_length")), int(meta.require(a + "block_count"))
-    n_heads = int(meta.require(a + "attention.head_count"))
+    hidden = meta.integer(a + "embedding_length", lo=1)
+    n_heads = meta.integer(a + "attention.head_count", lo=1)
     # ref: llama-model.cpp load_hparams: n_head_kv defaults to n_head, n_embd_head_k to n_embd / n_head
-    head_dim = int(meta.get(a + "attention.key_length", hidden // n_heads))
-    if meta.get(a + "attention.value_length", head_dim) != head_dim:
+    head_dim = meta.integer(a + "attention.key_length", hidden // n_heads, lo=1)
+    if meta.integer(a + "attention.value_length", head_dim) != head_dim:
         raise UnsupportedError("attention.value_length differs from key_length", meta.path)
-    if meta.get(a + "rope.dimension_count", head_dim) != head_dim:
+    if meta.integer(a + "rope.dimension_count", head_dim) != head_dim:
         raise UnsupportedError("partial rotary embedding (rope.dimension_count != head_dim)", meta.path)
-    tokens = meta.require("tokenizer.ggml.tokens")
+    tokens = meta.strings("tokenizer.ggml.tokens")
     eos = _eos_ids(meta)
     try:
         return GemmaSpec(
             family=arch,
             vocab_size=len(tokens),
             hidden_size=hidden,
-            intermediate_size=int(meta.require(a + "feed_forward_length")),
+            intermediate_size=meta.integer(a + "feed_forward_length", lo=1),
             num_layers=n_layers,
             num_heads=n_heads,
-            num_kv_heads=int(meta.get(a + "attention.head_count_kv", n_heads)),
+            num_kv_heads=meta.integer(a + "attention.head_count_kv", n_heads, lo=1),
             head_dim=head_dim,
-            rms_eps=_f32(meta.require(a + "attention.layer_norm_rms_epsilon")),
-            max_position=int(meta.require(a + "context_length")),
-            rope_theta=_f32(meta.get(a + "rope.freq_base", 10000.0)),  # llama.cpp default
+            rms_eps=_f32(meta.number(a + "attention.layer_norm_rms_epsilon", lo=1e-12, hi=1.0)),
+            max_position=meta.integer(a + "context_length", lo=1, hi=MAX_CONTEXT),
+            rope_theta=_f32(meta.number(a + "rope.freq_base", 10000.0, lo=1.0)),  # llama.cpp default
             rope_scaling=_rope_scaling(meta, arch),
             tie_embeddings=not has_output,
-            bos_token_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
+            bos_token_id=meta.integer("tokenizer.ggml.bos_token_id", 2),
             eos_token_id=eos[0] if len(eos) == 1 else eos,
-            pad_token_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),
+            pad_token_id=meta.integer("tokenizer.ggml.padding_token_id", 0),
             **_ARCH_FACTS[arch](meta, a, n_layers, hidden // n_heads, head_dim),
         )
     except ValueError as exc:
         raise InputError(f"inconsistent GGUF metadata: {exc}", meta.path) from None
 
 
-def _eos_ids(meta: _Metadata) -> tuple[int, ...]:
+def _eos_ids(meta: Metadata) -> tuple[int, ...]:
     """EOS, then EOT if the file names another: llama.cpp ends generation on either (llama-vocab.cpp)."""
-    ids = [int(meta.get("tokenizer.ggml.eos_token_id", 1))]
-    eot = meta.get("tokenizer.ggml.eot_token_id")
-    if eot is not None and int(eot) not in ids:
-        ids.append(int(eot))
+    ids = [meta.integer("tokenizer.ggml.eos_token_id", 1)]
+    eot = meta.integer("tokenizer.ggml.eot_token_id", None)
+    if eot is not None and eot not in ids:
+        ids.append(eot)
     return tuple(ids)
 
 
@@ -259,49 +256,50 @@ def llamacpp_query_scalar(arch: str, n_layers: int, embd_per_head: int, head_dim
     return embd_per_head if n_layers == big else head_dim
 
 
-def _stated_layer_types(meta: _Metadata, a: str, n_layers: int, default: tuple[str, ...]) -> tuple[str, ...]:
+def _stated_layer_types(meta: Metadata, a: str, n_layers: int, default: tuple[str, ...]) -> tuple[str, ...]:
     """``attention.sliding_window_pattern``: one bool per layer (true = sliding), or every n-th
     layer global; absent, llama.cpp's default (ref: llama-model.cpp load_swa_pattern,
     llama-hparams.cpp set_swa_pattern)."""
-    value = meta.get(a + "attention.sliding_window_pattern")
+    key = a + "attention.sliding_window_pattern"
+    value = meta.raw(key)
     if value is None:
         return default
-    if isinstance(value, list):
+    if isinstance(value, np.ndarray) and value.dtype == bool:
         if len(value) != n_layers:
-            raise InputError(f"{a}attention.sliding_window_pattern has {len(value)} entries, not {n_layers}", meta.path)
-        return tuple(SLIDING if v else FULL for v in value)
-    n = int(value)
+            raise InputError(f"metadata {key} has {len(value)} entries, not {n_layers}", meta.path)
+        return tuple(SLIDING if v else FULL for v in value.tolist())
+    n = meta.integer(key, hi=n_layers)
     return tuple(SLIDING if n == 0 or i % n < n - 1 else FULL for i in range(n_layers))
 
 
-def _gemma_facts(meta: _Metadata, a: str, n_layers: int, embd_per_head: int, head_dim: int) -> dict:
+def _gemma_facts(meta: Metadata, a: str, n_layers: int, embd_per_head: int, head_dim: int) -> dict:
     return {"layer_types": llamacpp_layer_types("gemma", n_layers, False)}
 
 
-def _gemma2_facts(meta: _Metadata, a: str, n_layers: int, embd_per_head: int, head_dim: int) -> dict:
+def _gemma2_facts(meta: Metadata, a: str, n_layers: int, embd_per_head: int, head_dim: int) -> dict:
     # ref: llama-model.cpp LLM_ARCH_GEMMA2: n_swa defaults to 4096 and the softcaps to
     # llama-hparams.h's 50.0 / 30.0
     return {
         "layer_types": _stated_layer_types(meta, a, n_layers, llamacpp_layer_types("gemma2", n_layers, True)),
-        "sliding_window": int(meta.get(a + "attention.sliding_window", 4096)),
+        "sliding_window": meta.integer(a + "attention.sliding_window", 4096, lo=1, hi=MAX_CONTEXT),
         "query_pre_attn_scalar": llamacpp_query_scalar("gemma2", n_layers, embd_per_head, head_dim),
-        "attn_softcap": _softcap(meta.get(a + "attn_logit_softcapping", 50.0)),
-        "final_softcap": _softcap(meta.get(a + "final_logit_softcapping", 30.0)),
+        "attn_softcap": _softcap(meta.number(a + "attn_logit_softcapping", 50.0, lo=0.0)),
+        "final_softcap": _softcap(meta.number(a + "final_logit_softcapping", 30.0, lo=0.0)),
     }
 
 
-def _gemma3_facts(meta: _Metadata, a: str, n_layers: int, embd_per_head: int, head_dim: int) -> dict:
+def _gemma3_facts(meta: Metadata, a: str, n_layers: int, embd_per_head: int, head_dim: int) -> dict:
     # ref: llama-model.cpp LLM_ARCH_GEMMA3: local rope base 10000 unscaled unless the file states
     # rope.freq_base_swa; no attention softcap; final softcap only if stated.
-    window = int(meta.get(a + "attention.sliding_window", 0))
+    window = meta.integer(a + "attention.sliding_window", 0, hi=MAX_CONTEXT)
     facts: dict = {
         "query_pre_attn_scalar": llamacpp_query_scalar("gemma3", n_layers, embd_per_head, head_dim),
-        "final_softcap": _softcap(meta.get(a + "final_logit_softcapping")),
+        "final_softcap": _softcap(meta.number(a + "final_logit_softcapping", None, lo=0.0)),
     }
     if window > 0:
         facts["layer_types"] = _stated_layer_types(meta, a, n_layers, llamacpp_layer_types("gemma3", n_layers, True))
         facts["sliding_window"] = window
-        facts["rope_local_theta"] = _f32(meta.get(a + "rope.freq_base_swa", 10000.0))
+        facts["rope_local_theta"] = _f32(meta.number(a + "rope.freq_base_swa", 10000.0, lo=1.0))
     return facts
 
 
@@ -318,12 +316,12 @@ def _f32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _rope_scaling(meta: _Metadata, arch: str) -> RopeScaling | None:
+def _rope_scaling(meta: Metadata, arch: str) -> RopeScaling | None:
     """ref: llama-model.cpp load_hparams: type defaults to linear; factor from rope.scaling.factor,
     else the older rope.scale_linear; 0 (absent) means none."""
     a = f"{arch}.rope."
-    kind = meta.get(a + "scaling.type", "linear")
-    factor = _f32(meta.get(a + "scaling.factor", meta.get(a + "scale_linear", 0.0)))
+    kind = meta.text(a + "scaling.type", "linear")
+    factor = _f32(meta.number(a + "scaling.factor", meta.number(a + "scale_linear", 0.0, lo=0.0), lo=0.0))
     if kind == "none" or factor in (0.0, 1.0):
         return None
     if kind != "linear":
@@ -346,19 +344,19 @@ def canonical_name(gguf_name: str, arch: str, path: Path) -> tuple[str, bool]:
     raise CheckpointError(f"unexpected tensor {gguf_name} for arch {arch}", path)
 
 
-def _lazy(t: ReaderTensor, name: str, offset: bool, path: Path) -> LazyTensor:
+def _lazy(t: TensorInfo, name: str, offset: bool) -> LazyTensor:
     from gguf import GGMLQuantizationType as Q
 
-    if not _can_dequantize(t.tensor_type):
+    qtype = Q(t.qtype)
+    if not _can_dequantize(qtype):
         raise UnsupportedError(
-            f"tensor {t.name} has type {t.tensor_type.name}, which the gguf package cannot dequantize", path
+            f"tensor {t.name} has type {qtype.name}, which the gguf package cannot dequantize", t.path
         )
-    shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims in ne order, innermost first
-    dtype = {Q.F16: "f16", Q.BF16: "bf16"}.get(t.tensor_type, "f32")
+    shape = tuple(reversed(t.ne))  # GGUF lists dims in ne order, innermost first
+    dtype = {Q.F16: "f16", Q.BF16: "bf16"}.get(qtype, "f32")
     if offset:
         dtype = "f32"  # w = (1 + w) - 1 is exact in f32 for any stored float
-    raw = (t.tensor_type.name, functools.partial(np.asarray, t.data))
-    return LazyTensor(name, shape, dtype, load=functools.partial(_load, t, shape, offset), raw=raw)
+    return LazyTensor(name, shape, dtype, load=functools.partial(_load, t, shape, offset), raw=(qtype.name, t.array))
 
 
 @functools.cache
@@ -375,17 +373,18 @@ def _can_dequantize(qtype: int) -> bool:
     return True
 
 
-def _load(t: ReaderTensor, shape: tuple[int, ...], offset: bool) -> torch.Tensor:
+def _load(t: TensorInfo, shape: tuple[int, ...], offset: bool) -> torch.Tensor:
     import torch
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize
 
-    if t.tensor_type == Q.F16:
-        out = torch.from_numpy(np.array(t.data, dtype=np.float16))
-    elif t.tensor_type == Q.BF16:  # the reader maps BF16 as raw bytes; numpy has no bfloat16
-        out = torch.from_numpy(np.array(t.data).view(np.int16)).view(torch.bfloat16)
+    data = t.array()
+    if t.qtype == Q.F16:
+        out = torch.from_numpy(np.array(data, dtype=np.float16))
+    elif t.qtype == Q.BF16:  # mapped as raw bytes; numpy has no bfloat16
+        out = torch.from_numpy(np.array(data).view(np.int16)).view(torch.bfloat16)
     else:
-        out = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+        out = torch.from_numpy(np.array(dequantize(data, Q(t.qtype)), dtype=np.float32))
     out = out.reshape(shape)
     if offset:
         # Undo llama.cpp's 1 + w in f32, as transformers' Gemma2TensorProcessor does (weights - 1
@@ -397,8 +396,8 @@ def _load(t: ReaderTensor, shape: tuple[int, ...], offset: bool) -> torch.Tensor
 # --- tokenizer and generation config -------------------------------------------------------
 
 
-def _tokenizer_files(meta: _Metadata) -> dict[str, bytes]:
-    kind = meta.get("tokenizer.ggml.model")
+def _tokenizer_files(meta: Metadata) -> dict[str, bytes]:
+    kind = meta.text("tokenizer.ggml.model", None)
     if kind != "llama":
         raise UnsupportedError(
             f"tokenizer.ggml.model {kind!r} is not supported (only 'llama', SentencePiece)", meta.path
@@ -407,25 +406,40 @@ def _tokenizer_files(meta: _Metadata) -> dict[str, bytes]:
     config = {
         "tokenizer_class": "GemmaTokenizer",
         # transformers and llama.cpp add BOS to a SentencePiece vocabulary unless the file says not to
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", True)),
-        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "add_bos_token": meta.flag("tokenizer.ggml.add_bos_token", True),
+        "add_eos_token": meta.flag("tokenizer.ggml.add_eos_token", False),
     }
-    tokens = meta.get("tokenizer.ggml.tokens")
+    tokens = meta.strings("tokenizer.ggml.tokens")
     for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
-        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        token_id = meta.integer(f"tokenizer.ggml.{key}_token_id", None)  # inside the vocabulary: check_tokenizer
         if token_id is not None:
-            config[f"{name}_token"] = tokens[int(token_id)]
-    return {"tokenizer.model": model} | _hf_tokenizer_files(model, config)
+            config[f"{name}_token"] = tokens[token_id]
+    try:
+        return {"tokenizer.model": model} | _hf_tokenizer_files(model, config)
+    except (RuntimeError, ValueError, OSError, KeyError, IndexError, TypeError) as exc:
+        # sentencepiece and transformers refuse some piece lists (a piece twice, an empty piece)
+        # with their own exceptions; they are faults of this file's tokenizer metadata.
+        raise InputError(f"cannot rebuild the tokenizer from tokenizer.ggml.*: {exc}", meta.path) from None
 
 
-def _sentencepiece_model(meta: _Metadata) -> bytes:
+def _sentencepiece_model(meta: Metadata) -> bytes:
     """A SentencePiece BPE ModelProto holding the file's pieces, scores and piece types."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    tokens = meta.require("tokenizer.ggml.tokens")
-    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
-    unk = int(meta.get("tokenizer.ggml.unknown_token_id", 3))
+    # lengths, types and ids checked by gguf_checks.check_tokenizer
+    tokens = meta.strings("tokenizer.ggml.tokens")
+    scores = meta.numbers("tokenizer.ggml.scores", None)
+    scores = [0.0] * len(tokens) if scores is None else scores.tolist()
+    types = meta.numbers("tokenizer.ggml.token_type", None, integer=True)
+    types = [_NORMAL] * len(tokens) if types is None else types.tolist()
+    specials = {}
+    for name, key, default in (("unk", "unknown", 3), ("bos", "bos", 2), ("eos", "eos", 1), ("pad", "padding", 0)):
+        specials[name] = meta.integer(f"tokenizer.ggml.{key}_token_id", default)
+        if specials[name] >= len(tokens):  # only a default can be: check_tokenizer bounds stated ids
+            raise InputError(
+                f"no tokenizer.ggml.{key}_token_id, and the default {default} is past the vocabulary", meta.path
+            )
+    unk = specials["unk"]
     proto = pb.ModelProto()
     for i, (token, score, kind) in enumerate(zip(tokens, scores, types, strict=True)):
         piece = proto.pieces.add()
@@ -445,13 +459,12 @@ def _sentencepiece_model(meta: _Metadata) -> bytes:
     # GemmaConverter docstring); only allow_whitespace_only_pieces changes how text is encoded.
     spec.split_digits = spec.allow_whitespace_only_pieces = True
     spec.treat_whitespace_as_suffix = False
-    for name, key, default in (("unk", "unknown", 3), ("bos", "bos", 2), ("eos", "eos", 1), ("pad", "padding", 0)):
-        token_id = int(meta.get(f"tokenizer.ggml.{key}_token_id", default))
+    for name, token_id in specials.items():
         setattr(spec, f"{name}_id", token_id)
         setattr(spec, f"{name}_piece", proto.pieces[token_id].piece)
     norm = proto.normalizer_spec
     norm.name = "identity"
-    norm.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
+    norm.add_dummy_prefix = meta.flag("tokenizer.ggml.add_space_prefix", False)
     norm.remove_extra_whitespaces = False
     norm.escape_whitespaces = True
     return proto.SerializeToString()
@@ -485,10 +498,10 @@ def _hf_tokenizer_files(model: bytes, config: dict) -> dict[str, bytes]:
     return files
 
 
-def _generation_config(meta: _Metadata) -> dict:
+def _generation_config(meta: Metadata) -> dict:
     eos = _eos_ids(meta)
     out = {"eos_token_id": eos[0] if len(eos) == 1 else list(eos)}
     for name, key in (("bos_token_id", "bos_token_id"), ("pad_token_id", "padding_token_id")):
-        if (value := meta.get(f"tokenizer.ggml.{key}")) is not None:
-            out[name] = int(value)
+        if (value := meta.integer(f"tokenizer.ggml.{key}", None)) is not None:
+            out[name] = value
     return out
