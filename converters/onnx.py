@@ -8,6 +8,15 @@ Two op sets compute the same model: ``fused`` uses onnxruntime's CPU contrib ops
 ``plain`` only standard ONNX ops (any runtime). Quantized records become com.microsoft
 MatMulNBits (an embedding record also feeds GatherBlockQuantized, sharing the bytes).
 
+fp16 (``dtype="f16"``): weights, matrix products, attention and the KV cache in fp16; the residual
+stream and the RMSNorms that read or write it (input, pre-/post-feed-forward, post-attention and
+final norms, their weights too) in float32, with Casts between, as onnxruntime-genai's builder
+lays out Gemma 2/3 (ref: onnxruntime_genai/models/builders/gemma.py ``Gemma2Model``,
+``layernorm_attrs["cast"]["use_fp32"] = True``, root input cast, norm outputs into the residual
+kept float32; base.py ``make_layernorm_casts``), since their residual stream outgrows fp16 (the
+Gemma 3 270M's reaches 1e5). What stays fp16 is checked on calibration text before writing
+(quantizers.fp16_range, points ``FP32_RESIDUAL``); beyond 65504 the write is refused.
+
 Stored layout (the table ``gemport.layout`` in the model's metadata maps it back to canonical
 names, so the reader needs no guessing): linear weights transposed to [in, out] for MatMul; norm
 weights as the raw ``w``, the graph adding 1 as the reference does in float32 (ref: transformers
@@ -31,6 +40,7 @@ from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_output
 from gemport.progress import progress
 from gemport.spec import SLIDING, GemmaSpec
+from quantizers import fp16_range
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +88,12 @@ def write(
     context_length: int | None = None,
     head_bits: int | None = None,
     lookup_bits: int | None = None,
+    allow_fp16_overflow: bool = False,
 ) -> Path:
-    """Write ``ckpt`` as an ONNX folder (model.onnx, model.onnx.data, genai_config.json, tokenizer)."""
+    """Write ``ckpt`` as an ONNX folder (model.onnx, model.onnx.data, genai_config.json, tokenizer).
+
+    With ``dtype="f16"`` the fp16 parts of the graph are probed on calibration text first and the
+    write refused (UnsupportedError) when they overflow, unless ``allow_fp16_overflow``."""
     import onnx_ir as ir
 
     try:
@@ -90,6 +104,10 @@ def write(
     for name in ckpt.quantized():
         if name == "lm_head.weight" or (name == "model.embed_tokens.weight" and not ckpt.spec.tie_embeddings):
             raise UnsupportedError(f"tensor {name}: a quantized {name} is not written to ONNX", ckpt.source)
+    fp16 = _check_fp16(ckpt, allow_fp16_overflow) if options.dtype == "f16" else None
+    if fp16 is not None:
+        ckpt = fp16_range.guard_weights(ckpt, [n for n in ckpt.tensors if not _wide_norm(n)])
+    _warn_without_tokenizer(ckpt)
     builder = _Builder(ckpt, options)
     model = builder.build()
     dst = Path(dst)
@@ -99,6 +117,8 @@ def write(
             ir.save(model, tmp / MODEL, external_data=DATA, callback=lambda *_: advance())
         _write_json(tmp / GENAI_CONFIG, genai_config(ckpt.spec, options))
         manifest = {"onnx": asdict(options), "quantization": ckpt.extra.get("quantization")}
+        if fp16 is not None:
+            manifest["fp16_check"] = fp16
         _write_json(tmp / MANIFEST, manifest)
         for name, data in ckpt.tokenizer_files.items():
             (tmp / name).write_bytes(data)
@@ -107,6 +127,36 @@ def write(
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _wide_norm(name: str) -> bool:
+    """A norm weight the f16 graph keeps in float32 (all RMSNorms but the per-head q/k norms)."""
+    return name.endswith("norm.weight") and not name.endswith(("q_norm.weight", "k_norm.weight"))
+
+
+def _check_fp16(ckpt: Checkpoint, allow: bool) -> dict:
+    """Probe what the f16 graph computes in fp16 (UnsupportedError past 65504 unless ``allow``);
+    the highest value found, for the manifest."""
+    peaks = fp16_range.check_fp16(ckpt, fp16_range.FP32_RESIDUAL, "onnx", allow)
+    layer, point, value = fp16_range.worst(peaks, fp16_range.FP32_RESIDUAL)
+    kept = fp16_range.worst(peaks, fp16_range.ALL - fp16_range.FP32_RESIDUAL)
+    return {
+        "fp16_peak": {"where": fp16_range.describe(layer, point), "value": value},
+        "float32_peak": None if kept is None else {"where": fp16_range.describe(*kept[:2]), "value": kept[2]},
+        "limit": fp16_range.FP16_MAX,
+        "probe": asdict(fp16_range.ProbeConfig()),
+    }
+
+
+def _warn_without_tokenizer(ckpt: Checkpoint) -> None:
+    """onnxruntime-genai loads the model without tokenizer files but cannot tokenize: say so (the
+    HF writer likewise writes what it has; GGUF, which embeds the vocabulary, refuses)."""
+    if not any(name in ckpt.tokenizer_files for name in ("tokenizer.json", "tokenizer.model")):
+        log.warning(
+            "%s: the source has no tokenizer.json or tokenizer.model; the ONNX folder loads in onnxruntime-genai "
+            "but og.Tokenizer cannot load it (copy the tokenizer files into it)",
+            ckpt.source,
+        )
 
 
 def genai_config(spec: GemmaSpec, options: OnnxOptions) -> dict:
@@ -177,6 +227,7 @@ class _Builder:
         self.ir = ir
         self.ckpt, self.spec, self.options = ckpt, ckpt.spec, options
         self.float = ir.DataType.FLOAT16 if options.dtype == "f16" else ir.DataType.FLOAT
+        self.f16 = options.dtype == "f16"  # fp16 compute, float32 residual stream and norms
         self.np_float = np.float16 if options.dtype == "f16" else np.float32
         self.nodes: list = []
         self.initializers: list = []
@@ -214,15 +265,24 @@ class _Builder:
         tensor = ir.LazyTensor(lambda: ir.tensor(load()), dtype=dtype, shape=ir.Shape(shape), name=name)
         return self._initializer(name, tensor)
 
-    def weight(self, canonical: str, transform: str, t: LazyTensor | None = None):
+    def weight(self, canonical: str, transform: str, t: LazyTensor | None = None, wide: bool = False):
         """The float initializer of a canonical tensor (or of ``t`` stored under that name):
-        'none' or 'transpose' ([in, out])."""
+        'none' or 'transpose' ([in, out]); in float32 when ``wide``, else the graph's float type."""
         t = t or self.ckpt.tensors[canonical]
         shape = tuple(reversed(t.shape)) if transform == "transpose" else t.shape
         self.layout[canonical] = {"kind": "float", "transform": transform, "name": canonical}
-        return self.lazy(canonical, shape, self.float, lambda: self._load_float(t, transform))
+        dtype, np_dtype = (self.ir.DataType.FLOAT, np.float32) if wide else (self.float, self.np_float)
+        return self.lazy(canonical, shape, dtype, lambda: self._load_float(t, transform, np_dtype))
 
-    def _load_float(self, t: LazyTensor, transform: str) -> np.ndarray:
+    def to32(self, x):
+        """``x`` cast from the graph's fp16 to float32 (no node in a float32 graph)."""
+        return self.op("Cast", x, to=self.ir.DataType.FLOAT) if self.f16 else x
+
+    def to16(self, x):
+        """``x`` cast from float32 to the graph's fp16 (no node in a float32 graph)."""
+        return self.op("Cast", x, to=self.float) if self.f16 else x
+
+    def _load_float(self, t: LazyTensor, transform: str, np_dtype=None) -> np.ndarray:
         import torch
 
         data = t.load()
@@ -231,7 +291,7 @@ class _Builder:
         data = data.to(torch.float32)
         if transform == "transpose":
             data = data.t()
-        return data.contiguous().numpy().astype(self.np_float, copy=False)
+        return data.contiguous().numpy().astype(np_dtype or self.np_float, copy=False)
 
     # -- building blocks
     def build(self):
@@ -279,23 +339,25 @@ class _Builder:
         metadata = {SPEC_KEY: json.dumps(spec.to_json()), LAYOUT_KEY: json.dumps(self.layout)}
         return ir.Model(graph, ir_version=IR_VERSION, producer_name="gemport", metadata_props=metadata)
 
-    def norm(self, x, canonical: str):
-        """Gemma RMSNorm over the last axis with scale ``1 + w``."""
-        scale = self._norm_scale(canonical)
+    def norm(self, x, canonical: str, wide: bool = False):
+        """Gemma RMSNorm over the last axis with scale ``1 + w``. ``wide``: ``x`` is float32 (the
+        residual side) and the scale and output are float32 too; else all in the graph's float type."""
+        scale = self._norm_scale(canonical, wide)
         if self.options.fused:
             return self.op("SimplifiedLayerNormalization", x, scale, axis=-1, epsilon=self.spec.rms_eps, stash_type=1)
-        ir = self.ir
-        x32 = self.op("Cast", x, to=ir.DataType.FLOAT) if self.float != ir.DataType.FLOAT else x
+        narrow = self.f16 and not wide
+        x32 = self.to32(x) if narrow else x
         mean = self.op("ReduceMean", self.op("Mul", x32, x32), self.const([-1], np.int64), keepdims=1)
         inv = self.op("Reciprocal", self.op("Sqrt", self.op("Add", mean, self.const(self.spec.rms_eps, np.float32))))
         y = self.op("Mul", x32, inv)
-        if self.float != ir.DataType.FLOAT:
-            y = self.op("Cast", y, to=self.float)
+        if narrow:
+            y = self.to16(y)
         return self.op("Mul", y, scale)
 
-    def _norm_scale(self, canonical: str):
+    def _norm_scale(self, canonical: str, wide: bool = False):
         """``1 + w``: w stored (read back exactly), onnxruntime folds the constant when the session starts."""
-        return self.op("Add", self.weight(canonical, "none"), self.const(1.0, self.np_float))
+        one = self.const(1.0, np.float32 if wide else self.np_float)
+        return self.op("Add", self.weight(canonical, "none", wide=wide), one)
 
     def linear(self, x, canonical: str):
         t = self.ckpt.tensors[canonical]
@@ -439,9 +501,10 @@ class _Builder:
             x = self.op("Gather", self.embed, self.input_ids, axis=0)
         else:
             x = self._gather_block_quantized(t)
-        # ref: transformers GemmaModel.forward, normalizer = tensor(hidden_size**0.5, dtype=hidden dtype)
-        scale = self.const(np.sqrt(np.float64(spec.hidden_size)).astype(self.np_float))
-        return self.op("Mul", x, scale)
+        # ref: transformers GemmaModel.forward, normalizer = tensor(hidden_size**0.5, dtype=hidden dtype);
+        # the residual stream starts here, float32 in every graph.
+        scale = self.const(np.sqrt(np.float64(spec.hidden_size)).astype(np.float32))
+        return self.op("Mul", self.to32(x), scale)
 
     def _gather_block_quantized(self, t: LazyTensor):
         """Embedding rows from a record: com.microsoft GatherBlockQuantized over MatMulNBits' own
@@ -471,13 +534,15 @@ class _Builder:
 
     def add_norm(self, x, delta, canonical: str):
         """(norm(x + delta), x + delta), or (norm(x), x) when delta is None: onnxruntime's
-        SkipSimplifiedLayerNormalization does both at once."""
+        SkipSimplifiedLayerNormalization does both at once. ``x``, ``delta`` and the sum are the
+        float32 residual stream; the normed output, the next matrix product's input, is cast to the
+        graph's float type."""
         if delta is None:
-            return self.norm(x, canonical), x
+            return self.to16(self.norm(x, canonical, wide=True)), x
         if not self.options.fused:
             x = self.op("Add", x, delta)
-            return self.norm(x, canonical), x
-        scale = self._norm_scale(canonical)
+            return self.to16(self.norm(x, canonical, wide=True)), x
+        scale = self._norm_scale(canonical, wide=True)
         normed, _, _, total = self.op(
             "SkipSimplifiedLayerNormalization",
             delta,
@@ -487,7 +552,7 @@ class _Builder:
             outputs=4,
             epsilon=self.spec.rms_eps,
         )
-        return normed, total
+        return self.to16(normed), total
 
     def layer(self, i: int, x, delta, past):
         """One decoder layer on the residual ``x + delta``; returns the new residual and delta."""
@@ -495,14 +560,14 @@ class _Builder:
         p = f"model.layers.{i}."
         normed, x = self.add_norm(x, delta, p + "input_layernorm.weight")
         out, present = self.attention(i, normed, past)
-        if spec.post_norms:
-            out = self.norm(out, p + "post_attention_layernorm.weight")
+        if spec.post_norms:  # float32 in, float32 out: its output joins the residual stream
+            out = self.norm(self.to32(out), p + "post_attention_layernorm.weight", wide=True)
             y, x = self.add_norm(x, out, p + "pre_feedforward_layernorm.weight")
         else:
-            y, x = self.add_norm(x, out, p + "post_attention_layernorm.weight")
-        y = self.mlp(p, y)
+            y, x = self.add_norm(x, self.to32(out), p + "post_attention_layernorm.weight")
+        y = self.to32(self.mlp(p, y))
         if spec.post_norms:
-            y = self.norm(y, p + "post_feedforward_layernorm.weight")
+            y = self.norm(y, p + "post_feedforward_layernorm.weight", wide=True)
         return x, y, present
 
     def mlp(self, p: str, x):
