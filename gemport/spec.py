@@ -308,7 +308,8 @@ class GemmaSpec:
         else:
             cfg["hidden_activation"] = self.activation
             cfg["sliding_window"] = self.sliding_window
-            cfg["query_pre_attn_scalar"] = self.query_pre_attn_scalar or self.head_dim
+            scalar = self.query_pre_attn_scalar or self.head_dim
+            cfg["query_pre_attn_scalar"] = int(scalar) if float(scalar).is_integer() else scalar  # an int field
             cfg["attn_logit_softcapping"] = self.attn_softcap
             cfg["final_logit_softcapping"] = self.final_softcap
         if style == "5":
@@ -443,7 +444,7 @@ class _HfConfigReader:
             rope_theta=rope_theta,
             rope_local_theta=rope_local,
             rope_scaling=scaling,
-            query_pre_attn_scalar=self.number("query_pre_attn_scalar") if sliding else None,
+            query_pre_attn_scalar=self._query_scalar() if sliding else None,
             attn_softcap=self.number("attn_logit_softcapping", nullable=True) if self.family == "gemma2" else None,
             final_softcap=self.number("final_logit_softcapping", nullable=True) if sliding else None,
             tie_embeddings=self.boolean("tie_word_embeddings", True),
@@ -546,6 +547,14 @@ class _HfConfigReader:
             # ref: transformers GemmaConfig.__post_init__: a Gemma 1 "gelu" means the tanh approximation
             return TANH_GELU
         return _ACTIVATIONS[value]
+
+    def _query_scalar(self) -> int:
+        """An integer, as transformers types it (ref: Gemma2Config/Gemma3TextConfig query_pre_attn_scalar: int);
+        an integral float is taken as that integer."""
+        value = self.get("query_pre_attn_scalar")
+        if not _is_number(value) or not value > 0 or value != int(value) or value > BOUNDS["max_position"]:
+            self.bad("query_pre_attn_scalar", value, "must be an integer > 0")
+        return int(value)
 
     def _eos(self, vocab: int) -> int | tuple[int, ...]:
         value = self.get("eos_token_id", 1)
