@@ -306,6 +306,10 @@ _MISSING: Any = object()
 MAX_INT = (1 << 63) - 1
 
 
+def _bounds(lo: float, hi: float, top: float) -> str:
+    return f"must be at least {lo}" if hi == top else f"must be in [{lo}, {hi}]"
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, bool):
         return f"a bool ({value})"
@@ -349,7 +353,7 @@ class Metadata:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self._wrong(key, value, "an integer")
         if not lo <= value <= hi:
-            raise InputError(f"metadata {key} is {value}, outside [{lo}, {hi}]", self.path)
+            raise InputError(f"metadata {key} is {value}, {_bounds(lo, hi, MAX_INT)}", self.path)
         return value
 
     def number(self, key: str, default: Any = _MISSING, lo: float = -np.inf, hi: float = np.inf) -> float:
@@ -359,7 +363,7 @@ class Metadata:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self._wrong(key, value, "a number")
         if not (np.isfinite(value) and lo <= value <= hi):
-            raise InputError(f"metadata {key} is {value}, outside [{lo}, {hi}]", self.path)
+            raise InputError(f"metadata {key} is {value}, {_bounds(lo, hi, np.inf)}", self.path)
         return float(value)
 
     def text(self, key: str, default: Any = _MISSING) -> str:

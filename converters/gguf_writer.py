@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -71,6 +72,7 @@ def write(
     where it came from, for errors). ``jobs`` worker processes quantize (default: one per CPU).
     """
     ckpt.check()
+    ckpt = drop_vocab_padding(ckpt)
     dst = Path(dst)
     arch = ckpt.spec.family
     if arch in ("gemma", "gemma2") and not ckpt.spec.tie_embeddings:
@@ -79,7 +81,7 @@ def write(
         raise UnsupportedError(
             f"{arch} in llama.cpp always uses the token embedding as output layer; this checkpoint has its own "
             "lm_head.weight (untied embeddings), which a GGUF cannot carry",
-            ckpt.source or None,
+            _source(ckpt),
         )
     names = _gguf_names(ckpt, arch)
     shapes = _ne_shapes(ckpt, names)
@@ -213,6 +215,7 @@ def _log_plan(plans: list[gguf_mix.TensorPlan]) -> None:
 
 
 QUANTIZATION_KEY = "gemport.quantization"
+VOCAB_PADDING_KEY = "gemport.vocab_padding"  # rows dropped past the tokenizer: see drop_vocab_padding
 
 
 def add_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, file_type: int) -> None:
@@ -233,7 +236,7 @@ def add_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, file_type: int) -> None:
     w.add_key_length(s.head_dim)
     w.add_value_length(s.head_dim)
     if s.family != "gemma":
-        _check_attention_scale(s)
+        _check_attention_scale(s, _source(ckpt))
         if s.layer_types != llamacpp_layer_types(s.family, s.num_layers, SLIDING in s.layer_types):
             # llama.cpp reads a per-layer pattern here; without it, it assumes its default one.
             w.add_sliding_window_pattern([t == SLIDING for t in s.layer_types])
@@ -257,6 +260,8 @@ def add_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, file_type: int) -> None:
             w.add_sliding_window(s.sliding_window)
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if ckpt.extra.get(VOCAB_PADDING_KEY):
+        w.add_string(VOCAB_PADDING_KEY, json.dumps(ckpt.extra[VOCAB_PADDING_KEY], separators=(",", ":")))
     if ckpt.extra.get("quantization"):
         # How the weights were made (gemport quantize: method, config, how many tensors were kept,
         # compact: the file should not outgrow llama-quantize's); llama.cpp ignores unknown keys.
@@ -298,7 +303,7 @@ def _check_llamacpp_semantics(s: GemmaSpec, source: str) -> None:
         raise UnsupportedError(f"{missing} null: llama.cpp applies both softcaps to every Gemma 2", source)
 
 
-def _check_attention_scale(s: GemmaSpec) -> None:
+def _check_attention_scale(s: GemmaSpec, source: str | None) -> None:
     """GGUF has no key for the attention scale: llama.cpp derives it (ref: models/gemma2.cpp,
     gemma3.cpp load_arch_hparams). Refuse a spec that differs rather than write a file that
     llama.cpp would run differently."""
@@ -306,7 +311,8 @@ def _check_attention_scale(s: GemmaSpec) -> None:
     if (s.query_pre_attn_scalar or s.head_dim) != scalar:
         raise UnsupportedError(
             f"query_pre_attn_scalar {s.query_pre_attn_scalar} differs from the {scalar} llama.cpp assumes for a "
-            f"{s.num_layers}-layer {s.family} and GGUF cannot state it; llama.cpp would run this model differently"
+            f"{s.num_layers}-layer {s.family} and GGUF cannot state it; llama.cpp would run this model differently",
+            source,
         )
 
 
@@ -347,13 +353,8 @@ def add_tokenizer(w: gguf.GGUFWriter, ckpt: Checkpoint) -> None:
 def sentencepiece_vocab(ckpt: Checkpoint) -> tuple[list[str], list[float], list[int]]:
     """Pieces, scores and types of the SentencePiece model, with the tokens that
     tokenizer_config.json lists as added marked CONTROL (special) or USER_DEFINED, score -1000."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
 
-    data = ckpt.tokenizer_files.get("tokenizer.model")
-    if data is None:
-        raise UnsupportedError("writing GGUF needs a SentencePiece tokenizer.model; the checkpoint has none")
-    proto = pb.ModelProto()
-    proto.ParseFromString(data)
+    proto = _tokenizer_proto(ckpt)
     tokens = [p.piece for p in proto.pieces]
     scores = [float(p.score) for p in proto.pieces]
     types = [int(p.type) for p in proto.pieces]
@@ -376,8 +377,92 @@ def sentencepiece_vocab(ckpt: Checkpoint) -> tuple[list[str], list[float], list[
     tokens = [t.replace("\u2581", " ") if k == _USER_DEFINED else t for t, k in zip(tokens, types, strict=True)]
     if len(tokens) != ckpt.spec.vocab_size:
         vocab = ckpt.spec.vocab_size
-        raise CheckpointError(f"tokenizer.model holds {len(tokens)} pieces, the model's vocab is {vocab}")
+        why = " (llama.cpp drops padding rows past the tokenizer for gemma3 only)" if len(tokens) < vocab else ""
+        message = f"tokenizer.model holds {len(tokens)} pieces, the model's vocab is {vocab}{why}"
+        raise CheckpointError(message, _source(ckpt))
     return tokens, scores, types
+
+
+def _source(ckpt: Checkpoint) -> str | None:
+    """The checkpoint's file or folder, for errors (``source`` may carry a note in parentheses)."""
+    return ckpt.source.split(" (")[0] if ckpt.source else None
+
+
+def _tokenizer_proto(ckpt: Checkpoint):
+    from google.protobuf.message import DecodeError
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    data = ckpt.tokenizer_files.get("tokenizer.model")
+    if data is None:
+        raise UnsupportedError(
+            "writing GGUF needs a SentencePiece tokenizer.model; the checkpoint has none", _source(ckpt)
+        )
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except DecodeError as exc:
+        raise InputError(f"tokenizer.model is not a SentencePiece model ({exc})", _source(ckpt)) from None
+    return proto
+
+
+def drop_vocab_padding(ckpt: Checkpoint) -> Checkpoint:
+    """A Gemma 3 checkpoint with more embedding rows than tokenizer pieces (4B/12B/27B: 262208 rows,
+    262144 pieces) without the rows past the tokenizer, as llama.cpp writes it (ref: convert_hf_to_gguf.py
+    conversion/gemma.py Gemma3Model.modify_tensors, "remove OOV rows in token_embd": data_torch[:n_vocab_real]
+    with n_vocab_real the tokenizer.model's pieces; that is the published Gemma 3 GGUFs, whose config.json
+    states no vocab_size. Where it does, _create_vocab_sentencepiece pads the token list with [PAD{id}]
+    pieces and keeps every row instead). The rows must be padding: no special or added token may lie
+    in them. The drop is logged and recorded in the file (gemport.vocab_padding). Any other checkpoint
+    is returned as it is."""
+    rows, family = ckpt.spec.vocab_size, ckpt.spec.family
+    pieces = len(_tokenizer_proto(ckpt).pieces) if "tokenizer.model" in ckpt.tokenizer_files else rows
+    if family != "gemma3" or pieces >= rows:
+        return ckpt  # a mismatch left is refused by sentencepiece_vocab
+    needed = _ids_in_padding(ckpt, pieces)
+    if needed:
+        raise CheckpointError(
+            f"{needed} lies in rows {pieces}..{rows - 1}, past the tokenizer.model's {pieces} pieces; "
+            "those rows are not padding and cannot be dropped as llama.cpp does",
+            _source(ckpt),
+        )
+    tensors = dict(ckpt.tensors)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in tensors:
+            tensors[name] = _first_rows(tensors[name], pieces)
+    log.warning(
+        "%s: %d embedding rows for %d tokenizer pieces: the %d padding rows past the tokenizer are dropped, "
+        "as llama.cpp's convert_hf_to_gguf.py does for Gemma 3",
+        _source(ckpt) or "checkpoint",
+        rows,
+        pieces,
+        rows - pieces,
+    )
+    record = {"rows": rows, "pieces": pieces, "dropped": rows - pieces}
+    return replace(
+        ckpt,
+        spec=replace(ckpt.spec, vocab_size=pieces),
+        tensors=tensors,
+        extra=ckpt.extra | {VOCAB_PADDING_KEY: record},
+    )
+
+
+def _ids_in_padding(ckpt: Checkpoint, pieces: int) -> str | None:
+    """The first special or added token id at or past ``pieces``, described; None if none."""
+    s = ckpt.spec
+    eos = s.eos_token_id if isinstance(s.eos_token_id, tuple) else (s.eos_token_id,)
+    ids = {"bos_token_id": (s.bos_token_id,), "eos_token_id": eos, "pad_token_id": (s.pad_token_id,)}
+    ids["an added token of tokenizer_config.json"] = tuple(
+        int(k) for k in _json(ckpt, "tokenizer_config.json").get("added_tokens_decoder", {})
+    )
+    for what, values in ids.items():
+        for i in values:
+            if i >= pieces:
+                return f"{what} {i}" if what.endswith("_id") else f"{what} (id {i})"
+    return None
+
+
+def _first_rows(t: LazyTensor, n: int) -> LazyTensor:
+    return LazyTensor(t.name, (n, *t.shape[1:]), t.dtype, load=lambda: t.load()[:n].contiguous(), quant=t.quant)
 
 
 def _special_id(config: dict, key: str, tokens: list[str]) -> int | None:
@@ -440,7 +525,7 @@ def _write_files(
             with _pool(jobs, plans) as pool, progress(f"writing {dst.name}", total=len(plans)) as advance:
                 for plan in plans:
                     t = ckpt.tensors[names[plan.name]]
-                    writer.write_tensor_data(_encode(t, plan, imatrix.get(plan.name), pool, jobs))
+                    writer.write_tensor_data(_encode(t, plan, imatrix.get(plan.name), pool, jobs, _source(ckpt)))
                     advance()
         finally:
             writer.close()
@@ -448,14 +533,19 @@ def _write_files(
 
 
 def _encode(
-    t: LazyTensor, plan: gguf_mix.TensorPlan, imatrix: np.ndarray | None, pool: Executor | None, jobs: int
+    t: LazyTensor,
+    plan: gguf_mix.TensorPlan,
+    imatrix: np.ndarray | None,
+    pool: Executor | None,
+    jobs: int,
+    source: str | None = None,
 ) -> np.ndarray:
     """The tensor's bytes in its planned type: the stored blocks if already of that type."""
     if t.raw is not None and t.raw[0] == plan.qtype:
         return t.raw[1]()
     data = t.load()
     if not all_finite(data):
-        raise CheckpointError(f"tensor {t.name} has NaN or infinite values")
+        raise CheckpointError(f"tensor {t.name} has NaN or infinite values", source)
     x = data.float().numpy()
     if _LAYER_PREFIX.sub("", plan.name) in OFFSET_NORMS:
         x = x + np.float32(1.0)  # ref: GemmaModel.modify_tensors: norms are stored as 1 + w, in f32
