@@ -38,7 +38,7 @@ from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_files
 from gemport.progress import progress
 from gemport.spec import SLIDING, TANH_GELU, GemmaSpec
-from quantizers import gguf_mix
+from quantizers import fp16_range, gguf_mix
 
 if TYPE_CHECKING:
     import gguf
@@ -61,6 +61,7 @@ def write(
     pure: bool = False,
     imatrix_source: str | None = None,
     jobs: int | None = None,
+    allow_fp16_overflow: bool = False,
 ) -> Path:
     """Write ``ckpt`` as a GGUF file at ``dst`` (atomically); split into shards of at most
     ``max_shard_bytes`` when given (``dst`` then names the shards' common stem).
@@ -72,6 +73,8 @@ def write(
     where it came from, for errors). ``jobs`` worker processes quantize (default: one per CPU).
     """
     ckpt.check()
+    if (quant or dtype) == "f16":  # refused if the fp16 parts overflow (quantizers.fp16_range)
+        ckpt = fp16_range.checked_gguf_f16(ckpt, allow_fp16_overflow)
     ckpt = drop_vocab_padding(ckpt)
     dst = Path(dst)
     arch = ckpt.spec.family
@@ -411,9 +414,10 @@ def drop_vocab_padding(ckpt: Checkpoint) -> Checkpoint:
     conversion/gemma.py Gemma3Model.modify_tensors, "remove OOV rows in token_embd": data_torch[:n_vocab_real]
     with n_vocab_real the tokenizer.model's pieces; that is the published Gemma 3 GGUFs, whose config.json
     states no vocab_size. Where it does, _create_vocab_sentencepiece pads the token list with [PAD{id}]
-    pieces and keeps every row instead). The rows must be padding: no special or added token may lie
-    in them. The drop is logged and recorded in the file (gemport.vocab_padding). Any other checkpoint
-    is returned as it is."""
+    pieces and keeps every row instead). The rows must be padding: the BOS, EOS and PAD ids may not lie
+    in them; added tokens there (Gemma 3's <image_soft_token>, 262144) are left out with a warning, as
+    _create_vocab_sentencepiece does ("ignore token ...: id is out of range"). The drop is logged and
+    recorded in the file (gemport.vocab_padding). Any other checkpoint is returned as it is."""
     rows, family = ckpt.spec.vocab_size, ckpt.spec.family
     pieces = len(_tokenizer_proto(ckpt).pieces) if "tokenizer.model" in ckpt.tokenizer_files else rows
     if family != "gemma3" or pieces >= rows:
@@ -425,6 +429,10 @@ def drop_vocab_padding(ckpt: Checkpoint) -> Checkpoint:
             "those rows are not padding and cannot be dropped as llama.cpp does",
             _source(ckpt),
         )
+    added = _json(ckpt, "tokenizer_config.json").get("added_tokens_decoder", {})
+    ignored = sorted(int(k) for k in added if int(k) >= pieces)
+    if ignored:
+        log.warning("added tokens past the tokenizer.model's pieces left out, as llama.cpp does: ids %s", ignored[:8])
     tensors = dict(ckpt.tensors)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         if name in tensors:
@@ -447,17 +455,14 @@ def drop_vocab_padding(ckpt: Checkpoint) -> Checkpoint:
 
 
 def _ids_in_padding(ckpt: Checkpoint, pieces: int) -> str | None:
-    """The first special or added token id at or past ``pieces``, described; None if none."""
+    """The first BOS, EOS or PAD id at or past ``pieces``, described; None if none."""
     s = ckpt.spec
     eos = s.eos_token_id if isinstance(s.eos_token_id, tuple) else (s.eos_token_id,)
     ids = {"bos_token_id": (s.bos_token_id,), "eos_token_id": eos, "pad_token_id": (s.pad_token_id,)}
-    ids["an added token of tokenizer_config.json"] = tuple(
-        int(k) for k in _json(ckpt, "tokenizer_config.json").get("added_tokens_decoder", {})
-    )
     for what, values in ids.items():
         for i in values:
             if i >= pieces:
-                return f"{what} {i}" if what.endswith("_id") else f"{what} (id {i})"
+                return f"{what} {i}"
     return None
 
 

@@ -135,3 +135,25 @@ class Accumulator:
             top1_pct=100.0 * self.top1.mean(),
             top1_pct_se=100.0 * self.top1.se(),
         )
+
+
+def scored_vocab(cand_vocab: int, ref_vocab: int, pieces: int) -> int | None:
+    """The vocabulary both runtimes are scored over: the reference's when the candidate has it too;
+    the candidate's when that is smaller but still holds every tokenizer piece (``pieces``), i.e. the
+    candidate dropped padding rows past the tokenizer, as llama.cpp's converter does for Gemma 3
+    (262208 rows, 262144 pieces; ref: convert_hf_to_gguf.py Gemma3Model.modify_tensors). The
+    reference's log-probs are then renormalised over the kept rows (Accumulator renormalises every
+    input), which changes them only by the mass the reference puts on the padding rows. None when
+    the two cannot be compared."""
+    if cand_vocab == ref_vocab:
+        return ref_vocab
+    if pieces <= cand_vocab < ref_vocab:
+        return cand_vocab
+    return None
+
+
+def padding_note(ref_vocab: int, vocab: int) -> str:
+    return (
+        f"the candidate has {vocab} of the reference's {ref_vocab} vocabulary rows (padding past the tokenizer's "
+        f"pieces dropped): reference log-probs renormalised over the {vocab} kept rows"
+    )

@@ -9,7 +9,7 @@ from gemport import registry
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.progress import progress
 from validation.corpus import load_text, split_text, tokenize, windows
-from validation.metrics import Accumulator, scored_span
+from validation.metrics import Accumulator, padding_note, scored_span, scored_vocab
 from validation.report import Report, make_gates
 from validation.runtimes import check_supported, runtime_for
 from validation.runtimes.hf_transformers import TransformersRuntime
@@ -90,16 +90,20 @@ def validate(
         sample = evaluation[:TOKENIZER_CHECK_CHARS]
         check_same_ids(tokenize(tokenizer, sample), cand_rt.tokenize(sample), candidate)
     ref_rt = TransformersRuntime(reference)
-    if cand_rt.vocab_size != ref_rt.vocab_size:
+    vocab = scored_vocab(cand_rt.vocab_size, ref_rt.vocab_size, tokenizer.vocab_size)
+    if vocab is None:
         raise CheckpointError(f"vocab size {cand_rt.vocab_size}, reference has {ref_rt.vocab_size}", candidate)
+    if vocab < ref_rt.vocab_size:
+        warnings.append(padding_note(ref_rt.vocab_size, vocab))
+        log.warning("%s", warnings[-1])
     top = max(max(c) for c in chunks)
-    if top >= ref_rt.vocab_size:
-        raise CheckpointError(f"the tokenizer yields id {top}, beyond the vocab of {ref_rt.vocab_size}", reference)
+    if top >= vocab:
+        raise CheckpointError(f"the tokenizer yields id {top}, beyond the vocab of {vocab}", reference)
 
     acc = Accumulator()
     with progress(f"validating {candidate.name}", total=len(chunks)) as advance:
         for chunk in chunks:
-            acc.add_window(chunk, ref_rt.logprobs(chunk), cand_rt.logprobs(chunk))
+            acc.add_window(chunk, ref_rt.logprobs(chunk)[:, :vocab], cand_rt.logprobs(chunk))
             advance()
     metrics = acc.result()
     log.info("%d tokens scored: KLD %.6g, delta-ppl %+.4f %%", metrics.tokens, metrics.kld, metrics.delta_ppl_pct)
