@@ -23,12 +23,13 @@ is refused, since its tied LM head would need its own scheme.
 from __future__ import annotations
 
 import functools
+import json
 import math
 from pathlib import Path
 
 from gemport.checkpoint import Checkpoint, LazyTensor
-from gemport.errors import CheckpointError, UnsupportedError
-from quantizers.record import QuantFormat, QuantizedTensor
+from gemport.errors import CheckpointError, InputError, UnsupportedError
+from quantizers.record import SCALE_DTYPES, QuantFormat, QuantizedTensor
 from quantizers.rtn import PROJECTIONS, projection_names
 
 SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
@@ -160,30 +161,67 @@ def add_quantization_config(ckpt: Checkpoint, fmt: QuantFormat, folder: Path) ->
 
 def check_readable(quantization: dict, path: Path) -> None:
     """UnsupportedError unless ``quantization`` is a compressed-tensors pack-quantized weight-only
-    int scheme with one config group, what this module writes."""
+    int scheme with one config group, what this module writes; InputError naming config.json
+    for a value of the wrong JSON type."""
+    _scheme(quantization, path)
+
+
+def _config_file(path: Path) -> Path:
+    return path / "config.json" if path.is_dir() else path
+
+
+def _shown(value) -> str:
+    """A config value as JSON, cut short (it may be anything a hostile file holds)."""
+    return json.dumps(value)[:40]
+
+
+def _object(value, what: str, path: Path) -> dict:
+    if not isinstance(value, dict):
+        raise InputError(f"quantization_config: {what} is {_shown(value)}, not an object", _config_file(path))
+    return value
+
+
+def _scheme(quantization, path: Path) -> tuple[int, int | None, bool]:
+    """(bits, group size or None per channel, symmetric) of a readable quantization_config.
+
+    The QuantizationArgs fields and their defaults are compressed-tensors' (ref: compressed-tensors
+    0.20.0 quantization/quant_args.py QuantizationArgs: symmetric True, strategy per tensor unless
+    given; this module reads the two strategies it writes, channel and group)."""
+    config = _config_file(path)
+    quantization = _object(quantization, "the value", path)
     method, fmt = quantization.get("quant_method"), quantization.get("format")
     if method != "compressed-tensors" or fmt != "pack-quantized":
         raise UnsupportedError(
             f"reading quantized HF checkpoints is supported for compressed-tensors pack-quantized only, "
-            f"not {method} {fmt or ''}".rstrip(),
-            path,
+            f"not {_shown(method)} {_shown(fmt)}",
+            config,
         )
-    groups = quantization.get("config_groups") or {}
+    groups = _object(quantization.get("config_groups") or {}, "config_groups", path)
     if len(groups) != 1:
-        raise UnsupportedError(f"compressed-tensors folders with {len(groups)} config groups are not supported", path)
-    scheme = next(iter(groups.values()))
-    weights = scheme.get("weights") or {}
-    if scheme.get("input_activations") or weights.get("type") != "int" or weights.get("num_bits") not in (4, 8):
-        raise UnsupportedError("only weight-only int4/int8 compressed-tensors schemes are read", path)
+        raise UnsupportedError(f"compressed-tensors folders with {len(groups)} config groups are not supported", config)
+    scheme = _object(next(iter(groups.values())), "the config group", path)
+    weights = _object(scheme.get("weights") or {}, "weights", path)
+    bits = weights.get("num_bits")
+    if scheme.get("input_activations") or weights.get("type") != "int" or type(bits) is not int or bits not in (4, 8):
+        raise UnsupportedError("only weight-only int4/int8 compressed-tensors schemes are read", config)
+    strategy, symmetric = weights.get("strategy"), weights.get("symmetric", True)
+    if strategy not in ("channel", "group"):
+        raise UnsupportedError(f"compressed-tensors strategy {_shown(strategy)} is not read (channel, group)", config)
+    if type(symmetric) is not bool:
+        raise InputError(f"quantization_config: symmetric is {_shown(symmetric)}, not true or false", config)
+    group_size = weights.get("group_size")
+    if strategy == "channel":
+        return bits, None, symmetric
+    if type(group_size) is not int or group_size <= 0:
+        raise InputError(f"quantization_config: group_size {_shown(group_size)} is not a positive integer", config)
+    return bits, group_size, symmetric
 
 
 def records_of(tensors: dict[str, LazyTensor], quantization: dict, spec, path: Path) -> dict[str, LazyTensor]:
     """``tensors`` as read from the safetensors files, with each module's packed set replaced by
     one lazy record ``{module}.weight`` (dtype: the scale dtype, the weight's own as llm-compressor
     stores it)."""
-    weights = next(iter(quantization["config_groups"].values()))["weights"]
-    bits, symmetric = int(weights["num_bits"]), bool(weights.get("symmetric", True))
-    group_size = weights.get("group_size") if weights.get("strategy") == "group" else None
+    bits, group_size, symmetric = _scheme(quantization, path)
     out = {n: t for n, t in tensors.items() if not n.endswith(SUFFIXES)}
     modules = sorted({n.rsplit(".", 1)[0] for n in tensors if n.endswith(".weight_packed")})
     for module in modules:
@@ -191,17 +229,52 @@ def records_of(tensors: dict[str, LazyTensor], quantization: dict, spec, path: P
         missing = [s for s in SUFFIXES if parts[s] is None and not (symmetric and s == "weight_zero_point")]
         if missing:
             raise CheckpointError(f"{module}: {', '.join(missing)} missing", path)
-        shape = tuple(int(v) for v in parts["weight_shape"].load().tolist())
+        shape = _weight_shape(module, parts["weight_shape"], path)
         scale = parts["weight_scale"]
+        if scale.dtype not in SCALE_DTYPES:
+            raise CheckpointError(f"{module}: weight_scale is {scale.dtype}, not a float type", path)
         fmt = QuantFormat(bits, group_size, symmetric, scale.dtype)
-        if len(shape) != 2 or tuple(scale.shape) != (shape[0], fmt.groups(shape[1])):
-            message = f"{module}: weight_scale {list(scale.shape)} does not fit weight_shape {list(shape)}"
-            raise CheckpointError(message, path)
+        _check_parts(module, parts, shape, fmt, path)
         load = functools.partial(_unpacked_record, parts, shape, fmt)
         out[f"{module}.weight"] = LazyTensor(f"{module}.weight", shape, scale.dtype, load=load, quant=fmt)
     if spec.tie_embeddings:
         out.pop("lm_head.weight", None)
     return out
+
+
+def _weight_shape(module: str, t: LazyTensor, path: Path) -> tuple[int, int]:
+    """The unpacked [out, in] a module's int ``weight_shape`` [2] states, each at least 1."""
+    if t.dtype not in ("i32", "i64") or tuple(t.shape) != (2,):
+        raise CheckpointError(f"{module}: weight_shape is {t.dtype} {list(t.shape)}, not an int [2]", path)
+    shape = tuple(int(v) for v in t.load().tolist())
+    if min(shape) < 1:
+        raise CheckpointError(f"{module}: weight_shape {list(shape)} is not a matrix shape", path)
+    return shape
+
+
+def _check_parts(module: str, parts: dict[str, LazyTensor | None], shape: tuple[int, int], fmt: QuantFormat, path):
+    """Each stored tensor of a record has the dtype and shape the pack-quantized layout gives it."""
+    rows, cols = shape
+    if fmt.group_size is not None and cols % fmt.group_size:
+        raise CheckpointError(f"{module}: {cols} input columns do not split into groups of {fmt.group_size}", path)
+    groups = fmt.groups(cols)
+    want = {
+        "weight_packed": ("i32", (rows, math.ceil(cols * fmt.bits / 32))),
+        "weight_scale": (fmt.scale_dtype, (rows, groups)),
+        "weight_zero_point": ("i32", (math.ceil(rows * fmt.bits / 32), groups)),
+    }
+    for suffix, (dtype, stored) in want.items():
+        t = parts[suffix]
+        if t is None:  # a symmetric scheme's zero point
+            continue
+        if fmt.symmetric and suffix == "weight_zero_point":
+            raise CheckpointError(f"{module}: a weight_zero_point in a symmetric scheme", path)
+        if t.dtype != dtype or tuple(t.shape) != stored:
+            raise CheckpointError(
+                f"{module}: {suffix} is {t.dtype} {list(t.shape)}, expected {dtype} {list(stored)} "
+                f"for weight_shape {[rows, cols]} at {fmt.describe()}",
+                path,
+            )
 
 
 def _unpacked_record(parts: dict[str, LazyTensor], shape: tuple[int, int], fmt: QuantFormat) -> QuantizedTensor:
