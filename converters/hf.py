@@ -19,6 +19,7 @@ from gemport.errors import CheckpointError, InputError
 from gemport.output import atomic_output
 from gemport.progress import progress
 from gemport.spec import GemmaSpec
+from quantizers import fp16_range
 
 log = logging.getLogger(__name__)
 
@@ -288,8 +289,14 @@ def write(
     max_shard_bytes: int | None = None,
     overwrite: bool = False,
     config_style: str = "5",
+    allow_fp16_overflow: bool = False,
 ) -> Path:
     """Write ``ckpt`` as an HF folder at ``dst`` (atomically), optionally cast to ``dtype``.
+
+    ``dtype="f16"``: transformers loads the folder in fp16 (config.json ``dtype``) and computes in
+    fp16 throughout, so the model is run in float32 on calibration text first and the write refused
+    when an activation outgrows fp16 (quantizers.fp16_range, every point), unless
+    ``allow_fp16_overflow``; a weight beyond fp16's range is refused as it is loaded.
 
     Quantized records are written in compressed-tensors' pack-quantized format (with
     ``quantization_config`` in config.json and the quantization manifest in gemport.json);
@@ -299,6 +306,9 @@ def write(
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     ckpt.check(quantized_ok=True)
     quant = ct.check_writable(ckpt) if ckpt.quantized() else None
+    if dtype == "f16":
+        fp16_range.check_fp16(ckpt, fp16_range.ALL, "hf", allow_fp16_overflow)
+        ckpt = fp16_range.guard_weights(ckpt)
     if dtype:
         ckpt = ckpt.cast(dtype)
     order = [n for n in expected_shapes(ckpt.spec)]

@@ -55,6 +55,7 @@ from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_output
 from gemport.progress import progress
 from gemport.spec import TANH_GELU, GemmaSpec
+from quantizers import fp16_range
 
 if TYPE_CHECKING:
     import torch
@@ -550,6 +551,8 @@ def write(
             "the gemma library ties the output head to the embedding; this checkpoint has a separate lm_head",
             ckpt.source,
         )
+    if dtype == "f16":  # weights only: the gemma library computes in its module dtype (float32 or bf16)
+        ckpt = fp16_range.guard_weights(ckpt)
     if dtype:
         ckpt = ckpt.cast(dtype)
     if transposed_gating is None:

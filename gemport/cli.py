@@ -321,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ONNX with --quant: input columns per MatMulNBits block (default 32)",
     )
     _add_onnx_options(s)
+    s.add_argument(
+        "--allow-fp16-overflow",
+        action="store_true",
+        help="--dtype f16 (hf, onnx, gguf): write even when the model's activations outgrow fp16 on "
+        "calibration text (default: refuse; the artifact would compute inf/NaN)",
+    )
     s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
     _add_quantize_parser(sub)
@@ -465,6 +471,8 @@ def cmd_convert(args) -> int:
     elif args.quant or args.pure or args.imatrix or args.calibrate or args.jobs:
         flags = "--quant, --pure, --imatrix, --calibrate and --jobs"
         raise UnsupportedError(f"{flags} apply to --to gguf, not --to {args.dst_format}")
+    if args.allow_fp16_overflow:
+        options["allow_fp16_overflow"] = True
     out = writer.write(ckpt, args.dst, **options)
     print(f"wrote {out}")
     return 0

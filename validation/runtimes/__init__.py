@@ -21,7 +21,7 @@ ROUND_TRIP = "round-trip"
 # format name -> "module:factory"; the factory takes the artifact's path and returns a Runtime.
 # Modules are imported only when their format is validated.
 RUNTIMES: dict[str, str] = {
-    "hf": "validation.runtimes.hf_transformers:TransformersRuntime",
+    "hf": "validation.runtimes.hf_transformers:as_loaded",  # in its config's dtype, as users load it
     "gguf": "validation.runtimes.llamacpp:LlamaCppRuntime",
     "jax": "validation.runtimes.jax:GemmaLibraryRuntime",
     "onnx": "validation.runtimes.onnxruntime:OnnxRuntime",
