@@ -414,9 +414,10 @@ def drop_vocab_padding(ckpt: Checkpoint) -> Checkpoint:
     conversion/gemma.py Gemma3Model.modify_tensors, "remove OOV rows in token_embd": data_torch[:n_vocab_real]
     with n_vocab_real the tokenizer.model's pieces; that is the published Gemma 3 GGUFs, whose config.json
     states no vocab_size. Where it does, _create_vocab_sentencepiece pads the token list with [PAD{id}]
-    pieces and keeps every row instead). The rows must be padding: no special or added token may lie
-    in them. The drop is logged and recorded in the file (gemport.vocab_padding). Any other checkpoint
-    is returned as it is."""
+    pieces and keeps every row instead). The rows must be padding: the BOS, EOS and PAD ids may not lie
+    in them; added tokens there (Gemma 3's <image_soft_token>, 262144) are left out with a warning, as
+    _create_vocab_sentencepiece does ("ignore token ...: id is out of range"). The drop is logged and
+    recorded in the file (gemport.vocab_padding). Any other checkpoint is returned as it is."""
     rows, family = ckpt.spec.vocab_size, ckpt.spec.family
     pieces = len(_tokenizer_proto(ckpt).pieces) if "tokenizer.model" in ckpt.tokenizer_files else rows
     if family != "gemma3" or pieces >= rows:
@@ -428,6 +429,10 @@ def drop_vocab_padding(ckpt: Checkpoint) -> Checkpoint:
             "those rows are not padding and cannot be dropped as llama.cpp does",
             _source(ckpt),
         )
+    added = _json(ckpt, "tokenizer_config.json").get("added_tokens_decoder", {})
+    ignored = sorted(int(k) for k in added if int(k) >= pieces)
+    if ignored:
+        log.warning("added tokens past the tokenizer.model's pieces left out, as llama.cpp does: ids %s", ignored[:8])
     tensors = dict(ckpt.tensors)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         if name in tensors:
@@ -450,17 +455,14 @@ def drop_vocab_padding(ckpt: Checkpoint) -> Checkpoint:
 
 
 def _ids_in_padding(ckpt: Checkpoint, pieces: int) -> str | None:
-    """The first special or added token id at or past ``pieces``, described; None if none."""
+    """The first BOS, EOS or PAD id at or past ``pieces``, described; None if none."""
     s = ckpt.spec
     eos = s.eos_token_id if isinstance(s.eos_token_id, tuple) else (s.eos_token_id,)
     ids = {"bos_token_id": (s.bos_token_id,), "eos_token_id": eos, "pad_token_id": (s.pad_token_id,)}
-    ids["an added token of tokenizer_config.json"] = tuple(
-        int(k) for k in _json(ckpt, "tokenizer_config.json").get("added_tokens_decoder", {})
-    )
     for what, values in ids.items():
         for i in values:
             if i >= pieces:
-                return f"{what} {i}" if what.endswith("_id") else f"{what} (id {i})"
+                return f"{what} {i}"
     return None
 
 
