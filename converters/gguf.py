@@ -326,8 +326,8 @@ def _rope_scaling(meta: Metadata, arch: str) -> RopeScaling | None:
         return None
     if kind != "linear":
         raise UnsupportedError(f"rope scaling type {kind!r} is not supported (only linear)", meta.path)
-    if arch == "gemma2":  # llama.cpp scales gemma2's sliding layers too; GemmaSpec scales global ones only
-        raise UnsupportedError("rope scaling on a gemma2 model is not supported", meta.path)
+    # gemma2.cpp scales the sliding layers too (freq_scale_swa = freq_scale), as transformers' one Gemma 2
+    # rope does (GemmaSpec.layer_rope_scaling); gemma3.cpp only the global ones, as Gemma 3's rope_parameters.
     return RopeScaling("linear", factor)
 
 
