@@ -171,8 +171,11 @@ class GemmaSpec:
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if len(self.layer_types) != self.num_layers or set(self.layer_types) - {FULL, SLIDING}:
             raise ValueError(f"layer_types must hold {self.num_layers} of {FULL!r}/{SLIDING!r}")
-        if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window <= 0):
-            raise ValueError(f"sliding_window must be an integer > 0 or None, got {self.sliding_window!r}")
+        window = self.sliding_window
+        if window is not None and (not _is_int(window) or not 0 < window <= BOUNDS["max_position"]):
+            raise ValueError(
+                f"sliding_window must be an integer in 1..{BOUNDS['max_position']} or None, got {window!r}"
+            )
         if SLIDING in self.layer_types and not self.sliding_window:
             raise ValueError("sliding layers need a sliding_window")
         self._check_tokens()
@@ -352,7 +355,7 @@ def _is_number(x: object) -> bool:
 
 def _pattern_of(layer_types: tuple[str, ...]) -> int:
     """The 4.x ``sliding_window_pattern`` that yields these layer types (every n-th is global)."""
-    for n in range(1, len(layer_types) + 1):
+    for n in range(1, len(layer_types) + 2):  # n = layers + 1: every layer sliding
         if tuple(FULL if (i + 1) % n == 0 else SLIDING for i in range(len(layer_types))) == layer_types:
             return n
     raise ValueError("layer types follow no sliding_window_pattern; write the config in 5.x style")
@@ -589,8 +592,12 @@ class _HfConfigReader:
         value = self.get("sliding_window")
         if value is None and SLIDING not in layer_types:
             return None
-        if not _is_int(value) or value <= 0:
-            self.bad("sliding_window", value, "must be an integer > 0 (the model has sliding layers)")
+        if not _is_int(value) or not 0 < value <= BOUNDS["max_position"]:
+            self.bad(
+                "sliding_window",
+                value,
+                f"must be an integer in 1..{BOUNDS['max_position']} (the model has sliding layers)",
+            )
         return value
 
     # --- rope --------------------------------------------------------------------------------
