@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig
 
@@ -123,3 +125,86 @@ def test_invalid_values_are_refused():
 def test_spec_json_round_trip():
     spec = GemmaSpec.from_hf_config(GEMMA3_1B_4X)
     assert GemmaSpec.from_json(spec.to_json()) == spec
+
+
+def _spec(family: str, **fields) -> GemmaSpec:
+    base = dict(family=family, vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2)
+    base |= dict(num_kv_heads=1, head_dim=16)
+    if family != "gemma":
+        base |= dict(layer_types=(SLIDING, FULL), sliding_window=8)
+    return GemmaSpec(**(base | fields))
+
+
+def test_spec_carries_only_what_the_family_uses():
+    """Built by any reader (a GGUF, a JAX manifest), a spec drops what transformers' model of its family
+    ignores, so that no writer can apply it."""
+    g3 = _spec("gemma3", attn_softcap=50.0, final_softcap=30.0, query_pre_attn_scalar=24)
+    assert (g3.attn_softcap, g3.final_softcap, g3.query_pre_attn_scalar) == (None, 30.0, 24)
+    g1 = _spec("gemma", attn_softcap=50.0, final_softcap=30.0, query_pre_attn_scalar=7, sliding_window=4)
+    assert (g1.attn_softcap, g1.final_softcap, g1.query_pre_attn_scalar, g1.sliding_window) == (None,) * 4
+    assert g1.attn_scale == 16**-0.5
+    g2 = _spec("gemma2", attn_softcap=50.0, rope_local_theta=10000.0)  # one rope base: the global one
+    assert (g2.attn_softcap, g2.rope_local_theta) == (50.0, None)
+    with pytest.raises(ValueError, match="one rope base"):
+        _spec("gemma2", rope_local_theta=99.0)
+    assert _spec("gemma", activation="gelu").activation == "gelu_pytorch_tanh"
+    assert _spec("gemma2", activation="gelu_new").activation == "gelu_pytorch_tanh"
+    assert _spec("gemma2", activation="gelu").activation == "gelu"
+
+
+def test_rope_scaling_layers_per_family():
+    scaling = RopeScaling("linear", 8.0)
+    assert [_spec("gemma3", rope_scaling=scaling).layer_rope_scaling(i) for i in (0, 1)] == [None, scaling]
+    assert [_spec("gemma2", rope_scaling=scaling).layer_rope_scaling(i) for i in (0, 1)] == [scaling, scaling]
+    assert [_spec("gemma", rope_scaling=scaling).layer_rope_scaling(i) for i in (0, 1)] == [scaling, scaling]
+
+
+@pytest.mark.parametrize(
+    "fields,words",
+    [
+        ({"num_layers": 10**9}, "num_layers must be an integer in 1..1024"),
+        ({"vocab_size": 1 << 30}, "vocab_size"),
+        ({"head_dim": 16.0}, "head_dim"),
+        ({"num_heads": True}, "num_heads"),
+        ({"rms_eps": float("nan")}, "rms_eps"),
+        ({"rope_theta": 0}, "rope_theta"),
+        ({"final_softcap": -1.0}, "final_softcap"),
+        ({"activation": "relu"}, "activation"),
+        ({"bos_token_id": 64}, "bos_token_id"),
+        ({"eos_token_id": (1, -1)}, "eos_token_id"),
+        ({"sliding_window": 0}, "sliding_window"),
+        ({"layer_types": "full"}, "layer_types"),
+        ({"rope_scaling": {"factor": 2}}, "rope_scaling"),
+    ],
+)
+def test_spec_values_are_checked(fields, words):
+    with pytest.raises(ValueError, match=words):
+        _spec("gemma3", **fields)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        [],
+        {"family": "gemma"},
+        {"rope_scaling": 5},
+        {"rope_scaling": {"rope_type": "yarn", "factor": 2, "params": [["x", 1]]}},
+    ],
+)
+def test_spec_from_json_refuses_what_is_not_a_spec(data):
+    good = _spec("gemma3").to_json()
+    with pytest.raises(ValueError):
+        GemmaSpec.from_json(data if isinstance(data, list) or "family" in data else good | data)
+
+
+def test_rope_scaling_round_trips_with_its_parameters():
+    scaling = RopeScaling("yarn", 4.0, (("original_max_position_embeddings", 8192), ("beta_fast", 16.0)))
+    spec = _spec("gemma3", rope_scaling=scaling)
+    assert GemmaSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    assert spec.to_hf_config()["rope_parameters"][FULL] == {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "beta_fast": 16.0,
+        "original_max_position_embeddings": 8192,
+        "rope_theta": 10000.0,
+    }
