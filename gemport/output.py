@@ -1,10 +1,26 @@
-"""Writers never leave a partial artifact: write under a temporary name, fsync, rename."""
+"""Writers never leave a partial artifact: write under a temporary name, fsync, rename.
+
+The temporary of destination ``DIR/NAME`` is ``DIR/.NAME.partial-PID`` (a file or a folder),
+guarded by the lock file ``DIR/.NAME.partial-PID.lock`` on which the writing process holds an
+exclusive ``flock`` from before the temporary exists until after it is renamed or removed. A
+process killed with SIGKILL cannot remove its temporary, but the kernel drops its lock: every
+writer first removes, in its destination folder, the temporaries whose lock nobody holds. A
+temporary without a lock file (written before locks, or its lock file lost) counts as stale only
+when no process of its PID lives; a lock that is held is never touched (a live writer, even if
+its PID was reused). Sets of files (split GGUF) are moved into place first shard last, after a
+journal of their inodes is written, so that a run killed among the renames is rolled back by the
+next writer: the moved files whose inode the journal names are removed.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
+import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +38,24 @@ _WRITE_ERRNOS = {
     errno.EPERM: "operation not permitted",
 }
 
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.partial-(?P<pid>\d+)(?P<lock>\.lock)?")
+JOURNAL = ".gemport-moving.json"  # in a files temporary: the finals being moved and their inodes
+
+# Lock descriptors this process holds. A forked child (a quantizing worker) closes its copies, so
+# that the lock is released when the writer dies even if a worker outlives it for a moment (flock
+# locks belong to the open file description, which the parent's descriptor keeps alive).
+_HELD: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
@@ -30,18 +64,136 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _temporary_beside(finals: list[Path], overwrite: bool) -> Path:
-    """A free temporary name beside ``finals[0]``, once no final path is in the way."""
+def _lock_path(tmp: Path) -> Path:
+    return tmp.with_name(tmp.name + ".lock")
+
+
+def _acquire(lock: Path) -> int:
+    """An exclusive flock on ``lock``, created if missing; retried if a cleaner removed the file meanwhile."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            _HELD.add(fd)
+            return fd
+        os.close(fd)
+
+
+def _release(lock: Path, fd: int) -> None:
+    lock.unlink(missing_ok=True)
+    _HELD.discard(fd)
+    os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a live process of another user
+        return True
+    return True
+
+
+def clean_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporaries in ``folder`` left by dead writers (see the module docstring); return them."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    temporaries = {}
+    for name in names:
+        m = _TEMPORARY.fullmatch(name)
+        if m:
+            base = folder / f".{m['name']}.partial-{m['pid']}"
+            temporaries[base] = int(m["pid"])
+    removed = []
+    for tmp, pid in sorted(temporaries.items()):
+        if pid != os.getpid() and _remove_if_stale(tmp, pid):
+            removed.append(tmp)
+    return removed
+
+
+def _remove_if_stale(tmp: Path, pid: int) -> bool:
+    lock = _lock_path(tmp)
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        if _pid_alive(pid):
+            return False
+        return _discard(tmp)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a live writer holds it
+        discarded = _discard(tmp)  # under the lock, so a writer reusing the name waits
+        lock.unlink(missing_ok=True)
+        return discarded
+    finally:
+        os.close(fd)
+
+
+def _discard(tmp: Path) -> bool:
+    """Roll back a half-finished move of files (journal), then remove the temporary."""
+    try:
+        journal = tmp / JOURNAL
+        moves = json.loads(journal.read_text(encoding="utf-8")) if journal.is_file() else []
+        if moves and not _is_moved(tmp, *moves[-1]):  # the last move (the first shard) completes the set
+            for final, inode in moves:
+                if _is_moved(tmp, final, inode):
+                    Path(final).unlink()
+                    log.warning("removed %s: its writer was killed before the whole set was in place", final)
+        _remove(tmp)
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("cannot remove the stale temporary %s: %s", tmp, exc)
+        return False
+    log.info("removed %s, left by a writer that was killed", tmp)
+    return True
+
+
+def _is_moved(tmp: Path, final: str, inode: int) -> bool:
+    """Whether the journal's ``final`` is in place: beside ``tmp``, with the inode it was written as."""
+    try:
+        return Path(final).parent == tmp.parent and Path(final).stat().st_ino == inode
+    except OSError:
+        return False
+
+
+def _write_error(exc: OSError, dst: Path) -> OutputError | None:
+    if exc.errno in _WRITE_ERRNOS:
+        return OutputError(f"cannot write: {_WRITE_ERRNOS[exc.errno]}", dst)
+    return None
+
+
+def _temporary_beside(finals: list[Path], overwrite: bool) -> tuple[Path, int]:
+    """A free temporary name beside ``finals[0]`` and its held lock, once no final path is in the way
+    and the stale temporaries of dead writers are gone."""
     for final in finals:
         if final.exists() and not overwrite:
             raise OutputError("destination already exists (pass --overwrite to replace it)", final)
+    folder = finals[0].parent
     try:
-        finals[0].parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create the destination folder: {exc.strerror}", finals[0]) from None
-    tmp = finals[0].parent / f".{finals[0].name}.partial-{os.getpid()}"
+    clean_stale_temporaries(folder)
+    tmp = folder / f".{finals[0].name}.partial-{os.getpid()}"
+    try:
+        fd = _acquire(_lock_path(tmp))
+    except OSError as exc:
+        raise (_write_error(exc, finals[0]) or OutputError(f"cannot write: {exc.strerror}", finals[0])) from None
     _remove(tmp)
-    return tmp
+    return tmp, fd
 
 
 @contextmanager
@@ -53,7 +205,7 @@ def atomic_output(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
     become one-line OutputErrors naming ``dst``.
     """
     dst = Path(dst)
-    tmp = _temporary_beside([dst], overwrite)
+    tmp, fd = _temporary_beside([dst], overwrite)
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -62,34 +214,51 @@ def atomic_output(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
         os.replace(tmp, dst)
     except OSError as exc:
         _remove(tmp)
-        if exc.errno in _WRITE_ERRNOS:
-            raise OutputError(f"cannot write: {_WRITE_ERRNOS[exc.errno]}", dst) from None
+        error = _write_error(exc, dst)
+        if error:
+            raise error from None
         raise
     except BaseException:
         _remove(tmp)
         raise
+    finally:
+        _release(_lock_path(tmp), fd)
 
 
 @contextmanager
 def atomic_files(finals: list[Path], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``finals[0]``; the caller writes there one file per final
-    path, of the same name. On success each is fsynced and renamed into place; on any error the
-    folder is removed and no final path is touched. Write errors become one-line OutputErrors.
+    path, of the same name. On success each is fsynced and renamed into place, ``finals[0]`` last
+    (a reader opens a split model by its first file); on any error the folder is removed and no
+    final path is touched. Write errors become one-line OutputErrors.
     """
     dst = finals[0]
-    tmp = _temporary_beside(finals, overwrite)
+    tmp, fd = _temporary_beside(finals, overwrite)
     try:
         tmp.mkdir()
         yield tmp
         _fsync_tree(tmp)
-        for final in finals:
-            os.replace(tmp / final.name, final)
+        order = finals[1:] + finals[:1]
+        journal = [(str(final), (tmp / final.name).stat().st_ino) for final in order]
+        (tmp / JOURNAL).write_text(json.dumps(journal), encoding="utf-8")
+        _fsync_tree(tmp / JOURNAL)
+        moved = []
+        try:
+            for final in order:
+                os.replace(tmp / final.name, final)
+                moved.append(final)
+        except BaseException:
+            for final in moved:
+                final.unlink(missing_ok=True)
+            raise
     except OSError as exc:
-        if exc.errno in _WRITE_ERRNOS:
-            raise OutputError(f"cannot write: {_WRITE_ERRNOS[exc.errno]}", dst) from None
+        error = _write_error(exc, dst)
+        if error:
+            raise error from None
         raise
     finally:
         _remove(tmp)
+        _release(_lock_path(tmp), fd)
 
 
 def _fsync_tree(path: Path) -> None:
