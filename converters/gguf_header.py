@@ -313,8 +313,10 @@ def _bounds(lo: float, hi: float, top: float) -> str:
 def _describe(value: Any) -> str:
     if isinstance(value, bool):
         return f"a bool ({value})"
-    if isinstance(value, (int, float)):
-        return f"a {type(value).__name__} ({value})"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a float ({value})"
     if isinstance(value, str):
         return f"a string ({value[:40]!r})"
     if isinstance(value, np.ndarray):
