@@ -4,7 +4,8 @@ A checkpoint is a ``torch.save`` of ``{"model_state_dict": state}`` (ref: gemma_
 gemma/model.py GemmaForCausalLM.load_weights, which reads ``torch.load(path, mmap=True,
 weights_only=True)["model_state_dict"]``). It is opened here the same way and only that way:
 ``weights_only=True`` refuses any pickled object that is not a tensor or a plain container, so
-reading a checkpoint never runs code from it.
+reading a checkpoint never runs code from it. Only torch's zip format is read (what torch >= 1.6
+saves); the legacy raw-pickle format allocates storages at sizes its pickle states, before any check.
 
 Names (ref: gemma/model.py GemmaForCausalLM, GemmaModel, GemmaDecoderLayer, Gemma2DecoderLayer,
 GemmaAttention, GemmaMLP):
@@ -124,22 +125,39 @@ def _load(path: Path) -> Any:
 
     if not path.is_file():
         raise InputError("not a file", path)
+    with open(path, "rb") as f:
+        zipped = f.read(4) == _ZIP_MAGIC
+    if not zipped:
+        # The legacy (torch < 1.6) format allocates each storage at the size its pickle states
+        # before reading its bytes (ref: torch/serialization.py _legacy_load persistent_load,
+        # ``torch.UntypedStorage(nbytes)``), so a hostile file asks for any amount of memory. The zip
+        # format maps storages that are records of the file (mmap=True), bounded by its size.
+        raise UnsupportedError(
+            "a legacy (non-zip) torch file: only the zip format of torch >= 1.6 is read, as gemma_pytorch "
+            "saves it (load it in torch and save it again with torch.save)",
+            path,
+        )
     try:
-        try:
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            log.info("%s: a legacy (non-zip) torch file, read whole: %s", path, exc)
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise InputError(
             "torch.load(weights_only=True) refuses it: it pickles objects other than tensors, and "
             f"gemport never unpickles code ({_refusal_reason(str(exc))})",
             path,
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise InputError(f"not a readable torch checkpoint: {str(exc).strip().splitlines()[0]}", path) from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        # torch.load parses the zip container and the pickle opcodes of an untrusted file; a damaged
+        # one raises whatever the byte at fault leads to (RuntimeError, EOFError, IndexError,
+        # KeyError, TypeError, AttributeError, struct.error, UnicodeDecodeError, ...), none of it
+        # a fault of the caller: each is this one-line input error.
+        raise InputError(f"not a readable torch checkpoint: {_first_line(exc)}", path) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _refusal_reason(message: str) -> str:
@@ -159,9 +177,36 @@ def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not state:
         raise InputError("no model_state_dict in the checkpoint", path)
     for name, value in state.items():
+        if not isinstance(name, str):
+            raise InputError(f"model_state_dict has a key {name!r:.40} that is not a tensor name", path)
         if not isinstance(value, torch.Tensor):
             raise InputError(f"model_state_dict entry {name} is a {type(value).__name__}, not a tensor", path)
+        if value.layout != torch.strided or value.is_quantized or value.is_nested:
+            raise InputError(f"model_state_dict entry {name} is not a dense tensor ({value.layout})", path)
     return state
+
+
+# The dtypes gemma_pytorch stores weights in: float, or int8 with a float weight_scaler
+# (ref: gemma/model.py Linear/Embedding, quant=True).
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_weight(name: str, w: torch.Tensor, path: Path) -> None:
+    """A weight is a float or int8 matrix, a norm weight a float vector (ref: gemma/model.py RMSNorm)."""
+    dtype = str(w.dtype).removeprefix("torch.")
+    ndim = 1 if name.endswith("norm.weight") else 2
+    if dtype not in (_FLOAT_DTYPES if ndim == 1 else (*_FLOAT_DTYPES, "int8")) or w.ndim != ndim:
+        raise CheckpointError(f"tensor {name} is {w.ndim}-D {dtype}, expected a {ndim}-D float or int8 tensor", path)
+
+
+def _check_scaler(name: str, scaler: torch.Tensor, w: torch.Tensor, path: Path) -> None:
+    dtype = str(scaler.dtype).removeprefix("torch.")
+    if dtype not in _FLOAT_DTYPES or tuple(scaler.shape) != tuple(w.shape[:1]):
+        raise CheckpointError(
+            f"tensor {name.removesuffix('weight')}{SCALER} is {list(scaler.shape)} {dtype}, expected a float "
+            f"vector of {w.shape[0]} (one scale per row of the weight)",
+            path,
+        )
 
 
 def _weights(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -182,6 +227,9 @@ def _weights(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torc
         if name not in weights:
             raise CheckpointError(f"{name.removesuffix('weight')}{SCALER} scales no weight", path)
     for name, w in weights.items():
+        _check_weight(name, w, path)
+        if name in scalers:
+            _check_scaler(name, scalers[name], w, path)
         if (w.dtype == _int8()) != (name in scalers):
             problem = "an int8 weight without a weight_scaler" if name not in scalers else "a scaler for a float weight"
             raise CheckpointError(f"tensor {name}: {problem}", path)
