@@ -842,20 +842,21 @@ def model_file(path: Path) -> Path:
 
 
 def check_external_data(model_path: Path) -> None:
-    """InputError naming the first external-data file that is missing or too short for its tensors."""
+    """InputError naming the first external-data reference that is malformed, points outside the
+    model's folder, or names a file that is missing or too short for its tensors."""
     import onnx
 
     try:
         proto = onnx.load(str(model_path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and others for a file that is not ONNX
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (onnx raises DecodeError and others for a file that is not ONNX)
         raise InputError(f"not a readable ONNX model: {exc}", model_path) from None
     needed: dict[str, tuple[int, str]] = {}
     for tensor in proto.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        info = {e.key: e.value for e in tensor.external_data}
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        location = info["location"]
+        location, end = _external_reference(tensor, model_path)
         if end > needed.get(location, (0, ""))[0]:
             needed[location] = (end, tensor.name)
     for location, (end, tensor) in needed.items():
@@ -870,6 +871,25 @@ def check_external_data(model_path: Path) -> None:
             )
 
 
+def _external_reference(tensor, model_path: Path) -> tuple[str, int]:
+    """(location, end byte) of an external initializer; the location a plain path inside the folder
+    (ref: onnx external_data_helper.py ExternalDataInfo; onnx.checker refuses absolute and ``..`` paths)."""
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    try:
+        offset, length = int(info.get("offset", 0)), int(info.get("length", 0))
+    except ValueError:
+        offset = length = -1
+    if offset < 0 or length < 0:
+        raise InputError(f"tensor {tensor.name}: external data offset/length are not byte counts: {info}", model_path)
+    parts = Path(location).parts
+    if not location or Path(location).is_absolute() or ".." in parts or location.startswith(("/", "\\")):
+        raise InputError(
+            f"tensor {tensor.name}: external data location {location!r} is not in the model's folder", model_path
+        )
+    return location, offset + length
+
+
 def read(path: str | Path) -> Checkpoint:
     """An ONNX graph gemport wrote, back as a Checkpoint: initializers under canonical names,
     transposes and ``1 + w`` undone, MatMulNBits / GatherBlockQuantized weights dequantized to f32."""
@@ -880,7 +900,12 @@ def read(path: str | Path) -> Checkpoint:
     if not file.is_file():
         raise InputError(f"no {MODEL} in the folder", path)
     check_external_data(file)
-    model = ir.load(file)
+    try:
+        model = ir.load(file)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (a protobuf onnx parses but onnx_ir cannot represent)
+        raise InputError(f"not a readable ONNX model: {type(exc).__name__}: {exc}", file) from None
     props = model.metadata_props
     if SPEC_KEY not in props or LAYOUT_KEY not in props:
         raise UnsupportedError(
@@ -888,44 +913,101 @@ def read(path: str | Path) -> Checkpoint:
             "gemport reads back only its own graphs (onnxruntime validates any decoder graph)",
             file,
         )
-    spec = GemmaSpec.from_json(json.loads(props[SPEC_KEY]))
-    layout = json.loads(props[LAYOUT_KEY])
+    spec, layout = _metadata(props, file)
     values = model.graph.initializers
     tensors = {}
     for canonical, shape in expected_shapes(spec).items():
         entry = layout.get(canonical)
         if entry is None:
             raise CheckpointError(f"tensor {canonical} is not in the model's layout table", file)
+        _check_entry(canonical, entry, file)
         tensors[canonical] = LazyTensor(canonical, shape, "f32", load=_loader(values, entry, shape, file))
     folder = file.parent
     tokenizer_files = {n: (folder / n).read_bytes() for n in _TOKENIZER_FILES if (folder / n).is_file()}
     return Checkpoint(spec=spec, tensors=tensors, tokenizer_files=tokenizer_files, source=str(path))
 
 
+def _metadata(props, file: Path) -> tuple[GemmaSpec, dict]:
+    """The spec and layout table gemport stores in the model's metadata, each checked."""
+    try:
+        spec_json, layout = json.loads(props[SPEC_KEY]), json.loads(props[LAYOUT_KEY])
+    except (ValueError, RecursionError) as exc:
+        raise InputError(f"gemport metadata is not valid JSON: {exc}", file) from None
+    try:
+        spec = GemmaSpec.from_json(spec_json)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InputError(f"invalid {SPEC_KEY} metadata: {type(exc).__name__}: {exc}", file) from None
+    if not isinstance(layout, dict):
+        raise InputError(f"{LAYOUT_KEY} metadata is not an object", file)
+    return spec, layout
+
+
+# What each layout kind's entry holds (the writer's _Builder.weight / _nbits_initializers / linears).
+_ENTRY_KEYS = {
+    "float": {"kind", "name", "transform", "rows"},
+    "matmul_nbits": {"kind", "name", "bits", "block_size", "rows"},
+}
+
+
+def _check_entry(canonical: str, entry, file: Path) -> None:
+    """UnsupportedError for a layout entry this reader does not know, rather than misreading it."""
+
+    def refuse(why: str):
+        return UnsupportedError(f"tensor {canonical}: layout entry {json.dumps(entry)[:200]} {why}", file)
+
+    if not isinstance(entry, dict) or entry.get("kind") not in _ENTRY_KEYS:
+        raise refuse("is not one this gemport knows")
+    unknown = set(entry) - _ENTRY_KEYS[entry["kind"]]
+    if unknown or not isinstance(entry.get("name"), str):
+        raise refuse(f"has unknown keys {sorted(unknown)}" if unknown else "has no initializer name")
+    if entry["kind"] == "float" and entry.get("transform", "none") not in ("none", "transpose"):
+        raise refuse("has an unknown transform")
+    if entry["kind"] == "matmul_nbits" and (
+        type(entry.get("bits")) is not int
+        or entry["bits"] not in (4, 8)
+        or type(entry.get("block_size")) is not int
+        or entry["block_size"] not in BLOCK_SIZES
+    ):
+        raise refuse(f"needs bits 4 or 8 and a block size in {BLOCK_SIZES}")
+    rows = entry.get("rows", [0, 1])
+    if not (isinstance(rows, list) and len(rows) == 2 and all(type(r) is int for r in rows) and 0 <= rows[0] < rows[1]):
+        raise refuse("has rows that are not [start, end)")
+
+
 def _loader(values, entry: dict, shape: tuple[int, ...], file: Path):
     import torch
 
-    def array(name: str) -> np.ndarray:
+    def array(name: str, kinds: tuple[str, ...]) -> np.ndarray:
         if name not in values or values[name].const_value is None:
             raise CheckpointError(f"initializer {name} is missing", file)
-        return values[name].const_value.numpy()
+        try:
+            out = values[name].const_value.numpy()
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (onnx_ir reading a damaged or short initializer)
+            raise CheckpointError(f"initializer {name} cannot be read: {type(exc).__name__}: {exc}", file) from None
+        if out.dtype.name not in kinds:
+            raise CheckpointError(f"initializer {name} is {out.dtype.name}, expected {' or '.join(kinds)}", file)
+        return out
 
     def load():
         name, kind = entry["name"], entry["kind"]
-        if kind not in ("float", "matmul_nbits") or entry.get("transform", "none") not in ("none", "transpose"):
-            raise UnsupportedError(f"tensor {name} is stored in a layout this gemport does not know: {entry}", file)
         if kind == "float":
-            w = torch.from_numpy(np.array(array(name), dtype=np.float32))
-            if entry["transform"] == "transpose":
+            w = torch.from_numpy(np.array(array(name, _FLOATS), dtype=np.float32))
+            if entry.get("transform", "none") == "transpose":
+                if w.ndim != 2:
+                    raise CheckpointError(f"initializer {name} is {w.ndim}-D, a transposed weight is 2-D", file)
                 w = w.t().contiguous()
         else:  # matmul_nbits
             w = _dequantize(
-                array(f"{name}.qweight"),
-                array(f"{name}.scales"),
-                array(f"{name}.zero_points") if f"{name}.zero_points" in values else None,
+                array(f"{name}.qweight", ("uint8",)),
+                array(f"{name}.scales", _FLOATS),
+                array(f"{name}.zero_points", ("uint8",)) if f"{name}.zero_points" in values else None,
                 entry["bits"],
                 entry["block_size"],
                 shape[1],
+                name,
+                file,
             )
         if "rows" in entry:  # one of the projections stacked into a fused MatMul
             w = w[entry["rows"][0] : entry["rows"][1]].contiguous()
@@ -936,12 +1018,31 @@ def _loader(values, entry: dict, shape: tuple[int, ...], file: Path):
     return load
 
 
-def _dequantize(packed, scales, zero_points, bits: int, block: int, k: int):
-    """MatMulNBits' dequantization: (q - zero_point) * scale per block, zero point 2**(bits-1) when absent."""
+_FLOATS = ("float32", "float16", "bfloat16")
+
+
+def _dequantize(packed, scales, zero_points, bits: int, block: int, k: int, name: str = "", file: Path | None = None):
+    """MatMulNBits' dequantization: (q - zero_point) * scale per block, zero point 2**(bits-1) when absent.
+
+    Sizes (ref: onnxruntime contrib_defs MatMulNBits): B [N, k_blocks, block * bits / 8] uint8, scales
+    N * k_blocks, zero_points N * ceil(k_blocks * bits / 8) uint8; checked before use."""
     import torch
 
-    n = packed.shape[0]
+    n = packed.shape[0] if packed.ndim else 0
     blocks = k // block
+    zp_bytes = n * -(-blocks * bits // 8)
+    if (
+        k % block
+        or packed.size != n * blocks * block * bits // 8
+        or scales.size != n * blocks
+        or (zero_points is not None and zero_points.size != zp_bytes)
+    ):
+        raise CheckpointError(
+            f"MatMulNBits initializers of {name} do not fit {k} input columns in blocks of {block} at {bits} bits: "
+            f"B {list(packed.shape)}, scales {list(scales.shape)}"
+            + (f", zero points {list(zero_points.shape)}" if zero_points is not None else ""),
+            file,
+        )
     u = packed.reshape(n, -1)
     if bits == 4:
         u = np.stack([u & 0x0F, u >> 4], axis=-1).reshape(n, -1)
