@@ -257,14 +257,23 @@ def _orbax():
     return ocp
 
 
-def _tree_leaves(path: Path) -> tuple[list[Leaf], bool]:
-    """The arrays an Orbax checkpoint holds, from its metadata (no data is read)."""
+def _orbax_tree(path: Path) -> Any:
+    """The metadata tree of an Orbax checkpoint: nested dicts whose leaves have shape and dtype."""
     ocp = _orbax()
     try:
         meta = ocp.PyTreeCheckpointer().metadata(path.resolve())
     except (OSError, ValueError, FileNotFoundError, KeyError, TypeError) as exc:
         raise InputError(f"not a readable Orbax checkpoint: {exc}", path) from None
-    tree = getattr(getattr(meta, "item_metadata", meta), "tree", None) or meta
+    return getattr(getattr(meta, "item_metadata", meta), "tree", None) or meta
+
+
+def _tree_leaves(path: Path) -> tuple[list[Leaf], bool]:
+    """The arrays an Orbax checkpoint holds, from its metadata (no data is read)."""
+    return _leaves_of(_orbax_tree(path), path)
+
+
+def _leaves_of(tree: Any, path: Path) -> tuple[list[Leaf], bool]:
+    """The arrays an Orbax metadata tree describes."""
     if not isinstance(tree, dict) or not tree:
         raise InputError("no readable parameter tree (Orbax metadata missing or damaged)", path)
     if set(tree) == {"collections", "opt_state", "params", "step"}:  # ref: _checkpoint.py _is_kauldron_layout
@@ -333,8 +342,17 @@ def read(path: str | Path, preset: str | None = None, keep_padded_vocab: bool = 
     path = Path(path)
     if not sniff(path):
         raise InputError("not an Orbax checkpoint folder (no _METADATA)", path)
-    leaves, flat = _tree_leaves(path)
+    return read_tree(_orbax_tree(path), path, _LeafReader(path), preset, keep_padded_vocab)
+
+
+def read_tree(
+    tree: Any, path: Path, reader: _LeafReader, preset: str | None = None, keep_padded_vocab: bool = False
+) -> Checkpoint:
+    """``read`` of the folder ``path`` whose Orbax metadata tree is ``tree``; ``reader.get(key)``
+    returns the stored array at a key path when a tensor is loaded."""
+    leaves, flat = _leaves_of(tree, path)
     leaves = _text_leaves(leaves, path)
+    _check_ranks(leaves, path)
     family = _family(leaves)
     tokenizer = _find_tokenizer(path)
     manifest = _read_manifest(path)
@@ -348,7 +366,6 @@ def read(path: str | Path, preset: str | None = None, keep_padded_vocab: bool = 
     if keep_padded_vocab and manifest and rows > spec.vocab_size:
         spec = GemmaSpec.from_json(spec.to_json() | {"vocab_size": rows})
     _check_tree(by_name, spec, path)
-    reader = _LeafReader(path)
     tensors = _lazy_tensors(by_name, spec, reader)
     files = manifest.get("tokenizer_files", []) if manifest else []
     tokenizer_files = {n: (path / n).read_bytes() for n in files if (path / n).is_file()}
@@ -384,6 +401,22 @@ def _text_leaves(leaves: list[Leaf], path: Path) -> list[Leaf]:
     return text
 
 
+# Rank of the stored array for each layout kind (ref: _modules.py; see the module docstring).
+_RANKS = {"heads": 3, "stacked_heads": 4, "attn_out": 3, "gating": 3, "transpose": 2, "embedding": 2, "copy": 1}
+
+
+def _check_ranks(leaves: list[Leaf], path: Path) -> None:
+    """Each known parameter has the rank its layout gives it, before any size is read off it."""
+    for leaf in leaves:
+        _, _, kind = _rule("gemma3", leaf.name)
+        if len(leaf.shape) != _RANKS[kind] or min(leaf.shape, default=1) < 1:
+            raise CheckpointError(
+                f"parameter {leaf.stored_name} has shape {list(leaf.shape)}, expected {_RANKS[kind]} dimensions of "
+                "at least 1",
+                path,
+            )
+
+
 def _family(leaves: list[Leaf]) -> str:
     """gemma3 has query/key norms, gemma2 post-norms, gemma neither (ref: _modules.py Block)."""
     names = {leaf.name.split("/", 1)[-1] for leaf in leaves if leaf.name.startswith("layer_")}
@@ -408,9 +441,19 @@ def _read_manifest(path: Path) -> dict | None:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
         GemmaSpec.from_json(data["spec"])
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as exc:
         raise InputError(f"invalid gemport manifest: {exc}", file) from None
+    names = data.get("tokenizer_files", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) and _plain_name(n) for n in names):
+        raise InputError("invalid gemport manifest: tokenizer_files is not a list of file names in the folder", file)
+    if not isinstance(data.get("generation_config"), dict | None):
+        raise InputError("invalid gemport manifest: generation_config is not an object", file)
     return data
+
+
+def _plain_name(name: str) -> bool:
+    """A file name of the checkpoint folder itself: no folder part, nothing outside it."""
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 def _vocab_size(rows: int, tokenizer: Path | None, path: Path) -> int:
@@ -458,10 +501,15 @@ def _check_tree(by_name: dict[str, Leaf], spec: GemmaSpec, path: Path) -> None:
         raise CheckpointError(f"the embedding has {rows} rows, the vocabulary {spec.vocab_size}", path)
     gating = by_name.get("layer_0/mlp/gating_einsum")
     transposed = gating is None or gating.shape[1] == spec.intermediate_size
+    # Layers against the spec's count first, in one pass: the count may be anything a manifest says.
+    layers = {int(m.group(1)) for n in by_name if (m := _LAYER_RE.fullmatch(n))}
+    extra = sorted(i for i in layers if i >= spec.num_layers)
+    if extra:
+        raise CheckpointError(f"parameters of layer_{extra[0]}, but the spec has {spec.num_layers} layers", path)
+    if len(layers) < spec.num_layers:
+        first = min(set(range(len(layers) + 1)) - layers)
+        raise CheckpointError(f"missing layer layer_{first} (no {FLAT_PREFIX}layer_{first}/* parameters)", path)
     expected = leaf_shapes(spec, rows, transposed)
-    for i in range(spec.num_layers):
-        if not any(n.startswith(f"layer_{i}/") for n in by_name):
-            raise CheckpointError(f"missing layer layer_{i} (no {FLAT_PREFIX}layer_{i}/* parameters)", path)
     missing = [n for n in expected if n not in by_name]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
