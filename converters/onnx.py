@@ -955,7 +955,7 @@ def _check_entry(canonical: str, entry, file: Path) -> None:
     def refuse(why: str):
         return UnsupportedError(f"tensor {canonical}: layout entry {json.dumps(entry)[:200]} {why}", file)
 
-    if not isinstance(entry, dict) or entry.get("kind") not in _ENTRY_KEYS:
+    if not isinstance(entry, dict) or not isinstance(entry.get("kind"), str) or entry["kind"] not in _ENTRY_KEYS:
         raise refuse("is not one this gemport knows")
     unknown = set(entry) - _ENTRY_KEYS[entry["kind"]]
     if unknown or not isinstance(entry.get("name"), str):
