@@ -14,7 +14,8 @@ from pathlib import Path
 
 from gemport import __version__, registry
 from gemport.checkpoint import DTYPES
-from gemport.errors import GemportError, UnsupportedError
+from gemport.errors import GemportError, OutputError, UnsupportedError
+from gemport.output import atomic_output
 
 log = logging.getLogger("gemport")
 
@@ -243,8 +244,22 @@ def _add_awq_options(s: argparse.ArgumentParser) -> None:
     )
 
 
+def _default_bounds() -> str:
+    """'f32 0.001, bf16 0.001, ...': validate's default --max-kld by kind, for the help text."""
+    from validation.gates import DEFAULT_MAX_KLD
+
+    return ", ".join(f"{kind} {bound:g}" for kind, bound in DEFAULT_MAX_KLD.items())
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr like every other error (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="gemport",
         description="Convert Gemma 1/2/3 checkpoints between formats and validate every artifact "
         "against the reference model by perplexity and KL divergence.",
@@ -359,7 +374,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
     s.add_argument("--windows", type=int, default=16, help="number of windows (default 16)")
     s.add_argument("--max-ppl-delta", type=float, metavar="PCT", help="fail if |delta-ppl %%| exceeds PCT")
-    s.add_argument("--max-kld", type=float, metavar="X", help="fail if mean KL divergence exceeds X")
+    s.add_argument(
+        "--max-kld",
+        type=float,
+        metavar="X",
+        help="fail if mean KL divergence exceeds X (default: the bound of the candidate's kind, read from its "
+        f"tensors: {_default_bounds()}; README, Default gates)",
+    )
+    s.add_argument(
+        "--no-default-gates",
+        action="store_true",
+        help="no default KLD bound: only the gates given (NaN or infinite scores still fail)",
+    )
     s.add_argument("--json", dest="json_out", type=Path, metavar="FILE", help="write the results as JSON")
 
     s = sub.add_parser(
@@ -453,6 +479,7 @@ def cmd_convert(args) -> int:
         raise UnsupportedError(
             "--plain-ops, --accuracy-level, --head-bits, --context-length and --block-size apply to --to onnx"
         )
+    _check_destination(args.dst, args.overwrite)
     src_fmt, ckpt = _read(args.src, args.src_format, args)
     if args.dtype and ckpt.quantized():  # a quantized HF source: dequantize its records
         ckpt = dataclasses.replace(ckpt, tensors={n: t.dequantized(args.dtype) for n, t in ckpt.tensors.items()})
@@ -509,6 +536,7 @@ def _convert_quantized(args) -> int:
 
 def cmd_quantize(args) -> int:
     _check_method_options(args)
+    _check_destination(args.dst, args.overwrite)
     method = {"rtn": _rtn_method, "awq": _awq_method, "gptq": _gptq_method}[args.method](args)
     src_fmt, ckpt = _read(args.src, args.src_format, args)
     log.info("%s (%s) -> %s: %s", args.src, src_fmt, args.dst, method.keywords["config"])
@@ -645,8 +673,16 @@ def _importance(args, src_fmt: str):
     return None
 
 
+def _check_destination(dst: Path, overwrite: bool) -> None:
+    """Refuse an existing destination before the work, not after it (the writers check again)."""
+    if dst.exists() and not overwrite:
+        raise OutputError("destination already exists (pass --overwrite to replace it)", dst)
+
+
 def cmd_imatrix(args) -> int:
     from quantizers.imatrix import compute_imatrix, save_imatrix
+
+    _check_destination(args.out, args.overwrite)
 
     imatrix = compute_imatrix(args.src, corpus=args.corpus, n_ctx=args.ctx, n_chunks=args.chunks)
     print(f"wrote {save_imatrix(imatrix, args.out, overwrite=args.overwrite)}")
@@ -656,6 +692,9 @@ def cmd_imatrix(args) -> int:
 def cmd_validate(args) -> int:
     from validation.validate import validate
 
+    if args.json_out and args.json_out.is_dir():
+        raise OutputError("is a folder; --json takes a file name", args.json_out)
+
     report = validate(
         args.candidate,
         args.reference,
@@ -664,11 +703,12 @@ def cmd_validate(args) -> int:
         n_windows=args.windows,
         max_ppl_delta=args.max_ppl_delta,
         max_kld=args.max_kld,
+        default_gates=not args.no_default_gates,
     )
     print(report.table())
     if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        with atomic_output(args.json_out, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
     report.raise_if_failed()
     return 0
 

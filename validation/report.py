@@ -11,32 +11,48 @@ from validation.metrics import Metrics, scored_span
 
 @dataclass(frozen=True)
 class Gate:
-    """One pass/fail check. ``limit`` is None for the always-on ``finite`` gate."""
+    """One pass/fail check. ``limit`` is None for the always-on ``finite`` gate; ``source`` says where
+    the limit comes from: "--max-kld" (the user), "default for 4-bit artifacts", "always"."""
 
     name: str  # "max-kld", "max-ppl-delta" (CLI option names) or "finite"
     value: float
     limit: float | None
     passed: bool
+    source: str = "always"
 
     def describe(self) -> str:
         if self.name == "max-kld":
-            return f"KLD {self.value:.6g} {'<=' if self.passed else '>'} {self.limit:g}"
+            return f"KLD {self.value:.6g} {'<=' if self.passed else '>'} {self.limit:g} ({self.source})"
         if self.name == "max-ppl-delta":
-            return f"|delta-ppl| {self.value:.4g} % {'<=' if self.passed else '>'} {self.limit:g} %"
+            return f"|delta-ppl| {self.value:.4g} % {'<=' if self.passed else '>'} {self.limit:g} % ({self.source})"
         if self.passed:
             return "candidate ppl and KLD are finite"
         return f"candidate output is not finite (KLD {self.value})"
 
 
-def make_gates(m: Metrics, max_ppl_delta: float | None, max_kld: float | None) -> list[Gate]:
-    """The requested gates, plus ``finite``: NaN or infinite candidate scores always fail. NaN fails every gate."""
+def _at_most(value: float, limit: float) -> bool:
+    """value <= limit, False for NaN (an infinite or NaN metric never passes)."""
+    return math.isfinite(value) and value <= limit
+
+
+def make_gates(
+    m: Metrics,
+    max_ppl_delta: float | None = None,
+    max_kld: float | None = None,
+    default_kld: tuple[float, str] | None = None,
+) -> list[Gate]:
+    """The gates: ``finite`` always (NaN or infinite candidate scores fail), --max-ppl-delta when given,
+    and --max-kld, or else ``default_kld`` (bound, why) when the caller has a default for the artifact."""
     finite = all(math.isfinite(v) for v in (m.ppl_cand, m.delta_ppl_pct, m.kld))
     gates = [Gate("finite", m.kld, None, finite)]
     if max_ppl_delta is not None:
         value = abs(m.delta_ppl_pct)
-        gates.append(Gate("max-ppl-delta", value, max_ppl_delta, value <= max_ppl_delta))
+        gates.append(Gate("max-ppl-delta", value, max_ppl_delta, _at_most(value, max_ppl_delta), "--max-ppl-delta"))
     if max_kld is not None:
-        gates.append(Gate("max-kld", m.kld, max_kld, m.kld <= max_kld))
+        gates.append(Gate("max-kld", m.kld, max_kld, _at_most(m.kld, max_kld), "--max-kld"))
+    elif default_kld is not None:
+        limit, why = default_kld
+        gates.append(Gate("max-kld", m.kld, limit, _at_most(m.kld, limit), why))
     return gates
 
 
@@ -64,6 +80,8 @@ class Report:
     metrics: Metrics
     gates: list[Gate]
     warnings: list[str] = field(default_factory=list)
+    kind: str | None = None  # the artifact's kind (validation/gates.py), e.g. "4-bit"
+    kind_evidence: str = ""  # what in the artifact says so
 
     @property
     def passed(self) -> bool:
@@ -80,6 +98,7 @@ class Report:
         rows = [
             ("candidate", f"{self.candidate} ({self.candidate_format}, {self.runtime}, {self.runtime_kind})"),
             ("reference", f"{self.reference} ({self.reference_runtime})"),
+            *([("artifact kind", f"{self.kind} ({self.kind_evidence})")] if self.kind else []),
             ("corpus", f"{self.corpus}, evaluation split"),
             ("protocol", f"{self.windows} windows x {self.n_ctx} tokens, BOS first, scored from position {first}"),
             ("tokens scored", f"{m.tokens} ({count} per window)"),
@@ -103,6 +122,7 @@ class Report:
             "candidate_format": self.candidate_format,
             "runtime": {"name": self.runtime, "kind": self.runtime_kind},
             "reference_runtime": self.reference_runtime,
+            "artifact_kind": {"kind": self.kind, "evidence": self.kind_evidence} if self.kind else None,
             "protocol": {
                 "corpus": self.corpus,
                 "split": "evaluation",
@@ -114,7 +134,13 @@ class Report:
             },
             "metrics": self.metrics.to_json(),
             "gates": [
-                {"name": g.name, "value": _finite_or_none(g.value), "limit": g.limit, "passed": g.passed}
+                {
+                    "name": g.name,
+                    "value": _finite_or_none(g.value),
+                    "limit": g.limit,
+                    "source": g.source,
+                    "passed": g.passed,
+                }
                 for g in self.gates
             ],
             "warnings": list(self.warnings),

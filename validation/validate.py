@@ -9,6 +9,7 @@ from gemport import registry
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.progress import progress
 from validation.corpus import load_text, split_text, tokenize, windows
+from validation.gates import ArtifactKind, artifact_kind
 from validation.metrics import Accumulator, padding_note, scored_span, scored_vocab
 from validation.report import Report, make_gates
 from validation.runtimes import check_supported, runtime_for
@@ -22,6 +23,12 @@ TOKENIZER_CHECK_CHARS = 2000
 def load_tokenizer(path: Path, role: str):
     from transformers import AutoTokenizer
 
+    from converters.hf import TOKENIZER_FILES
+
+    if path.is_dir() and not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        # transformers would otherwise fall back to some tokenizer of its own (e.g. a byte-level one)
+        names = ", ".join(n for n in TOKENIZER_FILES if n.startswith("tokenizer."))
+        raise CheckpointError(f"the {role} folder has no tokenizer ({names})", path)
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
@@ -61,14 +68,21 @@ def validate(
     n_windows: int = 16,
     max_ppl_delta: float | None = None,
     max_kld: float | None = None,
+    default_gates: bool = True,
 ) -> Report:
-    """Perplexity, delta-ppl %, KLD and top-1 of ``candidate`` (run by its format's runtime) vs ``reference``."""
+    """Perplexity, delta-ppl %, KLD and top-1 of ``candidate`` (run by its format's runtime) vs ``reference``.
+
+    Gates: NaN or infinite scores always fail; ``max_kld`` and ``max_ppl_delta`` when given; without
+    ``max_kld``, the default KLD bound of the candidate's kind (validation/gates.py) unless
+    ``default_gates`` is False."""
     candidate, reference = Path(candidate), Path(reference)
     _check_options(n_ctx, n_windows)
     fmt = registry.detect(candidate)
     check_supported(fmt, candidate)
     if registry.detect(reference) != "hf":
         raise InputError("the reference must be a Hugging Face checkpoint folder", reference)
+    kind = artifact_kind(candidate, fmt)
+    log.info("candidate kind %s: %s", kind.name, kind.evidence)
 
     evaluation = split_text(load_text(corpus))[0]
     tokenizer = load_tokenizer(reference, "reference")
@@ -119,6 +133,12 @@ def validate(
         windows=len(chunks),
         windows_requested=n_windows,
         metrics=metrics,
-        gates=make_gates(metrics, max_ppl_delta, max_kld),
+        gates=make_gates(metrics, max_ppl_delta, max_kld, _default_kld(kind) if default_gates else None),
         warnings=warnings,
+        kind=kind.name,
+        kind_evidence=kind.evidence,
     )
+
+
+def _default_kld(kind: ArtifactKind) -> tuple[float, str]:
+    return kind.default_max_kld, f"default for {kind.name} artifacts"

@@ -1,0 +1,135 @@
+"""Default quality gates: the kind of an artifact, read from the artifact itself, and its KLD bound.
+
+The kind is the lowest precision among the artifact's weight matrices (tensors of two or more
+dimensions; norms and other vectors are left out): the GGUF tensor types, the quantization records
+of an HF (compressed-tensors) folder, the ``bits`` of an ONNX graph's MatMulNBits and
+GatherBlockQuantized nodes, else the float dtype of the stored matrices. A file of mixed types
+(Q4_K_M holds Q4_K, Q6_K and Q8_0 tensors) is of its lowest type's kind.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from gemport import registry
+from gemport.errors import CheckpointError
+
+# Kinds from the least to the most precise. A quantized kind is named by its code bits.
+QUANT_KINDS = {8: "8-bit", 6: "6-bit", 5: "5-bit", 4: "4-bit", 3: "3-bit", 2: "2-bit"}
+FLOAT_KINDS = ("f16", "bf16", "f32")
+KINDS = (*reversed(QUANT_KINDS.values()), *FLOAT_KINDS)
+
+# Default --max-kld by kind (mean KL divergence to the reference, nats per token). Measured on the
+# demo model (Gemma 3 270M) with `gemport validate CANDIDATE --reference REF --ctx 512 --windows 4`
+# (README, "Default gates"): float artifacts against the model they were converted from, quantized
+# ones from the off-grid model against it (the faithful model sits on its old quantization grids,
+# so re-quantizing it costs almost nothing). Each bound has a wide margin over the measured values
+# (the smallest models lose the most to quantization; larger Gemmas measure lower), and sits well
+# below the next coarser kind's typical KLD, so that a broken artifact (a config field applied
+# differently, KLD 0.006 on the demo model) fails. Lossless float conversions score 0 to 1e-4
+# depending on the runtime's arithmetic (llama.cpp's f16/bf16 matmuls round activations too).
+DEFAULT_MAX_KLD = {
+    "f32": 1e-3,
+    "bf16": 1e-3,
+    "f16": 1e-3,
+    "8-bit": 0.01,
+    "6-bit": 0.03,
+    "5-bit": 0.06,
+    "4-bit": 0.2,
+    "3-bit": 0.5,
+    "2-bit": 1.5,
+}
+
+# ref: ggml.h ggml_type names: Q{bits}_{variant}, IQ{bits}_{size}, TQ{bits}_0, MXFP4 / NVFP4.
+_GGML_BITS = re.compile(r"(?:I?Q|TQ)(\d)_.*|(?:MX|NV)FP(\d)")
+_GGML_FLOATS = {"F32": "f32", "F16": "f16", "BF16": "bf16", "F64": "f32"}
+
+# ref: onnx.proto TensorProto.DataType
+_ONNX_FLOATS = {1: "f32", 10: "f16", 16: "bf16", 11: "f32"}
+_ONNX_NBITS_OPS = ("MatMulNBits", "GatherBlockQuantized")  # com.microsoft, attribute bits (default 4)
+
+
+@dataclass(frozen=True)
+class ArtifactKind:
+    name: str  # one of KINDS
+    evidence: str  # what in the artifact says so, e.g. "GGUF types Q4_K x 60, Q6_K x 12"
+
+    @property
+    def default_max_kld(self) -> float:
+        return DEFAULT_MAX_KLD[self.name]
+
+
+def quant_kind(bits: int) -> str:
+    """The quantized kind of ``bits`` code bits: the nearest class at or below (1-bit types are 2-bit's)."""
+    return next((kind for b, kind in QUANT_KINDS.items() if bits >= b), QUANT_KINDS[2])
+
+
+def _lowest(labels: Counter, describe: str, path: Path) -> ArtifactKind:
+    if not labels:
+        raise CheckpointError("no weight matrix found to tell the artifact's precision", path)
+    kinds = {label: kind for label, kind in labels}
+    lowest = min(kinds.values(), key=KINDS.index)
+    counts = Counter()
+    for (label, _), n in labels.items():
+        counts[label] += n
+    evidence = ", ".join(f"{label} x {n}" for label, n in counts.most_common(4))
+    return ArtifactKind(lowest, f"{describe} {evidence}")
+
+
+def _ggml_kind(type_name: str) -> str:
+    if type_name in _GGML_FLOATS:
+        return _GGML_FLOATS[type_name]
+    m = _GGML_BITS.fullmatch(type_name)
+    if m:
+        return quant_kind(int(m.group(1) or m.group(2)))
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    return quant_kind(math.floor(size * 8 / block))
+
+
+def checkpoint_kind(ckpt, fmt: str) -> ArtifactKind:
+    """The kind of a Checkpoint as its reader returned it (lazy: nothing is loaded)."""
+    labels: Counter = Counter()
+    for t in ckpt:
+        if len(t.shape) < 2:
+            continue
+        if t.quant is not None:
+            labels[(f"int{t.quant.bits}", quant_kind(t.quant.bits))] += 1
+        elif t.raw is not None:  # a GGUF tensor: its stored type
+            labels[(t.raw[0], _ggml_kind(t.raw[0]))] += 1
+        else:
+            labels[(t.dtype, t.dtype)] += 1
+    return _lowest(labels, "GGUF types" if fmt == "gguf" else "weight matrices", Path(ckpt.source))
+
+
+def onnx_kind(path: Path) -> ArtifactKind:
+    """The kind of an ONNX decoder graph, any tool's: the bits of its quantized nodes, the float type of
+    its matrix initializers. The external data is not read."""
+    import onnx
+
+    from converters.onnx import model_file
+
+    model = onnx.load(str(model_file(path)), load_external_data=False)
+    labels: Counter = Counter()
+    for node in model.graph.node:
+        if node.op_type in _ONNX_NBITS_OPS:
+            bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
+            labels[(f"{node.op_type} bits={bits}", quant_kind(bits))] += 1
+    for init in model.graph.initializer:
+        if len(init.dims) >= 2 and init.data_type in _ONNX_FLOATS:
+            kind = _ONNX_FLOATS[init.data_type]
+            labels[(kind, kind)] += 1
+    return _lowest(labels, "ONNX", path)
+
+
+def artifact_kind(path: str | Path, fmt: str) -> ArtifactKind:
+    """What ``path`` (of format ``fmt``) stores, from its own tensors and quantization records."""
+    path = Path(path)
+    if fmt == "onnx":
+        return onnx_kind(path)
+    return checkpoint_kind(registry.get(fmt).load().read(path), fmt)
