@@ -128,16 +128,11 @@ def activation_peaks(ckpt: Checkpoint, config: ProbeConfig | None = None) -> Pea
         peaks[(layer, point)] = max(peaks.get((layer, point), 0.0), peak)
 
     final = []
-    for item in cal.stream_layers(ckpt, cal_config, ids=ids, final=final.append):
+    # quantized_outputs: each layer runs once, after it is yielded, so the hooks set here see it run.
+    for item in cal.stream_layers(ckpt, cal_config, ids=ids, quantized_outputs=True, final=final.append):
         if item.index == 0:
             record(GLOBAL, "embedding", item.hidden)
-        handles = _hook(item.layer, ckpt.spec.family, lambda point, v, i=item.index: record(i, point, v))
-        try:
-            output = cal.run_layer(item.layer, item.hidden, item.kwargs, item.batch)
-        finally:
-            for handle in handles:
-                handle.remove()
-        record(item.index, "residual", output)
+        _hook(item.layer, ckpt.spec.family, lambda point, v, i=item.index: record(i, point, v))
     record(GLOBAL, "final_norm", _final_norm(ckpt, final[0]))
     return peaks
 
@@ -157,9 +152,10 @@ def _probe_ids(ckpt: Checkpoint, config) -> torch.Tensor:
     return ids
 
 
-def _hook(layer, family: str, record: Callable[[str, torch.Tensor], None]) -> list:
+def _hook(layer, family: str, record: Callable[[str, torch.Tensor], None]) -> None:
+    """Forward hooks recording the points of ``layer`` (dropped with the layer)."""
     modules = dict(layer.named_modules())
-    handles = []
+    layer.register_forward_hook(lambda _module, _args, output: record("residual", output))
     for name, (in_point, out_point) in _HOOKS[family].items():
         if name not in modules:  # q_norm / k_norm exist in Gemma 3 only
             continue
@@ -169,8 +165,7 @@ def _hook(layer, family: str, record: Callable[[str, torch.Tensor], None]) -> li
                 record(in_point, args[0])
             record(out_point, output)
 
-        handles.append(modules[name].register_forward_hook(hook))
-    return handles
+        modules[name].register_forward_hook(hook)
 
 
 def _final_norm(ckpt: Checkpoint, hidden: torch.Tensor) -> torch.Tensor:
@@ -253,3 +248,12 @@ def _guarded(t: LazyTensor, source: str) -> LazyTensor:
         return data
 
     return dataclasses.replace(t, load=load, raw=None)
+
+
+def checked_gguf_f16(ckpt: Checkpoint, allow: bool = False) -> Checkpoint:
+    """A GGUF F16 file: llama.cpp keeps the residual stream and norms in float32 and rounds only
+    the inputs of matrix products with F16 weights to fp16 (``MATMUL_INPUTS``); its norm weights
+    stay F32 (ref: llama.cpp convert_hf_to_gguf.py, 1-D tensors kept in F32), so the 2-D weights
+    are the fp16 ones."""
+    check_fp16(ckpt, MATMUL_INPUTS, "gguf", allow)
+    return guard_weights(ckpt, [n for n, t in ckpt.tensors.items() if len(t.shape) == 2])
