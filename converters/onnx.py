@@ -841,17 +841,24 @@ def model_file(path: Path) -> Path:
     return path / MODEL if path.is_dir() else path
 
 
-def check_external_data(model_path: Path) -> None:
-    """InputError naming the first external-data reference that is malformed, points outside the
-    model's folder, or names a file that is missing or too short for its tensors."""
+def load_proto(model_path: Path):
+    """The ModelProto of ``model_path`` without its external data; InputError if it is not ONNX."""
     import onnx
 
     try:
-        proto = onnx.load(str(model_path), load_external_data=False)
+        return onnx.load(str(model_path), load_external_data=False)
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001  (onnx raises DecodeError and others for a file that is not ONNX)
         raise InputError(f"not a readable ONNX model: {exc}", model_path) from None
+
+
+def check_external_data(model_path: Path, proto=None) -> None:
+    """InputError naming the first external-data reference that is malformed, points outside the
+    model's folder, or names a file that is missing or too short for its tensors."""
+    import onnx
+
+    proto = proto if proto is not None else load_proto(model_path)
     needed: dict[str, tuple[int, str]] = {}
     for tensor in proto.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
@@ -882,6 +889,8 @@ def _external_reference(tensor, model_path: Path) -> tuple[str, int]:
         offset = length = -1
     if offset < 0 or length < 0:
         raise InputError(f"tensor {tensor.name}: external data offset/length are not byte counts: {info}", model_path)
+    if not isinstance(location, str):  # protobuf hands back bytes for a string field that is not UTF-8
+        raise InputError(f"tensor {tensor.name}: external data location {location!r:.80} is not UTF-8 text", model_path)
     parts = Path(location).parts
     if not location or Path(location).is_absolute() or ".." in parts or location.startswith(("/", "\\")):
         raise InputError(
@@ -893,20 +902,13 @@ def _external_reference(tensor, model_path: Path) -> tuple[str, int]:
 def read(path: str | Path) -> Checkpoint:
     """An ONNX graph gemport wrote, back as a Checkpoint: initializers under canonical names,
     transposes and ``1 + w`` undone, MatMulNBits / GatherBlockQuantized weights dequantized to f32."""
-    import onnx_ir as ir
-
     path = Path(path)
     file = model_file(path)
     if not file.is_file():
         raise InputError(f"no {MODEL} in the folder", path)
-    check_external_data(file)
-    try:
-        model = ir.load(file)
-    except MemoryError:
-        raise
-    except Exception as exc:  # noqa: BLE001  (a protobuf onnx parses but onnx_ir cannot represent)
-        raise InputError(f"not a readable ONNX model: {type(exc).__name__}: {exc}", file) from None
-    props = model.metadata_props
+    proto = load_proto(file)  # parsed once; only the metadata and the initializers are read
+    check_external_data(file, proto)
+    props = {e.key: e.value for e in proto.metadata_props}
     if SPEC_KEY not in props or LAYOUT_KEY not in props:
         raise UnsupportedError(
             "this ONNX model was not written by gemport (no gemport.spec / gemport.layout metadata); "
@@ -914,7 +916,7 @@ def read(path: str | Path) -> Checkpoint:
             file,
         )
     spec, layout = _metadata(props, file)
-    values = model.graph.initializers
+    values = {t.name: t for t in proto.graph.initializer}
     tensors = {}
     for canonical, shape in expected_shapes(spec).items():
         entry = layout.get(canonical)
@@ -974,14 +976,15 @@ def _check_entry(canonical: str, entry, file: Path) -> None:
         raise refuse("has rows that are not [start, end)")
 
 
-def _loader(values, entry: dict, shape: tuple[int, ...], file: Path):
+def _loader(values: dict, entry: dict, shape: tuple[int, ...], file: Path):
+    import onnx_ir as ir
     import torch
 
     def array(name: str, kinds: tuple[str, ...]) -> np.ndarray:
-        if name not in values or values[name].const_value is None:
+        if name not in values:
             raise CheckpointError(f"initializer {name} is missing", file)
         try:
-            out = values[name].const_value.numpy()
+            out = ir.serde.deserialize_tensor(values[name], file.parent).numpy()
         except MemoryError:
             raise
         except Exception as exc:  # noqa: BLE001  (onnx_ir reading a damaged or short initializer)
