@@ -112,7 +112,7 @@ def tokenizer_pieces(tokenizer: Path, rows: int, path: Path) -> int:
 
     try:
         pieces = spm.SentencePieceProcessor(model_proto=tokenizer.read_bytes()).get_piece_size()
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, ValueError) as exc:  # ValueError: UnicodeDecodeError on a damaged proto
         raise InputError(f"not a SentencePiece model: {exc}", tokenizer) from None
     if pieces > rows:
         raise CheckpointError(f"the tokenizer has {pieces} pieces but the embedding only {rows} rows", path)
