@@ -41,6 +41,7 @@ MAX_KEY_BYTES = 1 << 16
 MAX_STRING_BYTES = 1 << 26
 MAX_DEPTH = 4  # nested arrays: gguf-py reads them (flattened), llama.cpp refuses any nesting
 MAX_ITEMS = 1 << 22  # keys + tensors + strings and arrays inside arrays, in one file
+MAX_HEADER_BYTES = 1 << 28  # metadata and tensor infos: what the reader may copy into memory
 
 # GGUFValueType number -> (name, numpy dtype, struct format, bytes); STRING (8) and ARRAY (9) apart.
 # ref: ggml docs/gguf.md "enum gguf_metadata_value_type", gguf-py constants.py GGUFValueType
@@ -139,6 +140,9 @@ class _Cursor:
         return self.end - self.pos
 
     def take(self, n: int, what: str) -> int:
+        if self.pos + n > MAX_HEADER_BYTES and n <= self.end - self.pos:
+            message = f"{what} ends past the first {MAX_HEADER_BYTES} bytes, gemport's bound on a header"
+            raise _corrupt(message, self.path)
         if n > self.end - self.pos:
             raise _corrupt(
                 f"{what} needs {n} bytes at offset {self.pos}, the file has {self.left()} left",

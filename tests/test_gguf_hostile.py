@@ -25,6 +25,7 @@ import pytest
 
 from converters.gguf_header import MAX_DEPTH, read_header
 from gemport.cli import main
+from gemport.errors import InputError
 from tests.tiny import make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,10 +167,19 @@ def test_case_script_file_refused_at_once(tmp_path):
     path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 2) + ARCH + kv_arr + b"\0" * 64)
     assert path.stat().st_size == 179
     start = time.monotonic()
-    with pytest.raises(Exception) as info:
+    with pytest.raises(InputError) as info:
         read_header(path)
     assert time.monotonic() - start < 0.5
     assert "claims 1099511627776 entries" in str(info.value) and str(path) in str(info.value)
+
+
+def test_header_size_is_bounded(tiny_gguf, monkeypatch):
+    """A header may not make the reader copy more than MAX_HEADER_BYTES (256 MiB), however large the file."""
+    from converters import gguf_header
+
+    monkeypatch.setattr(gguf_header, "MAX_HEADER_BYTES", 4096)
+    with pytest.raises(InputError, match="ends past the first 4096 bytes, gemport's bound on a header"):
+        read_header(tiny_gguf)
 
 
 def test_nesting_within_the_bound_is_read(tmp_path):
