@@ -126,8 +126,10 @@ def _load(path: Path) -> Any:
     if not path.is_file():
         raise InputError("not a file", path)
     with open(path, "rb") as f:
-        zipped = f.read(4) == _ZIP_MAGIC
-    if not zipped:
+        head = f.read(4)
+    if head != _ZIP_MAGIC and head[:1] != bytes([_PICKLE_PROTO]):
+        raise InputError(f"not a torch checkpoint (starts with {head!r}, not a zip or pickle header)", path)
+    if head != _ZIP_MAGIC:
         # The legacy (torch < 1.6) format allocates each storage at the size its pickle states
         # before reading its bytes (ref: torch/serialization.py _legacy_load persistent_load,
         # ``torch.UntypedStorage(nbytes)``), so a hostile file asks for any amount of memory. The zip
