@@ -17,7 +17,7 @@ GEMMA_VENV := build/gemma-venv
 GEMMA_STAMP := $(GEMMA_VENV)/.installed
 GEMMA_REQS := requirements/gemma-runtime.txt
 
-.PHONY: venv demo demo-model llamacpp-src gemma-venv test lint bench clean
+.PHONY: venv demo demo-model llamacpp-src gemma-venv test lint bench fuzz clean
 
 venv: $(STAMP)
 
@@ -62,6 +62,20 @@ demo: demo-model
 test: demo-model llamacpp-src gemma-venv
 	$(BIN)/ruff check gemport converters quantizers validation tests bench
 	$(BIN)/python -m pytest -q -ra
+
+# Coverage-guided fuzzing of every reader (tests/fuzz; atheris). `make test` runs each target briefly
+# (tests/fuzz/test_fuzz.py); this runs FUZZ_RUNS executions per target, or FUZZ_SECONDS each when set.
+# jax-orbax goes through Orbax's own metadata parse (a few runs a second): FUZZ_ORBAX_RUNS.
+# Findings are saved under tests/fuzz/findings/; figures in build/fuzz/results/ (bench/RESULTS.md, Fuzzing).
+FUZZ_RUNS ?= 200000
+FUZZ_ORBAX_RUNS ?= 2000
+FUZZ_SECONDS ?=
+FUZZ_TARGETS ?= gguf safetensors config compressed-tensors jax gemma-pytorch onnx
+FUZZ_BUDGET = $(if $(FUZZ_SECONDS),--seconds $(FUZZ_SECONDS),--runs $(FUZZ_RUNS))
+
+fuzz: venv
+	$(BIN)/python -m tests.fuzz.run $(FUZZ_TARGETS) $(FUZZ_BUDGET)
+	$(BIN)/python -m tests.fuzz.run jax-orbax $(if $(FUZZ_SECONDS),--seconds $(FUZZ_SECONDS),--runs $(FUZZ_ORBAX_RUNS))
 
 bench: demo-model
 	$(BIN)/python bench/convert_memory.py

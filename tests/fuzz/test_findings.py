@@ -1,0 +1,234 @@
+"""What the fuzz targets found in the readers, one test per kind, each on several inputs of that kind:
+a damaged or hostile file is one typed gemport error naming the file, never another exception."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from converters import gemma_pytorch, hf, jax, onnx
+from gemport.errors import CheckpointError, GemportError, InputError, UnsupportedError
+from tests.fuzz import targets
+from tests.fuzz.corpus import STAMP, build_corpus
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, Path]:
+    build_corpus()
+    return {k: Path(v) for k, v in json.loads(STAMP.read_text()).items()}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+    return dst
+
+
+# --- compressed-tensors: quantization_config values of the wrong type or meaning ---------------
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda q: "compressed-tensors",
+        lambda q: q | {"config_groups": ["group_0"]},
+        lambda q: q | {"config_groups": {"group_0": 7}},
+        lambda q: _weights(q, num_bits="4"),
+        lambda q: _weights(q, num_bits=True),
+        lambda q: _weights(q, strategy="tensor"),
+        lambda q: _weights(q, symmetric="yes"),
+        lambda q: _weights(q, group_size=0),
+        lambda q: _weights(q, group_size=None),
+        lambda q: _weights(q, group_size=48),  # does not divide the 32 input columns
+        lambda q: _weights(q, symmetric=False),  # no zero points stored
+    ],
+)
+def test_compressed_tensors_config_values_are_checked(models, tmp_path, change):
+    folder = _copy(models["ct-int4"], tmp_path / "ct")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = change(config["quantization_config"])
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(GemportError, match=str(folder)):
+        targets.load_all(hf.read(folder))
+
+
+def _weights(q: dict, **values) -> dict:
+    q = json.loads(json.dumps(q))
+    q["config_groups"]["group_0"]["weights"].update(values)
+    return q
+
+
+# --- gemma_pytorch: whatever torch.load raises, the legacy format, tensors of the wrong kind ------
+def _ckpt(models, tmp_path: Path, name: str = "pt-gemma3") -> Path:
+    folder = tmp_path / "pt"
+    folder.mkdir()
+    shutil.copy(models["hf-gemma3-1layer"] / "config.json", folder / "config.json")
+    return _copy(models[name], folder / "model.ckpt")
+
+
+@pytest.mark.parametrize("cut", [0, 1, 30, 200, -200, -30])
+def test_damaged_torch_checkpoint_is_one_input_error(models, tmp_path, cut):
+    path = _ckpt(models, tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[:cut] if cut >= 0 else data[:cut])
+    with pytest.raises(InputError, match=str(path)):
+        gemma_pytorch.read(path)
+
+
+def test_damaged_pickle_inside_a_valid_zip_is_one_input_error(models, tmp_path):
+    path = _ckpt(models, tmp_path)
+    z = zipfile.ZipFile(io.BytesIO(path.read_bytes()))
+    records = {i.filename.split("/", 1)[1]: z.read(i) for i in z.infolist()}
+    for bad in (b"", b"\x80\x02X\xff\xff\xff\x7f", records["data.pkl"][:-7], records["data.pkl"].replace(b"q", b"Q")):
+        from tests.fuzz.mutators import _torch_zip
+
+        path.write_bytes(_torch_zip(records | {"data.pkl": bad}))
+        with pytest.raises(InputError, match=str(path)):
+            gemma_pytorch.read(path)
+
+
+def test_legacy_torch_format_is_refused(models, tmp_path):
+    path = _ckpt(models, tmp_path, "pt-legacy")
+    with pytest.raises(UnsupportedError, match="legacy"):
+        gemma_pytorch.read(path)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model.norm.weight": torch.zeros(2, 32)},
+        {"model.layers.0.mlp.down_proj.weight": torch.zeros(32, 64, 1)},
+        {"model.layers.0.mlp.down_proj.weight": torch.zeros(32, 64, dtype=torch.int32)},
+        {"model.layers.0.mlp.down_proj.weight_scaler": torch.ones(3)},
+        {"embedder.weight": torch.zeros(48, 32, dtype=torch.complex64)},
+        {"embedder.weight": torch.zeros(48, 32).to_sparse()},
+    ],
+)
+def test_tensors_of_the_wrong_kind_are_refused(models, tmp_path, change):
+    path = _ckpt(models, tmp_path, "pt-gemma3-int8" if "weight_scaler" in next(iter(change)) else "pt-gemma3")
+    state = torch.load(path, weights_only=True)["model_state_dict"]
+    if "weight_scaler" in next(iter(change)):
+        state["model.layers.0.mlp.down_proj.weight"] = torch.zeros(32, 64, dtype=torch.int8)
+    torch.save({"model_state_dict": state | change}, path)
+    with pytest.raises(GemportError, match=str(path)):
+        targets.load_all(gemma_pytorch.read(path))
+
+
+# --- ONNX: metadata, layout entries, external data references, MatMulNBits sizes ----------------
+def _edit_onnx(folder: Path, edit) -> None:
+    import onnx as onnx_lib
+
+    model = onnx_lib.load(str(folder / "model.onnx"), load_external_data=False)
+    edit(model)
+    onnx_lib.save(model, str(folder / "model.onnx"))
+
+
+def _prop(model, key: str, change) -> None:
+    for p in model.metadata_props:
+        if p.key == key:
+            p.value = change(p.value)
+
+
+def _external(model, key: str, value: str) -> None:
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == key:
+                e.value = value
+
+
+def _layout(change):
+    def edit(value: str) -> str:
+        layout = json.loads(value)
+        first = next(iter(layout))
+        layout[first] = change(layout[first])
+        return json.dumps(layout)
+
+    return lambda m: _prop(m, onnx.LAYOUT_KEY, edit)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: _prop(m, onnx.SPEC_KEY, lambda v: v[:-3]),
+        lambda m: _prop(m, onnx.SPEC_KEY, lambda v: "[1, 2]"),
+        lambda m: _prop(m, onnx.LAYOUT_KEY, lambda v: "[]"),
+        _layout(lambda e: e | {"kind": ["float"]}),
+        _layout(lambda e: e | {"kind": "gather"}),
+        _layout(lambda e: {k: v for k, v in e.items() if k != "name"}),
+        _layout(lambda e: e | {"rows": [5, 2]}),
+        _layout(lambda e: e | {"transform": "flip"}),
+        _layout(lambda e: e | {"scale": 2}),
+        lambda m: _external(m, "location", "../model.onnx.data"),
+        lambda m: _external(m, "location", "/etc/hostname"),
+        lambda m: _external(m, "offset", "-5"),
+        lambda m: _external(m, "length", "twelve"),
+    ],
+)
+def test_onnx_metadata_and_references_are_checked(models, tmp_path, edit):
+    folder = _copy(models["onnx-gemma3-int4"], tmp_path / "onnx")
+    _edit_onnx(folder, edit)
+    with pytest.raises(GemportError, match=str(folder)):
+        targets.load_all(onnx.read(folder))
+
+
+def test_matmul_nbits_sizes_are_checked_before_dequantizing(models, tmp_path):
+    folder = _copy(models["onnx-gemma3-int4"], tmp_path / "onnx")
+    props = onnx.load_proto(folder / "model.onnx").metadata_props
+    layout = json.loads(next(p.value for p in props if p.key == onnx.LAYOUT_KEY))
+    name, entry = next((n, e) for n, e in layout.items() if e["kind"] == "matmul_nbits")
+    _edit_onnx(folder, _layout_entry(name, entry | {"block_size": 16 if entry["block_size"] != 16 else 32}))
+    with pytest.raises(CheckpointError, match="MatMulNBits initializers"):
+        onnx.read(folder).tensors[name].load()
+
+
+def _layout_entry(name: str, entry: dict):
+    def edit(value: str) -> str:
+        return json.dumps(json.loads(value) | {name: entry})
+
+    return lambda m: _prop(m, onnx.LAYOUT_KEY, edit)
+
+
+# --- JAX: manifest file names, layer counts and ranks against the tree -------------------------
+def _jax(models, tmp_path) -> tuple[Path, dict]:
+    folder = _copy(models["jax-gemma3"], tmp_path / "jax")
+    return folder, targets._tree_json(jax._orbax_tree(folder))
+
+
+def _read_tree(folder: Path, tree: dict):
+    fake = targets._fake_tree(tree)
+    return targets.load_all(jax.read_tree(fake, folder, targets._FakeReader(fake)))
+
+
+@pytest.mark.parametrize("names", [["../../etc/hostname"], ["/etc/hostname"], "tokenizer.model", [7]])
+def test_jax_manifest_names_only_files_of_the_folder(models, tmp_path, names):
+    folder, tree = _jax(models, tmp_path)
+    manifest = json.loads((folder / "gemport.json").read_text())
+    (folder / "gemport.json").write_text(json.dumps(manifest | {"tokenizer_files": names}))
+    with pytest.raises(InputError, match="tokenizer_files"):
+        jax.read(folder)
+
+
+@pytest.mark.parametrize("layers", [10**9, 10**6, 3, 1])
+def test_jax_layer_count_is_checked_against_the_tree_first(models, tmp_path, layers):
+    folder, tree = _jax(models, tmp_path)
+    manifest = json.loads((folder / "gemport.json").read_text())
+    spec = manifest["spec"] | {"num_layers": layers}
+    if "layer_types" in spec:
+        spec["layer_types"] = (spec["layer_types"] * layers)[:layers] if layers < 100 else spec["layer_types"]
+    (folder / "gemport.json").write_text(json.dumps(manifest | {"spec": spec}))
+    start = time.monotonic()
+    with pytest.raises(GemportError):
+        _read_tree(folder, tree)
+    assert time.monotonic() - start < 2
+
+
+@pytest.mark.parametrize("shape", [[], [48], [48, 32, 1], [0, 32]])
+def test_jax_parameter_ranks_are_checked(models, tmp_path, shape):
+    folder, tree = _jax(models, tmp_path)
+    tree["transformer/embedder"]["input_embedding"][0] = shape
+    with pytest.raises(CheckpointError, match="input_embedding"):
+        _read_tree(folder, tree)
