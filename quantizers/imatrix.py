@@ -52,9 +52,10 @@ from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from converters.gguf import LAYER_NAMES, TOP_NAMES
+from converters.gguf_header import read_header
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_output
 from gemport.progress import progress as rich_progress
@@ -336,22 +337,21 @@ def load_imatrix(path: str | Path) -> Imatrix:
 
 
 def _load_gguf(path: Path) -> Imatrix:
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"not a readable GGUF imatrix ({exc})", path) from None
-    fields = reader.fields
-    kind = _field(fields, KEY_TYPE, path)
+    # The header is read by gemport's bounded GGUF reader: gguf-py's GGUFReader trusts every count
+    # a (possibly hostile) file states (see converters/gguf_header.py).
+    header = read_header(path)
+    values = header.values
+    kind = values.get(KEY_TYPE)
     if kind is not None and kind != TYPE_IMATRIX:
         raise InputError(f"a GGUF of general.type {kind!r}, not an imatrix", path)
-    if kind is None and "general.architecture" in fields:
+    if kind is None and "general.architecture" in values:
         raise InputError("a GGUF model, not an imatrix (no .in_sum2 / .counts tensors)", path)
-    if any(k not in fields for k in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE)):
+    if any(k not in values for k in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE)):
         # ref: quantize.cpp load_imatrix: "missing imatrix metadata" is fatal there.
         log.warning("%s: imatrix metadata missing; llama-quantize would refuse this file", path)
 
     pairs: dict[str, dict[str, Any]] = {}
-    for t in reader.tensors:
+    for t in header.tensors:
         for suffix in (SUM_SUFFIX, COUNT_SUFFIX):
             if t.name.endswith(suffix):
                 pairs.setdefault(t.name.removesuffix(suffix), {})[suffix] = t
@@ -365,43 +365,30 @@ def _load_gguf(path: Path) -> Imatrix:
             missing = COUNT_SUFFIX if SUM_SUFFIX in pair else SUM_SUFFIX
             raise InputError(f"entry {name} has no {name}{missing} tensor", path)
         s, c = pair[SUM_SUFFIX], pair[COUNT_SUFFIX]
-        if s.tensor_type != GGMLQuantizationType.F32 or c.tensor_type != GGMLQuantizationType.F32:
+        if s.qtype != GGMLQuantizationType.F32 or c.qtype != GGMLQuantizationType.F32:
             raise InputError(f"entry {name}: sums and counts must be F32", path)  # ref: common_imatrix_load
-        if c.n_elements != 1:
-            raise UnsupportedError(f"entry {name} holds {c.n_elements} matrices (mixture of experts)", path)
-        sums[name] = np.array(s.data, dtype=np.float32).reshape(-1)
-        counts[name] = round(float(np.asarray(c.data).reshape(-1)[0]))  # ref: std::lround(counts->data[j])
+        if int(np.prod(c.ne)) != 1:
+            raise UnsupportedError(f"entry {name} holds {int(np.prod(c.ne))} matrices (mixture of experts)", path)
+        sums[name] = np.array(s.array(), dtype=np.float32).reshape(-1)
+        counts[name] = round(float(np.asarray(c.array()).reshape(-1)[0]))  # ref: std::lround(counts->data[j])
     return Imatrix(
         sums=sums,
         counts=counts,
-        chunks=_int_field(fields, KEY_CHUNK_COUNT, path),
-        chunk_size=_int_field(fields, KEY_CHUNK_SIZE, path),
-        datasets=_datasets(fields, path),
+        chunks=_count(values, KEY_CHUNK_COUNT, path),
+        chunk_size=_count(values, KEY_CHUNK_SIZE, path),
+        datasets=_datasets(values, path),
     )
 
 
-def _field(fields: dict[str, Any], key: str, path: Path) -> Any:
-    if key not in fields:
-        return None
-    try:
-        return fields[key].contents()
-    except (ValueError, IndexError, UnicodeDecodeError) as exc:
-        raise InputError(f"bad value for {key} ({exc})", path) from None
-
-
-def _int_field(fields: dict[str, Any], key: str, path: Path) -> int:
-    value = _field(fields, key, path)
-    if value is None:
-        return 0
-    if not isinstance(value, int) or value < 0:
+def _count(values: dict[str, Any], key: str, path: Path) -> int:
+    value = values.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InputError(f"{key} is {value!r}, not a count", path)
     return value
 
 
-def _datasets(fields: dict[str, Any], path: Path) -> list[str]:
-    value = _field(fields, KEY_DATASETS, path)
-    if value is None:
-        return []
+def _datasets(values: dict[str, Any], path: Path) -> list[str]:
+    value = values.get(KEY_DATASETS, [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise InputError(f"{KEY_DATASETS} is not an array of strings", path)
     return value

@@ -346,7 +346,18 @@ BAD_FILES: dict[str, tuple[Callable[[Path], object], str]] = {
     ),
     "truncated gguf": (
         lambda p: p.write_bytes(save_imatrix(_small(), p.with_suffix(".full")).read_bytes()[:300]),
-        "not a readable GGUF imatrix",
+        "truncated or corrupt GGUF file",
+    ),
+    "huge metadata array": (  # a count checked against the bytes left before anything is allocated
+        lambda p: p.write_bytes(
+            b"GGUF"
+            + struct.pack("<IQQ", 3, 0, 1)
+            + struct.pack("<Q", 21)
+            + b"imatrix.datasets_list"
+            + struct.pack("<IIQ", 9, 8, 1 << 40)
+            + bytes(64)
+        ),
+        "claims 1099511627776 entries",
     ),
     "gguf model": (
         lambda p: _gguf_file(p, "gemma3", {}, {"token_embd.weight": np.zeros((4, 8), np.float32)}),
