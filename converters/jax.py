@@ -262,8 +262,13 @@ def _orbax_tree(path: Path) -> Any:
     ocp = _orbax()
     try:
         meta = ocp.PyTreeCheckpointer().metadata(path.resolve())
-    except (OSError, ValueError, FileNotFoundError, KeyError, TypeError) as exc:
-        raise InputError(f"not a readable Orbax checkpoint: {exc}", path) from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        # Orbax parses _METADATA and the OCDBT manifest of an untrusted folder; a damaged one raises
+        # whatever the value at fault leads to (KeyError, TypeError, AttributeError, ValueError from
+        # tensorstore, ...), each this one-line input error.
+        raise InputError(f"not a readable Orbax checkpoint: {type(exc).__name__}: {exc}", path) from None
     return getattr(getattr(meta, "item_metadata", meta), "tree", None) or meta
 
 
@@ -319,8 +324,10 @@ class _LeafReader:
             tree = ocp.PyTreeCheckpointer().restore(
                 self.path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore, partial_restore=True)
             )
-        except (OSError, ValueError, KeyError) as exc:
-            raise InputError(f"cannot read parameter {'/'.join(key)}: {exc}", self.path) from None
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (as in _orbax_tree: Orbax and tensorstore on a damaged folder)
+            raise InputError(f"cannot read parameter {'/'.join(key)}: {type(exc).__name__}: {exc}", self.path) from None
         for k in key:
             tree = tree[k]
         self._last = (key, np.asarray(tree))

@@ -922,7 +922,7 @@ def read(path: str | Path) -> Checkpoint:
         entry = layout.get(canonical)
         if entry is None:
             raise CheckpointError(f"tensor {canonical} is not in the model's layout table", file)
-        _check_entry(canonical, entry, file)
+        _check_entry(canonical, entry, shape, file)
         tensors[canonical] = LazyTensor(canonical, shape, "f32", load=_loader(values, entry, shape, file))
     folder = file.parent
     tokenizer_files = {n: (folder / n).read_bytes() for n in _TOKENIZER_FILES if (folder / n).is_file()}
@@ -951,7 +951,7 @@ _ENTRY_KEYS = {
 }
 
 
-def _check_entry(canonical: str, entry, file: Path) -> None:
+def _check_entry(canonical: str, entry, shape: tuple[int, ...], file: Path) -> None:
     """UnsupportedError for a layout entry this reader does not know, rather than misreading it."""
 
     def refuse(why: str):
@@ -971,6 +971,8 @@ def _check_entry(canonical: str, entry, file: Path) -> None:
         or entry["block_size"] not in BLOCK_SIZES
     ):
         raise refuse(f"needs bits 4 or 8 and a block size in {BLOCK_SIZES}")
+    if entry["kind"] == "matmul_nbits" and len(shape) != 2:
+        raise refuse(f"is a MatMulNBits matrix for a {len(shape)}-D tensor")
     rows = entry.get("rows", [0, 1])
     if not (isinstance(rows, list) and len(rows) == 2 and all(type(r) is int for r in rows) and 0 <= rows[0] < rows[1]):
         raise refuse("has rows that are not [start, end)")
