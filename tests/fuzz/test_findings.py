@@ -183,6 +183,9 @@ def test_matmul_nbits_sizes_are_checked_before_dequantizing(models, tmp_path):
     _edit_onnx(folder, _layout_entry(name, entry | {"block_size": 16 if entry["block_size"] != 16 else 32}))
     with pytest.raises(CheckpointError, match="MatMulNBits initializers"):
         onnx.read(folder).tensors[name].load()
+    _edit_onnx(folder, _layout_entry("model.norm.weight", entry))  # a matrix layout on a norm vector
+    with pytest.raises(UnsupportedError, match="model.norm.weight"):
+        onnx.read(folder)
 
 
 def _layout_entry(name: str, entry: dict):
