@@ -293,10 +293,11 @@ def write(
 ) -> Path:
     """Write ``ckpt`` as an HF folder at ``dst`` (atomically), optionally cast to ``dtype``.
 
-    ``dtype="f16"``: transformers loads the folder in fp16 (config.json ``dtype``) and computes in
-    fp16 throughout, so the model is run in float32 on calibration text first and the write refused
-    when an activation outgrows fp16 (quantizers.fp16_range, every point), unless
-    ``allow_fp16_overflow``; a weight beyond fp16's range is refused as it is loaded.
+    An f16 folder (``dtype="f16"``, or an f16 source kept as it is): transformers loads it in fp16
+    (config.json ``dtype``) and computes in fp16 throughout, so the model is run in float32 on
+    calibration text first and the write refused when an activation outgrows fp16
+    (quantizers.fp16_range, every point), unless ``allow_fp16_overflow``; a weight beyond fp16's
+    range is refused as it is loaded.
 
     Quantized records are written in compressed-tensors' pack-quantized format (with
     ``quantization_config`` in config.json and the quantization manifest in gemport.json);
@@ -306,8 +307,10 @@ def write(
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     ckpt.check(quantized_ok=True)
     quant = ct.check_writable(ckpt) if ckpt.quantized() else None
-    if dtype == "f16":
-        fp16_range.check_fp16(ckpt, fp16_range.ALL, "hf", allow_fp16_overflow)
+    stored = dtype or ckpt.tensors["model.embed_tokens.weight"].dtype  # what config.json's dtype will say
+    if stored == "f16":  # given, or kept from an f16 source: either way transformers computes in fp16
+        label = "--dtype f16" if dtype else "f16 (the source's dtype, kept)"
+        fp16_range.check_fp16(ckpt, fp16_range.ALL, "hf", allow_fp16_overflow, label=label)
         ckpt = fp16_range.guard_weights(ckpt)
     if dtype:
         ckpt = ckpt.cast(dtype)

@@ -196,10 +196,12 @@ def check_fp16(
     target: str,
     allow: bool = False,
     config: ProbeConfig | None = None,
+    label: str = "--dtype f16",
 ) -> Peaks:
     """UnsupportedError (one line naming the source, the layer, the point and the value) when an
     activation among ``points`` that ``target`` holds in fp16 comes within ``MARGIN`` of 65504 on the
-    calibration text; with ``allow`` a warning instead. Returns the peaks."""
+    calibration text; with ``allow`` a warning instead. Returns the peaks. ``label`` says where the
+    fp16 comes from (the option, or the source's own dtype)."""
     if not points:
         return {}
     peaks = activation_peaks(ckpt, config)
@@ -211,9 +213,9 @@ def check_fp16(
     if value * MARGIN <= FP16_MAX:
         return peaks
     message = (
-        f"--dtype f16 ({target}): {describe(layer, point)} reaches {value:.3g} on calibration text, "
+        f"{label} ({target}): {describe(layer, point)} reaches {value:.3g} on calibration text, "
         f"{'beyond' if value > FP16_MAX else 'within a factor ' + str(MARGIN) + ' of'} fp16's 65504; "
-        f"use bf16 or f32 (or {ALLOW_FLAG})"
+        f"use --dtype bf16 or f32 (or {ALLOW_FLAG})"
     )
     if allow:
         log.warning("%s: %s", ckpt.source, message.replace(f" (or {ALLOW_FLAG})", "") + "; written anyway")

@@ -123,6 +123,9 @@ def test_hf_f16_refuses_residual_overflow_and_validate_fails_when_forced(models,
     report = validate(tmp_path / "out", src, corpus=corpus, n_ctx=64, n_windows=2)
     assert "float16" in report.runtime and not report.passed
     assert not np.isfinite(report.metrics.kld) or not np.isfinite(report.metrics.ppl_cand)
+    # that f16 folder as a source, its dtype kept: refused the same way
+    assert main(["convert", str(tmp_path / "out"), str(tmp_path / "again"), "--to", "hf"]) == 2
+    assert "the source's dtype" in one_line_error(capsys) and not (tmp_path / "again").exists()
 
 
 def test_gguf_f16_computes_the_residual_in_float32_so_a_residual_overflow_converts(models, tmp_path):
