@@ -73,7 +73,7 @@ def write(
     where it came from, for errors). ``jobs`` worker processes quantize (default: one per CPU).
     """
     ckpt.check()
-    if (quant or dtype) == "f16":  # refused if the fp16 parts overflow (quantizers.fp16_range)
+    if _ftype(ckpt, quant or dtype) == "f16":  # asked, or an f16 source kept: refused if fp16 parts overflow
         ckpt = fp16_range.checked_gguf_f16(ckpt, allow_fp16_overflow)
     ckpt = drop_vocab_padding(ckpt)
     dst = Path(dst)

@@ -56,7 +56,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
             plain, root / f"{variant}-residual", "post_feedforward_layernorm.weight", 3e4
         )
     # input norm output (a matmul input) past 65504: no writer can keep it in fp16
-    out["gemma3-matmul-input"] = scaled(out["gemma3"], root / "gemma3-matmul-input", "input_layernorm.weight", 3e5)
+    out["gemma3-matmul-input"] = scaled(out["gemma3"], root / "gemma3-matmul-input", "input_layernorm.weight", 3e4)
     # the PAD row of the (tied) embedding: never looked up, so only the weight check can see it
     out["gemma3-weight"] = scaled(out["gemma3"], root / "gemma3-weight", "embed_tokens.weight", 1e5, first=True)
     return out
@@ -182,3 +182,10 @@ def test_demo_model_residual_outgrows_fp16_but_onnxs_fp16_parts_do_not(demo_mode
     assert point.startswith("residual") and value > fp16_range.FP16_MAX
     assert fp16_range.worst(peaks, fp16_range.FP32_RESIDUAL)[2] * 10 < fp16_range.FP16_MAX
     assert fp16_range.worst(peaks, fp16_range.MATMUL_INPUTS)[2] * 10 < fp16_range.FP16_MAX
+
+
+def test_gguf_of_an_f16_source_kept_as_f16_is_checked_too(models, tmp_path, capsys):
+    assert convert(models["gemma3-matmul-input"], tmp_path / "f16", "hf", "--allow-fp16-overflow") == 0
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "f16"), str(tmp_path / "m.gguf"), "--to", "gguf"]) == 2
+    assert "input norm output" in one_line_error(capsys) and not (tmp_path / "m.gguf").exists()
