@@ -8,8 +8,8 @@ Two op sets compute the same model: ``fused`` uses onnxruntime's CPU contrib ops
 ``plain`` only standard ONNX ops (any runtime). Quantized records become com.microsoft
 MatMulNBits (an embedding record also feeds GatherBlockQuantized, sharing the bytes).
 
-fp16 (``dtype="f16"``): weights, matrix products, attention and the KV cache in fp16; the residual
-stream and the RMSNorms that read or write it (input, pre-/post-feed-forward, post-attention and
+fp16 (``dtype="f16"``, every family): weights, matrix products, attention and the KV cache in fp16;
+the residual stream and the RMSNorms that read or write it (input, pre-/post-feed-forward, post-attention and
 final norms, their weights too) in float32, with Casts between, as onnxruntime-genai's builder
 lays out Gemma 2/3 (ref: onnxruntime_genai/models/builders/gemma.py ``Gemma2Model``,
 ``layernorm_attrs["cast"]["use_fp32"] = True``, root input cast, norm outputs into the residual
