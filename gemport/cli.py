@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "validate",
         help="score a candidate against the reference model; exit 1 if a gate fails",
-        description="Perplexity, delta-ppl %%, mean KL divergence and top-1 agreement of CANDIDATE "
+        description="Perplexity, delta-ppl %, mean KL divergence and top-1 agreement of CANDIDATE "
         "versus REFERENCE, llama-perplexity protocol: windows of --ctx tokens starting "
         "with BOS, second half of each window scored, evaluation split of the corpus.",
     )

@@ -23,25 +23,28 @@ QUANT_KINDS = {8: "8-bit", 6: "6-bit", 5: "5-bit", 4: "4-bit", 3: "3-bit", 2: "2
 FLOAT_KINDS = ("f16", "bf16", "f32")
 KINDS = (*reversed(QUANT_KINDS.values()), *FLOAT_KINDS)
 
-# Default --max-kld by kind (mean KL divergence to the reference, nats per token). Measured on the
-# demo model (Gemma 3 270M) with `gemport validate CANDIDATE --reference REF --ctx 512 --windows 4`
-# (README, "Default gates"): float artifacts against the model they were converted from, quantized
-# ones from the off-grid model against it (the faithful model sits on its old quantization grids,
-# so re-quantizing it costs almost nothing). Each bound has a wide margin over the measured values
-# (the smallest models lose the most to quantization; larger Gemmas measure lower), and sits well
-# below the next coarser kind's typical KLD, so that a broken artifact (a config field applied
-# differently, KLD 0.006 on the demo model) fails. Lossless float conversions score 0 to 1e-4
-# depending on the runtime's arithmetic (llama.cpp's f16/bf16 matmuls round activations too).
+# Default --max-kld by kind (mean KL divergence to the reference, nats per token), chosen from
+# measurements on the demo model, Gemma 3 270M (README, "Default gates": `gemport validate CANDIDATE
+# --reference REF --ctx 512 --windows 4`): float artifacts against the model they were converted
+# from, quantized ones made from the off-grid model against it (the faithful model sits on its old
+# grids, so re-quantizing it costs almost nothing). The float bound is 15x the worst lossless
+# conversion measured (llama.cpp's BF16 matmuls round activations: 6.5e-5) and 6x below a float
+# artifact that applied one config field differently (Gemma 2's attention softcap on a Gemma 3:
+# 0.006). A quantized bound sits over the worst legitimate artifact of its kind measured on this,
+# the smallest Gemma (larger ones lose less): 8-bit 0.0043 (Q8_0), 6-bit 0.012 (Q6_K), 5-bit 0.050
+# (Q5_K_M), 4-bit 0.66 (compressed-tensors RTN int4 g128; Q4_K_M 0.086, ONNX int4 0.45), 3-bit 0.21
+# (Q3_K_M), 2-bit 0.52 (Q2_K). Those bounds catch a broken artifact, not a small loss of quality:
+# --max-kld states a quality target.
 DEFAULT_MAX_KLD = {
     "f32": 1e-3,
     "bf16": 1e-3,
     "f16": 1e-3,
-    "8-bit": 0.01,
-    "6-bit": 0.03,
-    "5-bit": 0.06,
-    "4-bit": 0.2,
-    "3-bit": 0.5,
-    "2-bit": 1.5,
+    "8-bit": 0.02,
+    "6-bit": 0.05,
+    "5-bit": 0.3,
+    "4-bit": 1.0,
+    "3-bit": 1.5,
+    "2-bit": 3.0,
 }
 
 # ref: ggml.h ggml_type names: Q{bits}_{variant}, IQ{bits}_{size}, TQ{bits}_0, MXFP4 / NVFP4.
