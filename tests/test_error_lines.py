@@ -165,6 +165,18 @@ def _cases(good: dict[str, Path], t: Path) -> dict[str, Case]:
             t / "src",
             t / "o.gguf",
         ),
+        "gguf-needs-tokenizer-model": lambda: Case(
+            [
+                "convert",
+                str(_hf_with(good, t, lambda s: (s / "tokenizer.model").unlink() or s)[0]),
+                str(t / "o.gguf"),
+                "--to",
+                "gguf",
+            ],
+            t / "src",
+            t / "o.gguf",
+            "tokenizer.model",
+        ),
         # --- damaged GGUF, ONNX, gemma_pytorch ---
         "truncated-gguf": lambda: Case(
             ["convert", str(_truncated(good["gguf"], t / "t.gguf", 200)), str(dst), "--to", "hf"], t / "t.gguf", dst
