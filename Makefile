@@ -70,7 +70,7 @@ test: demo-model llamacpp-src gemma-venv
 FUZZ_RUNS ?= 200000
 FUZZ_ORBAX_RUNS ?= 20000
 FUZZ_SECONDS ?=
-FUZZ_TARGETS ?= gguf safetensors config compressed-tensors jax gemma-pytorch onnx
+FUZZ_TARGETS ?= gguf safetensors hf-folder config compressed-tensors jax gemma-pytorch onnx
 FUZZ_BUDGET = $(if $(FUZZ_SECONDS),--seconds $(FUZZ_SECONDS),--runs $(FUZZ_RUNS))
 
 fuzz: venv

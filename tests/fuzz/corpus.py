@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 FUZZ = ROOT / "build" / "fuzz"
 MODELS, SEEDS = FUZZ / "models", FUZZ / "seeds"
-STAMP = FUZZ / ".corpus-v4"
+STAMP = FUZZ / ".corpus-v5"
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,9 @@ def build_models() -> dict[str, Path]:
         src = MODELS / variant
         make_tiny(variant, src, dtype="bfloat16", **MICRO, **overrides)
         out[f"hf-{variant}"] = src
+    g3_micro = MICRO | VARIANTS["gemma3"]
+    sharded = MODELS / "gemma3-sharded"
+    out["hf-gemma3-sharded"] = make_tiny("gemma3", sharded, dtype="bfloat16", shard="16KB", **g3_micro)
     g3 = out["hf-gemma3"]
     f32 = MODELS / "gemma3-f32"
     _gemport("convert", g3, f32, "--to", "hf", "--dtype", "f32")

@@ -27,7 +27,7 @@ from tests.fuzz.corpus import FUZZ, ROOT, SEEDS, STAMP
 FINDINGS = Path(__file__).resolve().parent / "findings"
 RESULTS = FUZZ / "results"
 LOGS = FUZZ / "logs"
-ALL = ("gguf", "safetensors", "config", "compressed-tensors", "jax", "jax-orbax", "gemma-pytorch", "onnx")
+ALL = ("gguf", "safetensors", "hf-folder", "config", "compressed-tensors", "jax", "jax-orbax", "gemma-pytorch", "onnx")
 # Kept files of a finding, as libFuzzer names them after -artifact_prefix.
 _ARTIFACT = re.compile(r"(crash|timeout|oom|leak|slow-unit)-[0-9a-f]+")
 

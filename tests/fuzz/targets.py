@@ -124,6 +124,34 @@ def _st_run(data, folders):
     _hf_run(folder)
 
 
+# --- a whole HF folder: the sharded index, shards, gemport.json, generation_config.json ------
+HF_FOLDERS = ["hf-gemma3-sharded", "ct-int4", "hf-gemma-mqa"]
+
+
+def _folder_seeds(models):
+    files = [sorted(f for f in Path(models[n]).iterdir() if f.suffix in (".json", ".safetensors")) for n in HF_FOLDERS]
+    return [mut.pack_bundle({f.name: f.read_bytes() for f in folder}) for folder in files]
+
+
+def _folder_setup(models, scratch):
+    folder = scratch / "hf"
+    folder.mkdir()
+    return folder
+
+
+def _folder_run(data, folder):
+    for f in folder.iterdir():
+        f.unlink()
+    for name, body in mut.unpack_bundle(data).items():
+        if name in (".", "..") or "/" in name or "\0" in name or not name:
+            continue  # the folder's own files only
+        try:
+            (folder / name).write_bytes(body)
+        except OSError:  # a name the file system refuses (too long): no such file in a real folder
+            continue
+    _hf_run(folder)
+
+
 # --- config.json (GemmaSpec.from_hf_config, then the hf reader with fixed weights) -----------
 def _config_seeds(models):
     return [bytes([i]) + (Path(models[n]) / "config.json").read_bytes() for i, n in enumerate(HF_MODELS)]
@@ -348,6 +376,7 @@ TARGETS: dict[str, Target] = {
     for t in (
         Target("gguf", "gguf", _gguf_seeds, _gguf_setup, _gguf_run, mut.mutate_gguf, ("gguf.gguf_reader",)),
         Target("safetensors", "hf", _st_seeds, _st_setup, _st_run, mut.with_selector(mut.mutate_safetensors)),
+        Target("hf-folder", "hf", _folder_seeds, _folder_setup, _folder_run, mut.mutate_bundle),
         Target("config", "spec", _config_seeds, _config_setup, _config_run, mut.with_selector(mut.mutate_json_text)),
         Target("compressed-tensors", "compressed_tensors", _ct_seeds, _ct_setup, _ct_run, mut.mutate_bundle),
         Target("jax", "jax", _jax_seeds, _jax_setup, _jax_run, mut.mutate_bundle),
