@@ -347,9 +347,11 @@ def _bad_gguf(good: Path, kind: str) -> Path:
 @pytest.mark.parametrize(
     "kind,message",
     [
-        ("truncated", "data is not within the file bounds"),
-        ("header-only", "failed to read key-value pairs"),
-        ("missing-tensor", "tensor 'blk.1.ffn_up.weight' not found"),
+        # gemport reads the candidate (to tell its kind for the default gate) before llama.cpp loads it,
+        # so a damaged file is refused by gemport's bounded GGUF reader with its own line.
+        ("truncated", "ends past the end of the file"),
+        ("header-only", "the metadata count claims"),
+        ("missing-tensor", "missing tensor model.layers.1.mlp.up_proj.weight"),
         ("no-bos", "tokenizer differs from the reference's: token 0 is"),
     ],
 )
@@ -368,8 +370,6 @@ def test_unusable_gguf_is_one_line_with_exit_2(kind, message, references, tmp_pa
     out, err = capfd.readouterr()
     assert rc == 2 and out == "", out
     assert err.count("\n") == 1 and f"{src}: " in err and message in err, err
-    if kind != "no-bos":
-        assert "llama.cpp cannot load it" in err
 
 
 # --- the real Gemma 3 270M Q4_K_M ----------------------------------------------------------------

@@ -37,7 +37,10 @@ KINDS = (*reversed(QUANT_KINDS.values()), *FLOAT_KINDS)
 # --max-kld states a quality target.
 DEFAULT_MAX_KLD = {
     "f32": 1e-3,
-    "bf16": 1e-3,
+    # An HF bf16 folder is computed in bf16 by transformers, as validate loads it: the demo model
+    # so scores 8.2e-4 against itself in fp32, which no bf16 artifact can beat; 3.7x that, still 2x
+    # below the misapplied-field artifact.
+    "bf16": 3e-3,
     "f16": 1e-3,
     "8-bit": 0.02,
     "6-bit": 0.05,
