@@ -1,4 +1,4 @@
-"""CI's short fuzz runs: every target for FUZZ_CI_SECONDS (default 18) from its seeds; any finding
+"""CI's short fuzz runs: every target for FUZZ_CI_SECONDS (default 15) from its seeds; any finding
 (an exception that is not a gemport error, a run over the time limit, memory past the bound) fails.
 `make fuzz` runs the long ones (bench/RESULTS.md, Fuzzing)."""
 
@@ -10,7 +10,7 @@ import pytest
 
 from tests.fuzz.run import ALL, ensure_corpus, run_target
 
-SECONDS = int(os.environ.get("FUZZ_CI_SECONDS", "18"))
+SECONDS = int(os.environ.get("FUZZ_CI_SECONDS", "15"))
 
 
 @pytest.fixture(scope="module")
