@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import re
 import tempfile
 from collections.abc import Callable
@@ -324,11 +325,28 @@ def _rope_scaling(meta: Metadata, arch: str) -> RopeScaling | None:
     factor = _f32(meta.number(a + "scaling.factor", meta.number(a + "scale_linear", 0.0, lo=0.0), lo=0.0))
     if kind == "none" or factor in (0.0, 1.0):
         return None
+    if kind == "yarn":
+        return _yarn_scaling(meta, a, factor)
     if kind != "linear":
-        raise UnsupportedError(f"rope scaling type {kind!r} is not supported (only linear)", meta.path)
+        raise UnsupportedError(f"rope scaling type {kind!r} is not supported (linear and yarn only)", meta.path)
     # gemma2.cpp scales the sliding layers too (freq_scale_swa = freq_scale), as transformers' one Gemma 2
     # rope does (GemmaSpec.layer_rope_scaling); gemma3.cpp only the global ones, as Gemma 3's rope_parameters.
     return RopeScaling("linear", factor)
+
+
+def _yarn_scaling(meta: Metadata, a: str, factor: float) -> RopeScaling:
+    """transformers' yarn parameters of a GGUF's YaRN. ref: llama-model.cpp load_hparams:
+    rope.scaling.original_context_length (default the context length) and rope.scaling.attn_factor
+    (default 1), which multiplies the magnitude get_mscale(factor) llama.cpp applies (llama-context.cpp);
+    beta_fast / beta_slow are always 32 / 1 there, transformers' defaults."""
+    arch_prefix = a[: -len("rope.")]
+    n_ctx_train = meta.integer(arch_prefix + "context_length", lo=1, hi=MAX_CONTEXT)
+    orig = meta.integer(a + "scaling.original_context_length", n_ctx_train, lo=1, hi=MAX_CONTEXT)
+    params: dict = {"original_max_position_embeddings": orig}
+    attn = meta.number(a + "scaling.attn_factor", 1.0, lo=0.0)
+    if _f32(attn) != 1.0:
+        params["attention_factor"] = float(_f32(attn)) * (1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0)
+    return RopeScaling("yarn", factor, tuple(params.items()))
 
 
 # --- tensors ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing
 import os
 import re
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from converters import rope
 from converters.gguf import (
     LAYER_NAMES,
     OFFSET_NORMS,
@@ -248,9 +250,7 @@ def add_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, file_type: int) -> None:
     # for every arch; gemma2.cpp applies both to its sliding layers too (as transformers' one rope does),
     # gemma3.cpp its sliding layers use rope.freq_base_swa unscaled (as Gemma 3's sliding rope_parameters).
     w.add_rope_freq_base(s.rope_theta)
-    if s.rope_scaling:
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(s.rope_scaling.factor)
+    _write_rope_scaling(w, s, ckpt.source)
     if s.family == "gemma2":
         w.add_attn_logit_softcapping(s.attn_softcap)
         w.add_final_logit_softcapping(s.final_softcap)
@@ -271,6 +271,28 @@ def add_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, file_type: int) -> None:
         w.add_string(QUANTIZATION_KEY, _made_summary(ckpt.extra["quantization"]))
 
 
+def _write_rope_scaling(w: gguf.GGUFWriter, s: GemmaSpec, source: str | None) -> None:
+    """ref: llama-model.cpp load_hparams: rope.scaling.type, rope.scaling.factor (freq_scale = 1 / factor),
+    rope.scaling.original_context_length (n_ctx_orig_yarn) and rope.scaling.attn_factor (multiplies the
+    YaRN magnitude); linear and yarn only (_check_llamacpp_semantics refused the rest). Gemma 3's sliding
+    layers stay unscaled in llama.cpp (rope_freq_scale_train_swa 1) as in transformers."""
+    import gguf
+
+    scaling = s.rope_scaling
+    if not scaling:
+        return
+    if scaling.rope_type == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(scaling.factor)
+        return
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(scaling.factor)
+    w.add_rope_scaling_orig_ctx_len(int(dict(scaling.params)["original_max_position_embeddings"]))
+    attn_factor = rope.gguf_yarn_attn_factor(s, source)
+    if not math.isclose(attn_factor, 1.0, rel_tol=1e-7):  # an explicit attention_factor (or mscale pair)
+        w.add_rope_scaling_attn_factors(attn_factor)
+
+
 def _made_summary(manifest: dict) -> str:
     """The quantization manifest's method and scalar settings as compact JSON (a hundred bytes or so:
     the file should not outgrow llama-quantize's of the same type)."""
@@ -287,14 +309,14 @@ _RECORD_KEYS = ("bits", "group_size", "symmetric", "scale_dtype", "block_size")
 
 def _check_llamacpp_semantics(s: GemmaSpec, source: str) -> None:
     """Refuse a spec llama.cpp would run differently from transformers, since GGUF cannot state it."""
-    if s.rope_scaling and s.rope_scaling.rope_type != "linear":
-        # ref: llama-model.cpp LLAMA_ROPE_SCALING_TYPES: none, linear, yarn, longrope; no dynamic NTK. Its YaRN
-        # takes ext/attn factors and betas from context parameters and keys not mapped here, unproven against
-        # transformers' _compute_yarn_parameters: refused rather than written as a possibly different model.
-        raise UnsupportedError(
-            f"rope_scaling {s.rope_scaling.rope_type!r}: not written to GGUF (linear rope scaling only)",
-            source,
+    if s.rope_scaling and s.rope_scaling.rope_type not in ("linear", "yarn"):
+        # ref: llama-model.cpp LLAMA_ROPE_SCALING_TYPES: none, linear, yarn, longrope; no dynamic NTK
+        # (transformers' dynamic rope recomputes inv_freq once a sequence passes original_max_position_embeddings).
+        raise rope.refusal(
+            s, source, "not written to GGUF: llama.cpp has no dynamic rope scaling that follows the sequence length"
         )
+    if s.rope_scaling and s.rope_scaling.rope_type == "yarn":
+        rope.gguf_yarn_attn_factor(s, source)  # refuses what llama.cpp's YaRN would run differently
     if s.activation != TANH_GELU:
         # ref: models/gemma*.cpp build_ffn(..., LLM_FFN_GELU): ggml_gelu, the tanh approximation
         raise UnsupportedError(

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from converters import rope
 from gemport.checkpoint import Checkpoint, LazyTensor, all_finite, expected_shapes
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_output
@@ -417,8 +418,9 @@ class _Builder:
         return self._cached[1]
 
     def _rope_caches(self) -> None:
-        """cos/sin [context, head_dim / 2] per rope base, float32 as the reference computes them
-        (ref: transformers Gemma3RotaryEmbedding: inv_freq from int64 arange, linear scaling divides it)."""
+        """cos/sin [context, head_dim / 2] per distinct rope, float32, taken from transformers' own Gemma
+        rotary embedding (converters.rope.rotary_tables): linear and YaRN scaling, YaRN's attention factor
+        folded into the tables (cos/sin enter the rotation linearly, as in transformers' apply_rotary_pos_emb)."""
         spec = self.spec
         rows = self.options.context_length or spec.max_position
         self.rope = {}
@@ -426,22 +428,28 @@ class _Builder:
             key = self._rope_key(layer)
             if key in self.rope:
                 continue
-            cos, sin = _rope_tables(*key, spec.head_dim, rows)
+            cos, sin = rope.rotary_tables(spec, layer, rows)
             tag = f"rope.{len(self.rope)}"
             self.rope[key] = (
                 self._initializer(f"{tag}.cos", self.ir.tensor(cos.astype(self.np_float))),
                 self._initializer(f"{tag}.sin", self.ir.tensor(sin.astype(self.np_float))),
             )
 
-    def _rope_key(self, layer: int) -> tuple[float, float]:
-        """(base, linear scaling factor) of a layer's rope; which layers are scaled: GemmaSpec.layer_rope_scaling
+    def _rope_key(self, layer: int) -> tuple:
+        """(base, scaling) of a layer's rope; which layers are scaled: GemmaSpec.layer_rope_scaling
         (Gemma 3 its global layers, Gemma 1 and 2 every layer, as transformers)."""
         scaling = self.spec.layer_rope_scaling(layer)
-        if scaling and scaling.rope_type != "linear":
-            raise UnsupportedError(
-                f"rope_scaling {scaling.rope_type!r}: the ONNX rotary tables take linear scaling only", self.ckpt.source
+        if scaling and scaling.rope_type not in ("linear", "yarn"):
+            # transformers' dynamic rope recomputes inv_freq from the length of each sequence once it passes
+            # original_max_position_embeddings (ref: modeling_rope_utils.py dynamic_rope_update); the graph's
+            # precomputed cos/sin tables cannot follow it.
+            raise rope.refusal(
+                self.spec,
+                self.ckpt.source,
+                "not written to ONNX: its precomputed cos/sin tables cannot follow a rope that changes with "
+                "the sequence length",
             )
-        return self.spec.layer_rope_theta(layer), scaling.factor if scaling else 1.0
+        return self.spec.layer_rope_theta(layer), scaling
 
     def _rope_of(self, layer: int):
         return self.rope[self._rope_key(layer)]
@@ -772,14 +780,6 @@ def _stacked(tensors: list[LazyTensor], name: str, source: str) -> LazyTensor:
         )
 
     return LazyTensor(name, shape, first.dtype, load=load, quant=first.quant)
-
-
-def _rope_tables(theta: float, factor: float, head_dim: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    import torch
-
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)) / factor
-    freqs = torch.arange(rows, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    return freqs.cos().numpy(), freqs.sin().numpy()
 
 
 def _block_size(group_size: int | None, k: int, name: str, source: str) -> int:

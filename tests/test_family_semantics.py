@@ -144,11 +144,10 @@ REFUSED = [
         {"final_logit_softcapping": None, "_null": "final_logit_softcapping"},
         "final_logit_softcapping",
     ),
-    ("gemma3", "gguf", {"_rope": "yarn"}, "rope_scaling 'yarn'"),
-    ("gemma3", "onnx", {"_rope": "yarn"}, "rope_scaling 'yarn'"),
+    # yarn to GGUF and ONNX, and more rope refusals: tests/test_rope_scaling.py
     ("gemma3", "jax", {"_rope": "yarn"}, "rope_scaling 'yarn'"),
-    ("gemma", "gguf", {"_rope": "dynamic"}, "rope_scaling 'dynamic'"),
-    ("gemma2", "onnx", {"_rope": "dynamic"}, "rope_scaling 'dynamic'"),
+    ("gemma", "gguf", {"_rope": "dynamic"}, "config.json: rope_parameters.rope_type = 'dynamic'"),
+    ("gemma2", "onnx", {"_rope": "dynamic"}, "config.json: rope_parameters.rope_type = 'dynamic'"),
 ]
 
 
