@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from converters import rope
 from converters.presets import PRESETS, find_preset, spec_from_preset, tokenizer_pieces
 from gemport import __version__
 from gemport.checkpoint import DTYPES, Checkpoint, LazyTensor, all_finite, expected_shapes
@@ -632,9 +633,7 @@ def _check_library_semantics(spec: GemmaSpec, source: str) -> None:
         raise UnsupportedError(f"rms_norm_eps {spec.rms_eps}: the gemma library fixes it at 1e-6", source)
     # ref: gemma/gm/math/_positional_embeddings.py apply_rope: positions / scale_factor, linear only
     if spec.rope_scaling and spec.rope_scaling.rope_type != "linear":
-        raise UnsupportedError(
-            f"rope_scaling {spec.rope_scaling.rope_type!r}: the gemma library has linear rope scaling only", source
-        )
+        raise rope.refusal(spec, source, "the gemma library has linear rope scaling only")
 
 
 def _spill(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]], scratch: Path, flat: bool) -> dict:

@@ -145,7 +145,7 @@ REFUSED = [
         "final_logit_softcapping",
     ),
     # yarn to GGUF and ONNX, and more rope refusals: tests/test_rope_scaling.py
-    ("gemma3", "jax", {"_rope": "yarn"}, "rope_scaling 'yarn'"),
+    ("gemma3", "jax", {"_rope": "yarn"}, "config.json: rope_parameters.full_attention.rope_type = 'yarn'"),
     ("gemma", "gguf", {"_rope": "dynamic"}, "config.json: rope_parameters.rope_type = 'dynamic'"),
     ("gemma2", "onnx", {"_rope": "dynamic"}, "config.json: rope_parameters.rope_type = 'dynamic'"),
 ]
