@@ -45,12 +45,16 @@ def sniff(path: Path) -> bool:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON file holding an object (every JSON file of an HF folder does); InputError naming it otherwise."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError("file not found", path) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"not valid JSON: {exc}", path) from None
+    if not isinstance(data, dict):
+        raise InputError(f"a JSON {type(data).__name__}, not an object", path)
+    return data
 
 
 def read(path: str | Path) -> Checkpoint:
@@ -59,8 +63,6 @@ def read(path: str | Path) -> Checkpoint:
     if not sniff(path):
         raise InputError(f"not a Hugging Face checkpoint folder (no {CONFIG})", path)
     config = read_json(path / CONFIG)
-    if not isinstance(config, dict):
-        raise InputError(f"config is a JSON {type(config).__name__}, not an object", path / CONFIG)
     quantization = config.get("quantization_config")
     if quantization is not None:
         ct.check_readable(quantization, path)
@@ -83,6 +85,8 @@ def read(path: str | Path) -> Checkpoint:
     extra = {}
     if quantization is not None and (path / MANIFEST).is_file():  # how gemport made it, for the next writer
         extra["quantization"] = read_json(path / MANIFEST).get("quantization")
+        if not isinstance(extra["quantization"], dict | None):
+            raise InputError("quantization is not an object", path / MANIFEST)
     ckpt = Checkpoint(
         spec=spec,
         tensors=tensors,
@@ -96,10 +100,7 @@ def read(path: str | Path) -> Checkpoint:
 
 
 def _generation_config_of(file: Path) -> dict:
-    data = read_json(file)
-    if not isinstance(data, dict):
-        raise InputError(f"generation config is a JSON {type(data).__name__}, not an object", file)
-    return data
+    return read_json(file)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -115,8 +116,6 @@ def _index_shards(index_file: Path) -> list[str]:
     index, ending in .safetensors, present (ref: transformers modeling_utils, the index's weight_map
     of tensor name -> shard file; metadata.total_size optional)."""
     index = read_json(index_file)
-    if not isinstance(index, dict):
-        raise InputError(f"index is a JSON {type(index).__name__}, not an object", index_file)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise InputError("index has no weight_map (an object of tensor name -> shard file)", index_file)

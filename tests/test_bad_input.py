@@ -182,3 +182,28 @@ def test_cli_subprocess_exit_code(tiny_models, tmp_path):
     assert proc.returncode == 2
     assert_one_line_error(proc.returncode, proc.stderr, "truncated")
     assert_nothing_left(tmp_path / "dst")
+
+
+@pytest.mark.parametrize("value", [[1, 2], 5, "text", None])
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "model.safetensors.index.json"])
+def test_json_file_that_is_not_an_object(tiny_models, tmp_path, capsys, name, value):
+    """Every JSON file of an HF folder holds an object; anything else is one line naming that file."""
+    src = copy_model(tiny_models["gemma2"], tmp_path / "src")
+    if name.endswith("index.json"):  # a sharded folder: the index beside its one shard
+        (src / "model.safetensors").rename(src / "model-00001-of-00001.safetensors")
+    (src / name).write_text(json.dumps(value))
+    dst = tmp_path / "dst"
+    code, err = run_convert(src, dst, capsys)
+    assert_one_line_error(code, err, str(src / name), "not an object")
+    assert_nothing_left(dst)
+
+
+@pytest.mark.parametrize("manifest", [[1], "x", {"quantization": [1]}, {"quantization": 3}])
+def test_quantized_manifest_that_is_not_an_object(tiny_models, tmp_path, capsys, manifest):
+    src = tmp_path / "int8"
+    assert main(["quantize", str(tiny_models["gemma2"]), str(src), "--method", "rtn", "--bits", "8"]) == 0
+    capsys.readouterr()
+    (src / "gemport.json").write_text(json.dumps(manifest))
+    code, err = run_convert(src, tmp_path / "dst", capsys, "--dtype", "f32")
+    assert_one_line_error(code, err, str(src / "gemport.json"), "not an object")
+    assert_nothing_left(tmp_path / "dst")
