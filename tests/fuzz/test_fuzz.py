@@ -18,15 +18,7 @@ def corpus() -> None:
     ensure_corpus()
 
 
-# Findings in readers being fixed elsewhere at the time of writing, shown by `pytest -ra`; remove once fixed.
-KNOWN: dict[str, str] = {
-    "hf-folder": "converters/hf.py read: a gemport.json that is not an object raises AttributeError",
-}
-
-
-@pytest.mark.parametrize(
-    "target", [pytest.param(t, marks=pytest.mark.xfail(reason=KNOWN[t])) if t in KNOWN else t for t in ALL]
-)
+@pytest.mark.parametrize("target", ALL)
 def test_fuzz_target_finds_nothing(corpus, target):
     r = run_target(target, SECONDS, None, timeout=5)
     assert r["exit"] == 0 and not r["findings"], f"fuzz target {target}: {r} (log: {r['log']})"
