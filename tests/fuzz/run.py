@@ -55,7 +55,7 @@ def run_target(name: str, seconds: int | None, runs: int | None, timeout: int) -
     env = os.environ | {"FUZZ_SCRATCH": scratch, "FUZZ_FINDINGS": str(FINDINGS), "TMPDIR": str(tmp)}
     env["PYTHONHASHSEED"] = "0"
     cmd = [sys.executable, "-m", "tests.fuzz.worker", name, *flags, str(corpus), str(SEEDS / name)]
-    log = LOGS / f"{name}.log"
+    log = LOGS / f"{name}.{os.getpid()}.log"  # runs of one target may overlap (CI and make fuzz)
     start = time.monotonic()
     try:
         with open(log, "w", encoding="utf-8") as out:
@@ -84,8 +84,8 @@ def run_target(name: str, seconds: int | None, runs: int | None, timeout: int) -
 
 
 def _stat(text: str, key: str) -> int | None:
-    m = re.search(rf"stat::{key}:\s+(\d+)", text)
-    return int(m.group(1)) if m else None
+    found = re.findall(rf"stat::{key}:\s+(\d+)", text)  # the last: a log may hold an earlier run's lines
+    return int(found[-1]) if found else None
 
 
 def _last_cov(text: str) -> int | None:
