@@ -388,6 +388,8 @@ def _write_safetensors(path: Path, tensors: list[LazyTensor], advance, source: s
                 )
             if not all_finite(data):
                 raise CheckpointError(f"tensor {t.name} has NaN or infinite values", source)
-            f.write(memoryview(data.contiguous().view(torch.uint8).numpy()))
+            # flatten first: torch calls an [n, 1] tensor with stride(-1) != 1 contiguous and will not
+            # view it as bytes (an asymmetric per-channel zero point is one)
+            f.write(memoryview(data.flatten().contiguous().view(torch.uint8).numpy()))
             del data
             advance()

@@ -22,6 +22,7 @@ CONFIGS = {
     "int8": RTNConfig(bits=8),
     "int4-g32": RTNConfig(bits=4, group_size=32),
     "int4-g32-asym": RTNConfig(bits=4, group_size=32, symmetric=False),
+    "int8-asym": RTNConfig(bits=8, symmetric=False),  # per channel: [n, 1] zero points
 }
 IDS = [2, 17, 99, 5, 300, 42, 7, 256, 3, 88]
 
