@@ -147,6 +147,13 @@ def test_sigkill_at_random_moments_leaves_nothing_and_the_next_run_cleans_up(zyg
             pass
         zygote.wait()
         finals = _finals(folder)
+        if len(expected) > 1 and finals and finals != sorted(expected):
+            # killed among a split set's renames (a window of microseconds): the first shard, the one
+            # llama.cpp is given, is moved last, so the set cannot load; the next writer rolls it back
+            assert sorted(expected)[0] not in finals, (delay, finals)
+            clean_stale_temporaries(folder)
+            finals = _finals(folder)
+            assert finals == [] and not _temporaries(folder), (delay, finals)
         # all or nothing: no destination, or every final file complete (killed after the rename)
         assert finals in ([], sorted(expected)), (delay, finals)
         for n in finals:
