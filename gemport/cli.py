@@ -339,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--allow-fp16-overflow",
         action="store_true",
-        help="--dtype f16 (hf, onnx, gguf): write even when the model's activations outgrow fp16 on "
-        "calibration text (default: refuse; the artifact would compute inf/NaN)",
+        help="--dtype f16 (hf, onnx, gguf, jax) or --quant f16 (gguf): write even when the model's activations "
+        "outgrow fp16 on calibration text (default: refuse; the artifact would compute inf/NaN)",
     )
     s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 

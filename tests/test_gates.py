@@ -202,3 +202,11 @@ def test_a_quantized_artifact_gets_its_bits_bound(src, tmp_path, capsys):
     assert cli.main(_validate(dst, src)) == 0
     out = capsys.readouterr().out
     assert "8-bit (GGUF types Q8_0" in out and f"<= {DEFAULT_MAX_KLD['8-bit']:g} (default for 8-bit artifacts)" in out
+
+
+@pytest.mark.parametrize("flag,value", [("--max-kld", "-1"), ("--max-kld", "nan"), ("--max-ppl-delta", "-5")])
+def test_a_bound_no_score_can_meet_is_refused_before_the_work(src, capsys, flag, value):
+    assert cli.main([*_validate(src, src), flag, value]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert captured.out == "" and len(err) == 1 and f"{flag} must be a number >= 0" in err[0], err

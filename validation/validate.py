@@ -53,7 +53,10 @@ def check_same_ids(ref_ids: list[int], cand_ids: list[int], path: Path) -> None:
     raise CheckpointError(f"tokenizer differs from the reference's: token {i} is {got}, reference has {want}", path)
 
 
-def _check_options(n_ctx: int, n_windows: int) -> None:
+def _check_options(n_ctx: int, n_windows: int, bounds: dict[str, float | None]) -> None:
+    for name, bound in bounds.items():
+        if bound is not None and not bound >= 0:  # NaN fails this too: a gate it bounds could never pass
+            raise UnsupportedError(f"{name} must be a number >= 0, got {bound}")
     if scored_span(n_ctx)[1] < 1:
         raise UnsupportedError(f"a window of {n_ctx} tokens scores nothing; use at least 3")
     if n_windows < 1:
@@ -76,7 +79,7 @@ def validate(
     ``max_kld``, the default KLD bound of the candidate's kind (validation/gates.py) unless
     ``default_gates`` is False."""
     candidate, reference = Path(candidate), Path(reference)
-    _check_options(n_ctx, n_windows)
+    _check_options(n_ctx, n_windows, {"--max-kld": max_kld, "--max-ppl-delta": max_ppl_delta})
     fmt = registry.detect(candidate)
     check_supported(fmt, candidate)
     if registry.detect(reference) != "hf":
