@@ -28,6 +28,21 @@ _COMMON = dict(
 )
 
 
+# Gemma's special pieces and ids, for every SentencePiece model the tests train.
+SPECIAL_PIECES = dict(
+    pad_id=0,
+    eos_id=1,
+    bos_id=2,
+    unk_id=3,
+    pad_piece="<pad>",
+    eos_piece="<eos>",
+    bos_piece="<bos>",
+    unk_piece="<unk>",
+    user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+    minloglevel=2,
+)
+
+
 def _config(variant: str, **overrides):
     config = _base_config(variant)
     for key, value in overrides.items():
@@ -87,16 +102,7 @@ def tokenizer_model() -> bytes:
         remove_extra_whitespaces=False,
         normalization_rule_name="identity",
         allow_whitespace_only_pieces=True,
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
-        minloglevel=2,
+        **SPECIAL_PIECES,
     )
     return buf.getvalue()
 

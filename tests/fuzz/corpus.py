@@ -117,7 +117,7 @@ def _small_vocab(variant: str, path: Path) -> Path:
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    from tests.tiny import make_tiny
+    from tests.tiny import SPECIAL_PIECES, make_tiny
 
     make_tiny(variant, path, vocab_size=48, **MICRO, **VARIANTS[variant])
     buf = io.BytesIO()
@@ -128,16 +128,7 @@ def _small_vocab(variant: str, path: Path) -> Path:
         model_type="bpe",
         add_dummy_prefix=False,
         normalization_rule_name="identity",
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
-        minloglevel=2,
+        **SPECIAL_PIECES,
     )
     (path / "tokenizer.model").write_bytes(buf.getvalue())
     (path / "tokenizer.json").unlink()
