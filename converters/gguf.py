@@ -269,7 +269,7 @@ def _stated_layer_types(meta: Metadata, a: str, n_layers: int, default: tuple[st
         if len(value) != n_layers:
             raise InputError(f"metadata {key} has {len(value)} entries, not {n_layers}", meta.path)
         return tuple(SLIDING if v else FULL for v in value.tolist())
-    n = meta.integer(key, hi=n_layers)
+    n = meta.integer(key)  # ref: llama-hparams.cpp set_swa_pattern: any n (n > layers: all sliding)
     return tuple(SLIDING if n == 0 or i % n < n - 1 else FULL for i in range(n_layers))
 
 

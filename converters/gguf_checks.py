@@ -6,6 +6,7 @@ Keys.Tokenizer); llama.cpp reads them in src/llama-model.cpp load_hparams and sr
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
@@ -13,11 +14,14 @@ import numpy as np
 from converters.gguf_header import Metadata, TensorInfo
 from gemport.errors import InputError
 
+log = logging.getLogger(__name__)
+
 MAX_CONTEXT = 1 << 24  # context_length and sliding_window; Gemma 3's is 131072
 _LAYER_RE = re.compile(r"blk\.(\d+)\.")
 # tokenizer.ggml.{name}_token_id keys (ref: gguf-py constants.py Keys.Tokenizer *_ID)
 SPECIAL_IDS = ("bos", "eos", "eot", "eom", "unknown", "seperator", "padding", "mask", "fim_pre", "fim_suf", "fim_mid")
 SPECIAL_IDS += ("fim_pad", "fim_rep", "fim_sep", "prefix", "suffix", "middle")
+USED_IDS = ("bos", "eos", "eot", "unknown", "padding")  # the ids gemport reads (converters/gguf.py)
 TOKEN_TYPES = range(1, 7)  # NORMAL .. BYTE (ref: gguf-py constants.py TokenType; 0 is UNDEFINED)
 
 
@@ -88,5 +92,10 @@ def check_tokenizer(meta: Metadata) -> None:
     for name in SPECIAL_IDS:
         key = f"tokenizer.ggml.{name}_token_id"
         token_id = meta.integer(key, None, lo=-(1 << 63))
-        if token_id is not None and not 0 <= token_id < n:
+        if token_id is None or 0 <= token_id < n:
+            continue
+        if name in USED_IDS:
             raise InputError(f"metadata {key} is {token_id}, outside the vocabulary of {n} tokens", meta.path)
+        # ref: llama-vocab.cpp llama_vocab::impl::load: "bad special token ... using default id": llama.cpp
+        # loads the file without that id; gemport does not use it either
+        log.warning("%s: metadata %s is %d, outside the vocabulary of %d tokens; ignored", meta.path, key, token_id, n)

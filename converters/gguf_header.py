@@ -230,8 +230,7 @@ def _value(cur: _Cursor, vtype: int, key: str, depth: int) -> Any:
     n = cur.u64(f"the length of metadata {key}")
     if itype in SCALARS:
         _, fmt, _, size = SCALARS[itype]
-        cur.count(n, size, f"metadata {key}")
-        cur.items -= n  # numbers are one numpy copy, not n objects: only the bytes bound them
+        # numbers are one numpy copy, not n objects: only the bytes left bound them (take checks them)
         start = cur.take(n * size, f"metadata {key}")
         data = np.frombuffer(cur.buf[start : start + n * size], dtype=np.dtype(fmt))  # a copy: bytes, not the map
         return data != 0 if itype == BOOL else data
@@ -273,8 +272,9 @@ def _tensor_info(cur: _Cursor, i: int) -> TensorInfo:
         raise _corrupt(f"tensor {name} has unknown ggml type {raw_type}", cur.path) from None
     if any(d >= 1 << 63 for d in ne):  # ref: gguf.cpp: ne are int64 and must be >= 0
         raise _corrupt(f"tensor {name} has a negative dimension {list(ne)}", cur.path)
-    if ne and ne[0] % block:
-        raise _corrupt(f"tensor {name} rows of {ne[0]} are not a whole number of {qtype.name} blocks", cur.path)
+    row = ne[0] if ne else 1  # ref: gguf.cpp: a missing dimension is 1
+    if row % block:
+        raise _corrupt(f"tensor {name} rows of {row} are not a whole number of {qtype.name} blocks", cur.path)
     n = 1
     for d in ne:
         n *= d

@@ -75,9 +75,9 @@ def write(
     where it came from, for errors). ``jobs`` worker processes quantize (default: one per CPU).
     """
     ckpt.check()
+    ckpt = drop_vocab_padding(ckpt)
     if _ftype(ckpt, quant or dtype) == "f16":  # asked, or an f16 source kept: refused if fp16 parts overflow
         ckpt = fp16_range.checked_gguf_f16(ckpt, allow_fp16_overflow)
-    ckpt = drop_vocab_padding(ckpt)
     dst = Path(dst)
     arch = ckpt.spec.family
     if arch in ("gemma", "gemma2") and not ckpt.spec.tie_embeddings:
