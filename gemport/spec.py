@@ -547,7 +547,10 @@ class _HfConfigReader:
         if value not in _ACTIVATIONS:
             self.unsupported(key, f"activation {value!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
         if self.family == "gemma":
-            # ref: transformers GemmaConfig.__post_init__: a Gemma 1 "gelu" means the tanh approximation
+            # ref: transformers GemmaConfig.__post_init__: a Gemma 1 "gelu" means the tanh approximation;
+            # other names are taken as they are, and a Gemma 1 spec holds the tanh GELU only
+            if value != "gelu" and _ACTIVATIONS[value] != TANH_GELU:
+                self.unsupported(key, f"activation {value!r}: Gemma 1 with an exact GELU is not supported")
             return TANH_GELU
         return _ACTIVATIONS[value]
 

@@ -107,6 +107,8 @@ def test_bad_softcaps_are_named(tiny_models, tmp_path, capsys, variant, key, val
         ("gemma3", {"hidden_activation": "relu"}, (), ("hidden_activation", "'relu'")),
         ("gemma3", {"hidden_activation": 5}, (), ("hidden_activation = 5",)),
         ("gemma-mha", {"hidden_act": "silu"}, (), ("hidden_act", "'silu'")),
+        # transformers runs a Gemma 1 "gelu_python" exact (only "gelu" is read as tanh)
+        ("gemma-mha", {"hidden_act": "gelu_python"}, (), ("hidden_act", "'gelu_python'")),
         ("gemma3", {"rope_parameters.full_attention.rope_type": "longrope"}, (), ("rope_type", "'longrope'")),
         ("gemma3", {"rope_parameters.full_attention.rope_type": "llama3"}, (), ("rope_type", "'llama3'")),
         ("gemma3", {"rope_parameters.full_attention.rope_type": 3}, (), ("rope_parameters.full_attention.rope_type",)),
