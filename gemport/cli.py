@@ -15,7 +15,7 @@ from pathlib import Path
 from gemport import __version__, registry
 from gemport.checkpoint import DTYPES
 from gemport.errors import GemportError, OutputError, UnsupportedError
-from gemport.output import atomic_output
+from gemport.output import atomic_output, clean_stale_temporaries
 
 log = logging.getLogger("gemport")
 
@@ -674,7 +674,10 @@ def _importance(args, src_fmt: str):
 
 
 def _check_destination(dst: Path, overwrite: bool) -> None:
-    """Refuse an existing destination before the work, not after it (the writers check again)."""
+    """Refuse an existing destination before the work, not after it (the writers check again), once the
+    temporaries of killed writers there are gone (a half-moved split set is rolled back first)."""
+    if dst.parent.is_dir():
+        clean_stale_temporaries(dst.parent)
     if dst.exists() and not overwrite:
         raise OutputError("destination already exists (pass --overwrite to replace it)", dst)
 

@@ -116,7 +116,8 @@ def clean_stale_temporaries(folder: Path) -> list[Path]:
             temporaries[base] = int(m["pid"])
     removed = []
     for tmp, pid in sorted(temporaries.items()):
-        if pid != os.getpid() and _remove_if_stale(tmp, pid):
+        # this process's own live temporaries are safe too: flock locks of two open descriptions conflict
+        if _remove_if_stale(tmp, pid):
             removed.append(tmp)
     return removed
 
@@ -134,8 +135,10 @@ def _remove_if_stale(tmp: Path, pid: int) -> bool:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False  # a live writer holds it
+            if os.fstat(fd).st_ino != os.stat(lock).st_ino:
+                return False  # released and removed meanwhile: the name may be a new writer's now
+        except (BlockingIOError, FileNotFoundError):
+            return False  # a live writer holds it, or it is gone
         discarded = _discard(tmp)  # under the lock, so a writer reusing the name waits
         lock.unlink(missing_ok=True)
         return discarded
@@ -149,10 +152,10 @@ def _discard(tmp: Path) -> bool:
         journal = tmp / JOURNAL
         moves = json.loads(journal.read_text(encoding="utf-8")) if journal.is_file() else []
         if moves and not _is_moved(tmp, *moves[-1]):  # the last move (the first shard) completes the set
-            for final, inode in moves:
-                if _is_moved(tmp, final, inode):
-                    Path(final).unlink()
-                    log.warning("removed %s: its writer was killed before the whole set was in place", final)
+            for name, inode, size in moves:
+                if _is_moved(tmp, name, inode, size):
+                    (tmp.parent / name).unlink()
+                    log.warning("removed %s: its writer was killed before the whole set was in place", name)
         _remove(tmp)
     except (OSError, ValueError, TypeError) as exc:
         log.warning("cannot remove the stale temporary %s: %s", tmp, exc)
@@ -161,12 +164,13 @@ def _discard(tmp: Path) -> bool:
     return True
 
 
-def _is_moved(tmp: Path, final: str, inode: int) -> bool:
-    """Whether the journal's ``final`` is in place: beside ``tmp``, with the inode it was written as."""
+def _is_moved(tmp: Path, name: str, inode: int, size: int) -> bool:
+    """Whether the journal's file ``name`` is in place beside ``tmp``, the inode and size it was written with."""
     try:
-        return Path(final).parent == tmp.parent and Path(final).stat().st_ino == inode
+        st = (tmp.parent / Path(name).name).stat()
     except OSError:
         return False
+    return st.st_ino == inode and st.st_size == size
 
 
 def _write_error(exc: OSError, dst: Path) -> OutputError | None:
@@ -178,21 +182,26 @@ def _write_error(exc: OSError, dst: Path) -> OutputError | None:
 def _temporary_beside(finals: list[Path], overwrite: bool) -> tuple[Path, int]:
     """A free temporary name beside ``finals[0]`` and its held lock, once no final path is in the way
     and the stale temporaries of dead writers are gone."""
+    folder = finals[0].parent
+    if folder.is_dir():  # first: a set a killed writer left half-moved is rolled back, not "in the way"
+        clean_stale_temporaries(folder)
     for final in finals:
         if final.exists() and not overwrite:
             raise OutputError("destination already exists (pass --overwrite to replace it)", final)
-    folder = finals[0].parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create the destination folder: {exc.strerror}", finals[0]) from None
-    clean_stale_temporaries(folder)
     tmp = folder / f".{finals[0].name}.partial-{os.getpid()}"
     try:
         fd = _acquire(_lock_path(tmp))
     except OSError as exc:
         raise (_write_error(exc, finals[0]) or OutputError(f"cannot write: {exc.strerror}", finals[0])) from None
-    _remove(tmp)
+    try:
+        _remove(tmp)
+    except BaseException:
+        _release(_lock_path(tmp), fd)
+        raise
     return tmp, fd
 
 
@@ -239,7 +248,8 @@ def atomic_files(finals: list[Path], overwrite: bool = False) -> Iterator[Path]:
         yield tmp
         _fsync_tree(tmp)
         order = finals[1:] + finals[:1]
-        journal = [(str(final), (tmp / final.name).stat().st_ino) for final in order]
+        stats = [(tmp / final.name).stat() for final in order]
+        journal = [(final.name, st.st_ino, st.st_size) for final, st in zip(order, stats, strict=True)]
         (tmp / JOURNAL).write_text(json.dumps(journal), encoding="utf-8")
         _fsync_tree(tmp / JOURNAL)
         moved = []

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from gemport import cli
-from gemport.output import atomic_output, clean_stale_temporaries
+from gemport.output import atomic_files, atomic_output, clean_stale_temporaries
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLS = 20
@@ -238,7 +238,8 @@ def test_a_half_moved_split_set_is_rolled_back_and_a_moved_one_kept(tmp_path):
         journal = []
         for f in order:
             (tmp / f.name).write_text(f.name)
-            journal.append((str(f), (tmp / f.name).stat().st_ino))
+            st = (tmp / f.name).stat()
+            journal.append((f.name, st.st_ino, st.st_size))
         (tmp / JOURNAL).write_text(json.dumps(journal))
         for f in order[:moved]:
             os.replace(tmp / f.name, f)
@@ -246,6 +247,13 @@ def test_a_half_moved_split_set_is_rolled_back_and_a_moved_one_kept(tmp_path):
 
     finals = killed_while_moving(2)  # shards 2 and 3 in place, shard 1 not: incomplete
     assert clean_stale_temporaries(tmp_path) and list(tmp_path.iterdir()) == []
+    finals = killed_while_moving(1)  # the next writer of the set rolls it back instead of refusing it
+    with atomic_files(finals) as tmp:
+        for f in finals:
+            (tmp / f.name).write_text("new")
+    assert sorted(tmp_path.iterdir()) == finals and all(f.read_text() == "new" for f in finals)
+    for f in finals:
+        f.unlink()
     finals = killed_while_moving(3)  # every shard in place, killed before removing the temporary
     assert clean_stale_temporaries(tmp_path)
     assert sorted(tmp_path.iterdir()) == finals and finals[0].read_text() == finals[0].name
