@@ -210,3 +210,14 @@ def test_a_bound_no_score_can_meet_is_refused_before_the_work(src, capsys, flag,
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert captured.out == "" and len(err) == 1 and f"{flag} must be a number >= 0" in err[0], err
+
+
+def test_an_hf_folder_is_of_the_dtype_it_is_computed_in(src, tmp_path):
+    """f32 tensors under a config naming bfloat16: transformers computes them in bf16, the bf16 bound applies."""
+    dst = shutil.copytree(src, tmp_path / "f32-weights-bf16-config")
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(config | {"dtype": "bfloat16"}))
+    found = artifact_kind(dst, "hf")
+    assert found.name == "bf16" and "computed in bf16 (config.json dtype)" in found.evidence, found
+    (dst / "config.json").write_text(json.dumps(config | {"dtype": "float32"}))
+    assert artifact_kind(dst, "hf").name == "f32"

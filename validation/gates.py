@@ -108,7 +108,7 @@ def checkpoint_kind(ckpt, fmt: str) -> ArtifactKind:
             labels[(f"int{t.quant.bits}", quant_kind(t.quant.bits))] += 1
         elif t.raw is not None:  # a GGUF tensor: its stored type
             labels[(t.raw[0], _ggml_kind(t.raw[0]))] += 1
-        else:
+        elif t.dtype in FLOAT_KINDS:  # integer tensors (token tables and the like) are no weights' precision
             labels[(t.dtype, t.dtype)] += 1
     return _lowest(labels, "GGUF types" if fmt == "gguf" else "weight matrices", Path(ckpt.source))
 
@@ -138,4 +138,11 @@ def artifact_kind(path: str | Path, fmt: str) -> ArtifactKind:
     path = Path(path)
     if fmt == "onnx":
         return onnx_kind(path)
-    return checkpoint_kind(registry.get(fmt).load().read(path), fmt)
+    kind = checkpoint_kind(registry.get(fmt).load().read(path), fmt)
+    if fmt == "hf" and kind.name in FLOAT_KINDS:  # transformers computes an HF folder in its config's dtype
+        from validation.runtimes.hf_transformers import config_dtype
+
+        compute = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[config_dtype(path)]
+        if KINDS.index(compute) < KINDS.index(kind.name):
+            kind = ArtifactKind(compute, f"{kind.evidence}, computed in {compute} (config.json dtype)")
+    return kind
