@@ -69,7 +69,7 @@ BOUNDS = {
 # refused. Values are the optional keys each type takes besides rope_type, factor and rope_theta.
 ROPE_TYPES = {
     "linear": (),
-    "dynamic": (),
+    "dynamic": ("original_max_position_embeddings",),  # ref: dynamic_rope_update reads it
     "yarn": (
         "original_max_position_embeddings",
         "attention_factor",
@@ -693,6 +693,6 @@ class _HfConfigReader:
             elif not _is_number(value) or (key != "attention_factor" and value <= 0) or value < 0:
                 self.bad(f"{where}.{key}", value, "must be a number > 0")
             extra[key] = value
-        if rope_type == "yarn":  # ref: standardize_rope_params: original_max_position_embeddings defaults to max
+        if rope_type in ("yarn", "dynamic"):  # ref: standardize_rope_params: original_max_position_embeddings
             extra.setdefault("original_max_position_embeddings", max_position)
         return RopeScaling(rope_type, factor, tuple(extra.items()))

@@ -287,8 +287,13 @@ def test_missing_keys_take_transformers_defaults(family):
         ("gemma2", {"rope_local_base_freq": 5.0}, {"rope_local_theta": None}),
         (
             "gemma",
-            {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}},
-            {"rope_scaling": RopeScaling("dynamic", 4.0)},
+            {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}, "max_position_embeddings": 1024},
+            {"rope_scaling": RopeScaling("dynamic", 4.0, (("original_max_position_embeddings", 1024),))},
+        ),
+        (  # transformers' dynamic_rope_update grows the frequencies past the stated original length
+            "gemma2",
+            {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 16}},
+            {"rope_scaling": RopeScaling("dynamic", 4.0, (("original_max_position_embeddings", 16),))},
         ),
         (
             "gemma3",
