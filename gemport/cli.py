@@ -9,10 +9,9 @@ import json
 import logging
 import os
 import sys
-from collections import Counter
 from pathlib import Path
 
-from gemport import __version__, registry
+from gemport import __version__, progress, registry
 from gemport.checkpoint import DTYPES
 from gemport.errors import GemportError, OutputError, UnsupportedError
 from gemport.output import atomic_output, clean_stale_temporaries
@@ -428,35 +427,9 @@ def _read(path: Path, fmt: str | None, args=None):
 
 
 def cmd_inspect(args) -> int:
-    fmt, ckpt = _read(args.path, args.src_format, args)
-    dtypes = Counter(t.dtype for t in ckpt)
-    info = {
-        "path": str(args.path),
-        "format": fmt,
-        "family": ckpt.spec.family,
-        "tensors": len(ckpt.tensors),
-        "parameters": sum(_numel(t.shape) for t in ckpt),
-        "dtypes": dict(dtypes),
-        "bytes": sum(t.nbytes for t in ckpt),
-        "spec": ckpt.spec.to_json(),
-    }
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    for key in ("path", "format", "family", "tensors", "parameters", "bytes"):
-        print(f"{key:11} {info[key]}")
-    print(f"{'dtypes':11} " + ", ".join(f"{d}: {n}" for d, n in dtypes.most_common()))
-    print("spec")
-    for key, value in info["spec"].items():
-        print(f"  {key:22} {value}")
-    return 0
+    from gemport.describe import cmd_inspect
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return cmd_inspect(args)
 
 
 # convert --to hf --quant NAME: the one-step form of `gemport quantize` (method, bits), defaults otherwise.
@@ -737,6 +710,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    progress.configure()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return COMMANDS[args.command](args)
