@@ -236,11 +236,37 @@ def _value(cur: _Cursor, vtype: int, key: str, depth: int) -> Any:
         return data != 0 if itype == BOOL else data
     if itype == STRING:
         cur.count(n, 8, f"metadata {key}")
-        return [cur.string(f"element {j} of metadata {key}", MAX_STRING_BYTES) for j in range(n)]
+        return _strings(cur, n, key)
     if itype == ARRAY:
         cur.count(n, 12, f"metadata {key}")  # each inner array: element type and length
         return [_value(cur, ARRAY, key, depth + 1) for _ in range(n)]
     raise _corrupt(f"metadata {key} is an array of unknown value type {itype}", cur.path)
+
+
+_LENGTH = struct.Struct("<Q").unpack_from
+
+
+def _strings(cur: _Cursor, n: int, key: str) -> list[str]:
+    """``n`` strings of an array in one tight loop (Gemma 3's 262144 pieces in a fraction of a second,
+    which ``inspect`` needs); at the first string that any bound or the file's end refuses, the rest
+    is read by ``_Cursor.string``, which raises the error naming it."""
+    buf, pos, out = cur.buf, cur.pos, []
+    end, limit = min(cur.end, MAX_HEADER_BYTES), MAX_STRING_BYTES
+    append = out.append
+    start = pos
+    try:
+        for _ in range(n):
+            start = pos
+            (size,) = _LENGTH(buf, pos)
+            pos += 8 + size
+            if size > limit or pos > end:
+                raise ValueError
+            append(buf[start + 8 : pos].decode("utf-8"))
+    except (ValueError, struct.error):  # UnicodeDecodeError is a ValueError
+        cur.pos = start
+        return out + [cur.string(f"element {j} of metadata {key}", limit) for j in range(len(out), n)]
+    cur.pos = pos
+    return out
 
 
 def _alignment(values: dict[str, Any], types: dict[str, int], path: Path) -> int:
