@@ -17,7 +17,7 @@ from converters import compressed_tensors as ct
 from gemport.checkpoint import DTYPES, Checkpoint, LazyTensor, all_finite, expected_shapes, torch_dtype
 from gemport.errors import CheckpointError, InputError
 from gemport.output import atomic_output
-from gemport.progress import progress
+from gemport.progress import log_tensor, progress, stage
 from gemport.spec import GemmaSpec
 from quantizers import fp16_range
 
@@ -309,7 +309,8 @@ def write(
     stored = dtype or ckpt.tensors["model.embed_tokens.weight"].dtype  # what config.json's dtype will say
     if stored == "f16":  # given, or kept from an f16 source: either way transformers computes in fp16
         label = "--dtype f16" if dtype else "f16 (the source's dtype, kept)"
-        fp16_range.check_fp16(ckpt, fp16_range.ALL, "hf", allow_fp16_overflow, label=label)
+        with stage("probing fp16 activations on calibration text"):
+            fp16_range.check_fp16(ckpt, fp16_range.ALL, "hf", allow_fp16_overflow, label=label)
         ckpt = fp16_range.guard_weights(ckpt)
     if dtype:
         ckpt = ckpt.cast(dtype)
@@ -319,7 +320,7 @@ def write(
     verb = f"quantizing ({quant.describe()}) and writing" if quant else "writing"
     with atomic_output(dst, overwrite) as tmp:
         tmp.mkdir()
-        with progress(f"{verb} {Path(dst).name}", total=len(stored)) as advance:
+        with progress(f"{verb} {Path(dst).name}", total=len(stored), unit="tensors") as advance:
             for file_name, tensors in shards.items():
                 _write_safetensors(tmp / file_name, tensors, advance, ckpt.source)
         if len(shards) > 1:
@@ -392,4 +393,5 @@ def _write_safetensors(path: Path, tensors: list[LazyTensor], advance, source: s
             # view it as bytes (an asymmetric per-channel zero point is one)
             f.write(memoryview(data.flatten().contiguous().view(torch.uint8).numpy()))
             del data
+            log_tensor(log, t.name, t.shape, _ST_NAMES[t.dtype])
             advance()

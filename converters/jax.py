@@ -54,7 +54,7 @@ from gemport import __version__
 from gemport.checkpoint import DTYPES, Checkpoint, LazyTensor, all_finite, expected_shapes
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_output
-from gemport.progress import progress
+from gemport.progress import log_tensor, progress, stage
 from gemport.spec import TANH_GELU, GemmaSpec
 from quantizers import fp16_range
 
@@ -619,7 +619,8 @@ def write(
     with atomic_output(dst, overwrite) as tmp:
         with tempfile.TemporaryDirectory(prefix=f".{dst.name}.spill-", dir=dst.parent) as scratch:
             tree = _spill(ckpt, shapes, Path(scratch), layout == "flat")
-            _save_tree(tree, tmp)
+            with stage(f"saving {dst.name} with orbax"):
+                _save_tree(tree, tmp)
             del tree
         _write_extras(ckpt, tmp, layout, transposed_gating, shapes["embedder/input_embedding"][0])
     return dst
@@ -639,7 +640,7 @@ def _check_library_semantics(spec: GemmaSpec, source: str) -> None:
 def _spill(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]], scratch: Path, flat: bool) -> dict:
     """Convert each leaf from its canonical tensors into a scratch file; a tree of read-only maps."""
     tree: dict = {}
-    with progress("converting to JAX layout", total=len(shapes)) as advance:
+    with progress("converting to JAX layout", total=len(shapes), unit="tensors") as advance:
         for i, (name, shape) in enumerate(shapes.items()):
             prefix, names, kind = _rule(ckpt.spec.family, name)
             parts = [_load_checked(ckpt, prefix + n) for n in names]
@@ -657,6 +658,7 @@ def _spill(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]], scratch: Path, 
             for g in groups:
                 node = node.setdefault(g, {})
             node[last] = np.memmap(file, dtype=dtype, mode="r", shape=shape)
+            log_tensor(log, name, shape, str(dtype))
             advance()
     return tree
 

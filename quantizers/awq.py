@@ -339,7 +339,7 @@ def quantize(ckpt: Checkpoint, config: AWQConfig, as_records: bool = True) -> Ch
     tensors = dict(ckpt.tensors)
     alphas = {}
     layers = ckpt.spec.num_layers
-    with progress(f"AWQ {ckpt.source or 'model'}", layers) as advance:
+    with progress(f"AWQ {ckpt.source or 'model'}", layers, unit="layers") as advance:
         for item in stream_layers(ckpt, config.calibration):
             prefix = f"model.layers.{item.index}."
             dtypes = {n.removeprefix(prefix): t.dtype for n, t in ckpt.tensors.items() if n.startswith(prefix)}

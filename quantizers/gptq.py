@@ -389,7 +389,7 @@ def run(
     if "gguf_type" not in manifest:
         _check_shapes(ckpt, config)
     tensors = dict(ckpt.tensors)
-    with progress(f"GPTQ {ckpt.source or 'model'}", ckpt.spec.num_layers) as advance:
+    with progress(f"GPTQ {ckpt.source or 'model'}", ckpt.spec.num_layers, unit="layers") as advance:
         for item in stream_layers(ckpt, config.calibration, quantized_outputs=True, final=final):
             prefix = f"model.layers.{item.index}."
             results = quantize_layer(item, functools.partial(one, prefix))

@@ -59,6 +59,7 @@ from converters.gguf_header import read_header
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_output
 from gemport.progress import progress as rich_progress
+from gemport.progress import stage
 from gemport.spec import GemmaSpec
 
 if TYPE_CHECKING:
@@ -169,11 +170,12 @@ def compute_imatrix(
     model_dir = Path(model_dir)
     _check_options(n_ctx, n_chunks)
     spec = _read_spec(model_dir)
-    calibration = split_text(load_text(corpus))[1]  # [0], the evaluation part, is never read
-    tokenizer = load_tokenizer(model_dir, "model")
-    if tokenizer.bos_token_id is None:
-        raise CheckpointError("the tokenizer has no BOS token", model_dir)
-    tokens = tokenize(tokenizer, calibration)
+    with stage(f"tokenizing the calibration text for {model_dir.name}"):
+        calibration = split_text(load_text(corpus))[1]  # [0], the evaluation part, is never read
+        tokenizer = load_tokenizer(model_dir, "model")
+        if tokenizer.bos_token_id is None:
+            raise CheckpointError("the tokenizer has no BOS token", model_dir)
+        tokens = tokenize(tokenizer, calibration)
     wanted = n_chunks if n_chunks is not None else len(tokens) // n_ctx
     chunks = windows(tokens, n_ctx, max(wanted, 1), tokenizer.bos_token_id)
     if len(chunks) < wanted:
@@ -183,7 +185,8 @@ def compute_imatrix(
     if max(max(c) for c in chunks) >= spec.vocab_size:
         raise CheckpointError(f"the tokenizer yields ids beyond the vocab of {spec.vocab_size}", model_dir)
 
-    model = _load_model(model_dir)
+    with stage(f"loading {model_dir.name}"):
+        model = _load_model(model_dir)
     targets = _linear_targets(model, spec, process_output and not spec.tie_embeddings, model_dir)
     if process_output and spec.tie_embeddings:
         log.info("tied embeddings: the output matmul uses token_embd.weight, which llama-imatrix does not record")

@@ -59,3 +59,13 @@ def corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text(default_text()[:60000], encoding="utf-8")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _no_progress_lines(monkeypatch):
+    """No plain progress lines in-process, so that stderr assertions hold on a slow machine;
+    tests/test_progress.py sets the intervals it tests."""
+    from gemport import progress
+
+    monkeypatch.setattr(progress, "INTERVAL", float("inf"))
+    monkeypatch.setattr(progress, "HEARTBEAT", float("inf"))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gemport import registry
 from gemport.errors import CheckpointError, InputError, UnsupportedError
-from gemport.progress import progress
+from gemport.progress import progress, stage
 from validation.corpus import load_text, split_text, tokenize, windows
 from validation.gates import ArtifactKind, artifact_kind
 from validation.metrics import Accumulator, padding_note, scored_span, scored_vocab
@@ -102,11 +102,13 @@ def validate(
         warnings.append(f"the corpus holds {len(chunks)} windows of {n_ctx} tokens, fewer than the {n_windows} asked")
         log.warning("%s", warnings[-1])
 
-    cand_rt = runtime_for(candidate, fmt)
+    with stage(f"loading {candidate.name}"):
+        cand_rt = runtime_for(candidate, fmt)
     if hasattr(cand_rt, "tokenize"):  # a runtime with its own tokenizer (llama.cpp) must agree with the reference
         sample = evaluation[:TOKENIZER_CHECK_CHARS]
         check_same_ids(tokenize(tokenizer, sample), cand_rt.tokenize(sample), candidate)
-    ref_rt = TransformersRuntime(reference)
+    with stage(f"loading the reference {reference.name}"):
+        ref_rt = TransformersRuntime(reference)
     vocab = scored_vocab(cand_rt.vocab_size, ref_rt.vocab_size, tokenizer.vocab_size)
     if vocab is None:
         raise CheckpointError(f"vocab size {cand_rt.vocab_size}, reference has {ref_rt.vocab_size}", candidate)
@@ -118,7 +120,7 @@ def validate(
         raise CheckpointError(f"the tokenizer yields id {top}, beyond the vocab of {vocab}", reference)
 
     acc = Accumulator()
-    with progress(f"validating {candidate.name}", total=len(chunks)) as advance:
+    with progress(f"validating {candidate.name}", total=len(chunks), unit="windows") as advance:
         for chunk in chunks:
             acc.add_window(chunk, ref_rt.logprobs(chunk)[:, :vocab], cand_rt.logprobs(chunk))
             advance()

@@ -1,0 +1,141 @@
+"""Progress off a terminal (plain lines, heartbeat), silenced dependency bars, ``-v`` tensor by tensor."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gemport import progress
+
+ROOT = Path(__file__).resolve().parents[1]
+BAR_MARKS = ("%|", "it/s]", "Loading weights", "Compressing model", "Decompressing model", "Dispatching model")
+
+
+@pytest.fixture
+def plain(monkeypatch):
+    """stderr is not a terminal (pytest captures it), whatever the environment forces."""
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
+    monkeypatch.setattr(progress, "_stderr_is_terminal", lambda: False)
+
+
+def test_plain_lines_at_most_every_interval(plain, monkeypatch, capsys):
+    now = [100.0]
+    monkeypatch.setattr(progress, "clock", lambda: now[0])
+    monkeypatch.setattr(progress, "INTERVAL", 5.0)
+    monkeypatch.setattr(progress, "HEARTBEAT", 1e9)  # only advance() prints here
+    progress.configure()
+    with progress.progress("validating m.gguf", 16, "windows") as advance:
+        for t in (101, 104, 106, 108, 110.9, 111.5):
+            now[0] = t
+            advance()
+    lines = capsys.readouterr().err.splitlines()
+    # 106: 6 s after configure(); 111.5: 5.5 s after that line; the others too soon after one
+    assert lines == ["gemport: validating m.gguf 3/16 windows, 6 s", "gemport: validating m.gguf 6/16 windows, 12 s"]
+
+
+def test_short_work_prints_nothing(plain, monkeypatch, capsys):
+    monkeypatch.setattr(progress, "INTERVAL", 5.0)
+    monkeypatch.setattr(progress, "HEARTBEAT", 8.0)
+    progress.configure()
+    with progress.stage("loading"), progress.progress("writing x", 3) as advance:
+        for _ in range(3):
+            advance()
+    assert capsys.readouterr().err == ""
+
+
+def test_heartbeat_during_one_long_step(plain, monkeypatch, capsys):
+    monkeypatch.setattr(progress, "HEARTBEAT", 0.2)
+    progress.configure()
+    with progress.progress("GPTQ m", 4, "layers") as advance:
+        advance()
+        with progress.stage("loading the reference m"):
+            time.sleep(0.75)  # one long step: no advance at all
+    after = capsys.readouterr().err.splitlines()
+    assert len(after) >= 2 and all(line.startswith("gemport: loading the reference m, ") for line in after), after
+    time.sleep(0.5)  # no task runs: the heartbeat stops
+    assert capsys.readouterr().err == "" and not progress._reporter.beating
+
+
+def test_terminal_draws_nested_bars_and_no_plain_lines(monkeypatch, capsys):
+    monkeypatch.setattr(progress, "_stderr_is_terminal", lambda: True)
+    monkeypatch.setattr(progress, "HEARTBEAT", 0.05)
+    progress.configure()
+    with progress.stage("loading"), progress.progress("validating x", 2) as advance:
+        time.sleep(0.2)
+        advance(2)
+        assert len(progress._reporter.bar.tasks) == 2
+    assert progress._reporter.bar is None
+    assert "gemport: " not in capsys.readouterr().err
+
+
+def test_tqdm_bars_are_silenced_even_when_asked_for(capfd):
+    progress.configure()
+    from tqdm import tqdm
+    from tqdm.auto import tqdm as auto_tqdm
+
+    for bar in (tqdm(range(3), desc="Dispatching model", disable=False), auto_tqdm(range(3), desc="Loading weights")):
+        assert list(bar) == [0, 1, 2]
+    assert capfd.readouterr().err == ""
+
+
+def test_cli_in_a_ci_log_shows_no_dependency_bars(tiny_models, tmp_path):
+    """A compressed-tensors candidate, loaded by transformers: compressed-tensors draws tqdm bars
+    ("Applying quantization config", "Dispatching model") with an explicit ``disable=``."""
+    from converters import hf
+    from quantizers.rtn import RTNConfig, quantize
+
+    src = tiny_models["gemma3"]
+    folder = hf.write(quantize(hf.read(src), RTNConfig(bits=4, group_size=32)), tmp_path / "int4")
+    err = tmp_path / "stderr.log"
+    argv = [sys.executable, "-m", "gemport.cli", "validate", str(folder), "--reference", str(src)]
+    argv += ["--ctx", "32", "--windows", "1", "--no-default-gates"]
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    with open(err, "w") as f:
+        rc = subprocess.run(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f, env=env, timeout=300).returncode
+    text = err.read_text()
+    assert rc == 0, text
+    assert not any(mark in text for mark in BAR_MARKS), text
+
+
+def _logged_tensors(caplog) -> list[tuple[str, ...]]:
+    found = (re.fullmatch(r"tensor (\S+) (\[[\d, ]*\]) (\S+)", r.getMessage()) for r in caplog.records)
+    return [m.groups() for m in found if m]
+
+
+def _safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header
+
+
+def test_verbose_logs_every_tensor_a_writer_stores(tiny_models, tmp_path, caplog):
+    from gguf import GGUFReader
+
+    from gemport.cli import main
+
+    caplog.set_level(logging.INFO)
+    src = str(tiny_models["gemma3"])
+    assert main(["-v", "convert", src, str(tmp_path / "m.gguf"), "--to", "gguf", "--quant", "q8_0"]) == 0
+    logged = {name: (shape, stored) for name, shape, stored in _logged_tensors(caplog)}
+    stored = GGUFReader(tmp_path / "m.gguf").tensors
+    assert len(logged) == len(stored) > 10
+    for t in stored:  # GGUF lists shapes innermost first
+        assert logged[t.name] == (str(list(reversed(t.shape.tolist()))), t.tensor_type.name), t.name
+
+    caplog.clear()
+    assert main(["-v", "convert", src, str(tmp_path / "hf"), "--to", "hf", "--dtype", "bf16"]) == 0
+    logged = {name: (shape, stored) for name, shape, stored in _logged_tensors(caplog)}
+    header = _safetensors_header(tmp_path / "hf" / "model.safetensors")
+    assert logged == {n: (str(h["shape"]), h["dtype"]) for n, h in header.items()}
