@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import functools
 import json
 import logging
@@ -50,28 +51,65 @@ def _add_source_options(s: argparse.ArgumentParser) -> None:
 QUANT_METHODS = ("rtn", "awq", "gptq")
 
 
+GROUP_SIZES = (32, 64, 128)
+
+
 def _group_size(text: str) -> int:
     """'128' -> 128; 'channel' or '-1' -> -1 (one scale per output channel; None means not given)."""
     if text.strip().lower() in ("channel", "-1"):
         return -1
+    if text.strip() not in [str(g) for g in GROUP_SIZES]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a group size: 32, 64, 128 or channel")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    """An integer >= 1 (counts of tokens, windows, chunks, workers)."""
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a group size: {text!r} (32, 64, 128 or channel)") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+# Config fields of the quantizers (their ValueError messages) in the command line's own words.
+CLI_WORDS = (
+    ("group_size must be None/-1 (per output channel), 32, 64 or 128", "--group-size must be 32, 64, 128 or channel"),
+    ("AWQ group_size", "AWQ --group-size"),
+    ("group_size", "--group-size"),
+    ("full_range", "--full-range"),
+    ("embedding_bits", "--embedding-bits"),
+    ("scale_dtype", "--scale-dtype"),
+    ("n_grid", "--grid"),
+    ("damp must", "--damp must"),
+    ("calibration context", "--calib-ctx"),
+    ("calibration tokens", "--calib-tokens"),
+    ("bits=", "--bits "),
+)
+
+
+def _config_error(exc: ValueError) -> UnsupportedError:
+    text = str(exc)
+    for field, words in CLI_WORDS:
+        text = text.replace(field, words)
+    return UnsupportedError(text)
 
 
 def _add_quantize_parser(sub) -> None:
     s = sub.add_parser(
         "quantize",
-        help="quantize the decoder projections to int8/int4 and write a compressed-tensors HF folder",
+        help="quantize the decoder projections to int8/int4 (RTN, AWQ, GPTQ) and write a compressed-tensors "
+        "HF folder, a GGUF file or an ONNX folder",
         description="Quantize every linear projection of the decoder layers of SRC (q/k/v/o, gate/up/down) "
         "and write DST. The embedding and tied LM head stay in the source dtype unless "
         "--embedding-bits is given; norms are never quantized; every tensor left unquantized is listed in "
         "DST/gemport.json. --to hf writes compressed-tensors' pack-quantized format, which transformers "
         "(with the compressed-tensors package) and vLLM load. DST appears only when complete.",
     )
-    s.add_argument("src", type=Path, help="source checkpoint (format detected; --from to force)")
-    s.add_argument("dst", type=Path, help="destination folder (must not exist unless --overwrite)")
+    s.add_argument("src", type=Path, metavar="SRC", help="source checkpoint (format detected; --from to force)")
+    s.add_argument("dst", type=Path, metavar="DST", help="destination (must not exist unless --overwrite)")
     _add_source_options(s)
     s.add_argument(
         "--method",
@@ -121,12 +159,11 @@ def _add_quantize_parser(sub) -> None:
         "--to",
         dest="dst_format",
         choices=("hf", "gguf", "onnx"),
-        default="hf",
-        help="hf (default): a compressed-tensors folder; gguf: a GGUF file whose block types follow --quant, "
-        "with GPTQ's codes on llama.cpp's block grids (gptq), AWQ-scaled and clipped weights quantized by "
-        "llama-quantize's rules (awq), or llama-quantize's own rounding (rtn); onnx: an onnxruntime(-genai) "
-        "folder whose projections are MatMulNBits with the group size as block size (per-channel scales are "
-        "repeated per block)",
+        help="hf (default, unless DST ends in .gguf or .onnx): a compressed-tensors folder; gguf: a GGUF file "
+        "whose block types follow --quant, with GPTQ's codes on llama.cpp's block grids (gptq), AWQ-scaled "
+        "and clipped weights quantized by llama-quantize's rules (awq), or llama-quantize's own rounding "
+        "(rtn); onnx: an onnxruntime(-genai) folder whose projections are MatMulNBits with the group size "
+        "as block size (per-channel scales are repeated per block)",
     )
     _add_onnx_options(s)
     s.add_argument(
@@ -203,12 +240,13 @@ def _add_awq_options(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--corpus",
         type=Path,
+        metavar="FILE",
         help="awq, gptq: UTF-8 text whose calibration split (never the evaluation split) calibrates "
         "(default: Python's pydoc topics)",
     )
     s.add_argument(
         "--calib-tokens",
-        type=int,
+        type=_positive,
         metavar="N",
         help=f"awq, gptq: calibration tokens, rounded up to whole windows (default {AWQ_DEFAULTS['calib_tokens']})",
     )
@@ -231,7 +269,7 @@ def _add_awq_options(s: argparse.ArgumentParser) -> None:
     )
     s.add_argument(
         "--grid",
-        type=int,
+        type=_positive,
         metavar="N",
         help=f"awq: scale-search points, alpha = i/N for i < N (default {AWQ_DEFAULTS['grid']})",
     )
@@ -251,10 +289,45 @@ def _default_bounds() -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr like every other error (exit 2)."""
+    """argparse, but a usage error is one line on stderr like every other error (exit 2), and a mistyped
+    option gets the closest real one of its command ("did you mean --quant?")."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        args, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self._subparser(getattr(args, "command", None))
+            hint = _did_you_mean(extras, command or self)
+            (command or self).error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return args
+
+    def _subparser(self, name: str | None) -> argparse.ArgumentParser | None:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+                return action.choices[name]
+        return None
+
+
+def _did_you_mean(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    """'; did you mean --quant?' for the first unknown option close to one of ``parser``'s."""
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    for word in extras:
+        if word.startswith("-"):
+            close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)
+            if close:
+                return f"; did you mean {close[0]}?"
+    return ""
+
+
+def _verbose_parent() -> argparse.ArgumentParser:
+    """-v after the command name too (`gemport convert -v ...`); SUPPRESS keeps the top-level value."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log each tensor as it is written"
+    )
+    return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,13 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
         "against the reference model by perplexity and KL divergence.",
     )
     p.add_argument("--version", action="version", version=f"gemport {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what is done, tensor by tensor")
+    p.add_argument("-v", "--verbose", action="store_true", help="log each tensor as it is written")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_parser = sub.add_parser
+    sub.add_parser = functools.partial(add_parser, parents=[_verbose_parent()])
 
-    sub.add_parser("formats", help="list the formats gemport reads and writes")
+    s = sub.add_parser("formats", help="list the formats gemport reads and writes")
+    s.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    s = sub.add_parser("inspect", help="show a checkpoint's format, spec, tensors, dtypes and bytes")
-    s.add_argument("path", type=Path, help="checkpoint folder or file")
+    s = sub.add_parser(
+        "inspect",
+        help="show a checkpoint's format, spec, stored tensor types, size and bits per weight",
+        description="Read PATH's headers (nothing is loaded or dequantized) and show its format, model spec, "
+        "stored tensor types with counts (GGUF block types, MatMulNBits bits and block, compressed-tensors "
+        "scheme), size on disk, bits per weight and the quantization gemport recorded.",
+    )
+    s.add_argument("path", type=Path, metavar="PATH", help="checkpoint folder or file")
     _add_source_options(s)
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -280,9 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert SRC to DST, streaming tensor by tensor. DST is written under a "
         "temporary name and renamed at the end: a failed run leaves nothing at DST.",
     )
-    s.add_argument("src", type=Path, help="source checkpoint (format detected; --from to force)")
-    s.add_argument("dst", type=Path, help="destination path (must not exist unless --overwrite)")
-    s.add_argument("--to", dest="dst_format", required=True, choices=registry.writers(), help="target format")
+    s.add_argument("src", type=Path, metavar="SRC", help="source checkpoint (format detected; --from to force)")
+    s.add_argument("dst", type=Path, metavar="DST", help="destination path (must not exist unless --overwrite)")
+    s.add_argument(
+        "--to",
+        dest="dst_format",
+        choices=registry.writers(),
+        help="target format (default: from DST's suffix, .gguf or .onnx; a suffix of another format is refused)",
+    )
     _add_source_options(s)
     s.add_argument(
         "--dtype",
@@ -321,13 +408,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="GGUF: compute the importance matrix from the corpus calibration split first (HF source)",
     )
-    s.add_argument("--corpus", type=Path, help="UTF-8 text for --calibrate (default: Python's pydoc topics)")
+    s.add_argument(
+        "--corpus", type=Path, metavar="FILE", help="UTF-8 text for --calibrate (default: Python's pydoc topics)"
+    )
     s.add_argument(
         "--pure",
         action="store_true",
         help="GGUF: the --quant type for every quantizable tensor (llama-quantize --pure)",
     )
-    s.add_argument("--jobs", type=int, metavar="N", help="GGUF: worker processes that quantize (default: one per CPU)")
+    s.add_argument(
+        "--jobs", type=_positive, metavar="N", help="GGUF: worker processes that quantize (default: one per CPU)"
+    )
     s.add_argument(
         "--block-size",
         type=int,
@@ -353,11 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
         "projection the sum of x squared and the token count, as llama-imatrix does. The evaluation split "
         "is never used. OUT loads in `gemport convert --imatrix` and in llama-quantize --imatrix.",
     )
-    s.add_argument("src", type=Path, help="HF checkpoint folder")
-    s.add_argument("out", type=Path, help="output file (e.g. model.imatrix.gguf)")
-    s.add_argument("--corpus", type=Path, help="UTF-8 text file (default: Python's pydoc topics)")
-    s.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
-    s.add_argument("--chunks", type=int, help="use at most this many windows (default: all)")
+    s.add_argument("src", type=Path, metavar="SRC", help="HF checkpoint folder")
+    s.add_argument("out", type=Path, metavar="OUT", help="output file (e.g. model.imatrix.gguf)")
+    s.add_argument("--corpus", type=Path, metavar="FILE", help="UTF-8 text file (default: Python's pydoc topics)")
+    s.add_argument("--ctx", type=_positive, default=512, metavar="N", help="tokens per window (default 512)")
+    s.add_argument("--chunks", type=_positive, metavar="N", help="use at most this many windows (default: all)")
     s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
     s = sub.add_parser(
@@ -367,11 +458,13 @@ def build_parser() -> argparse.ArgumentParser:
         "versus REFERENCE, llama-perplexity protocol: windows of --ctx tokens starting "
         "with BOS, second half of each window scored, evaluation split of the corpus.",
     )
-    s.add_argument("candidate", type=Path, help="the artifact to check, loaded by its own runtime")
-    s.add_argument("--reference", type=Path, required=True, help="reference HF checkpoint (transformers, fp32)")
-    s.add_argument("--corpus", type=Path, help="UTF-8 text file (default: Python's pydoc topics)")
-    s.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
-    s.add_argument("--windows", type=int, default=16, help="number of windows (default 16)")
+    s.add_argument("candidate", type=Path, metavar="CANDIDATE", help="the artifact to check, loaded by its own runtime")
+    s.add_argument(
+        "--reference", type=Path, required=True, metavar="DIR", help="reference HF checkpoint (transformers, fp32)"
+    )
+    s.add_argument("--corpus", type=Path, metavar="FILE", help="UTF-8 text file (default: Python's pydoc topics)")
+    s.add_argument("--ctx", type=_positive, default=512, metavar="N", help="tokens per window (default 512)")
+    s.add_argument("--windows", type=_positive, default=16, metavar="N", help="number of windows (default 16)")
     s.add_argument("--max-ppl-delta", type=float, metavar="PCT", help="fail if |delta-ppl %%| exceeds PCT")
     s.add_argument(
         "--max-kld",
@@ -385,7 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no default KLD bound: only the gates given (NaN or infinite scores still fail)",
     )
-    s.add_argument("--json", dest="json_out", type=Path, metavar="FILE", help="write the results as JSON")
+    s.add_argument(
+        "--json",
+        dest="json_out",
+        type=Path,
+        metavar="FILE",
+        help="write the results as JSON to FILE, or to standard output with '-' (the table then goes to stderr); "
+        "FILE's folder must exist",
+    )
 
     s = sub.add_parser(
         "demo-model",
@@ -399,19 +499,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--out",
         type=Path,
+        metavar="DIR",
         help="output folder (default build/models/gemma-3-270m, or build/models/gemma-3-270m-offgrid with --offgrid)",
     )
     s.add_argument("--offgrid", action="store_true", help="build the off-grid variant for quality comparisons")
-    s.add_argument("--seed", type=int, default=0, help="seed of the off-grid draw (default 0)")
+    s.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the off-grid draw (default 0)")
     s.add_argument("--overwrite", action="store_true", help="rebuild even if the folder exists")
     return p
 
 
 def cmd_formats(args) -> int:
-    for f in registry.FORMATS.values():
-        modes = "/".join(m for m, ok in (("read", f.reads), ("write", f.writes)) if ok)
-        print(f"{f.name:8} {modes:11} {f.description}")
+    rows = [
+        (f.name, "/".join(m for m, ok in (("read", f.reads), ("write", f.writes)) if ok), f.description)
+        for f in registry.FORMATS.values()
+    ]
+    if args.json:
+        print(json.dumps([{"name": n, "modes": m.split("/"), "description": d} for n, m, d in rows], indent=2))
+        return 0
+    widths = [max(len(r[i]) for r in rows) for i in (0, 1)]
+    for name, modes, description in rows:
+        print(f"{name:{widths[0]}}  {modes:{widths[1]}}  {description}")
     return 0
+
+
+# A destination suffix that names a format: convert and quantize infer --to from it, or refuse a --to of
+# another format (a GGUF file named .onnx would be loaded by nothing).
+SUFFIX_FORMATS = {".gguf": "gguf", ".onnx": "onnx"}
+
+
+def _target(args, default: str | None = None) -> str:
+    """``--to``, or the format DST's suffix names; refuses a suffix of another format."""
+    named = SUFFIX_FORMATS.get(args.dst.suffix.lower())
+    if args.dst_format and named and named != args.dst_format:
+        raise UnsupportedError(
+            f"DST ends in {args.dst.suffix}, the suffix of {named}, but --to is {args.dst_format}: "
+            f"rename DST or pass --to {named}",
+            args.dst,
+        )
+    target = args.dst_format or named or default
+    if target is None:
+        raise UnsupportedError(
+            f"--to is required unless DST ends in .gguf or .onnx (formats: {', '.join(registry.writers())})", args.dst
+        )
+    return target
 
 
 def _read(path: Path, fmt: str | None, args=None):
@@ -442,11 +572,29 @@ HF_QUANTS = {
 }
 
 
+def _check_quant(args) -> None:
+    """Which --quant values each target takes, said in one line before any work."""
+    from quantizers.gguf_mix import ALIASES, FTYPES
+
+    gguf_types = [*FTYPES, *ALIASES]
+    if args.quant is None:
+        return
+    if args.dst_format in ("hf", "onnx") and args.quant not in HF_QUANTS:
+        hint = "; it is a GGUF type (--to gguf)" if args.quant.lower() in gguf_types else ""
+        raise UnsupportedError(f"--to {args.dst_format} takes --quant {', '.join(HF_QUANTS)}, not {args.quant!r}{hint}")
+    if args.dst_format == "gguf" and args.quant in HF_QUANTS:
+        raise UnsupportedError(
+            f"--quant {args.quant} is for --to hf or onnx; --to gguf takes a GGUF type: {', '.join(gguf_types)}"
+        )
+    if args.dst_format == "jax":
+        raise UnsupportedError("--to jax takes no --quant (the gemma library's trees are float: --dtype f32|bf16|f16)")
+
+
 def cmd_convert(args) -> int:
+    args.dst_format = _target(args)
+    _check_quant(args)
     if args.dst_format in ("hf", "onnx") and args.quant in HF_QUANTS:
         return _convert_quantized(args)
-    if args.dst_format == "onnx" and args.quant:
-        raise UnsupportedError(f"--to onnx takes --quant {', '.join(HF_QUANTS)}, not {args.quant!r}")
     onnx_flags = any(getattr(args, f) not in (None, False) for f in (*ONNX_FLAGS, "block_size"))
     if onnx_flags and args.dst_format != "onnx":
         raise UnsupportedError(
@@ -508,6 +656,7 @@ def _convert_quantized(args) -> int:
 
 
 def cmd_quantize(args) -> int:
+    args.dst_format = _target(args, default="hf")
     _check_method_options(args)
     _check_destination(args.dst, args.overwrite)
     method = {"rtn": _rtn_method, "awq": _awq_method, "gptq": _gptq_method}[args.method](args)
@@ -591,7 +740,7 @@ def _rtn_method(args) -> functools.partial:
             full_range=args.full_range,
         )
     except ValueError as exc:
-        raise UnsupportedError(str(exc)) from None
+        raise _config_error(exc) from None
     return functools.partial(quantize, config=config)
 
 
@@ -611,7 +760,7 @@ def _awq_method(args) -> functools.partial:
             calibration=calibration,
         )
     except ValueError as exc:
-        raise UnsupportedError(str(exc)) from None
+        raise _config_error(exc) from None
     return functools.partial(quantize, config=config)
 
 
@@ -629,7 +778,7 @@ def _gptq_method(args) -> functools.partial:
             calibration=_calibration(args),
         )
     except ValueError as exc:
-        raise UnsupportedError(str(exc)) from None
+        raise _config_error(exc) from None
     return functools.partial(quantize, config=config)
 
 
@@ -668,8 +817,12 @@ def cmd_imatrix(args) -> int:
 def cmd_validate(args) -> int:
     from validation.validate import validate
 
-    if args.json_out and args.json_out.is_dir():
-        raise OutputError("is a folder; --json takes a file name", args.json_out)
+    to_stdout = str(args.json_out) == "-"
+    if args.json_out and not to_stdout:
+        if args.json_out.is_dir():
+            raise OutputError("is a folder; --json takes a file name", args.json_out)
+        if not args.json_out.parent.is_dir():
+            raise OutputError("no such folder for --json (it is not created)", args.json_out.parent)
 
     report = validate(
         args.candidate,
@@ -681,8 +834,10 @@ def cmd_validate(args) -> int:
         max_kld=args.max_kld,
         default_gates=not args.no_default_gates,
     )
-    print(report.table())
-    if args.json_out:
+    print(report.table(), file=sys.stderr if to_stdout else sys.stdout)
+    if to_stdout:
+        print(json.dumps(report.to_json(), indent=2))
+    elif args.json_out:
         with atomic_output(args.json_out, overwrite=True) as tmp:
             tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
     report.raise_if_failed()

@@ -141,7 +141,7 @@ def test_validate_against_itself_is_exact(tiny):
 
 
 def test_perturbed_copy_fails_a_tight_gate_with_exit_1(tiny, perturbed, tmp_path, capsys):
-    out = tmp_path / "report" / "v.json"
+    out = tmp_path / "v.json"
     argv = [str(perturbed), "--reference", str(tiny), "--ctx", str(N_CTX), "--windows", str(WINDOWS)]
     assert cli.main(["validate", *argv, "--max-kld", "1e-6", "--json", str(out)]) == GateFailed.exit_code == 1
     assert "max-kld" in capsys.readouterr().err

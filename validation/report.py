@@ -60,9 +60,17 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _fmt(value: float, fmt: str) -> str:
+    """``value`` in ``fmt``, or in scientific notation when fmt would print it as zeros (KLD 1.3e-06, not
+    0.000001)."""
+    if value != 0 and math.isfinite(value) and abs(value) < 1e-3:
+        return f"{value:{'+' if fmt.startswith('+') else ''}.3e}"
+    return f"{value:{fmt}}"
+
+
 def _pm(value: float, se: float, fmt: str, unit: str = "") -> str:
-    text = f"{value:{fmt}}{unit}"
-    return text if math.isnan(se) else f"{text} +/- {se:{fmt.lstrip('+')}}{unit}"
+    text = f"{_fmt(value, fmt)}{unit}"
+    return text if math.isnan(se) else f"{text} +/- {_fmt(se, fmt.lstrip('+'))}{unit}"
 
 
 @dataclass

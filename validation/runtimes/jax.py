@@ -46,7 +46,8 @@ def gemma_python() -> Path:
     if not (python.is_file() and os.access(python, os.X_OK)):
         raise UnsupportedError(
             f"validating JAX checkpoints needs the gemma library's environment, and {python} does not exist: "
-            f"run `{MAKE_TARGET}` (or set {PYTHON_ENV})"
+            f"run `{MAKE_TARGET}` in {ROOT} (builds {VENV_PYTHON.parent.parent}, about 2.4 GB on disk and a few "
+            f"minutes, from PyPI), or set {PYTHON_ENV} to another Python with the gemma library"
         )
     return python
 
