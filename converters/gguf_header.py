@@ -412,7 +412,8 @@ class Metadata:
 
     def strings(self, key: str, default: Any = _MISSING) -> list[str]:
         found, value = self._value(key, default)
-        if found and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        # set(map(type, ...)): the 262144 pieces of Gemma 3 in a few ms (a generator takes ten times longer)
+        if found and not (isinstance(value, list) and set(map(type, value)) <= {str}):
             raise self._wrong(key, value, "an array of strings")
         return value
 

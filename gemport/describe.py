@@ -1,40 +1,567 @@
-"""``gemport inspect``: what a checkpoint holds, read from its headers (nothing is dequantized)."""
+"""What an artifact stores, read from its headers: ``gemport inspect`` and the end-of-command summary.
+
+Nothing here loads or dequantizes a tensor. GGUF files are read through converters/gguf_header.py
+(header and metadata only), safetensors folders through their JSON headers, ONNX folders through
+the graph without its external data and the metadata gemport writes beside it; JAX and
+gemma_pytorch checkpoints through their readers, which open tensors lazily. The spec and every
+config check come from each format's reader, so ``inspect`` refuses what ``convert`` would refuse.
+
+Stored types are named as each format's own tools name them: GGUF by ggml type as gguf-dump prints
+them (Q4_K, Q6_K, F32), safetensors by dtype (BF16) and a compressed-tensors module by its scheme
+("int4 pack-quantized g128 sym"), ONNX by MatMulNBits / GatherBlockQuantized bits and block size
+and by initializer dtype. Bits per weight are the stored weights' bits over the model's parameters,
+as llama.cpp's loader reports BPW (ref: llama-model-loader.cpp, ``n_bytes * 8.0 / n_elements``).
+"""
 
 from __future__ import annotations
 
 import json
-from collections import Counter
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from gemport import registry
+from gemport.checkpoint import Checkpoint, LazyTensor
+from gemport.errors import CheckpointError, InputError, UnsupportedError
+
+
+@dataclass
+class Row:
+    """One stored type: how many tensors, their elements (weights) and their bytes."""
+
+    tensors: int = 0
+    parameters: int = 0
+    bytes: int = 0
+
+    def add(self, parameters: int, nbytes: int, tensors: int = 1) -> None:
+        self.tensors += tensors
+        self.parameters += parameters
+        self.bytes += nbytes
 
 
 def cmd_inspect(args) -> int:
-    from gemport.cli import _read
-
-    fmt, ckpt = _read(args.path, args.src_format, args)
-    dtypes = Counter(t.dtype for t in ckpt)
-    info = {
-        "path": str(args.path),
-        "format": fmt,
-        "family": ckpt.spec.family,
-        "tensors": len(ckpt.tensors),
-        "parameters": sum(_numel(t.shape) for t in ckpt),
-        "dtypes": dict(dtypes),
-        "bytes": sum(t.nbytes for t in ckpt),
-        "spec": ckpt.spec.to_json(),
-    }
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    for key in ("path", "format", "family", "tensors", "parameters", "bytes"):
-        print(f"{key:11} {info[key]}")
-    print(f"{'dtypes':11} " + ", ".join(f"{d}: {n}" for d, n in dtypes.most_common()))
-    print("spec")
-    for key, value in info["spec"].items():
-        print(f"  {key:22} {value}")
+    options = {}
+    if args.preset or args.keep_padded_vocab:
+        options = {"preset": args.preset, "keep_padded_vocab": args.keep_padded_vocab}
+    info = describe(args.path, args.src_format, **options)
+    print(json.dumps(info, indent=2) if args.json else render(info))
     return 0
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+def describe(path: str | Path, fmt: str | None = None, **reader_options) -> dict:
+    """What ``path`` stores (format, family, spec, stored types, sizes, bits per weight, recorded
+    quantization) as a JSON-ready dict; the reader's one-line errors for anything it would refuse."""
+    path = Path(path)
+    fmt = fmt or registry.detect(path)
+    if reader_options and fmt not in ("jax", "gemma-pytorch"):
+        raise UnsupportedError(
+            f"--preset and --keep-padded-vocab apply to a JAX or gemma_pytorch source, not {fmt}", path
+        )
+    registry.get(fmt)  # an unknown name lists the known ones
+    described = {"gguf": _gguf, "hf": _hf, "onnx": _onnx}.get(fmt)
+    if described is not None:
+        spec, parameters, rows, files, quantization = described(path)
+    else:
+        spec, parameters, rows, files, quantization = _by_reader(path, fmt, reader_options)
+    rows = dict(sorted(rows.items(), key=lambda kv: (-kv[1].parameters, -kv[1].bytes, kv[0])))
+    weight_bytes = sum(r.bytes for r in rows.values())
+    return {
+        "path": str(path),
+        "format": fmt,
+        "family": spec.family,
+        "quantization": quantization,
+        "tensors": sum(r.tensors for r in rows.values()),
+        "parameters": parameters,
+        "types": {name: asdict(r) for name, r in rows.items()},
+        "files": len(files),
+        "size": sum(f.stat().st_size for f in files),
+        "weight_bytes": weight_bytes,
+        "bits_per_weight": weight_bytes * 8 / parameters if parameters else None,
+        "spec": spec.to_json(),
+    }
+
+
+def _not_loaded():
+    raise AssertionError("describe never loads a tensor")
+
+
+def _parameters(ckpt: Checkpoint) -> int:
+    return sum(math.prod(t.shape) for t in ckpt)
+
+
+def _folder_files(path: Path) -> list[Path]:
+    """Every file of an artifact: the file itself, or every file under the folder."""
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def artifact_size(path: str | Path) -> int:
+    """Bytes on disk of everything at ``path`` (a file, or every file under a folder); with the other
+    shards of a split GGUF named ``NAME-00001-of-0000N.gguf``."""
+    path = Path(path)
+    files = _folder_files(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from converters.gguf import _SHARD_RE, split_paths
+
+        m = _SHARD_RE.fullmatch(path.name)
+        if m and int(m.group(2)) == 1:
+            shards = split_paths(path.with_name(m.group(1) + ".gguf"), int(m.group(3)))
+            files = [s for s in shards if s.is_file()]
+    return sum(f.stat().st_size for f in files)
+
+
+# --- GGUF -----------------------------------------------------------------------------------------
+
+
+def _gguf(path: Path):
+    """The checks of converters.gguf.read in its order, from the headers alone: the tokenizer is
+    checked as its rebuild would refuse it (_check_gguf_tokenizer) but not rebuilt (that rebuild,
+    through transformers, is 22 of the 23 s the reader takes on Gemma 3's 262144 pieces)."""
+    from gguf import GGMLQuantizationType, LlamaFileType
+
+    from converters import gguf as reader
+    from converters.gguf_checks import check_layers, check_sizes, check_tokenizer
+    from converters.gguf_header import Metadata, read_header
+
+    header = read_header(path)
+    meta = Metadata(header)
+    arch = meta.text("general.architecture")
+    if arch not in reader.ARCHS:
+        raise UnsupportedError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(reader.ARCHS)})", path)
+    headers = [header] + [read_header(p) for p in reader._other_shards(path, meta)]
+    infos = reader._tensor_infos(headers, meta)
+    check_tokenizer(meta)
+    n_layers = check_layers(meta, arch, infos)
+    check_sizes(meta, arch, infos)
+    spec = reader._spec(meta, arch, n_layers, has_output="output.weight" in infos)
+    tensors: dict[str, LazyTensor] = {}
+    rows: dict[str, Row] = {}
+    for t in infos.values():
+        name, _ = reader.canonical_name(t.name, arch, t.path)
+        if name in tensors:
+            raise InputError(f"tensor {t.name} is stored twice", t.path)
+        shape = tuple(reversed(t.ne))
+        tensors[name] = LazyTensor(name, shape, "f32", load=_not_loaded)
+        # ref: gguf-py scripts/gguf_dump.py prints tensor.tensor_type.name
+        rows.setdefault(GGMLQuantizationType(t.qtype).name, Row()).add(math.prod(shape), t.nbytes)
+    _check_gguf_tokenizer(meta)
+    ckpt = Checkpoint(spec=spec, tensors=tensors, source=str(path))
+    ckpt.check()
+    quantization: dict = {}
+    file_type = meta.integer("general.file_type", None)
+    if file_type is not None:
+        try:  # ref: gguf-py constants.py LlamaFileType (MOSTLY_Q4_K_M = 15); llama.cpp names it Q4_K - Medium
+            quantization["file_type"] = LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            quantization["file_type"] = str(file_type)
+    made = meta.raw(GGUF_QUANTIZATION_KEY)
+    if isinstance(made, str):
+        try:
+            quantization["gemport"] = json.loads(made)
+        except ValueError:
+            quantization["gemport"] = made
+    return spec, _parameters(ckpt), rows, [h.path for h in headers], quantization or None
+
+
+GGUF_QUANTIZATION_KEY = "gemport.quantization"  # converters/gguf_writer.py QUANTIZATION_KEY (not imported: 25 ms)
+
+# SentencePiece piece types (ref: sentencepiece_model.proto ModelProto.SentencePiece.Type).
+_NORMAL, _UNKNOWN, _USER_DEFINED, _BYTE = 1, 2, 4, 6
+_BYTE_PIECES = frozenset(f"<0x{i:02X}>" for i in range(256))  # ref: model_interface.cc ByteToPiece
+_MAX_PIECE_BYTES = 8000  # ref: model_interface.cc InitializePieces kMaxPieceSize
+
+
+def _check_gguf_tokenizer(meta) -> None:
+    """What converters.gguf._tokenizer_files refuses, without building the tokenizer: its metadata
+    types and defaults, and the piece list SentencePiece refuses when it loads the model the reader
+    builds (ref: sentencepiece model_interface.cc ModelInterface::InitializePieces: no piece empty,
+    holding NUL or 8000 bytes long, none twice, one unknown piece, byte pieces <0x00>..<0xFF> all
+    256 of them, as byte_fallback is on). Pieces as the reader writes them: user-defined ones with
+    spaces as U+2581, the piece at unknown_token_id made the UNKNOWN one."""
+    import numpy as np
+
+    kind = meta.text("tokenizer.ggml.model", None)
+    if kind != "llama":
+        raise UnsupportedError(
+            f"tokenizer.ggml.model {kind!r} is not supported (only 'llama', SentencePiece)", meta.path
+        )
+    for key, default in (("add_bos_token", True), ("add_eos_token", False), ("add_space_prefix", False)):
+        meta.flag(f"tokenizer.ggml.{key}", default)
+    tokens = meta.strings("tokenizer.ggml.tokens")
+    meta.numbers("tokenizer.ggml.scores", None)
+    types = meta.numbers("tokenizer.ggml.token_type", None, integer=True)
+    types = np.full(len(tokens), _NORMAL) if types is None else np.array(types)
+    for name, default in (("unknown", 3), ("bos", 2), ("eos", 1), ("padding", 0)):
+        if meta.integer(f"tokenizer.ggml.{name}_token_id", default) >= len(tokens):
+            raise InputError(
+                f"no tokenizer.ggml.{name}_token_id, and the default {default} is past the vocabulary", meta.path
+            )
+    unk = meta.integer("tokenizer.ggml.unknown_token_id", 3)
+    pieces = list(tokens)
+    for i in np.flatnonzero(types == _USER_DEFINED).tolist():
+        pieces[i] = pieces[i].replace(" ", "\u2581")
+    types[unk] = _UNKNOWN
+    problem = _piece_problem(pieces, types)
+    if problem:
+        raise InputError(f"cannot rebuild the tokenizer from tokenizer.ggml.*: {problem}", meta.path)
+
+
+def _piece_problem(pieces: list[str], types) -> str | None:
+    """SentencePiece's refusal of these pieces, or None; whole-list tests first, a loop only on failure."""
+    import numpy as np
+
+    if max(map(len, pieces)) * 4 >= _MAX_PIECE_BYTES and any(len(p.encode()) >= _MAX_PIECE_BYTES for p in pieces):
+        return "piece is too long"
+    if "" in pieces:
+        return "piece must not be empty"
+    if "\0" in "".join(pieces):
+        return "piece must not include null character"
+    if len(set(pieces)) != len(pieces):
+        seen: set[str] = set()
+        for p in pieces:
+            if p in seen:
+                return f"piece {p!r} is already defined"
+            seen.add(p)
+    if np.count_nonzero(types == _UNKNOWN) > 1:
+        return "unk is already defined"
+    byte_pieces = {pieces[i] for i in np.flatnonzero(types == _BYTE).tolist()}
+    if byte_pieces - _BYTE_PIECES:
+        return f"byte piece {min(byte_pieces - _BYTE_PIECES)!r} is invalid"
+    if len(byte_pieces) != 256:
+        return f"there are {len(byte_pieces)} byte pieces, not the 256 byte_fallback needs"
+    return None
+
+
+# --- Hugging Face safetensors -----------------------------------------------------------------------
+
+
+def _hf(path: Path):
+    """The reader for the spec and every check (it reads headers only); stored types from the
+    safetensors headers, a compressed-tensors module's packed set counted once under its scheme."""
+    from converters import compressed_tensors as ct
+    from converters import hf
+
+    ckpt = hf.read(path)
+    config = hf.read_json(path / hf.CONFIG)
+    quantization_config = config.get("quantization_config")
+    scheme = _ct_scheme(quantization_config, path) if quantization_config is not None else None
+    records = ckpt.quantized()
+    rows: dict[str, Row] = {}
+    weight_files = hf._weight_files(path)
+    for file in weight_files:
+        n, header, _ = hf._header_json(file)
+        for name, dtype, shape, start, stop in hf._header_entries(file, header):
+            if scheme is not None and name.endswith(ct.SUFFIXES):
+                module = name.rsplit(".", 1)[0]
+                record = records.get(f"{module}.weight")
+                elements = math.prod(record.shape) if record is not None and name.endswith(".weight_packed") else 0
+                rows.setdefault(scheme, Row()).add(elements, stop - start, int(name.endswith(".weight_packed")))
+            else:
+                rows.setdefault(dtype, Row()).add(math.prod(shape), stop - start)
+    quantization: dict = {}
+    if scheme is not None:
+        quantization["config.json"] = scheme
+    manifest = ckpt.extra.get("quantization")
+    if manifest:
+        quantization["gemport"] = _compact(manifest)
+    return ckpt.spec, _parameters(ckpt), rows, _folder_files(path), quantization or None
+
+
+def _ct_scheme(quantization_config: dict, path: Path) -> str:
+    """e.g. 'int4 pack-quantized g128 sym', from the config the reader has checked
+    (ref: compressed-tensors QuantizationArgs num_bits, group_size, symmetric; the format)."""
+    from converters import compressed_tensors as ct
+
+    bits, group_size, symmetric = ct._scheme(quantization_config, path)
+    group = f"g{group_size}" if group_size else "per-channel"
+    return f"int{bits} {quantization_config['format']} {group} {'sym' if symmetric else 'asym'}"
+
+
+def _compact(manifest: dict) -> dict:
+    """gemport.json's quantization block without its long lists (counted) and unset settings."""
+    out = {}
+    for key, value in manifest.items():
+        if isinstance(value, list):
+            out[key] = len(value)
+        elif isinstance(value, dict):
+            out[key] = {k: v for k, v in value.items() if v is not None and not isinstance(v, list | dict)}
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+# --- ONNX -------------------------------------------------------------------------------------------
+
+
+def _onnx(path: Path):
+    """The checks of converters.onnx.read up to its loaders (which import onnx_ir and torch) from the
+    graph without external data; stored types from the graph's nodes and initializers."""
+    from converters import onnx as reader
+    from gemport.checkpoint import expected_shapes
+
+    file = reader.model_file(path)
+    if not file.is_file():
+        raise InputError(f"no {reader.MODEL} in the folder", path)
+    proto = reader.load_proto(file)
+    reader.check_external_data(file, proto)
+    props = {e.key: e.value for e in proto.metadata_props}
+    if reader.SPEC_KEY not in props or reader.LAYOUT_KEY not in props:
+        raise UnsupportedError(
+            "this ONNX model was not written by gemport (no gemport.spec / gemport.layout metadata); "
+            "gemport reads back only its own graphs (onnxruntime validates any decoder graph)",
+            file,
+        )
+    spec, layout = reader._metadata(props, file)
+    tensors = {}
+    for canonical, shape in expected_shapes(spec).items():
+        entry = layout.get(canonical)
+        if entry is None:
+            raise CheckpointError(f"tensor {canonical} is not in the model's layout table", file)
+        reader._check_entry(canonical, entry, shape, file)
+        tensors[canonical] = LazyTensor(canonical, shape, "f32", load=_not_loaded)
+    ckpt = Checkpoint(spec=spec, tensors=tensors, source=str(path))
+    rows = _onnx_rows(proto.graph, spec.vocab_size)
+    folder = file.parent
+    files = _folder_files(folder) if path.is_dir() else [file, *_external_files(proto, folder)]
+    quantization = None
+    manifest = folder / reader.MANIFEST
+    if manifest.is_file():
+        from converters.hf import read_json
+
+        recorded = read_json(manifest).get("quantization")
+        quantization = {"gemport": _compact(recorded)} if isinstance(recorded, dict) else None
+    return spec, _parameters(ckpt), rows, files, quantization
+
+
+def _external_files(proto, folder: Path) -> list[Path]:
+    import onnx
+
+    names = {
+        e.value
+        for t in proto.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    }
+    return [folder / n for n in sorted(names)]
+
+
+# ONNX TensorProto data types by number (ref: onnx.proto TensorProto.DataType), named as safetensors does.
+_ONNX_TYPES = {1: "F32", 2: "U8", 3: "I8", 4: "U16", 5: "I16", 6: "I32", 7: "I64", 9: "BOOL", 10: "F16"}
+_ONNX_TYPES |= {11: "F64", 12: "U32", 13: "U64", 16: "BF16", 21: "U4", 22: "I4"}
+
+
+def _initializer_bytes(t) -> int:
+    """Bytes an initializer stores: its external length, its raw bytes, or its typed values."""
+    import onnx
+
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in t.external_data}
+        if "length" in info:
+            return int(info["length"])
+    if t.raw_data:
+        return len(t.raw_data)
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return math.prod(t.dims) * itemsize
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _onnx_rows(graph, vocab_size: int) -> dict[str, Row]:
+    """MatMulNBits by bits and block (the LM head apart: the one of N = vocab rows), GatherBlockQuantized
+    likewise, every other initializer by dtype. An initializer reached through Reshape (a lookup table
+    sharing the head's bytes) is followed back and counted once (ref: onnxruntime contrib_defs.cc
+    MatMulNBits: inputs A, B, scales, zero_points, g_idx, bias, attributes K, N, bits, block_size;
+    GatherBlockQuantized: data, indices, scales, zero_points, attributes bits (default 4), block_size
+    (default 128))."""
+    inits = {t.name: t for t in graph.initializer}
+    made_by = {out: node for node in graph.node for out in node.output}
+
+    def source(name: str) -> str | None:
+        for _ in range(len(graph.node) + 1):
+            if name in inits:
+                return name
+            node = made_by.get(name)
+            if node is None or node.op_type not in ("Reshape", "Identity", "Transpose") or not node.input:
+                return None
+            name = node.input[0]
+        return None
+
+    rows: dict[str, Row] = {}
+    counted: set[str] = set()
+
+    def add(key: str, parameters: int, names: Iterable[str]) -> None:
+        parts = [n for n in {source(n) for n in names if n} if n is not None and n not in counted]
+        counted.update(parts)
+        rows.setdefault(key, Row()).add(parameters, sum(_initializer_bytes(inits[n]) for n in parts))
+
+    for node in graph.node:
+        a = _attrs(node)
+        if node.op_type == "MatMulNBits":
+            head = " (head)" if a.get("N") == vocab_size else ""
+            add(f"MatMulNBits int{a['bits']} b{a['block_size']}{head}", a["K"] * a["N"], node.input[1:])
+        elif node.op_type == "GatherBlockQuantized":
+            bits, block = a.get("bits", 4), a.get("block_size", 128)
+            scales = source(node.input[2]) if len(node.input) > 2 else None
+            elements = math.prod(inits[scales].dims) * block if scales else 0
+            shared = source(node.input[0]) in counted
+            key = f"GatherBlockQuantized int{bits} b{block}" + (" (the head's table)" if shared else "")
+            add(key, elements, [node.input[0], *node.input[2:]])
+    for name, t in inits.items():
+        if name not in counted:
+            key = _ONNX_TYPES.get(t.data_type, str(t.data_type))
+            rows.setdefault(key, Row()).add(math.prod(t.dims), _initializer_bytes(t))
+    return rows
+
+
+# --- formats read through their readers (JAX, gemma_pytorch) ---------------------------------------
+
+
+def _by_reader(path: Path, fmt: str, options: dict):
+    """The reader opens tensors lazily; types and bytes are its LazyTensors' (a quantized record as
+    its format, e.g. 'int8 per-channel sym (f32 scales)')."""
+    ckpt = registry.get(fmt).load().read(path, **options)
+    rows: dict[str, Row] = {}
+    for t in ckpt:
+        key = t.quant.describe() if t.quant is not None else t.dtype.upper()
+        rows.setdefault(key, Row()).add(math.prod(t.shape), t.nbytes)
+    manifest = ckpt.extra.get("quantization")
+    quantization = {"gemport": _compact(manifest)} if isinstance(manifest, dict) else None
+    return ckpt.spec, _parameters(ckpt), rows, _folder_files(path), quantization
+
+
+# --- text ----------------------------------------------------------------------------------------
+
+
+def human_bytes(n: int | float) -> str:
+    """1536 -> '1.50 KiB'; as llama.cpp prints sizes, in powers of 1024."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def human_count(n: int) -> str:
+    """268098176 -> '268.10 M'."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
+
+
+def number(value) -> str:
+    """A value readably: small floats in scientific notation (1e-06), others as Python writes them."""
+    if isinstance(value, float) and value != 0 and abs(value) < 1e-3:
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _runs(values: list) -> str:
+    """['a', 'a', 'b'] -> '2 x a, b'."""
+    out: list[str] = []
+    i = 0
+    while i < len(values):
+        j = i
+        while j < len(values) and values[j] == values[i]:
+            j += 1
+        out.append(f"{j - i} x {values[i]}" if j - i > 1 else str(values[i]))
+        i = j
+    return ", ".join(out)
+
+
+def _quantization_text(q: dict | None) -> str:
+    """e.g. 'file type Q4_K_M' or 'config.json int4 pack-quantized g128 sym; gemport rtn bits=4 ...,
+    126 quantized, 110 kept'."""
+    if not q:
+        return "none recorded"
+    parts = []
+    for key, value in q.items():
+        if key == "file_type":
+            parts.append(f"file type {value}")
+        elif isinstance(value, dict):
+            parts.append(f"{key} {_made_text(value)}")
+        else:
+            parts.append(f"{key} {value}")
+    return "; ".join(parts)
+
+
+def _made_text(made: dict) -> str:
+    """A compact quantization record: its method, its settings, then its counts."""
+    words = [str(made["method"])] if made.get("method") else []
+    counts = []
+    for key, value in made.items():
+        if key == "method":
+            continue
+        if isinstance(value, dict):
+            inner = " ".join(f"{k}={number(v)}" for k, v in value.items())
+            words.append(inner if key == "config" else f"{key}({inner})")
+        elif key in ("quantized", "kept") and isinstance(value, int):
+            counts.append(f"{value} {key}")
+        else:
+            words.append(f"{key}={number(value)}")
+    return " ".join(words) + (", " + ", ".join(counts) if counts else "")
+
+
+def table(info: dict) -> str:
+    """The stored types as an aligned table, one row per type and a total."""
+    rows = [(name, r["tensors"], r["parameters"], r["bytes"]) for name, r in info["types"].items()]
+    rows.append(("total", info["tensors"], info["parameters"], info["weight_bytes"]))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'type':<{width}}  {'tensors':>7}  {'parameters':>10}  {'bytes':>11}  {'bpw':>6}"]
+    for name, tensors, parameters, nbytes in rows:
+        bpw = f"{nbytes * 8 / parameters:.2f}" if parameters else "-"
+        lines.append(
+            f"{name:<{width}}  {tensors:>7}  {human_count(parameters):>10}  {human_bytes(nbytes):>11}  {bpw:>6}"
+        )
+    return "\n".join(lines)
+
+
+def _types_line(info: dict) -> str:
+    return ", ".join(f"{name} {r['tensors']}" for name, r in info["types"].items())
+
+
+def render(info: dict) -> str:
+    """``inspect``'s text: the facts, the type table, the spec."""
+    bpw = info["bits_per_weight"]
+    facts = [
+        ("path", info["path"]),
+        ("format", info["format"]),
+        ("family", info["family"]),
+        ("quantization", _quantization_text(info["quantization"])),
+        ("tensors", info["tensors"]),
+        ("parameters", f"{human_count(info['parameters'])} ({info['parameters']})"),
+        (
+            "size",
+            f"{human_bytes(info['size'])} on disk ({info['size']} bytes, {info['files']} file{'s' if info['files'] != 1 else ''})",
+        ),
+        ("weights", f"{human_bytes(info['weight_bytes'])}, " + (f"{bpw:.2f} bits per weight" if bpw else "-")),
+    ]
+    lines = [f"{key:<12} {value}" for key, value in facts]
+    lines.append("types")
+    lines += ["  " + line for line in table(info).splitlines()]
+    lines.append("spec")
+    for key, value in info["spec"].items():
+        shown = _runs(value) if isinstance(value, list | tuple) else number(value)
+        lines.append(f"  {key:<22} {shown}")
+    return "\n".join(lines)
+
+
+def summary(src: Path | None, dst: Path, seconds: float, fmt: str | None = None) -> str:
+    """Two lines for the end of ``convert`` / ``quantize``, as llama-quantize ends: the stored types
+    with counts, then size before (``src`` on disk) and after, bits per weight and the time taken."""
+    info = describe(dst, fmt)
+    before = f"{human_bytes(artifact_size(src))} -> " if src is not None else ""
+    bpw = info["bits_per_weight"]
+    return (
+        f"types  {_types_line(info)} ({info['tensors']} tensors)\n"
+        f"size   {before}{human_bytes(info['size'])}"
+        + (f", {bpw:.2f} bits per weight" if bpw else "")
+        + f", {seconds:.1f} s"
+    )

@@ -49,8 +49,8 @@ def test_inspect(tiny_models, capsys):
     assert main(["inspect", str(tiny_models["gemma3-sharded-bf16"]), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "hf" and info["family"] == "gemma3"
-    assert info["dtypes"] == {"bf16": info["tensors"]}
-    assert info["bytes"] == 2 * info["parameters"]
+    assert list(info["types"]) == ["BF16"] and info["types"]["BF16"]["tensors"] == info["tensors"]
+    assert info["weight_bytes"] == 2 * info["parameters"] and info["bits_per_weight"] == 16
     assert info["spec"]["layer_types"] == ["sliding_attention", "full_attention"] * 2
 
 

@@ -246,7 +246,8 @@ def test_cli_convert_to_and_from_jax(sources, tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "jax"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["format"] == "jax" and info["dtypes"] == {"bf16": info["tensors"]}
+    assert info["format"] == "jax" and list(info["types"]) == ["BF16"]
+    assert info["types"]["BF16"]["tensors"] == info["tensors"]
     assert main(["convert", str(tmp_path / "jax"), str(tmp_path / "hf"), "--from", "jax", "--to", "hf"]) == 0
     ref = hf.read(src)
     for name, t in hf.read(tmp_path / "hf").tensors.items():
