@@ -530,6 +530,7 @@ def _types_line(info: dict) -> str:
 def render(info: dict) -> str:
     """``inspect``'s text: the facts, the type table, the spec."""
     bpw = info["bits_per_weight"]
+    files = f"{info['files']} file" + ("s" if info["files"] != 1 else "")
     facts = [
         ("path", info["path"]),
         ("format", info["format"]),
@@ -537,10 +538,7 @@ def render(info: dict) -> str:
         ("quantization", _quantization_text(info["quantization"])),
         ("tensors", info["tensors"]),
         ("parameters", f"{human_count(info['parameters'])} ({info['parameters']})"),
-        (
-            "size",
-            f"{human_bytes(info['size'])} on disk ({info['size']} bytes, {info['files']} file{'s' if info['files'] != 1 else ''})",
-        ),
+        ("size", f"{human_bytes(info['size'])} on disk ({info['size']} bytes, {files})"),
         ("weights", f"{human_bytes(info['weight_bytes'])}, " + (f"{bpw:.2f} bits per weight" if bpw else "-")),
     ]
     lines = [f"{key:<12} {value}" for key, value in facts]
