@@ -38,7 +38,7 @@ from converters.gguf import (
 from gemport.checkpoint import Checkpoint, LazyTensor, all_finite
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_files
-from gemport.progress import progress
+from gemport.progress import log_tensor, progress
 from gemport.spec import SLIDING, TANH_GELU, GemmaSpec
 from quantizers import fp16_range, gguf_mix
 
@@ -549,10 +549,11 @@ def _write_files(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         try:
-            with _pool(jobs, plans) as pool, progress(f"writing {dst.name}", total=len(plans)) as advance:
+            with _pool(jobs, plans) as pool, progress(f"writing {dst.name}", len(plans), "tensors") as advance:
                 for plan in plans:
                     t = ckpt.tensors[names[plan.name]]
                     writer.write_tensor_data(_encode(t, plan, imatrix.get(plan.name), pool, jobs, _source(ckpt)))
+                    log_tensor(log, plan.name, t.shape, plan.qtype)
                     advance()
         finally:
             writer.close()

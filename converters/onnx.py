@@ -39,7 +39,7 @@ from converters import rope
 from gemport.checkpoint import Checkpoint, LazyTensor, all_finite, expected_shapes
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_output
-from gemport.progress import progress
+from gemport.progress import log_tensor, progress
 from gemport.spec import SLIDING, GemmaSpec
 from quantizers import fp16_range
 
@@ -114,8 +114,10 @@ def write(
     dst = Path(dst)
     with atomic_output(dst, overwrite) as tmp:
         tmp.mkdir()
-        with progress(f"writing {dst.name}", total=len(builder.initializers)) as advance:
+        with progress(f"writing {dst.name}", len(builder.initializers), "tensors") as advance:
             ir.save(model, tmp / MODEL, external_data=DATA, callback=lambda *_: advance())
+        for value in builder.initializers:  # -v: what the graph stores, tensor by tensor
+            log_tensor(log, value.name, value.shape, value.dtype.name)
         _write_json(tmp / GENAI_CONFIG, genai_config(ckpt.spec, options))
         manifest = {"onnx": asdict(options), "quantization": ckpt.extra.get("quantization")}
         if fp16 is not None:
