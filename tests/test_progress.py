@@ -121,6 +121,7 @@ def _safetensors_header(path: Path) -> dict:
 
 
 def test_verbose_logs_every_tensor_a_writer_stores(tiny_models, tmp_path, caplog):
+    import onnx
     from gguf import GGUFReader
 
     from gemport.cli import main
@@ -139,3 +140,11 @@ def test_verbose_logs_every_tensor_a_writer_stores(tiny_models, tmp_path, caplog
     logged = {name: (shape, stored) for name, shape, stored in _logged_tensors(caplog)}
     header = _safetensors_header(tmp_path / "hf" / "model.safetensors")
     assert logged == {n: (str(h["shape"]), h["dtype"]) for n, h in header.items()}
+
+    caplog.clear()
+    onnx_args = ["--to", "onnx", "--quant", "int4", "--block-size", "32"]
+    assert main(["-v", "convert", src, str(tmp_path / "onnx"), *onnx_args]) == 0
+
+    graph = onnx.load(tmp_path / "onnx" / "model.onnx", load_external_data=False).graph
+    logged = {name: shape for name, shape, _ in _logged_tensors(caplog)}
+    assert logged == {i.name: str(list(i.dims)) for i in graph.initializer}
