@@ -13,6 +13,10 @@ Each row is one exported folder (model.onnx + model.onnx.data + genai_config.jso
                             (nodes_to_exclude; gemport's counterpart: --gemport-args '--head-bits 0')
     builder-fp32-exact      builder fp32 without its departures from the reference (patch_builder(exact=True))
     builder-int4-exact      the same for int4
+    gemport-int4-h4l8       gemport int4 with the LM head / tied lookup stored explicitly (the head-layout
+    gemport-int4-h8         candidates, issue 19): h4l8 = --head-bits 4 --lookup-bits 8 (int4 head, its own
+    gemport-int4-h4l4       int8 lookup table), h8 = --head-bits 8 (one int8 table for both), h4l4 =
+    gemport-int4-h0         --head-bits 4 --lookup-bits 4 (one int4 table), h0 = --head-bits 0 (float)
 
 Every setting of a row is in its command line, printed under the table; the block and accuracy level
 columns and the embed / head columns are read back from the exported graph.
@@ -179,8 +183,11 @@ class Spec:
     calibrated: bool = False  # AWQ/GPTQ: --calib-block-size, --corpus
     f32_embed: bool = False  # builder: tied embedding / LM head not quantized
     exact: bool = False  # builder: patch_builder(exact=True)
+    extra: tuple[str, ...] = ()  # gemport: more convert options (the head-layout rows)
 
 
+HEAD_4_LOOKUP_8 = ("--head-bits", "4", "--lookup-bits", "8")
+HEAD_4_LOOKUP_4 = ("--head-bits", "4", "--lookup-bits", "4")
 ROWS = [
     Spec("gemport-fp32", "gemport", "fp32"),
     Spec("builder-fp32", "builder", "fp32"),
@@ -191,7 +198,12 @@ ROWS = [
     Spec("builder-int4-f32embed", "builder", "int4 RTN, f32 embed", "int4", f32_embed=True),
     Spec("builder-fp32-exact", "builder", "fp32, exact", exact=True),
     Spec("builder-int4-exact", "builder", "int4 RTN, exact", "int4", exact=True),
+    Spec("gemport-int4-h4l8", "gemport", "int4 RTN, head 4, lookup 8", "int4", extra=HEAD_4_LOOKUP_8),
+    Spec("gemport-int4-h8", "gemport", "int4 RTN, head 8 shared", "int4", extra=("--head-bits", "8")),
+    Spec("gemport-int4-h4l4", "gemport", "int4 RTN, head 4 shared", "int4", extra=HEAD_4_LOOKUP_4),
+    Spec("gemport-int4-h0", "gemport", "int4 RTN, float head", "int4", extra=("--head-bits", "0")),
 ]
+HEAD_ROWS = [s.name for s in ROWS if s.extra]
 DEFAULT_ROWS = [s.name for s in ROWS[:6]]
 COLUMNS = (
     "row|weights|block|acc|embed|head|export s|peak RSS MB|folder bytes"
@@ -235,7 +247,7 @@ def export_argv(spec: Spec, args: argparse.Namespace, out: Path, work: Path) -> 
         argv = [str(GEMPORT), "convert", model, str(out), "--to", "onnx", "--overwrite", *args.gemport_args]
         if spec.quant is None:
             return argv + ["--dtype", "f32"]
-        argv += ["--quant", spec.quant, "--block-size", str(block_of(spec, args))]
+        argv += ["--quant", spec.quant, "--block-size", str(block_of(spec, args)), *spec.extra]
         if args.accuracy_level is not None:
             argv += ["--accuracy-level", str(args.accuracy_level)]
         if spec.calibrated and args.corpus:
@@ -358,21 +370,24 @@ def og_speed(folder: Path, prompt: list[int], args: argparse.Namespace) -> dict:
         generator.append_tokens(tokens)  # the prefill: one run over the prompt, logits of its last token
         t1 = time.perf_counter()
         generator.generate_next_token()  # picks the first new token from those logits (no model run)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         for _ in range(steps):  # one model run on the last token each, then the pick
             generator.generate_next_token()
-        t3 = time.perf_counter()
+        t3, c3 = time.perf_counter(), time.process_time()
         new = list(generator.get_sequence(0))[len(tokens) :]
         if len(new) != steps + 1:
             raise RuntimeError(f"generated {len(new)} tokens, expected {steps + 1}")
-        return t1 - t0, t3 - t2, new
+        return t1 - t0, t3 - t2, c3 - c2, new
 
     once(prompt[:32], 4)  # warm-up: allocations, first-run kernel choices
-    prefill_s, decode_s, new = once(prompt, args.decode_tokens)
+    prefill_s, decode_s, decode_cpu_s, new = once(prompt, args.decode_tokens)
     return {
         "load_s": load_s,
         "prefill_tok_s": len(prompt) / prefill_s,
         "decode_tok_s": args.decode_tokens / decode_s,
+        # per CPU second of this process: with --threads 1, what other processes on the machine do
+        # changes it far less than the wall clock (they take cores, not this process's work)
+        "decode_cpu_tok_s": args.decode_tokens / decode_cpu_s,
         "generated": [int(t) for t in new[:16]],
     }
 
@@ -470,6 +485,7 @@ def speed_rounds(rows: list[Result], prompt: list[int], args: argparse.Namespace
             continue
         prefill = [r["prefill_tok_s"] for r in done]
         decode = [r["decode_tok_s"] for r in done]
+        decode_cpu = [r["decode_cpu_tok_s"] for r in done]
         res.speed = {
             "load_s": statistics.median(r["load_s"] for r in done),
             "prompt_tokens": len(prompt),
@@ -479,6 +495,8 @@ def speed_rounds(rows: list[Result], prompt: list[int], args: argparse.Namespace
             "decode_tok_s": statistics.median(decode),
             "prefill_tok_s_runs": prefill,
             "decode_tok_s_runs": decode,
+            "decode_cpu_tok_s": statistics.median(decode_cpu),
+            "decode_cpu_tok_s_runs": decode_cpu,
             "generated": done[0]["generated"],
         }
 
@@ -497,13 +515,22 @@ def run_speed(argv: list[str]) -> int:
 
 
 def decode_ratios(rows: list[Result]) -> list[str]:
-    """gemport's decode tokens/s over the builder's, for each pair of rows with the same weights."""
+    """gemport's decode tokens/s over the builder's, for each pair of rows with the same weights; each
+    head-layout row's over the first head-layout row's (per round, then the median: the rows of one
+    round ran back to back, so the ratio cancels the load other processes put on the machine)."""
     speed = {r.row: r.speed.get("decode_tok_s") for r in rows if r.speed.get("decode_tok_s")}
     lines = []
     for row, tok_s in speed.items():
         peer = row.replace("gemport-", "builder-", 1)
         if row.startswith("gemport-") and speed.get(peer):
             lines.append(f"decode {row} / {peer}: {tok_s / speed[peer]:.3f}")
+    heads = [r for r in rows if r.row in HEAD_ROWS and r.speed.get("decode_tok_s_runs")]
+    for r in heads[1:]:
+        for what, key in (("decode", "decode_tok_s_runs"), ("decode per CPU second", "decode_cpu_tok_s_runs")):
+            ratios = [a / b for a, b in zip(r.speed.get(key, []), heads[0].speed.get(key, []), strict=False)]
+            if ratios:
+                spread = f"rounds {min(ratios):.3f}-{max(ratios):.3f}"
+                lines.append(f"{what} {r.row} / {heads[0].row}: {statistics.median(ratios):.3f} ({spread})")
     return lines
 
 

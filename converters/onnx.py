@@ -119,7 +119,7 @@ def write(
         for value in builder.initializers:  # -v: what the graph stores, tensor by tensor
             log_tensor(log, value.name, value.shape, value.dtype.name)
         _write_json(tmp / GENAI_CONFIG, genai_config(ckpt.spec, options))
-        manifest = {"onnx": asdict(options), "quantization": ckpt.extra.get("quantization")}
+        manifest = {"onnx": asdict(options), **stored_manifest(ckpt, options, builder.layout)}
         if fp16 is not None:
             manifest["fp16_check"] = fp16
         _write_json(tmp / MANIFEST, manifest)
@@ -219,6 +219,82 @@ def genai_config(spec: GemmaSpec, options: OnnxOptions) -> dict:
         "vocab_size": spec.vocab_size,
     }
     return {"model": model, "search": search}
+
+
+# --- what the folder stores (gemport.json) and its one-line summary --------------------------
+
+HEAD_QUANTIZER = "rtn full range, symmetric"  # _Builder._quantized_head's records
+
+
+def stored_manifest(ckpt: Checkpoint, options: OnnxOptions, layout: dict[str, dict]) -> dict:
+    """gemport.json's ``stored`` (what the graph holds, by role, from the layout table the reader uses)
+    and ``quantization`` (the quantizer's record, with the head and lookup tables this writer
+    quantized listed as quantized instead of kept)."""
+    stored = _stored(ckpt, options, layout)
+    quantization = ckpt.extra.get("quantization")
+    tables = {role: stored[role] for role in ("head", "lookup") if stored[role].get("by") == "writer"}
+    if tables:
+        quantization = dict(quantization or {"method": None, "quantized": 0})
+        quantization |= {"kept": stored["kept"], **tables}
+    return {"stored": stored, "quantization": quantization}
+
+
+def _stored(ckpt: Checkpoint, options: OnnxOptions, layout: dict[str, dict]) -> dict:
+    """Projections counted by (bits, block); head and lookup (bits and block, or the float dtype; who
+    quantized them; shared or not); the canonical tensors stored as float."""
+    embed, head_name = "model.embed_tokens.weight", "lm_head.weight"
+    groups: dict[tuple[int, int], int] = {}
+    for name, entry in layout.items():
+        if name not in (embed, head_name) and entry["kind"] == "matmul_nbits":
+            key = (entry["bits"], entry["block_size"])
+            groups[key] = groups.get(key, 0) + 1
+
+    def table(name: str) -> dict:
+        entry = layout[name]
+        if entry["kind"] == "float":
+            return {"dtype": options.dtype}
+        source = ckpt.tensors.get(name)
+        by = "quantizer" if source is not None and source.quant is not None else "writer"
+        out = {"bits": entry["bits"], "block_size": entry["block_size"], "by": by}
+        return out | ({"method": HEAD_QUANTIZER} if by == "writer" else {})
+
+    # A tied head reads the lookup's table unless the writer gave it a copy of its own (lm_head.weight).
+    shared = ckpt.spec.tie_embeddings and head_name not in layout
+    head = table(embed if shared else head_name)
+    lookup = table(embed)
+    if ckpt.spec.tie_embeddings:
+        head["shared_with_lookup"] = lookup["shared_with_head"] = shared
+    return {
+        "projections": [{"bits": b, "block_size": s, "count": n} for (b, s), n in sorted(groups.items())],
+        "head": head,
+        "lookup": lookup,
+        "kept": [n for n in ckpt.tensors if layout.get(n, {}).get("kind") == "float"],
+    }
+
+
+def summary(folder: str | Path) -> str:
+    """One line on what an ONNX folder gemport wrote stores, from its gemport.json, e.g.
+    ``126 projections int4 b32, head int4 b32, lookup int8 b32, 109 kept``."""
+    path = Path(folder) / MANIFEST
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))["stored"]
+        return summary_of(stored)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"no readable 'stored' table: {type(exc).__name__}: {exc}", path) from None
+
+
+def summary_of(stored: dict) -> str:
+    """The line of ``summary`` from a ``stored`` table (stored_manifest)."""
+
+    def kind(t: dict) -> str:
+        return f"int{t['bits']} b{t['block_size']}" if "bits" in t else t["dtype"]
+
+    parts = [f"{g['count']} projections {kind(g)}" for g in stored["projections"]]
+    if stored["head"].get("shared_with_lookup"):
+        parts.append(f"head and lookup {kind(stored['head'])} (one table)")
+    else:
+        parts += [f"head {kind(stored['head'])}", f"lookup {kind(stored['lookup'])}"]
+    return ", ".join([*parts, f"{len(stored['kept'])} kept"])
 
 
 class _Builder:

@@ -339,3 +339,65 @@ def test_lookup_bits_keep_a_finer_table_beside_a_4_bit_head(tiny_models, tmp_pat
     assert err < 0.5 * (onnx_conv.read(shared).tensors["model.embed_tokens.weight"].load() - embed).abs().max()
     with pytest.raises(UnsupportedError, match="lookup bits apply to a quantized head"):
         onnx_conv.write(src, tmp_path / "bad", lookup_bits=8)
+
+
+@pytest.mark.parametrize(
+    "head_bits,lookup_bits,head,lookup,line",
+    [
+        (4, 8, (4, 32), (8, 32), "head int4 b32, lookup int8 b32"),
+        (8, None, (8, 32), (8, 32), "head and lookup int8 b32 (one table)"),
+        (4, 4, (4, 32), (4, 32), "head and lookup int4 b32 (one table)"),
+        (None, None, None, None, "head and lookup f32 (one table)"),
+    ],
+)
+def test_manifest_lists_the_head_and_lookup_tables_as_quantized(
+    tiny_models, tmp_path, head_bits, lookup_bits, head, lookup, line
+):
+    """gemport.json says what the graph stores: the head and lookup tables the writer quantized are
+    listed with their bits and block (not as kept), and the summary line counts them."""
+    src = hf.read(tiny_models["gemma3"])
+    q = rtn.quantize(src, rtn.RTNConfig(bits=4, group_size=32, full_range=True))
+    out = onnx_conv.write(q, tmp_path / "out", head_bits=head_bits, lookup_bits=lookup_bits)
+    manifest = json.loads((out / "gemport.json").read_text())
+    stored, quantization = manifest["stored"], manifest["quantization"]
+    projections = 7 * src.spec.num_layers
+    assert stored["projections"] == [{"bits": 4, "block_size": 32, "count": projections}]
+    embed = "model.embed_tokens.weight"
+    floats = [n for n in src.tensors if n.endswith("norm.weight")] + ([embed] if head is None else [])
+    assert sorted(stored["kept"]) == sorted(floats) and sorted(quantization["kept"]) == sorted(floats)
+    assert quantization["quantized"] == projections
+    for role, want in (("head", head), ("lookup", lookup)):
+        got = stored[role]
+        if want is None:
+            assert got["dtype"] == "f32" and role not in quantization
+        else:
+            assert (got["bits"], got["block_size"], got["by"]) == (*want, "writer") and quantization[role] == got
+    assert onnx_conv.summary(out) == f"{projections} projections int4 b32, {line}, {len(floats)} kept"
+    # the table says what the graph holds: the lookup's GatherBlockQuantized bits, the head's MatMulNBits bits
+    graph = __import__("onnx").load(str(out / "model.onnx"), load_external_data=False).graph
+    gathers = [dict((a.name, a.i) for a in n.attribute) for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert [g["bits"] for g in gathers] == ([lookup[0]] if lookup else [])
+    vocab = src.spec.vocab_size
+    heads = [
+        n for n in graph.node if n.op_type == "MatMulNBits" and dict((a.name, a.i) for a in n.attribute)["N"] == vocab
+    ]
+    assert [dict((a.name, a.i) for a in n.attribute)["bits"] for n in heads] == ([head[0]] if head else [])
+
+
+def test_manifest_of_a_float_model_with_a_quantized_head(tiny_models, tmp_path):
+    """No quantizer ran (convert --to onnx --head-bits 8): the manifest still says the writer quantized
+    the head (untied here: the lookup stays float)."""
+    src = hf.read(tiny_models["gemma-mqa"])
+    out = onnx_conv.write(src, tmp_path / "out", head_bits=8)
+    manifest = json.loads((out / "gemport.json").read_text())
+    assert manifest["stored"]["head"] == {
+        "bits": 8,
+        "block_size": 32,
+        "by": "writer",
+        "method": onnx_conv.HEAD_QUANTIZER,
+    }
+    assert manifest["stored"]["lookup"] == {"dtype": "f32"}
+    assert "lm_head.weight" not in manifest["quantization"]["kept"]
+    assert manifest["quantization"]["head"]["bits"] == 8 and manifest["quantization"]["quantized"] == 0
+    kept = len(src.tensors) - 1
+    assert onnx_conv.summary(out) == f"head int8 b32, lookup f32, {kept} kept"
