@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +28,7 @@ import numpy as np
 
 from converters.gguf_checks import MAX_CONTEXT, check_layers, check_sizes, check_tokenizer
 from converters.gguf_header import MAGIC, Header, Metadata, TensorInfo, read_header
+from converters.tokenizer_files import hf_tokenizer_files as _hf_tokenizer_files
 from gemport.checkpoint import Checkpoint, LazyTensor
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.spec import FULL, SLIDING, GemmaSpec, RopeScaling
@@ -433,11 +433,20 @@ def _tokenizer_files(meta: Metadata) -> dict[str, bytes]:
         if token_id is not None:
             config[f"{name}_token"] = tokens[token_id]
     try:
-        return {"tokenizer.model": model} | _hf_tokenizer_files(model, config)
+        files = {"tokenizer.model": model} | _hf_tokenizer_files(model, config)
     except (RuntimeError, ValueError, OSError, KeyError, IndexError, TypeError) as exc:
         # sentencepiece and transformers refuse some piece lists (a piece twice, an empty piece)
         # with their own exceptions; they are faults of this file's tokenizer metadata.
         raise InputError(f"cannot rebuild the tokenizer from tokenizer.ggml.*: {exc}", meta.path) from None
+    template = meta.text("tokenizer.chat_template", None)
+    if template:
+        # the file's chat template, where transformers, llama.cpp's converter and
+        # onnxruntime-genai read it (ref: transformers tokenization_utils_base save_pretrained)
+        config = json.loads(files["tokenizer_config.json"])
+        files["tokenizer_config.json"] = (
+            json.dumps(config | {"chat_template": template}, indent=2, ensure_ascii=False) + "\n"
+        ).encode()
+    return files
 
 
 def _sentencepiece_model(meta: Metadata) -> bytes:
@@ -486,34 +495,6 @@ def _sentencepiece_model(meta: Metadata) -> bytes:
     norm.remove_extra_whitespaces = False
     norm.escape_whitespaces = True
     return proto.SerializeToString()
-
-
-def _hf_tokenizer_files(model: bytes, config: dict) -> dict[str, bytes]:
-    """tokenizer.json and tokenizer_config.json, as transformers makes them from ``model``."""
-    from transformers import AutoTokenizer
-
-    keep = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-    with tempfile.TemporaryDirectory(prefix="gemport-tok-") as tmp:
-        src, dst = Path(tmp, "src"), Path(tmp, "dst")
-        src.mkdir()
-        (src / "tokenizer.model").write_bytes(model)
-        (src / "tokenizer_config.json").write_text(json.dumps(config))
-        AutoTokenizer.from_pretrained(src).save_pretrained(dst)
-        files = {name: (dst / name).read_bytes() for name in keep if (dst / name).is_file()}
-    # save_pretrained echoes where it loaded from (the temporary folder); drop those keys.
-    saved = json.loads(files["tokenizer_config.json"])
-    for key in ("vocab_file", "is_local", "local_files_only"):
-        saved.pop(key, None)
-    # transformers 5 no longer writes added_tokens_decoder, but llama.cpp's convert_hf_to_gguf.py
-    # takes its user-defined and control tokens (Gemma's whitespace runs among them) from that list
-    # alone (ref: conversion/base.py _create_vocab_sentencepiece); without it they become NORMAL and
-    # llama.cpp tokenizes runs of spaces differently. Rebuilt from tokenizer.json's added_tokens.
-    if not saved.get("added_tokens_decoder"):
-        keys = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
-        added = json.loads(files["tokenizer.json"]).get("added_tokens", [])
-        saved["added_tokens_decoder"] = {str(t["id"]): {k: t[k] for k in keys if k in t} for t in added}
-    files["tokenizer_config.json"] = (json.dumps(saved, indent=2, ensure_ascii=False) + "\n").encode()
-    return files
 
 
 def _generation_config(meta: Metadata) -> dict:

@@ -109,6 +109,9 @@ def write(
     if fp16 is not None:
         ckpt = fp16_range.guard_weights(ckpt, [n for n in ckpt.tensors if not _wide_norm(n)])
     _warn_without_tokenizer(ckpt)
+    from converters.tokenizer_files import genai_tokenizer_files
+
+    tokenizer_files = genai_tokenizer_files(ckpt.tokenizer_files, ckpt.source)  # what onnxruntime-genai reads
     builder = _Builder(ckpt, options)
     model = builder.build()
     dst = Path(dst)
@@ -123,7 +126,7 @@ def write(
         if fp16 is not None:
             manifest["fp16_check"] = fp16
         _write_json(tmp / MANIFEST, manifest)
-        for name, data in ckpt.tokenizer_files.items():
+        for name, data in tokenizer_files.items():
             (tmp / name).write_bytes(data)
     return dst
 
