@@ -264,3 +264,47 @@ def test_cli_json(artifacts, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "onnx" and "MatMulNBits int4 b32" in info["types"]
     assert info["bits_per_weight"] == pytest.approx(info["weight_bytes"] * 8 / info["parameters"])
+
+
+def _onnx_with_metadata(src: Path, dst: Path, edit) -> Path:
+    """A copy of the ONNX folder ``src`` whose metadata dict ``edit`` changed in place."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    model = onnx.load(str(dst / "model.onnx"), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    edit(props)
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, str(dst / "model.onnx"))
+    return dst
+
+
+def _layout_edit(change):
+    def edit(props):
+        layout = json.loads(props["gemport.layout"])
+        change(layout)
+        props["gemport.layout"] = json.dumps(layout)
+
+    return edit
+
+
+ONNX_FAULTS = {
+    "no-layout": lambda props: props.pop("gemport.layout"),
+    "spec-not-json": lambda props: props.__setitem__("gemport.spec", "{"),
+    "entry-missing": _layout_edit(lambda layout: layout.pop("model.norm.weight")),
+    "bits-3": _layout_edit(lambda layout: layout["model.layers.0.mlp.up_proj.weight"].__setitem__("bits", 3)),
+    "unknown-kind": _layout_edit(lambda layout: layout["model.norm.weight"].__setitem__("kind", "sparse")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONNX_FAULTS))
+def test_onnx_metadata_refused_as_the_reader_does(artifacts, tmp_path, name):
+    from converters import onnx as onnx_conv
+
+    path = _onnx_with_metadata(artifacts["onnx"], tmp_path / name, ONNX_FAULTS[name])
+    with pytest.raises(GemportError) as theirs:
+        onnx_conv.read(path)
+    with pytest.raises(GemportError) as ours:
+        describe(path)
+    assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)
