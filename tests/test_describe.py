@@ -17,7 +17,7 @@ import pytest
 from converters.gguf_header import read_header
 from gemport.checkpoint import expected_shapes
 from gemport.cli import main
-from gemport.describe import describe, render, summary, table
+from gemport.describe import artifact_size, describe, render, summary, table
 from gemport.errors import GemportError
 from quantizers.rtn import projection_names
 from tests.tiny import make_tiny
@@ -308,3 +308,15 @@ def test_onnx_metadata_refused_as_the_reader_does(artifacts, tmp_path, name):
     with pytest.raises(GemportError) as ours:
         describe(path)
     assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)
+
+
+def test_split_gguf_counts_every_shard(artifacts, tmp_path):
+    from converters import gguf_writer, hf
+
+    first = gguf_writer.write(hf.read(artifacts["hf"]), tmp_path / "g3.gguf", max_shard_bytes=150_000)
+    shards = sorted(tmp_path.glob("g3-*-of-*.gguf"))
+    assert len(shards) >= 3 and shards[0] == first
+    info = describe(first)
+    assert info["files"] == len(shards) and info["size"] == sum(s.stat().st_size for s in shards)
+    assert info["tensors"] == sum(len(read_header(s).tensors) for s in shards)
+    assert artifact_size(first) == info["size"]
