@@ -3,8 +3,10 @@
 Nothing here loads or dequantizes a tensor. GGUF files are read through converters/gguf_header.py
 (header and metadata only), safetensors folders through their JSON headers, ONNX folders through
 the graph without its external data and the metadata gemport writes beside it; JAX and
-gemma_pytorch checkpoints through their readers, which open tensors lazily. The spec and every
-config check come from each format's reader, so ``inspect`` refuses what ``convert`` would refuse.
+gemma_pytorch checkpoints through their readers, which open tensors lazily. The spec and the
+checks of the config and the tensor table come from each format's reader (for GGUF and ONNX, its
+functions called in its order, without the steps that build: GGUF's tokenizer rebuild, ONNX's
+loaders), so ``inspect`` refuses a damaged header or config with the error ``convert`` gives.
 
 Stored types are named as each format's own tools name them: GGUF by ggml type as gguf-dump prints
 them (Q4_K, Q6_K, F32), safetensors by dtype (BF16) and a compressed-tensors module by its scheme
@@ -509,7 +511,9 @@ def render(info: dict) -> str:
 
 def summary(src: Path | None, dst: Path, seconds: float, fmt: str | None = None) -> str:
     """Two lines for the end of ``convert`` / ``quantize``, as llama-quantize ends: the stored types
-    with counts, then size before (``src`` on disk) and after, bits per weight and the time taken."""
+    with counts, then size before (``src`` on disk) and after, bits per weight and the time taken.
+    ``dst`` is the path the writer returned (a split GGUF's first shard); ``fmt`` its format when
+    detection should be skipped."""
     info = describe(dst, fmt)
     before = f"{human_bytes(artifact_size(src))} -> " if src is not None else ""
     bpw = info["bits_per_weight"]

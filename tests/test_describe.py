@@ -320,3 +320,18 @@ def test_split_gguf_counts_every_shard(artifacts, tmp_path):
     assert info["files"] == len(shards) and info["size"] == sum(s.stat().st_size for s in shards)
     assert info["tensors"] == sum(len(read_header(s).tensors) for s in shards)
     assert artifact_size(first) == info["size"]
+
+
+def test_gguf_shows_what_gemport_recorded(tiny_hf, tmp_path):
+    from converters.gguf_writer import QUANTIZATION_KEY
+    from gemport.describe import GGUF_QUANTIZATION_KEY
+
+    assert GGUF_QUANTIZATION_KEY == QUANTIZATION_KEY
+    out = tmp_path / "g3.gguf"
+    calibration = ["--calib-tokens", "64", "--calib-ctx", "32"]
+    argv = ["quantize", str(tiny_hf), str(out), "--bits", "4", "--to", "gguf", "--method", "gptq", *calibration]
+    assert main(argv) == 0
+    info = describe(out)
+    made = info["quantization"]["gemport"]
+    assert info["quantization"]["file_type"] == "Q4_K_M" and made["method"] == "gptq" and made["calib_tokens"] == 64
+    assert "gemport gptq gguf_type=q4_k_m" in render(info)
