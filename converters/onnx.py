@@ -227,6 +227,23 @@ def genai_config(spec: GemmaSpec, options: OnnxOptions) -> dict:
 # --- what the folder stores (gemport.json) and its one-line summary --------------------------
 
 HEAD_QUANTIZER = "rtn full range, symmetric"  # _Builder._quantized_head's records
+# The LM head with quantized projections, chosen on the off-grid demo model with int4 projections
+# (bench/onnx.py head-layout rows; bench/RESULTS.md "The LM head's layout"): an int8 head scores as a
+# float head does (KLD 0.347 vs 0.346; an int4 head 0.452 with its own int8 lookup table, 0.469 sharing
+# one int4 table), in a folder 23 % smaller than an int4 head + int8 lookup, decoding at 0.76x (the
+# head is 168M of its 268M weights; less on larger Gemmas), as llama-quantize's Q4_K_M keeps this
+# model's tied token_embd.weight at Q8_0.
+DEFAULT_HEAD_BITS = 8
+
+
+def head_options(quant_bits: int | None, head_bits: int | None = None, lookup_bits: int | None = None) -> dict:
+    """``write``'s head_bits and lookup_bits from the command line's: given ones as they are (head bits
+    0: a float head), else an int8 head (DEFAULT_HEAD_BITS) when the projections are quantized
+    (``quant_bits``), a float one when not. Without lookup bits a tied embedding's lookup reads the
+    head's table (GatherBlockQuantized over the same bytes)."""
+    if head_bits is None:
+        head_bits = DEFAULT_HEAD_BITS if quant_bits else 0
+    return {"head_bits": head_bits or None, "lookup_bits": lookup_bits}
 
 
 def stored_manifest(ckpt: Checkpoint, options: OnnxOptions, layout: dict[str, dict]) -> dict:

@@ -401,3 +401,27 @@ def test_manifest_of_a_float_model_with_a_quantized_head(tiny_models, tmp_path):
     assert manifest["quantization"]["head"]["bits"] == 8 and manifest["quantization"]["quantized"] == 0
     kept = len(src.tensors) - 1
     assert onnx_conv.summary(out) == f"head int8 b32, lookup f32, {kept} kept"
+
+
+def test_default_head_layout_is_one_int8_table_for_head_and_lookup(tiny_models, tmp_path):
+    """The defaults the CLI takes (head_options): with quantized projections an int8 head whose bytes
+    the tied lookup reads (one table, no float copy, no second table); given bits kept as they are."""
+    assert onnx_conv.head_options(4) == {"head_bits": 8, "lookup_bits": None}
+    assert onnx_conv.head_options(None) == {"head_bits": None, "lookup_bits": None}
+    assert onnx_conv.head_options(4, 0) == {"head_bits": None, "lookup_bits": None}
+    assert onnx_conv.head_options(4, 4, 8) == {"head_bits": 4, "lookup_bits": 8}
+    src = hf.read(tiny_models["gemma3"])
+    q = rtn.quantize(src, rtn.RTNConfig(bits=4, group_size=32, full_range=True))
+    out = onnx_conv.write(q, tmp_path / "out", **onnx_conv.head_options(4))
+    stored = json.loads((out / "gemport.json").read_text())["stored"]
+    assert (stored["head"]["bits"], stored["lookup"]["bits"], stored["head"]["shared_with_lookup"]) == (8, 8, True)
+    graph = __import__("onnx").load(str(out / "model.onnx"), load_external_data=False).graph
+    names = {i.name for i in graph.initializer}
+    assert "model.embed_tokens.weight.qweight" in names and "model.embed_tokens.weight" not in names
+    assert not any(n.startswith("lm_head.weight") for n in names)
+    (lookup,) = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert lookup.input[0].startswith("Reshape") and dict((a.name, a.i) for a in lookup.attribute)["bits"] == 8
+    want = reference_logprobs(tiny_models["gemma3"], TOKENS)
+    float_head = onnx_conv.write(q, tmp_path / "float")
+    kld_float = kld(want, run(session(float_head), src.spec, TOKENS)[0])
+    assert kld(want, run(session(out), src.spec, TOKENS)[0]) < 1.1 * kld_float  # as good as a float head
