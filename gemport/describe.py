@@ -209,7 +209,7 @@ def _hf(path: Path):
     rows: dict[str, Row] = {}
     weight_files = hf._weight_files(path)
     for file in weight_files:
-        n, header, _ = hf._header_json(file)
+        _, header, _ = hf._header_json(file)
         for name, dtype, shape, start, stop in hf._header_entries(file, header):
             if scheme is not None and name.endswith(ct.SUFFIXES):
                 module = name.rsplit(".", 1)[0]
@@ -280,7 +280,7 @@ def _onnx(path: Path):
         reader._check_entry(canonical, entry, shape, file)
         tensors[canonical] = LazyTensor(canonical, shape, "f32", load=_not_loaded)
     ckpt = Checkpoint(spec=spec, tensors=tensors, source=str(path))
-    rows = _onnx_rows(proto.graph, spec.vocab_size)
+    rows = _onnx_rows(proto.graph, spec.vocab_size, file)
     folder = file.parent
     files = _folder_files(folder) if path.is_dir() else [file, *_external_files(proto, folder)]
     quantization = None
@@ -306,13 +306,16 @@ def _external_files(proto, folder: Path) -> list[Path]:
     return [folder / n for n in sorted(names)]
 
 
-# ONNX TensorProto data types by number (ref: onnx.proto TensorProto.DataType), named as safetensors does.
-_ONNX_TYPES = {1: "F32", 2: "U8", 3: "I8", 4: "U16", 5: "I16", 6: "I32", 7: "I64", 9: "BOOL", 10: "F16"}
-_ONNX_TYPES |= {11: "F64", 12: "U32", 13: "U64", 16: "BF16", 21: "U4", 22: "I4"}
+# ONNX TensorProto data type number -> (name as safetensors names it, bits per element)
+# (ref: onnx/onnx.proto TensorProto.DataType).
+_ONNX_TYPES = {1: ("F32", 32), 2: ("U8", 8), 3: ("I8", 8), 4: ("U16", 16), 5: ("I16", 16), 6: ("I32", 32)}
+_ONNX_TYPES |= {7: ("I64", 64), 9: ("BOOL", 8), 10: ("F16", 16), 11: ("F64", 64), 12: ("U32", 32)}
+_ONNX_TYPES |= {13: ("U64", 64), 16: ("BF16", 16), 21: ("U4", 4), 22: ("I4", 4)}
 
 
 def _initializer_bytes(t) -> int:
-    """Bytes an initializer stores: its external length, its raw bytes, or its typed values."""
+    """Bytes an initializer stores: its external length (checked by the reader), its raw bytes, or
+    its typed values at their element size."""
     import onnx
 
     if t.data_location == onnx.TensorProto.EXTERNAL:
@@ -321,8 +324,8 @@ def _initializer_bytes(t) -> int:
             return int(info["length"])
     if t.raw_data:
         return len(t.raw_data)
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return math.prod(t.dims) * itemsize
+    bits = _ONNX_TYPES.get(t.data_type, ("", 0))[1]
+    return -(-math.prod(t.dims) * bits // 8)
 
 
 def _attrs(node) -> dict:
@@ -331,13 +334,14 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _onnx_rows(graph, vocab_size: int) -> dict[str, Row]:
+def _onnx_rows(graph, vocab_size: int, file: Path) -> dict[str, Row]:
     """MatMulNBits by bits and block (the LM head apart: the one of N = vocab rows), GatherBlockQuantized
     likewise, every other initializer by dtype. An initializer reached through Reshape (a lookup table
-    sharing the head's bytes) is followed back and counted once (ref: onnxruntime contrib_defs.cc
-    MatMulNBits: inputs A, B, scales, zero_points, g_idx, bias, attributes K, N, bits, block_size;
-    GatherBlockQuantized: data, indices, scales, zero_points, attributes bits (default 4), block_size
-    (default 128))."""
+    and a head sharing one table) is followed back and counted once, under the node that reads it
+    first; the other's row says "(shared table)" (ref: onnxruntime docs/ContribOperators.md
+    MatMulNBits: inputs A, B, scales, zero_points, g_idx, bias, attributes K, N, bits (default 4),
+    block_size; GatherBlockQuantized: data, indices, scales, zero_points, attributes bits (default 4),
+    block_size (default 128))."""
     inits = {t.name: t for t in graph.initializer}
     made_by = {out: node for node in graph.node for out in node.output}
 
@@ -355,25 +359,31 @@ def _onnx_rows(graph, vocab_size: int) -> dict[str, Row]:
     counted: set[str] = set()
 
     def add(key: str, parameters: int, names: Iterable[str]) -> None:
-        parts = [n for n in {source(n) for n in names if n} if n is not None and n not in counted]
-        counted.update(parts)
-        rows.setdefault(key, Row()).add(parameters, sum(_initializer_bytes(inits[n]) for n in parts))
+        parts = {source(n) for n in names if n} - {None}
+        new = parts - counted
+        if parts and not new:
+            key += " (shared table)"
+        counted.update(new)
+        rows.setdefault(key, Row()).add(parameters, sum(_initializer_bytes(inits[n]) for n in new))
 
     for node in graph.node:
+        if node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
+            continue
         a = _attrs(node)
+        bits = a.get("bits", 4)
         if node.op_type == "MatMulNBits":
-            head = " (head)" if a.get("N") == vocab_size else ""
-            add(f"MatMulNBits int{a['bits']} b{a['block_size']}{head}", a["K"] * a["N"], node.input[1:])
-        elif node.op_type == "GatherBlockQuantized":
-            bits, block = a.get("bits", 4), a.get("block_size", 128)
+            if not all(isinstance(a.get(k), int) for k in ("K", "N", "block_size")):
+                raise InputError(f"MatMulNBits node {node.name!r} lacks its K, N or block_size attribute", file)
+            head = " (head)" if a["N"] == vocab_size else ""
+            add(f"MatMulNBits int{bits} b{a['block_size']}{head}", a["K"] * a["N"], node.input[1:])
+        else:
+            block = a.get("block_size", 128)
             scales = source(node.input[2]) if len(node.input) > 2 else None
             elements = math.prod(inits[scales].dims) * block if scales else 0
-            shared = source(node.input[0]) in counted
-            key = f"GatherBlockQuantized int{bits} b{block}" + (" (the head's table)" if shared else "")
-            add(key, elements, [node.input[0], *node.input[2:]])
+            add(f"GatherBlockQuantized int{bits} b{block}", elements, [node.input[0], *node.input[2:]])
     for name, t in inits.items():
         if name not in counted:
-            key = _ONNX_TYPES.get(t.data_type, str(t.data_type))
+            key = _ONNX_TYPES.get(t.data_type, (str(t.data_type), 0))[0]
             rows.setdefault(key, Row()).add(math.prod(t.dims), _initializer_bytes(t))
     return rows
 

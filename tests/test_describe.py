@@ -335,3 +335,19 @@ def test_gguf_shows_what_gemport_recorded(tiny_hf, tmp_path):
     made = info["quantization"]["gemport"]
     assert info["quantization"]["file_type"] == "Q4_K_M" and made["method"] == "gptq" and made["calib_tokens"] == 64
     assert "gemport gptq gguf_type=q4_k_m" in render(info)
+
+
+def test_onnx_head_and_lookup_sharing_one_table(tiny_hf, tmp_path):
+    """--head-bits 8 with the default 8-bit lookup: one table, its bytes counted once."""
+    out = tmp_path / "onnx"
+    argv = ["convert", str(tiny_hf), str(out), "--to", "onnx", "--quant", "int4", "--head-bits", "8"]
+    assert main(argv) == 0
+    info = describe(out)
+    types = info["types"]
+    shared = [name for name in types if name.endswith("(shared table)")]
+    assert len(shared) == 1 and types[shared[0]]["bytes"] == 0 and types[shared[0]]["tensors"] == 1
+    vocab_rows = info["spec"]["vocab_size"] * info["spec"]["hidden_size"]
+    table_rows = [r for n, r in types.items() if "int8" in n and n not in shared]
+    assert len(table_rows) == 1 and table_rows[0]["bytes"] >= vocab_rows
+    stored = sum(p.stat().st_size for p in out.glob("model.onnx*"))
+    assert info["weight_bytes"] <= stored  # the shared table is not counted twice
