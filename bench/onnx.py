@@ -26,12 +26,15 @@ bench/gguf.py), folder size (bytes of all its files), ppl / delta-ppl / KLD / to
 validation (``validation.validate.validate`` against MODEL in transformers fp32, windows of --ctx
 tokens), and prefill / decode tokens per second in onnxruntime-genai on the CPU (og.Model +
 og.Generator: a prompt of --prompt-tokens tokens from the evaluation text appended at once, then
---decode-tokens greedy steps of one token). Speed is measured after every row is built and scored, in
---repeats rounds; each round times every row once, each in a fresh process (``bench/onnx.py --run-speed``:
-load, one warm-up, one timed run), in the row order on even rounds and reversed on odd ones, and the
-median over the rounds is reported. Timing several models in one process, or always in the same order,
-favours whichever runs second (up to 8 % here on decode) and swamped the differences being measured.
-Decode ratios of each gemport row to the builder row of the same weights are printed under the table.
+--decode-tokens greedy steps of one token; decode also per CPU second of the decoding process, which
+with --threads 1 other jobs on the machine change far less than the wall clock). Speed is measured after
+every row is built and scored, in --repeats rounds; each round times every row once, each in a fresh
+process (``bench/onnx.py --run-speed``: load, one warm-up, one timed run), in the row order on even
+rounds and reversed on odd ones, and the median over the rounds is reported. Timing several models in
+one process, or always in the same order, favours whichever runs second (up to 8 % here on decode) and
+swamped the differences being measured. Decode ratios of each gemport row to the builder row of the same
+weights are printed under the table, and of each head-layout row to the first one named (per round, then
+the median).
 
 The builder runs in a child process of this script (``bench/onnx.py --run-builder [--exact] -- ARGS``)
 that patches the builder in memory before running its ``__main__``: onnxruntime-genai 0.18's builder
