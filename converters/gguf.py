@@ -29,6 +29,7 @@ import numpy as np
 from converters.gguf_checks import MAX_CONTEXT, check_layers, check_sizes, check_tokenizer
 from converters.gguf_header import MAGIC, Header, Metadata, TensorInfo, read_header
 from converters.tokenizer_files import hf_tokenizer_files as _hf_tokenizer_files
+from converters.tokenizer_files import sentencepiece_matching_specials
 from gemport.checkpoint import Checkpoint, LazyTensor
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.spec import FULL, SLIDING, GemmaSpec, RopeScaling
@@ -433,7 +434,7 @@ def _tokenizer_files(meta: Metadata) -> dict[str, bytes]:
         if token_id is not None:
             config[f"{name}_token"] = tokens[token_id]
     try:
-        files = {"tokenizer.model": model} | _hf_tokenizer_files(model, config)
+        files = {"tokenizer.model": sentencepiece_matching_specials(model)} | _hf_tokenizer_files(model, config)
     except (RuntimeError, ValueError, OSError, KeyError, IndexError, TypeError) as exc:
         # sentencepiece and transformers refuse some piece lists (a piece twice, an empty piece)
         # with their own exceptions; they are faults of this file's tokenizer metadata.

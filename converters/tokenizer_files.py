@@ -74,6 +74,28 @@ def hf_tokenizer_files(model: bytes, config: dict) -> dict[str, bytes]:
     return files
 
 
+def sentencepiece_matching_specials(model: bytes) -> bytes:
+    """The SentencePiece ``model`` with its CONTROL pieces other than BOS, EOS and padding made
+    USER_DEFINED, so that SentencePiece matches them in text as transformers and llama.cpp (with
+    special-token parsing) do. A GGUF marks CONTROL every token Hugging Face lists as special
+    (ref: llama.cpp conversion/base.py _create_vocab_sentencepiece), among them Gemma's
+    <start_of_turn>/<end_of_turn>; a SentencePiece CONTROL piece is never matched in text, and
+    Google's gemma library encodes its chat turns as text with SentencePiece (ref: gemma
+    gm/text/_template.py PROMPT, _tokenizer.py Tokenizer.encode), so they must be user-defined."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(model)
+    spec = proto.trainer_spec
+    keep = {spec.bos_id, spec.eos_id, spec.pad_id}
+    control, user = pb.ModelProto.SentencePiece.CONTROL, pb.ModelProto.SentencePiece.USER_DEFINED
+    changed = False
+    for i, piece in enumerate(proto.pieces):
+        if piece.type == control and i not in keep:
+            piece.type, changed = user, True
+    return proto.SerializeToString() if changed else model
+
+
 def genai_tokenizer_files(files: dict[str, bytes], source: str | None = None) -> dict[str, bytes]:
     """The tokenizer files for an ONNX folder: ``files`` (a checkpoint's) with what
     onnxruntime-extensions needs to tokenize and decode as transformers does (module docstring).

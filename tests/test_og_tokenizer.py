@@ -34,6 +34,7 @@ STRINGS = (
     "a<eos>b",
     "héllo wörld 🤗 漢字 1234567",
 )
+TURN_MARKERS = ("<start_of_turn>", "<end_of_turn>")
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "What is  the capital of France?"},
@@ -129,8 +130,14 @@ def gemma_like_tokenizer(files: dict[str, bytes]) -> dict[str, bytes]:
     model = proto.SerializeToString()
     config = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False}
     out = {"tokenizer.model": model} | hf_tokenizer_files(model, config)
+    # Google's files list the turn markers as special (a GGUF then marks them CONTROL)
+    tokenizer = json.loads(out["tokenizer.json"])
+    for token in tokenizer["added_tokens"]:
+        token["special"] = token["special"] or token["content"] in TURN_MARKERS
     saved = json.loads(out["tokenizer_config.json"]) | {"chat_template": GEMMA_TEMPLATE}
-    out["tokenizer_config.json"] = json.dumps(saved).encode()
+    for token in saved["added_tokens_decoder"].values():
+        token["special"] = token["special"] or token["content"] in TURN_MARKERS
+    out["tokenizer.json"], out["tokenizer_config.json"] = json.dumps(tokenizer).encode(), json.dumps(saved).encode()
     return out
 
 
@@ -214,13 +221,39 @@ def test_sentencepiece_only_source_gets_a_tokenizer_og_loads(tiny_models, tmp_pa
     assert_same_text_path(folder, src)
 
 
-def test_gguf_chat_template_reaches_the_tokenizer_config(tiny_pair, tmp_path):
-    """A GGUF's tokenizer.chat_template is kept where transformers and og read it."""
+def test_gguf_keeps_chat_template_and_special_tokens_match_in_text(tiny_pair, tmp_path):
+    """A GGUF written by gemport: llama.cpp's own tokenizer gives transformers' ids; read back, the
+    chat template is kept where transformers and og read it, and the SentencePiece model (the JAX
+    folder's vocabulary, which the gemma library encodes chat turns with) matches the turn
+    markers in text, which the GGUF marks CONTROL."""
+    import sentencepiece as spm
+
+    from validation.runtimes.llamacpp import _library
+
     ref, _ = tiny_pair
     path = tmp_path / "m.gguf"
     assert main(["convert", str(ref), str(path), "--to", "gguf"]) == 0
+    want = AutoTokenizer.from_pretrained(ref)
+    lib = _library()
+    params = lib.llama_model_default_params()
+    params.vocab_only = True
+    model = lib.llama_model_load_from_file(str(path).encode(), params)
+    try:
+        vocab = lib.llama_model_get_vocab(model)
+        for text in STRINGS:
+            data = text.encode()
+            out = (lib.llama_token * (len(data) + 8))()
+            n = lib.llama_tokenize(vocab, data, len(data), out, len(data) + 8, True, True)  # parse special
+            assert list(out[:n]) == want(text).input_ids, text
+    finally:
+        lib.llama_model_free(model)
     files = gguf.read(path).tokenizer_files
     assert json.loads(files["tokenizer_config.json"])["chat_template"] == GEMMA_TEMPLATE
+    sp = spm.SentencePieceProcessor(model_proto=files["tokenizer.model"])
+    for text in STRINGS[:4]:
+        assert [sp.bos_id()] + sp.encode(text) == want(text).input_ids, text
+    chat = want.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert sp.encode(chat.removeprefix("<bos>"))[:1] == [want.convert_tokens_to_ids("<start_of_turn>")]
 
 
 # --- the demo model ------------------------------------------------------------------------
