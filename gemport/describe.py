@@ -484,7 +484,7 @@ def table(info: dict) -> str:
     width = max(len(r[0]) for r in rows)
     lines = [f"{'type':<{width}}  {'tensors':>7}  {'parameters':>10}  {'bytes':>11}  {'bpw':>6}"]
     for name, tensors, parameters, nbytes in rows:
-        bpw = f"{nbytes * 8 / parameters:.2f}" if parameters else "-"
+        bpw = f"{nbytes * 8 / parameters:.2f}" if parameters and nbytes else "-"
         lines.append(
             f"{name:<{width}}  {tensors:>7}  {human_count(parameters):>10}  {human_bytes(nbytes):>11}  {bpw:>6}"
         )
