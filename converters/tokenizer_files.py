@@ -109,7 +109,7 @@ def genai_tokenizer_files(files: dict[str, bytes], source: str | None = None) ->
         config.setdefault("tokenizer_class", "GemmaTokenizer")
         try:
             files |= hf_tokenizer_files(files[MODEL], config)
-        except (RuntimeError, ValueError, OSError, KeyError, IndexError, TypeError) as exc:
+        except Exception as exc:  # sentencepiece, transformers or tokenizers refusing the file
             raise InputError(f"{MODEL}: transformers cannot build a tokenizer from it ({exc})", source) from None
     reference = _load(files, source)
     files = _with_explicit_flags(files, reference, source)
@@ -187,7 +187,7 @@ def _load(files: dict[str, bytes], source: str | None):
             Path(tmp, name).write_bytes(data)
         try:
             return AutoTokenizer.from_pretrained(tmp)
-        except (RuntimeError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        except Exception as exc:  # transformers, and tokenizers' own Exception, on a malformed file
             raise InputError(f"transformers cannot load the tokenizer files ({exc})", source) from None
 
 

@@ -284,3 +284,16 @@ def test_demo_og_text_path(demo_model, demo_onnx):
     ids = AutoTokenizer.from_pretrained(demo_model)(text).input_ids
     int4 = og_generate(demo_onnx["int4"], text, 8)
     assert int4[0] == og_greedy_ids(demo_onnx["int4"], ids, 8)
+
+
+def test_malformed_tokenizer_json_is_one_line_and_nothing_written(tiny_models, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models["gemma3"], src)
+    (src / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": 5}}')
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out), "--to", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(src) in err and "tokenizer" in err, err
+    assert not out.exists()
