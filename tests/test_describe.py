@@ -37,7 +37,8 @@ def artifacts(tiny_hf, tmp_path_factory) -> dict[str, Path]:
     out = {"hf": tiny_hf, "gguf": root / "g3.q4_k_m.gguf", "onnx": root / "onnx4", "ct": root / "ct4"}
     src = str(tiny_hf)
     assert main(["convert", src, str(out["gguf"]), "--to", "gguf", "--quant", "q4_k_m"]) == 0
-    assert main(["convert", src, str(out["onnx"]), "--to", "onnx", "--quant", "int4"]) == 0
+    tables = ["--head-bits", "4", "--lookup-bits", "8"]  # an int4 head and an int8 lookup table of its own
+    assert main(["convert", src, str(out["onnx"]), "--to", "onnx", "--quant", "int4", *tables]) == 0
     assert main(["quantize", src, str(out["ct"]), "--bits", "4", "--group-size", "32", "--asym"]) == 0
     return out
 
@@ -338,9 +339,21 @@ def test_gguf_shows_what_gemport_recorded(tiny_hf, tmp_path):
 
 
 def test_onnx_head_and_lookup_sharing_one_table(tiny_hf, tmp_path):
-    """--head-bits 8 with the default 8-bit lookup: one table, its bytes counted once."""
+    """An int8 head and an int8 lookup: one table, its bytes counted once."""
     out = tmp_path / "onnx"
-    argv = ["convert", str(tiny_hf), str(out), "--to", "onnx", "--quant", "int4", "--head-bits", "8"]
+    argv = [
+        "convert",
+        str(tiny_hf),
+        str(out),
+        "--to",
+        "onnx",
+        "--quant",
+        "int4",
+        "--head-bits",
+        "8",
+        "--lookup-bits",
+        "8",
+    ]
     assert main(argv) == 0
     info = describe(out)
     types = info["types"]
