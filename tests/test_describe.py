@@ -341,19 +341,8 @@ def test_gguf_shows_what_gemport_recorded(tiny_hf, tmp_path):
 def test_onnx_head_and_lookup_sharing_one_table(tiny_hf, tmp_path):
     """An int8 head and an int8 lookup: one table, its bytes counted once."""
     out = tmp_path / "onnx"
-    argv = [
-        "convert",
-        str(tiny_hf),
-        str(out),
-        "--to",
-        "onnx",
-        "--quant",
-        "int4",
-        "--head-bits",
-        "8",
-        "--lookup-bits",
-        "8",
-    ]
+    bits = ["--quant", "int4", "--head-bits", "8", "--lookup-bits", "8"]
+    argv = ["convert", str(tiny_hf), str(out), "--to", "onnx", *bits]
     assert main(argv) == 0
     info = describe(out)
     types = info["types"]
