@@ -171,10 +171,10 @@ GGUF_QUANTIZATION_KEY = "gemport.quantization"  # converters/gguf_writer.py QUAN
 
 
 def _check_gguf_tokenizer(meta) -> None:
-    """The checks converters.gguf._tokenizer_files makes of the metadata before it rebuilds the
-    tokenizer (its model kind, the types of its flags and scores, the special ids it falls back on),
-    without the rebuild: that builds files through transformers, which checks no more of the pieces
-    (it does not load them into SentencePiece; gemport's reader takes what llama.cpp takes)."""
+    """The checks converters.gguf._tokenizer_files makes of the metadata (its model kind, the types of
+    its flags, scores and chat template, the special ids it falls back on), without its rebuild of the
+    tokenizer files through transformers, which checks no more of the pieces (no piece list is loaded
+    into SentencePiece there: the reader takes what llama.cpp takes)."""
     kind = meta.text("tokenizer.ggml.model", None)
     if kind != "llama":
         raise UnsupportedError(
@@ -190,6 +190,7 @@ def _check_gguf_tokenizer(meta) -> None:
             raise InputError(
                 f"no tokenizer.ggml.{name}_token_id, and the default {default} is past the vocabulary", meta.path
             )
+    meta.text("tokenizer.chat_template", None)
 
 
 # --- Hugging Face safetensors -----------------------------------------------------------------------

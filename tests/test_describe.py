@@ -214,6 +214,7 @@ TOKENIZER_FAULTS = {
     "no-model": {"tokenizer.ggml.model": None},
     "add-eos-string": {"tokenizer.ggml.add_eos_token": ("no", T.STRING)},
     "space-prefix-int": {"tokenizer.ggml.add_space_prefix": (1, T.UINT32)},
+    "chat-template-int": {"tokenizer.chat_template": (7, T.UINT32)},
 }
 
 
