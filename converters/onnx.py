@@ -39,7 +39,7 @@ from converters import rope
 from gemport.checkpoint import Checkpoint, LazyTensor, all_finite, expected_shapes
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_output
-from gemport.progress import log_tensor, progress
+from gemport.progress import log_tensor, progress, stage
 from gemport.spec import SLIDING, GemmaSpec
 from quantizers import fp16_range
 
@@ -113,7 +113,8 @@ def write(
 
     tokenizer_files = genai_tokenizer_files(ckpt.tokenizer_files, ckpt.source)  # what onnxruntime-genai reads
     builder = _Builder(ckpt, options)
-    model = builder.build()
+    with stage("building the ONNX graph"):  # rotary tables import transformers: seconds
+        model = builder.build()
     dst = Path(dst)
     with atomic_output(dst, overwrite) as tmp:
         tmp.mkdir()

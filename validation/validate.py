@@ -80,23 +80,24 @@ def validate(
     ``default_gates`` is False."""
     candidate, reference = Path(candidate), Path(reference)
     _check_options(n_ctx, n_windows, {"--max-kld": max_kld, "--max-ppl-delta": max_ppl_delta})
-    fmt = registry.detect(candidate)
-    check_supported(fmt, candidate)
-    if registry.detect(reference) != "hf":
-        raise InputError("the reference must be a Hugging Face checkpoint folder", reference)
-    kind = artifact_kind(candidate, fmt)
-    log.info("candidate kind %s: %s", kind.name, kind.evidence)
+    with stage(f"reading {candidate.name} and the evaluation text"):
+        fmt = registry.detect(candidate)
+        check_supported(fmt, candidate)
+        if registry.detect(reference) != "hf":
+            raise InputError("the reference must be a Hugging Face checkpoint folder", reference)
+        kind = artifact_kind(candidate, fmt)
+        log.info("candidate kind %s: %s", kind.name, kind.evidence)
 
-    evaluation = split_text(load_text(corpus))[0]
-    tokenizer = load_tokenizer(reference, "reference")
-    if fmt == "hf":
-        cand_tokenizer = load_tokenizer(candidate, "candidate")
-        check_same_tokenizer(tokenizer, cand_tokenizer, evaluation[:TOKENIZER_CHECK_CHARS], candidate)
-    else:
-        log.info("candidate is %s: token ids come from the reference tokenizer", fmt)
-    if tokenizer.bos_token_id is None:
-        raise CheckpointError("the reference tokenizer has no BOS token", reference)
-    chunks = windows(tokenize(tokenizer, evaluation), n_ctx, n_windows, tokenizer.bos_token_id)
+        evaluation = split_text(load_text(corpus))[0]
+        tokenizer = load_tokenizer(reference, "reference")
+        if fmt == "hf":
+            cand_tokenizer = load_tokenizer(candidate, "candidate")
+            check_same_tokenizer(tokenizer, cand_tokenizer, evaluation[:TOKENIZER_CHECK_CHARS], candidate)
+        else:
+            log.info("candidate is %s: token ids come from the reference tokenizer", fmt)
+        if tokenizer.bos_token_id is None:
+            raise CheckpointError("the reference tokenizer has no BOS token", reference)
+        chunks = windows(tokenize(tokenizer, evaluation), n_ctx, n_windows, tokenizer.bos_token_id)
     warnings = []
     if len(chunks) < n_windows:
         warnings.append(f"the corpus holds {len(chunks)} windows of {n_ctx} tokens, fewer than the {n_windows} asked")
