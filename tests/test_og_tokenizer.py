@@ -112,6 +112,8 @@ def assert_same_text_path(folder, reference) -> None:
         assert [int(i) for i in special.encode(text)] == ids, text
         assert [int(i) for i in plain.encode(text)] == want(text, add_special_tokens=False).input_ids, text
         assert special.decode(ids) == want.decode(ids, skip_special_tokens=True), text
+        stream = special.create_stream()  # og's streaming decode, token by token
+        assert "".join(stream.decode(i) for i in ids) == want.decode(ids, skip_special_tokens=True), text
 
 
 def gemma_like_tokenizer(files: dict[str, bytes]) -> dict[str, bytes]:
