@@ -105,15 +105,16 @@ def write(
     for name in ckpt.quantized():
         if name == "lm_head.weight" or (name == "model.embed_tokens.weight" and not ckpt.spec.tie_embeddings):
             raise UnsupportedError(f"tensor {name}: a quantized {name} is not written to ONNX", ckpt.source)
-    fp16 = _check_fp16(ckpt, allow_fp16_overflow) if options.dtype == "f16" else None
-    if fp16 is not None:
-        ckpt = fp16_range.guard_weights(ckpt, [n for n in ckpt.tensors if not _wide_norm(n)])
-    _warn_without_tokenizer(ckpt)
-    from converters.tokenizer_files import genai_tokenizer_files
+    # the fp16 probe, the tokenizer files and the rotary tables (transformers) take seconds
+    with stage("building the ONNX graph"):
+        fp16 = _check_fp16(ckpt, allow_fp16_overflow) if options.dtype == "f16" else None
+        if fp16 is not None:
+            ckpt = fp16_range.guard_weights(ckpt, [n for n in ckpt.tensors if not _wide_norm(n)])
+        _warn_without_tokenizer(ckpt)
+        from converters.tokenizer_files import genai_tokenizer_files
 
-    tokenizer_files = genai_tokenizer_files(ckpt.tokenizer_files, ckpt.source)  # what onnxruntime-genai reads
-    builder = _Builder(ckpt, options)
-    with stage("building the ONNX graph"):  # rotary tables import transformers: seconds
+        tokenizer_files = genai_tokenizer_files(ckpt.tokenizer_files, ckpt.source)  # what onnxruntime-genai reads
+        builder = _Builder(ckpt, options)
         model = builder.build()
     dst = Path(dst)
     with atomic_output(dst, overwrite) as tmp:
