@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 INTERVAL = 5.0  # seconds: the least time between two plain lines while a task advances
-HEARTBEAT = 8.0  # seconds: the most time without a line while a task runs (under 10, for a busy machine)
+HEARTBEAT = 7.0  # seconds: the most time without a line while a task runs (under 10, for a busy machine)
 PREFIX = "gemport: "
 
 clock: Callable[[], float] = time.monotonic  # tests may patch it
