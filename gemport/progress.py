@@ -91,20 +91,25 @@ class _Reporter:
 
     def _print(self, task: _Task) -> None:
         now = clock()
-        sys.stderr.write(task.line(now) + "\n")
-        sys.stderr.flush()
         self.last_line = now
+        try:
+            sys.stderr.write(task.line(now) + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):  # stderr closed or a broken pipe: the work goes on without its log
+            pass
 
     def _beat(self) -> None:
         """While tasks run: the innermost one's line whenever HEARTBEAT seconds passed without a line."""
         with self.lock:
-            while self.tasks and self.bar is None:
-                wait = self.last_line + HEARTBEAT - clock()
-                if wait <= 0:
-                    self._print(self.tasks[-1])
-                else:
-                    self.lock.wait(min(wait, 1.0))
-            self.beating = False
+            try:
+                while self.tasks and self.bar is None:
+                    wait = self.last_line + HEARTBEAT - clock()
+                    if wait <= 0:
+                        self._print(self.tasks[-1])
+                    else:
+                        self.lock.wait(min(wait, 1.0))
+            finally:
+                self.beating = False
 
 
 _reporter = _Reporter()

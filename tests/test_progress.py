@@ -66,6 +66,29 @@ def test_heartbeat_during_one_long_step(plain, monkeypatch, capsys):
     assert capsys.readouterr().err == "" and not progress._reporter.beating
 
 
+class _BrokenStderr:
+    def write(self, _text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_log_does_not_stop_the_work(plain, monkeypatch):
+    monkeypatch.setattr(progress, "INTERVAL", 0.0)
+    monkeypatch.setattr(progress, "HEARTBEAT", 0.05)
+    monkeypatch.setattr(sys, "stderr", _BrokenStderr())
+    done = []
+    with progress.progress("writing x", 3) as advance:
+        time.sleep(0.2)  # heartbeats meet the broken pipe too
+        for i in range(3):
+            advance()
+            done.append(i)
+    assert done == [0, 1, 2]
+    time.sleep(0.1)
+    assert not progress._reporter.beating
+
+
 def test_terminal_draws_nested_bars_and_no_plain_lines(monkeypatch, capsys):
     monkeypatch.setattr(progress, "_stderr_is_terminal", lambda: True)
     monkeypatch.setattr(progress, "HEARTBEAT", 0.05)
