@@ -201,7 +201,9 @@ def _check_imatrix(
     unused = sorted(set(imatrix) - set(shapes))
     if unused:
         log.warning("importance matrix entries for tensors this model lacks, ignored: %s", ", ".join(unused[:5]))
-    missing = [n for n, s in shapes.items() if len(s) == 2 and n not in imatrix]
+    # token_embd is a row lookup: no activation ever multiplies it, so no imatrix has it (llama-imatrix
+    # collects matmul inputs only; ref: tools/imatrix/imatrix.cpp IMatrixCollector::collect_imatrix)
+    missing = [n for n, s in shapes.items() if len(s) == 2 and n not in imatrix and n != "token_embd.weight"]
     if imatrix and missing:
         log.warning("%d tensors have no importance matrix entry (unweighted), e.g. %s", len(missing), missing[0])
     return {n: v for n, v in imatrix.items() if n in shapes}

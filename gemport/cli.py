@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from gemport import __version__, progress, registry
@@ -194,17 +195,18 @@ def _add_onnx_options(s: argparse.ArgumentParser) -> None:
         type=int,
         choices=(0, 4, 8),
         help="ONNX: store the LM head as a symmetric round-to-nearest MatMulNBits of this many bits (blocks of "
-        "32), which a tied embedding shares through GatherBlockQuantized; 0 keeps it float. Default: the "
-        "--quant bits (as onnxruntime-genai's builder), 0 without --quant. 8 with --quant int4 costs decode "
-        "speed and gains much accuracy (bench/RESULTS.md)",
+        "32), which a tied embedding shares through GatherBlockQuantized; 0 keeps it float. Default: 8 with "
+        "--quant (one int8 table the tied lookup shares: as exact as a float head, the folder 43 %% of that size), 0 "
+        "without. 4 is onnxruntime-genai's builder's layout: smaller and faster to decode, less exact "
+        "(README, ONNX; bench/RESULTS.md)",
     )
     s.add_argument(
         "--lookup-bits",
         type=int,
         choices=(4, 8),
-        help="ONNX, tied embedding with a quantized head: bits of the embedding lookup table. Default 8: a table of "
-        "its own beside the head (a lookup reads one row per token, so more bits cost bytes, not speed); the "
-        "head's bits share the head's bytes",
+        help="ONNX, tied embedding with a quantized head: bits of the embedding lookup table. Default: the "
+        "lookup reads the head's own table (no bytes of its own); 8 gives an int4 head a separate int8 lookup "
+        "table (a lookup reads one row per token, so its bits cost bytes, not speed)",
     )
     s.add_argument(
         "--context-length",
@@ -219,14 +221,14 @@ ONNX_FLAGS = ("plain_ops", "accuracy_level", "context_length", "head_bits", "loo
 
 def _onnx_options(args, bits: int | None = None) -> dict:
     """Writer options; ``bits`` of the quantized projections sets the defaults of head bits and accuracy level."""
-    head_bits = args.head_bits if args.head_bits is not None else bits
+    from converters.onnx import head_options
+
     accuracy = args.accuracy_level if args.accuracy_level is not None else (4 if bits else 0)
     return {
         "fused": not args.plain_ops,
         "accuracy_level": accuracy,
         "context_length": args.context_length,
-        "head_bits": head_bits or None,
-        "lookup_bits": (args.lookup_bits or 8) if head_bits else args.lookup_bits,
+        **head_options(bits, args.head_bits, args.lookup_bits),
     }
 
 
@@ -622,8 +624,19 @@ def cmd_convert(args) -> int:
     if args.allow_fp16_overflow:
         options["allow_fp16_overflow"] = True
     out = writer.write(ckpt, args.dst, **options)
-    print(f"wrote {out}")
+    _finish(args, out)
     return 0
+
+
+def _finish(args, out: Path, detail: str = "") -> None:
+    """The end of convert and quantize, as llama-quantize ends: what was written, its stored types, size
+    before and after, bits per weight, time; -v adds the table of stored types."""
+    from gemport import describe
+
+    print(f"wrote {out}" + (f" ({detail})" if detail else ""))
+    print(describe.summary(args.src, out, time.monotonic() - args.started, args.dst_format))
+    if args.verbose:
+        print(describe.table(describe.describe(out, args.dst_format)))
 
 
 def _convert_quantized(args) -> int:
@@ -649,7 +662,7 @@ def _convert_quantized(args) -> int:
     if args.dst_format == "onnx":
         argv += ["--group-size", str(args.block_size or 32), *(["--full-range"] if method == "rtn" else [])]
     qargs = build_parser().parse_args(argv)
-    for name in ("src_format", "preset", "keep_padded_vocab", "corpus", *ONNX_FLAGS):
+    for name in ("src_format", "preset", "keep_padded_vocab", "corpus", "started", "verbose", *ONNX_FLAGS):
         setattr(qargs, name, getattr(args, name))
     qargs.dtype = args.dtype
     return cmd_quantize(qargs)
@@ -673,8 +686,14 @@ def cmd_quantize(args) -> int:
         raise UnsupportedError("--plain-ops, --accuracy-level, --head-bits and --context-length apply to --to onnx")
     quantized = method(ckpt)
     out = registry.get(args.dst_format).load().write(quantized, args.dst, **options)
-    manifest = quantized.extra["quantization"]
-    print(f"wrote {out} ({manifest['quantized']} tensors quantized, {len(manifest['kept'])} kept)")
+    if args.dst_format == "onnx":
+        from converters.onnx import summary
+
+        detail = summary(out)
+    else:
+        manifest = quantized.extra["quantization"]
+        detail = f"{manifest['quantized']} tensors quantized, {len(manifest['kept'])} kept"
+    _finish(args, out, f"{args.method}, {detail}")
     return 0
 
 
@@ -693,7 +712,7 @@ def _quantize_to_gguf(args, ckpt, method: functools.partial) -> int:
     else:
         quantized = ckpt  # the GGUF writer's block quantizers are llama-quantize's round to nearest
     out = registry.get("gguf").load().write(quantized, args.dst, quant=quant, imatrix=imatrix, overwrite=args.overwrite)
-    print(f"wrote {out} ({args.method}, {quant})")
+    _finish(args, out, f"{args.method}, {quant}")
     return 0
 
 
@@ -865,6 +884,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.started = time.monotonic()
     progress.configure()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:

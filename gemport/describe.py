@@ -363,7 +363,7 @@ def _onnx_rows(graph, vocab_size: int, file: Path) -> dict[str, Row]:
         parts = {source(n) for n in names if n} - {None}
         new = parts - counted
         if parts and not new:
-            key += " (shared table)"
+            key = f"{key[:-1]}, shared table)" if key.endswith(")") else f"{key} (shared table)"
         counted.update(new)
         rows.setdefault(key, Row()).add(parameters, sum(_initializer_bytes(inits[n]) for n in new))
 

@@ -161,3 +161,29 @@ def test_top_level_help_says_what_quantize_writes(capsys):
 )
 def test_small_values_print_in_scientific_notation(value, se, fmt, unit, text):
     assert _pm(value, se, fmt, unit) == text
+
+
+def test_convert_and_quantize_end_with_a_summary(capsys, tiny_models, tmp_path):
+    src = str(tiny_models["gemma3-sharded-bf16"])
+    assert main(["convert", src, str(tmp_path / "m.gguf"), "--quant", "q8_0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"wrote {tmp_path / 'm.gguf'}"
+    assert out[1].startswith("types ") and "Q8_0" in out[1] and "F32" in out[1]
+    assert out[2].startswith("size ") and " -> " in out[2] and "bits per weight" in out[2] and out[2].endswith(" s")
+    assert main(["quantize", src, str(tmp_path / "ct"), "--bits", "4", "--group-size", "32", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "(rtn, " in out and "int4 pack-quantized g32 sym" in out
+    assert "bpw" in out.splitlines()[3] and out.splitlines()[-1].startswith("total")  # -v: the table of types
+
+
+def test_imatrix_without_the_lookup_table_is_not_warned(caplog):
+    import numpy as np
+
+    from converters.gguf_writer import _check_imatrix
+
+    shapes = {"token_embd.weight": (8, 32), "blk.0.attn_q.weight": (8, 16), "blk.0.ffn_down.weight": (32, 16)}
+    imatrix = {"blk.0.attn_q.weight": np.ones(8, np.float32)}
+    with caplog.at_level("WARNING"):
+        _check_imatrix(imatrix, shapes, "m.imatrix")
+    assert "1 tensors have no importance matrix entry (unweighted), e.g. blk.0.ffn_down.weight" in caplog.text
+    assert "token_embd" not in caplog.text  # a row lookup: no imatrix ever has it
