@@ -35,6 +35,7 @@ from gemport.errors import InputError
 log = logging.getLogger(__name__)
 
 JSON, CONFIG, MODEL = "tokenizer.json", "tokenizer_config.json", "tokenizer.model"
+SPECIAL_MAP = "special_tokens_map.json"
 SPACE = "\u2581"  # SentencePiece's escaped space
 # Space runs between words, at line starts and ends: what the whitespace pieces encode.
 _PROBES = tuple(f"a{' ' * n}b" for n in range(1, 40)) + ("  x", "x  ", "\n    y\n\t  z", "def f():\n        return")
@@ -140,10 +141,14 @@ def _without_whitespace_added_tokens(files: dict[str, bytes], reference, source:
     decoder = config.get("added_tokens_decoder")
     if isinstance(decoder, dict):
         config["added_tokens_decoder"] = {k: v for k, v in decoder.items() if v.get("content") not in runs}
-    for key in ("extra_special_tokens", "additional_special_tokens"):
-        if isinstance(config.get(key), list):
-            config[key] = [t for t in config[key] if (t.get("content") if isinstance(t, dict) else t) not in runs]
-    changed = files | {JSON: _dump(tokenizer, indent=None), CONFIG: _dump(config)}
+    changed = files | {JSON: _dump(tokenizer, indent=None), CONFIG: _dump(_without_listed(config, runs))}
+    if SPECIAL_MAP in files:
+        try:
+            special = json.loads(files[SPECIAL_MAP])
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"{SPECIAL_MAP} is not JSON ({exc})", source) from None
+        if isinstance(special, dict):
+            changed[SPECIAL_MAP] = _dump(_without_listed(special, runs))
     # the tokenizers library transformers runs (loading it alone is twice as fast)
     before, after = reference.backend_tokenizer, _backend(changed[JSON], source)
     for text in _PROBES:
@@ -159,6 +164,14 @@ def _without_whitespace_added_tokens(files: dict[str, bytes], reference, source:
             return files
     log.debug("%s: %d whitespace pieces left out of the added tokens for onnxruntime-genai", source, len(runs))
     return changed
+
+
+def _without_listed(config: dict, runs: set[str]) -> dict:
+    """``config`` with ``runs`` left out of its lists of extra (transformers 5) and additional special tokens."""
+    for key in ("extra_special_tokens", "additional_special_tokens"):
+        if isinstance(config.get(key), list):
+            config[key] = [t for t in config[key] if (t.get("content") if isinstance(t, dict) else t) not in runs]
+    return config
 
 
 def _whitespace_run(token: dict) -> bool:
