@@ -21,6 +21,10 @@ things differ from transformers on the files transformers 5 saves for Gemma:
   added tokens because SentencePiece marks them user-defined) come out as "▁▁" instead of two
   spaces. They are vocabulary pieces with merges, which both tokenizers reach by BPE, so the ONNX
   folder leaves them out of the added-token lists; the files are checked to encode the same.
+  Only text holding a literal "▁" beside spaces encodes differently there (the listed pieces
+  are matched before BPE; unlisted, "a ▁▁ b" becomes "a", "▁▁▁▁", "b" as SentencePiece has it).
+
+``sentencepiece_matching_specials`` is for the SentencePiece model rebuilt from a GGUF.
 """
 
 from __future__ import annotations
