@@ -126,13 +126,19 @@ def test_metadata_states_what_llamacpp_needs(tiny, tmp_path):
     "args,message",
     [
         (("--quant", "q9_9"), "unknown GGUF type 'q9_9'"),
-        (("--quant", "q4_k", "--to", "hf"), "apply to --to gguf, not --to hf"),
+        (("--quant", "q4_k", "--to", "hf"), "DST ends in .gguf, the suffix of gguf, but --to is hf"),
+        (("--pure", "--to", "jax"), "DST ends in .gguf, the suffix of gguf, but --to is jax"),
     ],
 )
 def test_bad_options(tiny, tmp_path, capsys, args, message):
     to = [] if "--to" in args else ["--to", "gguf"]
     rc = main(["convert", str(tiny["gemma3"]), str(tmp_path / "x.gguf"), *to, *args])
     assert rc == 2 and message in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_gguf_options_with_another_target(tiny, tmp_path, capsys):
+    rc = main(["convert", str(tiny["gemma3"]), str(tmp_path / "x"), "--to", "hf", "--pure"])
+    assert rc == 2 and "apply to --to gguf, not --to hf" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
 def test_nan_weight_leaves_nothing(tmp_path, capsys):
