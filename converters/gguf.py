@@ -108,17 +108,23 @@ def sniff(path: Path) -> bool:
         return f.read(4) == MAGIC
 
 
-def read(path: str | Path) -> Checkpoint:
+QUANTIZATION_KEY = "gemport.quantization"  # what gemport's writer records of the quantizer (gguf_writer.py)
+
+
+def read(path: str | Path, tokenizer: bool = True) -> Checkpoint:
     """Open a Gemma GGUF lazily: metadata and tokenizer now, tensors when loaded. A split model
     (``NAME-00001-of-0000N.gguf``, as llama-gguf-split and gguf-py write) is read whole from its
-    first shard."""
+    first shard. ``tokenizer=False`` checks the tokenizer metadata without rebuilding the tokenizer files
+    (through transformers: most of the time a read takes; ``gemport inspect`` needs no files). Each
+    tensor's ``raw`` holds its stored ggml type name; ``extra["gguf.files"]`` the files read."""
     path = Path(path)
     header = read_header(path)
     meta = Metadata(header)
     arch = meta.text("general.architecture")
     if arch not in ARCHS:
         raise UnsupportedError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(ARCHS)})", path)
-    infos = _tensor_infos([header] + [read_header(p) for p in _other_shards(path, meta)], meta)
+    headers = [header] + [read_header(p) for p in _other_shards(path, meta)]
+    infos = _tensor_infos(headers, meta)
     check_tokenizer(meta)
     n_layers = check_layers(meta, arch, infos)
     check_sizes(meta, arch, infos)
@@ -132,10 +138,14 @@ def read(path: str | Path) -> Checkpoint:
     ckpt = Checkpoint(
         spec=spec,
         tensors=tensors,
-        tokenizer_files=_tokenizer_files(meta),
+        tokenizer_files=_tokenizer_files(meta) if tokenizer else check_tokenizer_metadata(meta),
         generation_config=_generation_config(meta),
         source=str(path),
-        extra={"gguf.file_type": meta.integer("general.file_type", None)},
+        extra={
+            "gguf.file_type": meta.integer("general.file_type", None),
+            "gguf.files": [h.path for h in headers],
+            "gguf.quantization": meta.raw(QUANTIZATION_KEY),
+        },
     )
     ckpt.check()
     return ckpt
@@ -415,12 +425,30 @@ def _load(t: TensorInfo, shape: tuple[int, ...], offset: bool) -> torch.Tensor:
 # --- tokenizer and generation config -------------------------------------------------------
 
 
-def _tokenizer_files(meta: Metadata) -> dict[str, bytes]:
+def check_tokenizer_metadata(meta: Metadata) -> dict:
+    """The checks of the tokenizer metadata before the rebuild: its model kind, the types of its flags,
+    scores, token types and chat template, the special ids it falls back on. Returns {} (no files)."""
     kind = meta.text("tokenizer.ggml.model", None)
     if kind != "llama":
         raise UnsupportedError(
             f"tokenizer.ggml.model {kind!r} is not supported (only 'llama', SentencePiece)", meta.path
         )
+    for key, default in (("add_bos_token", True), ("add_eos_token", False), ("add_space_prefix", False)):
+        meta.flag(f"tokenizer.ggml.{key}", default)
+    tokens = meta.strings("tokenizer.ggml.tokens")
+    meta.numbers("tokenizer.ggml.scores", None)
+    meta.numbers("tokenizer.ggml.token_type", None, integer=True)
+    for name, default in (("unknown", 3), ("bos", 2), ("eos", 1), ("padding", 0)):
+        if meta.integer(f"tokenizer.ggml.{name}_token_id", default) >= len(tokens):
+            raise InputError(
+                f"no tokenizer.ggml.{name}_token_id, and the default {default} is past the vocabulary", meta.path
+            )
+    meta.text("tokenizer.chat_template", None)
+    return {}
+
+
+def _tokenizer_files(meta: Metadata) -> dict[str, bytes]:
+    check_tokenizer_metadata(meta)
     model = _sentencepiece_model(meta)
     config = {
         "tokenizer_class": "GemmaTokenizer",

@@ -32,6 +32,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -1002,6 +1003,21 @@ def _external_reference(tensor, model_path: Path) -> tuple[str, int]:
 def read(path: str | Path) -> Checkpoint:
     """An ONNX graph gemport wrote, back as a Checkpoint: initializers under canonical names,
     transposes and ``1 + w`` undone, MatMulNBits / GatherBlockQuantized weights dequantized to f32."""
+    file, proto, spec, layout = open_model(path)
+    values = {t.name: t for t in proto.graph.initializer}
+    tensors = {
+        canonical: LazyTensor(canonical, shape, "f32", load=_loader(values, layout[canonical], shape, file))
+        for canonical, shape in expected_shapes(spec).items()
+    }
+    folder = file.parent
+    tokenizer_files = {n: (folder / n).read_bytes() for n in _TOKENIZER_FILES if (folder / n).is_file()}
+    return Checkpoint(spec=spec, tensors=tensors, tokenizer_files=tokenizer_files, source=str(path))
+
+
+def open_model(path: str | Path) -> tuple[Path, Any, GemmaSpec, dict]:
+    """(model file, graph without external data, spec, layout table) of a folder or file gemport wrote,
+    every check of ``read`` made except loading tensors: external data present and long enough, gemport's
+    metadata, a layout entry of the right kind and shape for every canonical tensor."""
     path = Path(path)
     file = model_file(path)
     if not file.is_file():
@@ -1016,17 +1032,12 @@ def read(path: str | Path) -> Checkpoint:
             file,
         )
     spec, layout = _metadata(props, file)
-    values = {t.name: t for t in proto.graph.initializer}
-    tensors = {}
     for canonical, shape in expected_shapes(spec).items():
         entry = layout.get(canonical)
         if entry is None:
             raise CheckpointError(f"tensor {canonical} is not in the model's layout table", file)
         _check_entry(canonical, entry, shape, file)
-        tensors[canonical] = LazyTensor(canonical, shape, "f32", load=_loader(values, entry, shape, file))
-    folder = file.parent
-    tokenizer_files = {n: (folder / n).read_bytes() for n in _TOKENIZER_FILES if (folder / n).is_file()}
-    return Checkpoint(spec=spec, tensors=tensors, tokenizer_files=tokenizer_files, source=str(path))
+    return file, proto, spec, layout
 
 
 def _metadata(props, file: Path) -> tuple[GemmaSpec, dict]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from gemport import registry
 from gemport.checkpoint import Checkpoint, LazyTensor
-from gemport.errors import CheckpointError, InputError, UnsupportedError
+from gemport.errors import InputError, UnsupportedError
 
 
 @dataclass
@@ -118,79 +118,32 @@ def artifact_size(path: str | Path) -> int:
 
 
 def _gguf(path: Path):
-    """The checks of converters.gguf.read in its order, from the headers alone: the tokenizer's
-    metadata is checked (_check_gguf_tokenizer) but the tokenizer not rebuilt (that rebuild, through
-    transformers, is 22 of the 23 s the reader takes on Gemma 3's 262144 pieces)."""
-    from gguf import GGMLQuantizationType, LlamaFileType
+    """converters.gguf.read without the tokenizer rebuild (its metadata still checked): through
+    transformers, that rebuild is 22 of the 23 s the reader takes on Gemma 3's 262144 pieces."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
     from converters import gguf as reader
-    from converters.gguf_checks import check_layers, check_sizes, check_tokenizer
-    from converters.gguf_header import Metadata, read_header
 
-    header = read_header(path)
-    meta = Metadata(header)
-    arch = meta.text("general.architecture")
-    if arch not in reader.ARCHS:
-        raise UnsupportedError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(reader.ARCHS)})", path)
-    headers = [header] + [read_header(p) for p in reader._other_shards(path, meta)]
-    infos = reader._tensor_infos(headers, meta)
-    check_tokenizer(meta)
-    n_layers = check_layers(meta, arch, infos)
-    check_sizes(meta, arch, infos)
-    spec = reader._spec(meta, arch, n_layers, has_output="output.weight" in infos)
-    tensors: dict[str, LazyTensor] = {}
+    ckpt = reader.read(path, tokenizer=False)
     rows: dict[str, Row] = {}
-    for t in infos.values():
-        name, _ = reader.canonical_name(t.name, arch, t.path)
-        if name in tensors:
-            raise InputError(f"tensor {t.name} is stored twice", t.path)
-        shape = tuple(reversed(t.ne))
-        tensors[name] = LazyTensor(name, shape, "f32", load=_not_loaded)
-        # ref: gguf-py scripts/gguf_dump.py prints tensor.tensor_type.name
-        rows.setdefault(GGMLQuantizationType(t.qtype).name, Row()).add(math.prod(shape), t.nbytes)
-    _check_gguf_tokenizer(meta)
-    ckpt = Checkpoint(spec=spec, tensors=tensors, source=str(path))
-    ckpt.check()
+    for t in ckpt:
+        qtype = t.raw[0]  # ref: gguf-py scripts/gguf_dump.py prints tensor.tensor_type.name
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+        rows.setdefault(qtype, Row()).add(math.prod(t.shape), math.prod(t.shape) // block * size)
     quantization: dict = {}
-    file_type = meta.integer("general.file_type", None)
+    file_type = ckpt.extra["gguf.file_type"]
     if file_type is not None:
         try:  # ref: gguf-py constants.py LlamaFileType (MOSTLY_Q4_K_M = 15); llama.cpp names it Q4_K - Medium
             quantization["file_type"] = LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
         except ValueError:
             quantization["file_type"] = str(file_type)
-    made = meta.raw(GGUF_QUANTIZATION_KEY)
+    made = ckpt.extra["gguf.quantization"]
     if isinstance(made, str):
         try:
             quantization["gemport"] = json.loads(made)
         except ValueError:
             quantization["gemport"] = made
-    return spec, _parameters(ckpt), rows, [h.path for h in headers], quantization or None
-
-
-GGUF_QUANTIZATION_KEY = "gemport.quantization"  # converters/gguf_writer.py QUANTIZATION_KEY (not imported: 25 ms)
-
-
-def _check_gguf_tokenizer(meta) -> None:
-    """The checks converters.gguf._tokenizer_files makes of the metadata (its model kind, the types of
-    its flags, scores and chat template, the special ids it falls back on), without its rebuild of the
-    tokenizer files through transformers, which checks no more of the pieces (no piece list is loaded
-    into SentencePiece there: the reader takes what llama.cpp takes)."""
-    kind = meta.text("tokenizer.ggml.model", None)
-    if kind != "llama":
-        raise UnsupportedError(
-            f"tokenizer.ggml.model {kind!r} is not supported (only 'llama', SentencePiece)", meta.path
-        )
-    for key, default in (("add_bos_token", True), ("add_eos_token", False), ("add_space_prefix", False)):
-        meta.flag(f"tokenizer.ggml.{key}", default)
-    tokens = meta.strings("tokenizer.ggml.tokens")
-    meta.numbers("tokenizer.ggml.scores", None)
-    meta.numbers("tokenizer.ggml.token_type", None, integer=True)
-    for name, default in (("unknown", 3), ("bos", 2), ("eos", 1), ("padding", 0)):
-        if meta.integer(f"tokenizer.ggml.{name}_token_id", default) >= len(tokens):
-            raise InputError(
-                f"no tokenizer.ggml.{name}_token_id, and the default {default} is past the vocabulary", meta.path
-            )
-    meta.text("tokenizer.chat_template", None)
+    return ckpt.spec, _parameters(ckpt), rows, ckpt.extra["gguf.files"], quantization or None
 
 
 # --- Hugging Face safetensors -----------------------------------------------------------------------
@@ -255,31 +208,13 @@ def _compact(manifest: dict) -> dict:
 
 
 def _onnx(path: Path):
-    """The checks of converters.onnx.read up to its loaders (which import onnx_ir and torch) from the
-    graph without external data; stored types from the graph's nodes and initializers."""
+    """converters.onnx.open_model's checks (read's, without its loaders, which import onnx_ir and torch)
+    on the graph without external data; stored types from the graph's nodes and initializers."""
     from converters import onnx as reader
     from gemport.checkpoint import expected_shapes
 
-    file = reader.model_file(path)
-    if not file.is_file():
-        raise InputError(f"no {reader.MODEL} in the folder", path)
-    proto = reader.load_proto(file)
-    reader.check_external_data(file, proto)
-    props = {e.key: e.value for e in proto.metadata_props}
-    if reader.SPEC_KEY not in props or reader.LAYOUT_KEY not in props:
-        raise UnsupportedError(
-            "this ONNX model was not written by gemport (no gemport.spec / gemport.layout metadata); "
-            "gemport reads back only its own graphs (onnxruntime validates any decoder graph)",
-            file,
-        )
-    spec, layout = reader._metadata(props, file)
-    tensors = {}
-    for canonical, shape in expected_shapes(spec).items():
-        entry = layout.get(canonical)
-        if entry is None:
-            raise CheckpointError(f"tensor {canonical} is not in the model's layout table", file)
-        reader._check_entry(canonical, entry, shape, file)
-        tensors[canonical] = LazyTensor(canonical, shape, "f32", load=_not_loaded)
+    file, proto, spec, _ = reader.open_model(path)
+    tensors = {n: LazyTensor(n, shape, "f32", load=_not_loaded) for n, shape in expected_shapes(spec).items()}
     ckpt = Checkpoint(spec=spec, tensors=tensors, source=str(path))
     rows = _onnx_rows(proto.graph, spec.vocab_size, file)
     folder = file.parent

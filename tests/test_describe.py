@@ -325,10 +325,9 @@ def test_split_gguf_counts_every_shard(artifacts, tmp_path):
 
 
 def test_gguf_shows_what_gemport_recorded(tiny_hf, tmp_path):
-    from converters.gguf_writer import QUANTIZATION_KEY
-    from gemport.describe import GGUF_QUANTIZATION_KEY
+    from converters import gguf, gguf_writer
 
-    assert GGUF_QUANTIZATION_KEY == QUANTIZATION_KEY
+    assert gguf.QUANTIZATION_KEY == gguf_writer.QUANTIZATION_KEY
     out = tmp_path / "g3.gguf"
     calibration = ["--calib-tokens", "64", "--calib-ctx", "32"]
     argv = ["quantize", str(tiny_hf), str(out), "--bits", "4", "--to", "gguf", "--method", "gptq", *calibration]
