@@ -437,7 +437,7 @@ def render(info: dict) -> str:
     files = f"{info['files']} file" + ("s" if info["files"] != 1 else "")
     facts = [
         ("path", info["path"]),
-        ("format", info["format"]),
+        ("format", info["format"] + (" (compressed-tensors)" if "config.json" in (info["quantization"] or {}) else "")),
         ("family", info["family"]),
         ("quantization", _quantization_text(info["quantization"])),
         ("tensors", info["tensors"]),

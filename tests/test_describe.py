@@ -133,6 +133,7 @@ def test_compressed_tensors_shows_its_scheme(artifacts):
     assert info["quantization"]["gemport"]["method"] == "rtn" and info["quantization"]["gemport"]["quantized"] == len(
         names
     )
+    assert "format       hf (compressed-tensors)" in render(info)
 
 
 def test_plain_hf_folder(artifacts):
