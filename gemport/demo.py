@@ -26,6 +26,7 @@ def build_demo_model(out: Path, overwrite: bool = False, offgrid: bool = False, 
     """Write the demo model (or its off-grid variant) to ``out`` (HF, bf16); a complete one there is kept."""
     from converters import gguf, hf
     from gemport.offgrid import offgrid_checkpoint
+    from gemport.progress import stage
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -33,8 +34,9 @@ def build_demo_model(out: Path, overwrite: bool = False, offgrid: bool = False, 
             raise OutputError("exists but is not a complete model (pass --overwrite to rebuild it)", out)
         log.info("%s already holds the demo model", out)
         return out
-    source = demo_gguf(out.parent)
-    ckpt = offgrid_checkpoint(source, seed=seed) if offgrid else gguf.read(source)
+    with stage(f"reading the demo GGUF for {out.name}"):  # its sha256, and torch's import: seconds
+        source = demo_gguf(out.parent)
+        ckpt = offgrid_checkpoint(source, seed=seed) if offgrid else gguf.read(source)
     return hf.write(ckpt, out, dtype="bf16", overwrite=overwrite)
 
 
