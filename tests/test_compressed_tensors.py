@@ -135,7 +135,7 @@ def test_cli_quantize(tiny_models, tmp_path, capsys):
     "args,message",
     [
         (["--bits", "4"], "group size 128 does not divide the row length 64"),
-        (["--bits", "4", "--group-size", "48"], "group_size must be"),
+        (["--bits", "4", "--group-size", "64", "--asym", "--full-range"], "--full-range applies to symmetric"),
         (["--bits", "8", "--method", "gptq", "--grid", "4"], "--grid applies to --method awq, not gptq"),
         (["--bits", "8", "--embedding-bits", "8"], "decoder projections only"),
     ],
@@ -146,6 +146,12 @@ def test_cli_bad_options(tiny_models, tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not dst.exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_group_size_is_refused_by_the_parser(tiny_models, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", str(tiny_models["gemma2"]), str(tmp_path / "q"), "--bits", "4", "--group-size", "48"])
+    assert exc.value.code == 2 and "'48' is not a group size: 32, 64, 128 or channel" in capsys.readouterr().err
 
 
 def test_cli_bits_must_be_4_or_8(tiny_models, tmp_path, capsys):
