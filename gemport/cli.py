@@ -298,7 +298,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def parse_args(self, args=None, namespace=None):
-        args, extras = self.parse_known_args(args, namespace)
+        argv = list(sys.argv[1:] if args is None else args)
+        self._check_words(argv)
+        args, extras = self.parse_known_args(argv, namespace)
         if extras:
             command = self._subparser(getattr(args, "command", None))
             hint = _did_you_mean(extras, command or self)
@@ -311,13 +313,70 @@ class _Parser(argparse.ArgumentParser):
                 return action.choices[name]
         return None
 
+    def _check_words(self, argv: list[str]) -> None:
+        """Before argparse (which reports a missing required option before an unknown one): an unknown
+        command or option gets the closest real one, or what the option is called here if it is a peer
+        tool's (llama.cpp's --outtype, optimum's -o); an option before the command name that belongs
+        after it says so."""
+        commands = next(a for a in self._actions if isinstance(a, argparse._SubParsersAction)).choices
+        ours = {o for a in self._actions for o in a.option_strings}
+        at = next((i for i, w in enumerate(argv) if not w.startswith("-")), None)
+        if at is None or any(w in ("-h", "--help", "--version") for w in argv[:at]):
+            return
+        command = argv[at]
+        if command not in commands:
+            close = difflib.get_close_matches(command, commands, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            self.error(f"unknown command {command!r}{hint} (commands: {', '.join(commands)})")
+        parser = commands[command]
+        known = {o for a in parser._actions for o in a.option_strings}
+        for word in argv[:at]:
+            if word.split("=")[0] not in ours and word.split("=")[0] in known:
+                self.error(f"{word} goes after the command name: gemport {command} ... {word}")
+        for word in argv[at + 1 :]:
+            if word == "--":
+                break
+            name = word.split("=")[0]
+            if not word.startswith("-") or word == "-" or _is_number(word) or name in known:
+                continue
+            if name.startswith("--") and any(o.startswith(name) for o in known):
+                continue  # an abbreviation argparse resolves (or reports as ambiguous)
+            parser.error(f"unrecognized option {word}{_did_you_mean([word], parser)}")
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
+# Options of the peer tools people type out of habit, and what gemport calls them.
+PEER_OPTIONS = {
+    "--outfile": "DST, the second argument",  # llama.cpp convert_hf_to_gguf.py
+    "--outtype": "--quant TYPE (a GGUF type such as q8_0) or --dtype f32|f16|bf16",  # convert_hf_to_gguf.py
+    "-o": "DST, the second argument",  # optimum-cli export onnx, onnxruntime-genai's builder
+    "--output": "DST, the second argument",
+    "-i": "SRC, the first argument",  # onnxruntime-genai's builder
+    "-m": "SRC, the first argument",
+    "--model": "SRC, the first argument",  # optimum-cli, llama.cpp tools
+    "--input": "SRC, the first argument",
+    "-p": "--dtype f32|f16 or --quant int4|int8",  # onnxruntime-genai's builder --precision
+    "--precision": "--dtype f32|f16 or --quant int4|int8",
+}
+
 
 def _did_you_mean(extras: list[str], parser: argparse.ArgumentParser) -> str:
-    """'; did you mean --quant?' for the first unknown option close to one of ``parser``'s."""
-    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    """'; did you mean --quant?' for the first unknown option close to one of ``parser``'s, or what a
+    peer tool's option is called here."""
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
     for word in extras:
-        if word.startswith("-"):
-            close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)
+        name = word.split("=")[0]
+        if name in PEER_OPTIONS:
+            return f"; gemport takes {PEER_OPTIONS[name]}"
+        if name.startswith("--"):
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
             if close:
                 return f"; did you mean {close[0]}?"
     return ""

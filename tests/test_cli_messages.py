@@ -48,12 +48,34 @@ def test_verbose_is_taken_after_the_command_too(command):
 )
 def test_a_mistyped_option_gets_the_closest_one(capsys, argv, suggestion):
     line = _error(capsys, argv)
-    assert "unrecognized arguments" in line and suggestion in line
+    assert "unrecognized option" in line and suggestion in line
 
 
 def test_nothing_close_gets_no_suggestion(capsys):
     line = _error(capsys, ["convert", "a", "b", "--to", "gguf", "--zzzzzzzz"])
-    assert "unrecognized arguments: --zzzzzzzz" in line and "did you mean" not in line
+    assert "unrecognized option --zzzzzzzz" in line and "did you mean" not in line
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        # a typo is named before argparse's "the following arguments are required: --reference"
+        (["validate", "c", "--refrence", "r"], "unrecognized option --refrence; did you mean --reference?"),
+        (["convrt", "a", "b"], "unknown command 'convrt'; did you mean convert?"),
+        (["--json", "formats"], "--json goes after the command name: gemport formats ... --json"),
+        (["convert", "a", "--to", "onnx", "-o", "out"], "unrecognized option -o; gemport takes DST, the second"),
+        (["convert", "--model", "a", "b"], "unrecognized option --model; gemport takes SRC, the first"),
+        (["convert", "a", "b.gguf", "--outtype", "q8_0"], "gemport takes --quant TYPE (a GGUF type such as q8_0)"),
+    ],
+)
+def test_commands_and_peer_options(capsys, argv, words):
+    assert words in _error(capsys, argv)
+
+
+def test_values_that_look_like_options_are_values(tiny_models, capsys):
+    args = build_parser().parse_args(["validate", "c", "--reference", "r", "--json", "-", "--max-ppl-delta", "-1"])
+    assert str(args.json_out) == "-" and args.max_ppl_delta == -1.0
+    assert build_parser().parse_args(["convert", "a", "b.gguf", "--over"]).overwrite is True  # abbreviations
 
 
 @pytest.mark.parametrize(
