@@ -22,13 +22,24 @@ log = logging.getLogger("gemport")
 
 
 def _size(text: str) -> int:
-    """'2GB', '500MB', '123' -> bytes."""
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    """'2GB', '500MB', '2G', '500M' (llama.cpp's units: K, M, G are powers of 1000), '1.5GiB', '123' -> bytes."""
+    # ref: llama.cpp convert_hf_to_gguf.py split_str_to_n_bytes and tools/gguf-split/gguf-split.cpp
+    # split_max_size: the suffix letters K, M, G, each a power of 1000
+    units = {"K": 10**3, "M": 10**6, "G": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    units |= {"KB": 10**3, "MB": 10**6, "GB": 10**9}
     t = text.strip().upper()
-    for unit, mult in sorted(units.items(), key=lambda u: -len(u[0])):
+    mult = 1
+    for unit, value in sorted(units.items(), key=lambda u: -len(u[0])):
         if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(t)
+            t, mult = t[: -len(unit)], value
+            break
+    try:
+        size = int(float(t) * mult)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 2G, 500M, 2GB, 1.5GiB, 1000000)")
+    return size
 
 
 def _add_source_options(s: argparse.ArgumentParser) -> None:
@@ -62,6 +73,14 @@ def _group_size(text: str) -> int:
     if text.strip() not in [str(g) for g in GROUP_SIZES]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a group size: 32, 64, 128 or channel")
     return int(text)
+
+
+# Other tools' spellings of the dtypes (optimum's fp32/fp16, torch's float32/bfloat16).
+DTYPE_ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "half": "f16", "bfloat16": "bf16"}
+
+
+def _dtype(text: str) -> str:
+    return DTYPE_ALIASES.get(text.strip().lower(), text.strip().lower())
 
 
 def _positive(text: str) -> int:
@@ -121,7 +140,12 @@ def _add_quantize_parser(sub) -> None:
         "(4 bits, group-wise); gptq: Hessian-based error compensation on the calibration split, act-order "
         "with static groups (4 or 8 bits)",
     )
-    s.add_argument("--bits", type=int, choices=(4, 8), required=True, help="bits per weight: 8 or 4")
+    s.add_argument(
+        "--bits",
+        type=int,
+        choices=(4, 8),
+        help="bits per weight: 8 or 4 (required, except with --to gguf --quant TYPE, where the type decides)",
+    )
     s.add_argument(
         "--group-size",
         type=_group_size,
@@ -138,6 +162,7 @@ def _add_quantize_parser(sub) -> None:
     )
     s.add_argument(
         "--scale-dtype",
+        type=_dtype,
         choices=DTYPES,
         help="dtype of the stored scales (default: each weight's own dtype, as llm-compressor stores them)",
     )
@@ -434,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source_options(s)
     s.add_argument(
         "--dtype",
+        type=_dtype,
         choices=DTYPES,
         help="cast floating-point weights (default: keep the source's; quantized GGUF sources dequantize to f32); "
         "a compressed-tensors source is dequantized to this dtype",
@@ -647,6 +673,13 @@ def _check_quant(args) -> None:
         raise UnsupportedError(
             f"--quant {args.quant} is for --to hf or onnx; --to gguf takes a GGUF type: {', '.join(gguf_types)}"
         )
+    if args.dst_format == "gguf":
+        _gguf_type(args.quant)
+        if args.dtype:
+            raise UnsupportedError(
+                f"--dtype and --quant together: --quant {args.quant} sets every tensor's GGUF type (f32, f16 and "
+                "bf16 are --quant types too)"
+            )
     if args.dst_format == "jax":
         raise UnsupportedError("--to jax takes no --quant (the gemma library's trees are float: --dtype f32|bf16|f16)")
 
@@ -672,7 +705,9 @@ def cmd_convert(args) -> int:
         options |= {"quant": args.quant, "pure": args.pure, "imatrix": _importance(args, src_fmt)}
         options |= {"imatrix_source": str(args.imatrix or args.src), "jobs": args.jobs}
     elif args.dst_format == "onnx":
-        options = {"dtype": args.dtype, "overwrite": args.overwrite, **_onnx_options(args)}
+        # a quantized source (compressed-tensors) gets the head of a quantized export, as with --quant
+        bits = max((t.quant.bits for t in ckpt if t.quant is not None), default=None)
+        options = {"dtype": args.dtype, "overwrite": args.overwrite, **_onnx_options(args, bits)}
         if args.max_shard_size or args.pure or args.imatrix or args.calibrate or args.jobs:
             raise UnsupportedError(
                 "--max-shard-size, --pure, --imatrix, --calibrate and --jobs do not apply to --to onnx"
@@ -729,6 +764,10 @@ def _convert_quantized(args) -> int:
 
 def cmd_quantize(args) -> int:
     args.dst_format = _target(args, default="hf")
+    if args.dst_format == "gguf":
+        _check_gguf_quantize(args)
+    elif args.bits is None:
+        raise UnsupportedError("--bits 4 or 8 is required (with --to gguf, --quant TYPE may set it instead)")
     _check_method_options(args)
     _check_destination(args.dst, args.overwrite)
     method = {"rtn": _rtn_method, "awq": _awq_method, "gptq": _gptq_method}[args.method](args)
@@ -754,6 +793,51 @@ def cmd_quantize(args) -> int:
         detail = f"{manifest['quantized']} tensors quantized, {len(manifest['kept'])} kept"
     _finish(args, out, f"{args.method}, {detail}")
     return 0
+
+
+def _check_gguf_quantize(args) -> None:
+    """--to gguf: the GGUF type decides the bits, groups, symmetry and scales of every block, so --bits must
+    agree with --quant (or be left out) and the options of compressed-tensors' schemes are refused."""
+    from quantizers.gguf_mix import FTYPES, ftype_of
+
+    if args.quant is not None:
+        quant = args.quant = _gguf_type(args.quant)
+        base = FTYPES[ftype_of(quant)][1]  # e.g. Q4_K
+        if base in ("F32", "F16", "BF16"):
+            raise UnsupportedError(f"--quant {quant} is not quantized: `gemport convert --quant {quant}` writes it")
+        nominal = int(base[1])
+        if args.bits is not None and args.bits != nominal:
+            raise UnsupportedError(
+                f"--bits {args.bits} and --quant {quant} disagree: with --to gguf the type decides ({quant} stores "
+                f"{nominal}-bit blocks); leave --bits out or pick a type of {args.bits} bits"
+            )
+        args.bits = args.bits or (nominal if nominal in (4, 8) else 4)
+    elif args.bits is None:
+        raise UnsupportedError("--to gguf needs --bits 4 or 8 (q4_k_m, q8_0) or --quant TYPE")
+    scheme = {
+        "--group-size": args.group_size is not None,
+        "--asym": not args.symmetric,
+        "--scale-dtype": args.scale_dtype is not None,
+        "--full-range": args.full_range,
+    }
+    given = [flag for flag, on in scheme.items() if on]
+    if given:
+        raise UnsupportedError(
+            f"{', '.join(given)} do not apply to --to gguf: the GGUF type (--quant) fixes block size, symmetry "
+            "and scales"
+        )
+
+
+def _gguf_type(name: str) -> str:
+    """A GGUF type name as given, or UnsupportedError naming the closest known one."""
+    from quantizers.gguf_mix import ALIASES, FTYPES
+
+    known = [*FTYPES, *ALIASES]
+    if name.lower() in known:
+        return name.lower()
+    close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise UnsupportedError(f"unknown GGUF type {name!r}{hint} (known: {', '.join(known)})")
 
 
 def _quantize_to_gguf(args, ckpt, method: functools.partial) -> int:
@@ -876,8 +960,9 @@ def _importance(args, src_fmt: str):
 def _check_destination(dst: Path, overwrite: bool) -> None:
     """Refuse an existing destination before the work, not after it (the writers check again), once the
     temporaries of killed writers there are gone (a half-moved split set is rolled back first)."""
-    if dst.parent.is_dir():
-        clean_stale_temporaries(dst.parent)
+    if not dst.parent.is_dir():
+        raise OutputError("no such folder (it is not created)", dst.parent)
+    clean_stale_temporaries(dst.parent)
     if dst.exists() and not overwrite:
         raise OutputError("destination already exists (pass --overwrite to replace it)", dst)
 
@@ -902,6 +987,13 @@ def cmd_validate(args) -> int:
         if not args.json_out.parent.is_dir():
             raise OutputError("no such folder for --json (it is not created)", args.json_out.parent)
 
+    reference = registry.get("hf").load().read(args.reference) if (args.reference / "config.json").is_file() else None
+    if reference is not None and args.ctx > reference.spec.max_position:
+        raise UnsupportedError(
+            f"--ctx {args.ctx} is longer than the reference's context, max_position_embeddings "
+            f"{reference.spec.max_position}",
+            args.reference,
+        )
     report = validate(
         args.candidate,
         args.reference,

@@ -209,3 +209,69 @@ def test_imatrix_without_the_lookup_table_is_not_warned(caplog):
         _check_imatrix(imatrix, shapes, "m.imatrix")
     assert "1 tensors have no importance matrix entry (unweighted), e.g. blk.0.ffn_down.weight" in caplog.text
     assert "token_embd" not in caplog.text  # a row lookup: no imatrix ever has it
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--bits", "8", "--quant", "q4_k_m"], "--bits 8 and --quant q4_k_m disagree"),
+        (["--bits", "4", "--group-size", "64", "--asym"], "--group-size, --asym do not apply to --to gguf"),
+        (["--quant", "f16"], "--quant f16 is not quantized"),
+        ([], "--to gguf needs --bits 4 or 8"),
+        (["--quant", "q4km"], "unknown GGUF type 'q4km'; did you mean q4_k_m?"),
+    ],
+)
+def test_quantize_to_gguf_refuses_what_the_type_decides(capsys, tiny_models, tmp_path, argv, words):
+    line = _error(capsys, ["quantize", str(tiny_models["gemma3-sharded-bf16"]), str(tmp_path / "q.gguf"), *argv])
+    assert words in line and list(tmp_path.iterdir()) == []
+
+
+def test_quantize_to_gguf_takes_the_bits_from_the_type(capsys, tiny_models, tmp_path):
+    src = str(tiny_models["gemma3-sharded-bf16"])
+    assert main(["quantize", src, str(tmp_path / "q.gguf"), "--quant", "q8_0"]) == 0
+    assert "(rtn, q8_0)" in capsys.readouterr().out
+    line = _error(capsys, ["quantize", src, str(tmp_path / "q")])
+    assert "--bits 4 or 8 is required" in line
+
+
+def test_convert_to_gguf_refuses_dtype_with_quant(capsys, tiny_models, tmp_path):
+    src = str(tiny_models["gemma3-sharded-bf16"])
+    line = _error(capsys, ["convert", src, str(tmp_path / "m.gguf"), "--quant", "q8_0", "--dtype", "f32"])
+    assert "--dtype and --quant together" in line
+    line = _error(capsys, ["convert", src, str(tmp_path / "m.gguf"), "--quant", "Q4_K_X"])
+    assert "did you mean q4_k_m?" in line or "did you mean q4_k_s?" in line
+
+
+@pytest.mark.parametrize(("text", "size"), [("100M", 10**8), ("2G", 2 * 10**9), ("2GB", 2 * 10**9), ("1GiB", 2**30)])
+def test_sizes_in_llama_cpp_units(text, size):
+    assert build_parser().parse_args(["convert", "a", "b.gguf", "--split-max-size", text]).max_shard_size == size
+
+
+def test_a_bad_size_names_the_option_not_the_parser(capsys):
+    line = _error(capsys, ["convert", "a", "b.gguf", "--split-max-size", "abc"])
+    assert "'abc' is not a size (e.g. 2G, 500M" in line and "_size" not in line
+
+
+def test_missing_destination_folder_is_not_created(capsys, tiny_models, tmp_path):
+    line = _error(capsys, ["convert", str(tiny_models["gemma3-sharded-bf16"]), str(tmp_path / "no" / "m.gguf")])
+    assert f"{tmp_path / 'no'}: no such folder (it is not created)" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dtype_spellings_of_other_tools():
+    for text, dtype in (("fp32", "f32"), ("float16", "f16"), ("BF16", "bf16"), ("bfloat16", "bf16")):
+        assert build_parser().parse_args(["convert", "a", "b", "--to", "hf", "--dtype", text]).dtype == dtype
+
+
+def test_validate_refuses_a_window_past_the_model_context(capsys, tiny_models):
+    src = str(tiny_models["gemma3-sharded-bf16"])
+    line = _error(capsys, ["validate", src, "--reference", src, "--ctx", "100000000"])
+    assert "--ctx 100000000 is longer than the reference's context, max_position_embeddings" in line
+
+
+def test_onnx_of_a_quantized_source_gets_the_quantized_head(capsys, tiny_models, tmp_path):
+    src = str(tiny_models["gemma3-sharded-bf16"])
+    assert main(["quantize", src, str(tmp_path / "ct"), "--bits", "4", "--group-size", "32"]) == 0
+    assert main(["convert", str(tmp_path / "ct"), str(tmp_path / "m.onnx")]) == 0
+    manifest = json.loads((tmp_path / "m.onnx" / "gemport.json").read_text())
+    assert manifest["onnx"]["head_bits"] == 8 and manifest["onnx"]["accuracy_level"] == 4

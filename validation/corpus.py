@@ -58,7 +58,7 @@ def windows(tokens: list[int], n_ctx: int, n_windows: int, bos_id: int) -> list[
     """
     available = len(tokens) // n_ctx
     if available < 1:
-        raise InputError(f"corpus has {len(tokens)} tokens, fewer than one window of {n_ctx}")
+        raise InputError(f"corpus has {len(tokens)} tokens, fewer than one window of {n_ctx} (--ctx)")
     out = []
     for i in range(min(n_windows, available)):
         chunk = list(tokens[i * n_ctx : (i + 1) * n_ctx])
