@@ -25,21 +25,31 @@ from pathlib import Path
 
 from gemport import registry
 from gemport.checkpoint import Checkpoint, LazyTensor
-from gemport.errors import InputError, UnsupportedError
+from gemport.errors import CheckpointError, InputError, UnsupportedError
 
 
 @dataclass
 class Row:
-    """One stored type: how many tensors, their elements (weights) and their bytes."""
+    """One stored type: how many tensors, their elements (weights) and their bytes. ``shared`` counts
+    the elements a row reads or stores again that another row already counts (an ONNX head reading
+    the lookup's table, a second copy of a tied table): shown, never summed into the parameters."""
 
     tensors: int = 0
     parameters: int = 0
     bytes: int = 0
+    shared: int = 0
 
-    def add(self, parameters: int, nbytes: int, tensors: int = 1) -> None:
+    def add(self, parameters: int, nbytes: int, tensors: int = 1, shared: int = 0) -> None:
         self.tensors += tensors
         self.parameters += parameters
         self.bytes += nbytes
+        self.shared += shared
+
+
+# The row of what an artifact stores besides the model's tensors (not parameters, not weight bytes,
+# still on disk), named by format.
+OTHER = {"onnx": "other (rotary tables, constants)"}
+OTHER_DEFAULT = "other (not model tensors)"
 
 
 def cmd_inspect(args) -> int:
@@ -63,9 +73,9 @@ def describe(path: str | Path, fmt: str | None = None, **reader_options) -> dict
     registry.get(fmt)  # an unknown name lists the known ones
     described = {"gguf": _gguf, "hf": _hf, "onnx": _onnx}.get(fmt)
     if described is not None:
-        spec, parameters, rows, files, quantization = described(path)
+        spec, parameters, rows, other, files, quantization = described(path)
     else:
-        spec, parameters, rows, files, quantization = _by_reader(path, fmt, reader_options)
+        spec, parameters, rows, other, files, quantization = _by_reader(path, fmt, reader_options)
     rows = dict(sorted(rows.items(), key=lambda kv: (-kv[1].parameters, -kv[1].bytes, kv[0])))
     weight_bytes = sum(r.bytes for r in rows.values())
     return {
@@ -76,6 +86,7 @@ def describe(path: str | Path, fmt: str | None = None, **reader_options) -> dict
         "tensors": sum(r.tensors for r in rows.values()),
         "parameters": parameters,
         "types": {name: asdict(r) for name, r in rows.items()},
+        "other": {"name": OTHER.get(fmt, OTHER_DEFAULT), **asdict(other)} if other.tensors else None,
         "files": len(files),
         "size": sum(f.stat().st_size for f in files),
         "weight_bytes": weight_bytes,
@@ -143,7 +154,8 @@ def _gguf(path: Path):
             quantization["gemport"] = json.loads(made)
         except ValueError:
             quantization["gemport"] = made
-    return ckpt.spec, _parameters(ckpt), rows, ckpt.extra["gguf.files"], quantization or None
+    # the reader refuses a tensor that is no model tensor, so a GGUF has no "other" row
+    return ckpt.spec, _parameters(ckpt), rows, Row(), ckpt.extra["gguf.files"], quantization or None
 
 
 # --- Hugging Face safetensors -----------------------------------------------------------------------
@@ -151,7 +163,9 @@ def _gguf(path: Path):
 
 def _hf(path: Path):
     """The reader for the spec and every check (it reads headers only); stored types from the
-    safetensors headers, a compressed-tensors module's packed set counted once under its scheme."""
+    safetensors headers, a compressed-tensors module's packed set counted once under its scheme;
+    entries the reader does not take as model tensors (a tied model's lm_head.weight, which it
+    drops) in the "other" row."""
     from converters import compressed_tensors as ct
     from converters import hf
 
@@ -161,24 +175,27 @@ def _hf(path: Path):
     scheme = _ct_scheme(quantization_config, path) if quantization_config is not None else None
     records = ckpt.quantized()
     rows: dict[str, Row] = {}
+    other = Row()
     weight_files = hf._weight_files(path)
     for file in weight_files:
         _, header, _ = hf._header_json(file)
         for name, dtype, shape, start, stop in hf._header_entries(file, header):
-            if scheme is not None and name.endswith(ct.SUFFIXES):
-                module = name.rsplit(".", 1)[0]
-                record = records.get(f"{module}.weight")
-                elements = math.prod(record.shape) if record is not None and name.endswith(".weight_packed") else 0
-                rows.setdefault(scheme, Row()).add(elements, stop - start, int(name.endswith(".weight_packed")))
-            else:
+            module = name.rsplit(".", 1)[0]
+            if scheme is not None and name.endswith(ct.SUFFIXES) and f"{module}.weight" in records:
+                record = records[f"{module}.weight"]
+                packed = name.endswith(".weight_packed")
+                rows.setdefault(scheme, Row()).add(math.prod(record.shape) if packed else 0, stop - start, int(packed))
+            elif name in ckpt.tensors:
                 rows.setdefault(dtype, Row()).add(math.prod(shape), stop - start)
+            else:
+                other.add(math.prod(shape), stop - start)
     quantization: dict = {}
     if scheme is not None:
         quantization["config.json"] = scheme
     manifest = ckpt.extra.get("quantization")
     if manifest:
         quantization["gemport"] = _compact(manifest)
-    return ckpt.spec, _parameters(ckpt), rows, _folder_files(path), quantization or None
+    return ckpt.spec, _parameters(ckpt), rows, other, _folder_files(path), quantization or None
 
 
 def _ct_scheme(quantization_config: dict, path: Path) -> str:
@@ -213,10 +230,15 @@ def _onnx(path: Path):
     from converters import onnx as reader
     from gemport.checkpoint import expected_shapes
 
-    file, proto, spec, _ = reader.open_model(path)
-    tensors = {n: LazyTensor(n, shape, "f32", load=_not_loaded) for n, shape in expected_shapes(spec).items()}
+    file, proto, spec, layout = reader.open_model(path)
+    shapes = expected_shapes(spec)
+    tensors = {n: LazyTensor(n, shape, "f32", load=_not_loaded) for n, shape in shapes.items()}
     ckpt = Checkpoint(spec=spec, tensors=tensors, source=str(path))
-    rows = _onnx_rows(proto.graph, spec.vocab_size, file)
+    holds = _onnx_holds(layout, shapes)
+    names = {t.name for t in proto.graph.initializer}
+    for name in sorted(n for n in holds if n not in names and not n.endswith(".zero_points")):
+        raise CheckpointError(f"initializer {name} is missing", file)  # as the reader's loader says it
+    rows, other = _onnx_rows(proto.graph, spec.vocab_size, file, holds)
     folder = file.parent
     files = _folder_files(folder) if path.is_dir() else [file, *_external_files(proto, folder)]
     quantization = None
@@ -226,7 +248,23 @@ def _onnx(path: Path):
 
         recorded = read_json(manifest).get("quantization")
         quantization = {"gemport": _compact(recorded)} if isinstance(recorded, dict) else None
-    return spec, _parameters(ckpt), rows, files, quantization
+    return spec, _parameters(ckpt), rows, other, files, quantization
+
+
+def _onnx_holds(layout: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, int]]:
+    """Initializer name -> {canonical tensor: elements} it stores, from the layout table the reader
+    checked: a float entry's initializer, a MatMulNBits entry's .qweight/.scales/.zero_points (ref:
+    converters/onnx.py _loader), several canonical tensors for a fused (stacked) one. An entry that is
+    no canonical tensor (a tied model's separately quantized lm_head) holds nothing of its own."""
+    holds: dict[str, dict[str, int]] = {}
+    for canonical, entry in layout.items():
+        name = entry["name"]
+        parts = [name] if entry["kind"] == "float" else [f"{name}.{s}" for s in ("qweight", "scales", "zero_points")]
+        for part in parts:
+            held = holds.setdefault(part, {})
+            if canonical in shapes:
+                held[canonical] = math.prod(shapes[canonical])
+    return holds
 
 
 def _external_files(proto, folder: Path) -> list[Path]:
@@ -270,14 +308,17 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _onnx_rows(graph, vocab_size: int, file: Path) -> dict[str, Row]:
-    """MatMulNBits by bits and block (the LM head apart: the one of N = vocab rows), GatherBlockQuantized
-    likewise, every other initializer by dtype. An initializer reached through Reshape (a lookup table
-    and a head sharing one table) is followed back and counted once, under the node that reads it
-    first; the other's row says "(shared table)" (ref: onnxruntime docs/ContribOperators.md
-    MatMulNBits: inputs A, B, scales, zero_points, g_idx, bias, attributes K, N, bits (default 4),
-    block_size; GatherBlockQuantized: data, indices, scales, zero_points, attributes bits (default 4),
-    block_size (default 128))."""
+def _onnx_rows(graph, vocab_size: int, file: Path, holds: dict[str, dict[str, int]]) -> tuple[dict[str, Row], Row]:
+    """(rows, other): MatMulNBits by bits and block (the LM head apart: the one of N = vocab rows),
+    GatherBlockQuantized likewise, every other model initializer by dtype; initializers that hold no
+    model tensor (rotary cos/sin tables, const_* shapes and scalars) in ``other``. An initializer
+    reached through Reshape (a lookup table and a head sharing one table) is followed back and its
+    bytes counted once, under the node that reads it first; the other's row says "(shared table)".
+    A canonical tensor's parameters are counted once too: a row reading or storing one again (a
+    head over the lookup's table, a tied head quantized apart) holds them as ``shared``
+    (ref: onnxruntime docs/ContribOperators.md MatMulNBits: inputs A, B, scales, zero_points, g_idx,
+    bias, attributes K, N, bits (default 4), block_size; GatherBlockQuantized: data, indices, scales,
+    zero_points, attributes bits (default 4), block_size (default 128))."""
     inits = {t.name: t for t in graph.initializer}
     made_by = {out: node for node in graph.node for out in node.output}
 
@@ -292,15 +333,20 @@ def _onnx_rows(graph, vocab_size: int, file: Path) -> dict[str, Row]:
         return None
 
     rows: dict[str, Row] = {}
-    counted: set[str] = set()
+    counted: set[str] = set()  # initializers whose bytes a row holds
+    held: set[str] = set()  # canonical tensors whose parameters a row holds
 
-    def add(key: str, parameters: int, names: Iterable[str]) -> None:
+    def add(key: str, elements: int, names: Iterable[str]) -> None:
         parts = {source(n) for n in names if n} - {None}
         new = parts - counted
         if parts and not new:
             key = f"{key[:-1]}, shared table)" if key.endswith(")") else f"{key} (shared table)"
         counted.update(new)
-        rows.setdefault(key, Row()).add(parameters, sum(_initializer_bytes(inits[n]) for n in new))
+        canonical = {c: n for p in parts for c, n in holds.get(p, {}).items() if c not in held}
+        held.update(canonical)
+        parameters = min(sum(canonical.values()), elements)
+        nbytes = sum(_initializer_bytes(inits[n]) for n in new)
+        rows.setdefault(key, Row()).add(parameters, nbytes, shared=elements - parameters)
 
     for node in graph.node:
         if node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
@@ -317,11 +363,20 @@ def _onnx_rows(graph, vocab_size: int, file: Path) -> dict[str, Row]:
             scales = source(node.input[2]) if len(node.input) > 2 else None
             elements = math.prod(inits[scales].dims) * block if scales else 0
             add(f"GatherBlockQuantized int{bits} b{block}", elements, [node.input[0], *node.input[2:]])
+    other = Row()
     for name, t in inits.items():
-        if name not in counted:
-            key = _ONNX_TYPES.get(t.data_type, (str(t.data_type), 0))[0]
-            rows.setdefault(key, Row()).add(math.prod(t.dims), _initializer_bytes(t))
-    return rows
+        if name in counted:
+            continue
+        if name not in holds:
+            other.add(math.prod(t.dims), _initializer_bytes(t))
+            continue
+        canonical = {c: n for c, n in holds[name].items() if c not in held}
+        held.update(canonical)
+        elements = math.prod(t.dims)
+        parameters = min(sum(canonical.values()), elements)
+        key = _ONNX_TYPES.get(t.data_type, (str(t.data_type), 0))[0]
+        rows.setdefault(key, Row()).add(parameters, _initializer_bytes(t), shared=elements - parameters)
+    return rows, other
 
 
 # --- formats read through their readers (JAX, gemma_pytorch) ---------------------------------------
@@ -337,7 +392,7 @@ def _by_reader(path: Path, fmt: str, options: dict):
         rows.setdefault(key, Row()).add(math.prod(t.shape), t.nbytes)
     manifest = ckpt.extra.get("quantization")
     quantization = {"gemport": _compact(manifest)} if isinstance(manifest, dict) else None
-    return ckpt.spec, _parameters(ckpt), rows, _folder_files(path), quantization
+    return ckpt.spec, _parameters(ckpt), rows, Row(), _folder_files(path), quantization
 
 
 # --- text ----------------------------------------------------------------------------------------
@@ -414,21 +469,30 @@ def _made_text(made: dict) -> str:
 
 
 def table(info: dict) -> str:
-    """The stored types as an aligned table, one row per type and a total."""
-    rows = [(name, r["tensors"], r["parameters"], r["bytes"]) for name, r in info["types"].items()]
-    rows.append(("total", info["tensors"], info["parameters"], info["weight_bytes"]))
+    """The stored types as an aligned table: one row per type, their total (the rows' tensors,
+    parameters and bytes sum to it), then the "other" row, which the total leaves out. Elements in
+    parentheses are not counted in the total: a row's shared table, or what is no model weight."""
+    rows = [(name, r["tensors"], r["parameters"], r.get("shared", 0), r["bytes"]) for name, r in info["types"].items()]
+    rows.append(("total", info["tensors"], info["parameters"], 0, info["weight_bytes"]))
+    other = info.get("other")
+    other_name = other["name"] if other else None
+    if other:
+        rows.append((other_name, other["tensors"], 0, other["parameters"], other["bytes"]))
     width = max(len(r[0]) for r in rows)
     lines = [f"{'type':<{width}}  {'tensors':>7}  {'parameters':>10}  {'bytes':>11}  {'bpw':>6}"]
-    for name, tensors, parameters, nbytes in rows:
-        bpw = f"{nbytes * 8 / parameters:.2f}" if parameters and nbytes else "-"
-        lines.append(
-            f"{name:<{width}}  {tensors:>7}  {human_count(parameters):>10}  {human_bytes(nbytes):>11}  {bpw:>6}"
-        )
+    for name, tensors, parameters, shared, nbytes in rows:
+        elements = parameters or shared
+        bpw = f"{nbytes * 8 / elements:.2f}" if elements and nbytes and name != other_name else "-"
+        count = f"({human_count(shared)})" if shared and not parameters else human_count(parameters)
+        lines.append(f"{name:<{width}}  {tensors:>7}  {count:>10}  {human_bytes(nbytes):>11}  {bpw:>6}")
     return "\n".join(lines)
 
 
 def _types_line(info: dict) -> str:
-    return ", ".join(f"{name} {r['tensors']}" for name, r in info["types"].items())
+    """e.g. 'F32 42 (42 tensors); other (rotary tables, constants) 14'."""
+    rows = ", ".join(f"{name} {r['tensors']}" for name, r in info["types"].items())
+    other = info.get("other")
+    return f"{rows} ({info['tensors']} tensors)" + (f"; {other['name']} {other['tensors']}" if other else "")
 
 
 def render(info: dict) -> str:
@@ -464,7 +528,7 @@ def summary(src: Path | None, dst: Path, seconds: float, fmt: str | None = None)
     before = f"{human_bytes(artifact_size(src))} -> " if src is not None else ""
     bpw = info["bits_per_weight"]
     return (
-        f"types  {_types_line(info)} ({info['tensors']} tensors)\n"
+        f"types  {_types_line(info)}\n"
         f"size   {before}{human_bytes(info['size'])}"
         + (f", {bpw:.2f} bits per weight" if bpw else "")
         + f", {seconds:.1f} s"

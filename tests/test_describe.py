@@ -17,7 +17,7 @@ import pytest
 from converters.gguf_header import read_header
 from gemport.checkpoint import expected_shapes
 from gemport.cli import main
-from gemport.describe import artifact_size, describe, render, summary, table
+from gemport.describe import artifact_size, describe, human_count, render, summary, table
 from gemport.errors import GemportError
 from quantizers.rtn import projection_names
 from tests.tiny import make_tiny
@@ -106,7 +106,8 @@ def test_onnx_int4_shows_matmulnbits_head_and_lookup(artifacts):
     shapes = expected_shapes(describe_spec(info))
     assert projections["parameters"] == sum(math.prod(shapes[n]) for n in projection_names(spec["num_layers"]))
     vocab_rows = spec["vocab_size"] * spec["hidden_size"]
-    assert head["parameters"] == lookup["parameters"] == vocab_rows
+    # the int4 head is a second copy of the tied table: its elements shown, counted once (the lookup's)
+    assert lookup["parameters"] == head["shared"] == vocab_rows and head["parameters"] == 0 and head["bytes"] > 0
     assert lookup["bytes"] == vocab_rows + vocab_rows // 32 * 4  # int8 codes and an f32 scale per block of 32
     assert "F32" in info["types"] and info["quantization"]["gemport"]["config"]["bits"] == 4
     data = sum(p.stat().st_size for p in artifacts["onnx"].iterdir())
@@ -354,3 +355,87 @@ def test_onnx_head_and_lookup_sharing_one_table(tiny_hf, tmp_path):
     assert len(table_rows) == 1 and table_rows[0]["bytes"] >= vocab_rows
     stored = sum(p.stat().st_size for p in out.glob("model.onnx*"))
     assert info["weight_bytes"] <= stored  # the shared table is not counted twice
+    # nor its parameters: shown in parentheses, left out of the total
+    assert types[shared[0]]["parameters"] == 0 and types[shared[0]]["shared"] == vocab_rows
+    _check_rows_sum(info)
+    line = next(line for line in table(info).splitlines() if "shared table)" in line)
+    assert f"({human_count(vocab_rows)})" in line
+
+
+# --- rows that are no model weights ------------------------------------------------------------------
+
+
+def _check_rows_sum(info: dict) -> None:
+    """The type rows sum to the total; the total's parameters are the model's; "other" is apart."""
+    rows = info["types"].values()
+    assert sum(r["parameters"] for r in rows) == info["parameters"]
+    assert sum(r["tensors"] for r in rows) == info["tensors"]
+    assert sum(r["bytes"] for r in rows) == info["weight_bytes"]
+    assert info["bits_per_weight"] == pytest.approx(info["weight_bytes"] * 8 / info["parameters"])
+    other = info["other"]["bytes"] if info["other"] else 0
+    assert info["size"] >= info["weight_bytes"] + other
+    shapes = expected_shapes(describe_spec(info))
+    assert info["parameters"] == sum(math.prod(s) for s in shapes.values())
+
+
+def test_every_format_rows_sum_to_the_total(artifacts):
+    for kind in ("gguf", "onnx", "ct", "hf"):
+        _check_rows_sum(describe(artifacts[kind]))
+
+
+def test_f32_onnx_is_32_bits_per_weight(tiny_hf, tmp_path):
+    """Rotary cos/sin tables and const_* initializers are no weights: an "other" row, on disk only."""
+    out = tmp_path / "onnx32"
+    assert main(["convert", str(tiny_hf), str(out), "--to", "onnx"]) == 0
+    info = describe(out)
+    assert list(info["types"]) == ["F32"] and info["bits_per_weight"] == 32
+    _check_rows_sum(info)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    others = [t for t in graph.initializer if t.name.startswith(("rope.", "const_"))]
+    assert any(t.name.endswith(".cos") for t in others) and any(t.name.startswith("const_") for t in others)
+    other = info["other"]
+    assert other["name"] == "other (rotary tables, constants)" and other["tensors"] == len(others)
+    assert other["parameters"] == sum(math.prod(t.dims) for t in others)
+    assert info["types"]["F32"]["tensors"] + other["tensors"] == len(graph.initializer)
+    assert info["size"] == sum(p.stat().st_size for p in out.iterdir())
+    text = render(info)
+    assert "32.00 bits per weight" in text
+    assert table(info).splitlines()[-1].split()[:5] == ["other", "(rotary", "tables,", "constants)", str(len(others))]
+    assert (
+        summary(None, out, 1.0)
+        .splitlines()[0]
+        .endswith(f"({info['tensors']} tensors); other (rotary tables, constants) {len(others)}")
+    )
+
+
+def test_hf_entries_that_are_no_model_tensors(tiny_hf, tmp_path):
+    """A tied model's lm_head.weight, which the reader drops: "other", not a second copy of the parameters."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    out = shutil.copytree(tiny_hf, tmp_path / "extra")
+    file = next(out.glob("*.safetensors"))
+    tensors = load_file(file)
+    spec = describe(tiny_hf)["spec"]
+    assert spec["tie_embeddings"]
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+    save_file(tensors, file, metadata={"format": "pt"})
+    before, info = describe(tiny_hf), describe(out)
+    _check_rows_sum(info)
+    assert info["types"] == before["types"] and info["bits_per_weight"] == before["bits_per_weight"]
+    assert info["other"]["tensors"] == 1 and info["other"]["name"] == "other (not model tensors)"
+    assert info["other"]["parameters"] == spec["vocab_size"] * spec["hidden_size"]
+    assert info["size"] > before["size"]
+
+
+def test_onnx_layout_naming_a_missing_initializer(artifacts, tmp_path):
+    """A layout entry whose initializer is not in the graph: the reader's one-line error, not a sum off."""
+    from converters import onnx as onnx_conv
+
+    rename = _layout_edit(lambda layout: layout["model.norm.weight"].__setitem__("name", "nowhere"))
+    path = _onnx_with_metadata(artifacts["onnx"], tmp_path / "missing", rename)
+    with pytest.raises(GemportError, match="initializer nowhere is missing"):
+        describe(path)
+    with pytest.raises(GemportError, match="initializer nowhere is missing"):
+        onnx_conv.read(path).tensors["model.norm.weight"].load()
