@@ -17,6 +17,8 @@ import math
 import multiprocessing
 import os
 import re
+import signal
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
@@ -526,12 +528,43 @@ def _new_writer(dst: Path, arch: str, max_shard_bytes: int | None) -> gguf.GGUFW
 @contextmanager
 def _pool(jobs: int, plans: list[gguf_mix.TensorPlan]) -> Iterator[Executor | None]:
     """Worker processes for block quantization, when there is some and more than one CPU to use.
-    forkserver: the workers start clean (numpy only), not as copies of a process holding torch."""
+    forkserver: the workers start clean (numpy only), not as copies of a process holding torch.
+    Ctrl-C is the parent's alone: the workers ignore SIGINT (else each prints a KeyboardInterrupt
+    traceback), and the parent, interrupted, drops the queued chunks and shuts the pool down."""
     if jobs <= 1 or all(p.qtype in gguf_mix.UNQUANTIZED or p.qtype == "F32" for p in plans):
         yield None
         return
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("forkserver")) as pool:
+    _start_forkserver_deaf_to_sigint()
+    context = multiprocessing.get_context("forkserver")
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_ignore_sigint)
+    try:
         yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _ignore_sigint() -> None:
+    """Pool initializer: a worker leaves Ctrl-C to the parent, which tears the pool down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _start_forkserver_deaf_to_sigint() -> None:
+    """Start the fork server (if not running) with SIGINT ignored. An ignored signal stays ignored
+    across exec, and Python then installs no KeyboardInterrupt handler, so neither the server (while
+    it imports) nor the workers it forks (which get its handlers) print a traceback on Ctrl-C; the
+    initializer covers a server someone else started. ref: multiprocessing/forkserver.py main
+    (old_handlers), Python's signal module init (default_int_handler only over SIG_DFL)."""
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal.signal works only in the main thread; the initializer still applies
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _write_files(
