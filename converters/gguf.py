@@ -102,8 +102,12 @@ def write(ckpt: Checkpoint, dst: str | Path, **options) -> Path:
 
 
 def sniff(path: Path) -> bool:
+    """A file with GGUF's magic, or named ``*.gguf`` (so that one without the magic is told so by
+    read_header, not refused as an unknown format)."""
     if not path.is_file():
         return False
+    if path.suffix.lower() == ".gguf":
+        return True
     with open(path, "rb") as f:
         return f.read(4) == MAGIC
 
@@ -120,6 +124,7 @@ def read(path: str | Path, tokenizer: bool = True) -> Checkpoint:
     path = Path(path)
     header = read_header(path)
     meta = Metadata(header)
+    check_is_model(meta)
     arch = meta.text("general.architecture")
     if arch not in ARCHS:
         raise UnsupportedError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(ARCHS)})", path)
@@ -149,6 +154,32 @@ def read(path: str | Path, tokenizer: bool = True) -> Checkpoint:
     )
     ckpt.check()
     return ckpt
+
+
+# general.type of GGUF files that are not models, and what to do with each instead
+# (ref: gguf-py constants.py GGUFType; llama.cpp imatrix.cpp save_imatrix, llama-adapter.cpp).
+NOT_MODELS = {
+    "imatrix": "an importance matrix (general.type imatrix), not a model; give it to `gemport convert --imatrix`",
+    "adapter": "a LoRA adapter (general.type adapter), not a model; gemport reads whole models only",
+    "mmproj": "a multimodal projector (general.type mmproj), not a language model",
+}
+
+
+def check_is_model(meta: Metadata) -> None:
+    """One line naming what the file is when it is a GGUF but not (the start of) a model: an
+    importance matrix, an adapter, or a shard after the first of a split model (those hold only the
+    split keys; ref: gguf-split.cpp split_strategy, gguf-py GGUFWriter: split.no counts from 0)."""
+    kind = meta.raw("general.type")
+    if isinstance(kind, str) and kind in NOT_MODELS:
+        raise InputError(NOT_MODELS[kind], meta.path)
+    count = meta.integer("split.count", 1, lo=0, hi=MAX_SHARDS)
+    number = meta.integer("split.no", 0, hi=MAX_SHARDS)
+    if count > 1 and number >= count:
+        raise InputError(f"metadata split.no is {number}, split.count {count}: no such shard", meta.path)
+    if count > 1 and number > 0:
+        m = _SHARD_RE.fullmatch(meta.path.name)
+        first = SHARD_NAME.format(m.group(1) if m else "NAME", 1, count)
+        raise InputError(f"shard {number + 1} of {count} of a split model: open {first}", meta.path)
 
 
 SHARD_NAME = "{}-{:05d}-of-{:05d}.gguf"  # ref: gguf-py constants.py SHARD_NAME_FORMAT, llama_split_path

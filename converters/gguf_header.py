@@ -120,6 +120,9 @@ def read_header(path: str | Path) -> Header:
     path = Path(path)
     try:
         with open(path, "rb") as f:
+            # Before the size: a short text file is not a truncated GGUF; an empty one may be.
+            if not MAGIC.startswith(f.read(4)):
+                raise InputError("not a GGUF file (no GGUF magic)", path)
             size = f.seek(0, 2)
             if size < 24:
                 raise InputError(f"truncated GGUF file: {size} bytes, a GGUF header needs at least 24", path)
@@ -186,10 +189,7 @@ class _Cursor:
 
 def _parse(buf: mmap.mmap, path: Path, size: int) -> Header:
     cur = _Cursor(buf, path, size)
-    magic = bytes(buf[:4])
-    if magic != MAGIC:
-        raise InputError(f"not a GGUF file (magic {magic!r}, expected {MAGIC!r})", path)
-    cur.pos = 4
+    cur.pos = 4  # the magic, checked by read_header
     version = cur.u32("the version")
     if version & 0xFFFF == 0:  # ref: gguf.cpp: the version of a file of the other byte order
         raise UnsupportedError(f"big-endian GGUF (version field {version:#x}) is not supported", path)

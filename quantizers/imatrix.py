@@ -147,6 +147,19 @@ class Imatrix:
         return out
 
 
+def summary(imatrix: Imatrix) -> str:
+    """One line for the end of ``gemport imatrix`` (llama-imatrix ends with the chunk count it stored):
+    entries and the layers they span, chunks and tokens per chunk, tokens in all, the datasets.
+    A legacy file's chunk size is unknown (0), so its token total is left out."""
+    layers = {name.split(".")[1] for name in imatrix.sums if name.startswith("blk.")}
+    line = f"imatrix  {len(imatrix.sums)} entries ({len(layers)} layers), {imatrix.chunks} chunks"
+    if imatrix.chunk_size:
+        line += f" of {imatrix.chunk_size} tokens, {imatrix.chunks * imatrix.chunk_size} tokens"
+    if imatrix.datasets:
+        line += f", from {', '.join(imatrix.datasets)}"
+    return line
+
+
 # ---------------------------------------------------------------------------------------------
 # compute
 
@@ -277,7 +290,7 @@ def _collect(
     # Without the output entry, the LM head (vocab x hidden, the largest matmul) is not run at all.
     runner = model if need_head else model.get_decoder()
     try:
-        with torch.inference_mode(), progress(description, len(chunks)) as advance:
+        with torch.inference_mode(), progress(description, len(chunks), unit="chunks") as advance:
             for chunk in chunks:
                 runner(input_ids=torch.tensor([chunk], dtype=torch.long), use_cache=False)
                 advance(1)
@@ -333,6 +346,8 @@ def load_imatrix(path: str | Path) -> Imatrix:
         raise InputError("imatrix file not found", path) from None
     except OSError as exc:
         raise InputError(f"cannot read the imatrix: {exc.strerror}", path) from None
+    if magic != GGUF_MAGIC and path.suffix.lower() == ".gguf":  # named GGUF, so not a legacy .dat
+        raise InputError("not a GGUF file (no GGUF magic)", path)
     imatrix = _load_gguf(path) if magic == GGUF_MAGIC else _load_legacy(path)
     _check_finite(imatrix, path)
     log.info("loaded %d imatrix entries from %s (%d chunks)", len(imatrix.sums), path, imatrix.chunks)
@@ -349,6 +364,8 @@ def _load_gguf(path: Path) -> Imatrix:
         raise InputError(f"a GGUF of general.type {kind!r}, not an imatrix", path)
     if kind is None and "general.architecture" in values:
         raise InputError("a GGUF model, not an imatrix (no .in_sum2 / .counts tensors)", path)
+    if kind is None and "split.count" in values:  # ref: gguf-split.cpp: later shards hold only split.*
+        raise InputError("a shard of a split GGUF model, not an imatrix", path)
     if any(k not in values for k in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE)):
         # ref: quantize.cpp load_imatrix: "missing imatrix metadata" is fatal there.
         log.warning("%s: imatrix metadata missing; llama-quantize would refuse this file", path)
