@@ -315,14 +315,19 @@ def write(
     if dtype:
         ckpt = ckpt.cast(dtype)
     order = [n for n in expected_shapes(ckpt.spec)]
-    stored = ct.wire_tensors(ckpt, order) if quant else [ckpt.tensors[n] for n in order]
+    stored, steps = [], []  # steps: the progress counts model tensors, as the summary does
+    for name in order:
+        parts = ct.wire_tensors(ckpt, [name]) if quant else [ckpt.tensors[name]]
+        stored += parts
+        steps += [0] * (len(parts) - 1) + [1]  # a record's packed set is one tensor, done at its last part
     shards = _plan_shards(stored, max_shard_bytes)
     verb = f"quantizing ({quant.describe()}) and writing" if quant else "writing"
     with atomic_output(dst, overwrite) as tmp:
         tmp.mkdir()
-        with progress(f"{verb} {Path(dst).name}", total=len(stored), unit="tensors") as advance:
+        with progress(f"{verb} {Path(dst).name}", total=len(order), unit="tensors") as advance:
+            step = iter(steps)  # shards keep the stored order
             for file_name, tensors in shards.items():
-                _write_safetensors(tmp / file_name, tensors, advance, ckpt.source)
+                _write_safetensors(tmp / file_name, tensors, lambda: advance(next(step)), ckpt.source)
         if len(shards) > 1:
             weight_map = {t.name: f for f, ts in shards.items() for t in ts}
             total = sum(t.nbytes for ts in shards.values() for t in ts)

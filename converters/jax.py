@@ -640,7 +640,9 @@ def _check_library_semantics(spec: GemmaSpec, source: str) -> None:
 def _spill(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]], scratch: Path, flat: bool) -> dict:
     """Convert each leaf from its canonical tensors into a scratch file; a tree of read-only maps."""
     tree: dict = {}
-    with progress("converting to JAX layout", total=len(shapes), unit="tensors") as advance:
+    # counted in model tensors, as the summary counts them (a JAX array joins several: q, k, v)
+    total = sum(len(_rule(ckpt.spec.family, name)[1]) for name in shapes)
+    with progress("converting to JAX layout", total=total, unit="tensors") as advance:
         for i, (name, shape) in enumerate(shapes.items()):
             prefix, names, kind = _rule(ckpt.spec.family, name)
             parts = [_load_checked(ckpt, prefix + n) for n in names]
@@ -659,7 +661,7 @@ def _spill(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]], scratch: Path, 
                 node = node.setdefault(g, {})
             node[last] = np.memmap(file, dtype=dtype, mode="r", shape=shape)
             log_tensor(log, name, shape, str(dtype))
-            advance()
+            advance(len(names))
     return tree
 
 

@@ -47,6 +47,7 @@ from quantizers import fp16_range
 log = logging.getLogger(__name__)
 
 MODEL, DATA, GENAI_CONFIG, MANIFEST = "model.onnx", "model.onnx.data", "genai_config.json", "gemport.json"
+EXTERNAL_THRESHOLD = 256  # bytes: a larger initializer goes to DATA (onnx_ir.save's default)
 SPEC_KEY, LAYOUT_KEY = "gemport.spec", "gemport.layout"
 OPSET, MS_OPSET, IR_VERSION = 21, 1, 10
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two >= 16
@@ -120,8 +121,18 @@ def write(
     dst = Path(dst)
     with atomic_output(dst, overwrite) as tmp:
         tmp.mkdir()
-        with progress(f"writing {dst.name}", len(builder.initializers), "tensors") as advance:
-            ir.save(model, tmp / MODEL, external_data=DATA, callback=lambda *_: advance())
+        # Counted as onnx_ir calls back: once per initializer over the threshold, which goes to the data
+        # file (ref: onnx_ir external_data.py unload_from_model, ``nbytes > size_threshold_bytes``).
+        # Initializers, not the summary's tensors: a MatMulNBits weight is 2-3 of them.
+        written = sum(1 for v in builder.initializers if v.const_value.nbytes > EXTERNAL_THRESHOLD)
+        with progress(f"writing {dst.name}", written, f"initializers into {DATA}") as advance:
+            ir.save(
+                model,
+                tmp / MODEL,
+                external_data=DATA,
+                size_threshold_bytes=EXTERNAL_THRESHOLD,
+                callback=lambda *_: advance(),
+            )
         for value in builder.initializers:  # -v: what the graph stores, tensor by tensor
             log_tensor(log, value.name, value.shape, value.dtype.name)
         _write_json(tmp / GENAI_CONFIG, genai_config(ckpt.spec, options))

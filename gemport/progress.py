@@ -2,7 +2,8 @@
 
 On a terminal every running task is a row of one rich live display (a bar, or a pulsing bar for a
 stage with no count). When stderr is not a terminal (a CI log, nohup, a pipe) a task prints plain
-lines instead, ``gemport: validating m.gguf 3/16 windows, 12 s``: at most one every ``INTERVAL``
+lines instead, ``gemport: validating m.gguf 3/16 windows, 12 s (95 s in all)``: the task's own time,
+then the whole command's (from ``configure()``) once they differ; at most one every ``INTERVAL``
 seconds as it advances, and a heartbeat thread prints the innermost running task's line whenever
 ``HEARTBEAT`` seconds pass without one, so a log never stays quiet through one long step (loading a
 model, one GPTQ layer). Work shorter than ``INTERVAL`` prints nothing.
@@ -39,11 +40,16 @@ class _Task:
     done: int = 0
     row: Any = None  # the rich task id on a terminal
 
-    def line(self, now: float) -> str:
+    def line(self, now: float, started: float | None = None) -> str:
+        """``<description> <done>/<total> <unit>, <seconds> s``, and ``(<seconds> s in all)`` when the
+        command (``started``) began a second or more before this task."""
         count = ""
         if self.total is not None:
             count = f" {self.done}/{self.total}" + (f" {self.unit}" if self.unit else "")
-        return f"{PREFIX}{self.description}{count}, {now - self.start:.0f} s"
+        text = f"{PREFIX}{self.description}{count}, {now - self.start:.0f} s"
+        if started is not None and round(now - started) > round(now - self.start):
+            text += f" ({now - started:.0f} s in all)"
+        return text
 
 
 @dataclass(eq=False)
@@ -56,6 +62,7 @@ class _Reporter:
     bar: Any = None  # the rich Progress while tasks run on a terminal
     plain: bool = False  # tasks print plain lines (stderr is not a terminal)
     beating: bool = False  # the heartbeat thread runs (set and cleared under the lock)
+    started: float | None = None  # when the command began (configure()), for "N s in all"
 
     def enter(self, task: _Task) -> None:
         with self.lock:
@@ -93,7 +100,7 @@ class _Reporter:
         now = clock()
         self.last_line = now
         try:
-            sys.stderr.write(task.line(now) + "\n")
+            sys.stderr.write(task.line(now, self.started) + "\n")
             sys.stderr.flush()
         except (OSError, ValueError):  # stderr closed or a broken pipe: the work goes on without its log
             pass
@@ -136,7 +143,9 @@ def _count(task: _Task) -> str:
 @contextmanager
 def progress(description: str, total: int | None, unit: str = "") -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n=1)`` while the block runs: a bar on a terminal, else occasional plain lines
-    (``gemport: <description> <done>/<total> <unit>, <seconds> s``) and a heartbeat."""
+    (``gemport: <description> <done>/<total> <unit>, <seconds> s (<seconds> s in all)``) and a heartbeat.
+    ``unit`` names what ``total`` counts as the user would count it: when it is not what the command's
+    summary counts (ONNX initializers against the summary's tensors), it must say so."""
     task = _Task(description, total, unit, clock())
     _reporter.enter(task)
     try:
@@ -159,12 +168,12 @@ def log_tensor(logger: logging.Logger, name: str, shape: Sequence[int], stored: 
 
 def configure() -> None:
     """Once per command, before dependencies load: silence their progress bars (gemport draws its
-    own), and start the quiet-time count of the heartbeat."""
+    own), and start the quiet-time count of the heartbeat and the command's clock ("N s in all")."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by huggingface_hub at import
     os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm >= 4.66 reads TQDM_* at import, as defaults only
     _silence_tqdm()
     with _reporter.lock:
-        _reporter.last_line = clock()
+        _reporter.last_line = _reporter.started = clock()
 
 
 def _silence_tqdm() -> None:

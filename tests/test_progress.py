@@ -171,3 +171,81 @@ def test_verbose_logs_every_tensor_a_writer_stores(tiny_models, tmp_path, caplog
     graph = onnx.load(tmp_path / "onnx" / "model.onnx", load_external_data=False).graph
     logged = {name: shape for name, shape, _ in _logged_tensors(caplog)}
     assert logged == {i.name: str(list(i.dims)) for i in graph.initializer}
+
+
+# --- what a line counts, and for how long -----------------------------------------------------------
+
+
+def test_lines_give_the_whole_commands_time_too(plain, monkeypatch, capsys):
+    """A stage that starts 88 s into the command: its own seconds, then the command's."""
+    now = [10.0]
+    monkeypatch.setattr(progress, "clock", lambda: now[0])
+    monkeypatch.setattr(progress, "INTERVAL", 5.0)
+    monkeypatch.setattr(progress, "HEARTBEAT", 1e9)
+    progress.configure()
+    now[0] = 98.0
+    with progress.progress("writing x", 272, "initializers") as advance:
+        now[0] = 98.4
+        advance()
+        now[0] = 104.0
+        advance()
+    assert capsys.readouterr().err.splitlines() == [
+        "gemport: writing x 1/272 initializers, 0 s (88 s in all)",
+        "gemport: writing x 2/272 initializers, 6 s (94 s in all)",
+    ]
+
+
+@pytest.fixture
+def counted(monkeypatch) -> list:
+    """Every progress task of a command with a count: [description, total, unit, done at its end]."""
+    seen: list = []
+    enter, leave = progress._Reporter.enter, progress._Reporter.leave
+
+    def record_enter(self, task):
+        if task.total is not None:
+            seen.append(task)
+        enter(self, task)
+
+    monkeypatch.setattr(progress._Reporter, "enter", record_enter)
+    monkeypatch.setattr(progress._Reporter, "leave", leave)
+    return seen
+
+
+WRITES = {
+    "hf-int4": ["quantize", "{src}", "{dst}", "--bits", "4", "--group-size", "32"],
+    "hf-int4-asym-sharded": ["quantize", "{src}", "{dst}", "--bits", "4", "--group-size", "32", "--asym"],
+    "hf-bf16": ["convert", "{src}", "{dst}", "--to", "hf", "--dtype", "bf16"],
+    "gguf-q8_0": ["convert", "{src}", "{dst}.gguf", "--to", "gguf", "--quant", "q8_0"],
+    "jax": ["convert", "{src}", "{dst}", "--to", "jax"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(WRITES))
+def test_writer_counts_what_the_summary_counts(tiny_models, tmp_path, counted, name):
+    """A writer's progress in "tensors" ends at the count the end-of-command summary prints."""
+    from gemport.cli import main
+    from gemport.describe import describe
+
+    src = tiny_models["gemma3-sharded-bf16" if "sharded" in name else "gemma3"]
+    argv = [a.format(src=src, dst=tmp_path / "out") for a in WRITES[name]]
+    if name == "jax":
+        pytest.importorskip("orbax.checkpoint")
+    assert main(argv) == 0
+    tasks = [t for t in counted if t.unit == "tensors"]
+    assert len(tasks) == 1, [(t.description, t.unit) for t in counted]
+    info = describe(argv[2])
+    assert tasks[0].done == tasks[0].total == info["tensors"]
+
+
+def test_onnx_writer_counts_initializers_and_says_so(tiny_models, tmp_path, counted):
+    import onnx
+
+    from gemport.cli import main
+
+    out = tmp_path / "onnx"
+    assert main(["convert", str(tiny_models["gemma3"]), str(out), "--to", "onnx", "--quant", "int4"]) == 0
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    (task,) = [t for t in counted if t.description.startswith("writing")]
+    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert 0 < len(external) < len(graph.initializer)  # the small ones stay in model.onnx
+    assert task.unit == "initializers into model.onnx.data" and task.done == task.total == len(external)
