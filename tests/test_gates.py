@@ -92,17 +92,17 @@ def src(tiny_models) -> Path:
 @pytest.mark.parametrize(
     "argv, fmt, kind, evidence",
     [
-        (["convert", "--to", "hf"], "hf", "f32", "f32 x"),
-        (["convert", "--to", "hf", "--dtype", "bf16"], "hf", "bf16", "bf16 x"),
-        (["convert", "--to", "gguf", "--quant", "f16"], "gguf", "f16", "F16 x"),
-        (["convert", "--to", "gguf", "--quant", "q8_0"], "gguf", "8-bit", "Q8_0 x"),
-        (["convert", "--to", "gguf", "--quant", "q4_0", "--pure"], "gguf", "4-bit", "Q4_0 x"),
-        (["quantize", "--bits", "8"], "hf", "8-bit", "int8 x"),
-        (["quantize", "--bits", "4", "--group-size", "32"], "hf", "4-bit", "int4 x"),
-        (["convert", "--to", "onnx"], "onnx", "f32", "ONNX f32 x"),
-        (["convert", "--to", "onnx", "--dtype", "f16"], "onnx", "f16", "ONNX f16 x"),
-        (["convert", "--to", "onnx", "--quant", "int4", "--head-bits", "8"], "onnx", "4-bit", "MatMulNBits bits=4"),
-        (["convert", "--to", "onnx", "--quant", "int8"], "onnx", "8-bit", "MatMulNBits bits=8"),
+        (["convert", "--to", "hf"], "hf", "f32", "weight matrices F32 "),
+        (["convert", "--to", "hf", "--dtype", "bf16"], "hf", "bf16", "weight matrices BF16 "),
+        (["convert", "--to", "gguf", "--quant", "f16"], "gguf", "f16", "GGUF types F16 "),
+        (["convert", "--to", "gguf", "--quant", "q8_0"], "gguf", "8-bit", "GGUF types Q8_0 "),
+        (["convert", "--to", "gguf", "--quant", "q4_0", "--pure"], "gguf", "4-bit", "GGUF types Q4_0 "),
+        (["quantize", "--bits", "8"], "hf", "8-bit", "weight matrices int8 "),
+        (["quantize", "--bits", "4", "--group-size", "32"], "hf", "4-bit", "weight matrices int4 "),
+        (["convert", "--to", "onnx"], "onnx", "f32", "ONNX F32 "),
+        (["convert", "--to", "onnx", "--dtype", "f16"], "onnx", "f16", "ONNX F16 "),
+        (["convert", "--to", "onnx", "--quant", "int4", "--head-bits", "8"], "onnx", "4-bit", "MatMulNBits int4 "),
+        (["convert", "--to", "onnx", "--quant", "int8"], "onnx", "8-bit", "MatMulNBits int8 "),
     ],
 )
 def test_kind_comes_from_the_artifacts_tensors(src, tmp_path, capsys, argv, fmt, kind, evidence):

@@ -187,3 +187,33 @@ def test_tokenizer_mismatch_is_a_checkpoint_error(tmp_path):
     check_same_tokenizer(_Tok(), _Tok(), "hello", tmp_path)
     with pytest.raises(CheckpointError, match="token 4 is 109, reference has 108"):
         check_same_tokenizer(_Tok(), _Tok(shift=1), "hello", tmp_path)
+
+
+# --- report text ---
+
+
+def test_one_window_is_singular(tiny, perturbed):
+    report = validate(perturbed, tiny, n_ctx=N_CTX, n_windows=1, max_kld=1e-9)
+    protocol = next(line for line in report.table().splitlines() if line.startswith("protocol"))
+    assert protocol.split(None, 1)[1].startswith(f"1 window x {N_CTX} tokens,")
+    with pytest.raises(GateFailed, match=f"tokens in 1 window of {N_CTX}\\)"):
+        report.raise_if_failed()
+
+
+def test_kind_evidence_counts_types_as_inspect_does(tiny, tmp_path):
+    """`validate` names an artifact's types with their counts as `inspect` and `convert` print them
+    ("Q4_K 28, Q6_K 3"), every type, the lowest among them."""
+    import re
+
+    from gemport.describe import describe
+    from validation.gates import artifact_kind
+
+    out = tmp_path / "m.gguf"
+    assert cli.main(["convert", str(tiny), str(out), "--to", "gguf", "--quant", "q4_k_m"]) == 0
+    evidence = artifact_kind(out, "gguf").evidence
+    assert re.fullmatch(r"GGUF types \S+ \d+(, \S+ \d+)*", evidence), evidence
+    shown = dict(item.rsplit(" ", 1) for item in evidence.removeprefix("GGUF types ").split(", "))
+    types = describe(out)["types"]
+    quantized = {name: str(r["tensors"]) for name, r in types.items() if name.startswith("Q")}
+    assert len(quantized) >= 2 and {k: v for k, v in shown.items() if k in quantized} == quantized
+    assert " x " not in evidence

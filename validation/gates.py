@@ -62,7 +62,7 @@ _ONNX_NBITS_OPS = ("MatMulNBits", "GatherBlockQuantized")  # com.microsoft, attr
 @dataclass(frozen=True)
 class ArtifactKind:
     name: str  # one of KINDS
-    evidence: str  # what in the artifact says so, e.g. "GGUF types Q4_K x 60, Q6_K x 12"
+    evidence: str  # what in the artifact says so, e.g. "GGUF types Q4_K 60, Q6_K 12"
 
     @property
     def default_max_kld(self) -> float:
@@ -82,8 +82,14 @@ def _lowest(labels: Counter, describe: str, path: Path) -> ArtifactKind:
     counts = Counter()
     for (label, _), n in labels.items():
         counts[label] += n
-    evidence = ", ".join(f"{label} x {n}" for label, n in counts.most_common(4))
-    return ArtifactKind(lowest, f"{describe} {evidence}")
+    return ArtifactKind(lowest, f"{describe} {counts_text(counts)}")
+
+
+def counts_text(counts: Counter) -> str:
+    """'Q5_0 81, Q4_K 27, F32 10': every label with its count, most first, in the words ``gemport
+    inspect`` and the convert summary use for stored types (gemport/describe.py _types_line); every
+    label, so the lowest one, which sets the kind, is always among them."""
+    return ", ".join(f"{label} {n}" for label, n in counts.most_common())
 
 
 def _ggml_kind(type_name: str) -> str:
@@ -109,7 +115,7 @@ def checkpoint_kind(ckpt, fmt: str) -> ArtifactKind:
         elif t.raw is not None:  # a GGUF tensor: its stored type
             labels[(t.raw[0], _ggml_kind(t.raw[0]))] += 1
         elif t.dtype in FLOAT_KINDS:  # integer tensors (token tables and the like) are no weights' precision
-            labels[(t.dtype, t.dtype)] += 1
+            labels[(t.dtype.upper(), t.dtype)] += 1  # named as inspect names a dtype: BF16
     return _lowest(labels, "GGUF types" if fmt == "gguf" else "weight matrices", Path(ckpt.source))
 
 
@@ -125,11 +131,11 @@ def onnx_kind(path: Path) -> ArtifactKind:
     for node in model.graph.node:
         if node.op_type in _ONNX_NBITS_OPS:
             bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
-            labels[(f"{node.op_type} bits={bits}", quant_kind(bits))] += 1
+            labels[(f"{node.op_type} int{bits}", quant_kind(bits))] += 1  # as inspect names it
     for init in model.graph.initializer:
         if len(init.dims) >= 2 and init.data_type in _ONNX_FLOATS:
             kind = _ONNX_FLOATS[init.data_type]
-            labels[(kind, kind)] += 1
+            labels[(kind.upper(), kind)] += 1
     return _lowest(labels, "ONNX", path)
 
 

@@ -56,6 +56,11 @@ def make_gates(
     return gates
 
 
+def plural(n: int, word: str) -> str:
+    """'1 window', '4 windows'."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
@@ -108,7 +113,10 @@ class Report:
             ("reference", f"{self.reference} ({self.reference_runtime})"),
             *([("artifact kind", f"{self.kind} ({self.kind_evidence})")] if self.kind else []),
             ("corpus", f"{self.corpus}, evaluation split"),
-            ("protocol", f"{self.windows} windows x {self.n_ctx} tokens, BOS first, scored from position {first}"),
+            (
+                "protocol",
+                f"{plural(self.windows, 'window')} x {self.n_ctx} tokens, BOS first, scored from position {first}",
+            ),
             ("tokens scored", f"{m.tokens} ({count} per window)"),
             ("ppl reference", _pm(m.ppl_ref, m.ppl_ref_se, ".4f")),
             ("ppl candidate", _pm(m.ppl_cand, m.ppl_cand_se, ".4f")),
@@ -163,6 +171,6 @@ class Report:
                 "validation failed: "
                 + "; ".join(f"gate {g.name}: {g.describe()}" for g in failed)
                 + f" (ppl {m.ppl_cand:.4f} vs reference {m.ppl_ref:.4f}, KLD {m.kld:.6g}, top-1 {m.top1_pct:.2f} %,"
-                f" {m.tokens} tokens in {self.windows} windows of {self.n_ctx})",
+                f" {m.tokens} tokens in {plural(self.windows, 'window')} of {self.n_ctx})",
                 self.candidate,
             )
