@@ -152,12 +152,17 @@ def summary(imatrix: Imatrix) -> str:
     entries and the layers they span, chunks and tokens per chunk, tokens in all, the datasets.
     A legacy file's chunk size is unknown (0), so its token total is left out."""
     layers = {name.split(".")[1] for name in imatrix.sums if name.startswith("blk.")}
-    line = f"imatrix  {len(imatrix.sums)} entries ({len(layers)} layers), {imatrix.chunks} chunks"
+    entries = "1 entry" if len(imatrix.sums) == 1 else f"{len(imatrix.sums)} entries"
+    line = f"imatrix  {entries} ({_plural(len(layers), 'layer')}), {_plural(imatrix.chunks, 'chunk')}"
     if imatrix.chunk_size:
-        line += f" of {imatrix.chunk_size} tokens, {imatrix.chunks * imatrix.chunk_size} tokens"
+        line += f" of {imatrix.chunk_size} tokens, {_plural(imatrix.chunks * imatrix.chunk_size, 'token')}"
     if imatrix.datasets:
         line += f", from {', '.join(imatrix.datasets)}"
     return line
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 # ---------------------------------------------------------------------------------------------
