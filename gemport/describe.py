@@ -13,6 +13,13 @@ them (Q4_K, Q6_K, F32), safetensors by dtype (BF16) and a compressed-tensors mod
 ("int4 pack-quantized g128 sym"), ONNX by MatMulNBits / GatherBlockQuantized bits and block size
 and by initializer dtype. Bits per weight are the stored weights' bits over the model's parameters,
 as llama.cpp's loader reports BPW (ref: llama-model-loader.cpp, ``n_bytes * 8.0 / n_elements``).
+
+The type rows sum to the total, and the total's parameters are the model's (each canonical tensor
+counted once). What an artifact stores besides the model's tensors (ONNX rotary cos/sin tables and
+const_* initializers, a tied model's dropped lm_head.weight) is one "other" row, left out of the
+parameters, the weight bytes and bits per weight; the size on disk counts everything. A row that
+reads a table another row counts (an ONNX head sharing the lookup's table) or stores a second copy
+of a tied table shows those elements in parentheses, not summed.
 """
 
 from __future__ import annotations
