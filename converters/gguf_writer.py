@@ -564,7 +564,8 @@ def _start_forkserver_deaf_to_sigint() -> None:
     try:
         forkserver.ensure_running()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if previous is not None:  # None: a handler installed from C, which Python cannot put back
+            signal.signal(signal.SIGINT, previous)
 
 
 def _write_files(
