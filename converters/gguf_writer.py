@@ -558,14 +558,17 @@ def _start_forkserver_deaf_to_sigint() -> None:
     (old_handlers), Python's signal module init (default_int_handler only over SIG_DFL)."""
     from multiprocessing import forkserver
 
-    if threading.current_thread() is not threading.main_thread():
-        return  # signal.signal works only in the main thread; the initializer still applies
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.getsignal(signal.SIGINT)
+    # signal.signal works only in the main thread, and cannot put back a handler installed from C
+    # (None); in those cases the initializer alone applies.
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        forkserver.ensure_running()
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         forkserver.ensure_running()
     finally:
-        if previous is not None:  # None: a handler installed from C, which Python cannot put back
-            signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, previous)
 
 
 def _write_files(
