@@ -961,19 +961,21 @@ def _check_destination(dst: Path, overwrite: bool) -> None:
     """Refuse an existing destination before the work, not after it (the writers check again), once the
     temporaries of killed writers there are gone (a half-moved split set is rolled back first)."""
     if not dst.parent.is_dir():
-        raise OutputError("no such folder (it is not created)", dst.parent)
+        why = "is a file" if dst.parent.exists() else "does not exist (gemport creates no folders)"
+        raise OutputError(f"cannot write: its folder {dst.parent} {why}", dst)
     clean_stale_temporaries(dst.parent)
     if dst.exists() and not overwrite:
         raise OutputError("destination already exists (pass --overwrite to replace it)", dst)
 
 
 def cmd_imatrix(args) -> int:
-    from quantizers.imatrix import compute_imatrix, save_imatrix
+    from quantizers.imatrix import compute_imatrix, save_imatrix, summary
 
     _check_destination(args.out, args.overwrite)
 
     imatrix = compute_imatrix(args.src, corpus=args.corpus, n_ctx=args.ctx, n_chunks=args.chunks)
     print(f"wrote {save_imatrix(imatrix, args.out, overwrite=args.overwrite)}")
+    print(summary(imatrix))
     return 0
 
 

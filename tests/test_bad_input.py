@@ -136,7 +136,7 @@ def test_unwritable_destination(tiny_models, tmp_path, capsys):
     blocker.write_text("not a folder")
     dst = blocker / "out"
     code, err = run_convert(tiny_models["gemma2"], dst, capsys)
-    assert_one_line_error(code, err, str(dst), "cannot create the destination folder")
+    assert_one_line_error(code, err, str(dst), "is a file")
     assert blocker.read_text() == "not a folder"
 
 

@@ -254,7 +254,7 @@ def test_a_bad_size_names_the_option_not_the_parser(capsys):
 
 def test_missing_destination_folder_is_not_created(capsys, tiny_models, tmp_path):
     line = _error(capsys, ["convert", str(tiny_models["gemma3-sharded-bf16"]), str(tmp_path / "no" / "m.gguf")])
-    assert f"{tmp_path / 'no'}: no such folder (it is not created)" in line
+    assert f"{tmp_path / 'no' / 'm.gguf'}: cannot write: its folder {tmp_path / 'no'} does not exist" in line
     assert list(tmp_path.iterdir()) == []
 
 

@@ -174,7 +174,7 @@ def test_a_different_float_model_fails_by_default(src, noisy, tmp_path, capsys):
     out = tmp_path / "v.json"
     assert cli.main([*_validate(noisy, src), "--json", str(out)]) == 1
     captured = capsys.readouterr()
-    assert "artifact kind" in captured.out and "f32 (weight matrices f32 x" in captured.out
+    assert "artifact kind" in captured.out and "f32 (weight matrices F32 " in captured.out
     assert "default for f32 artifacts" in captured.out and "result" in captured.out
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "gate max-kld" in err[0] and str(noisy) in err[0], err

@@ -170,7 +170,7 @@ def test_all_windows_by_default(tiny_models, corpora):
     steps: list[int] = []
 
     @contextmanager
-    def fake_progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    def fake_progress(description: str, total: int | None, unit: str = "") -> Iterator[Callable[[int], None]]:
         steps.append(total or 0)
         yield steps.append
 

@@ -311,7 +311,10 @@ def test_compressed_tensors_folder_feeds_matmul_nbits(tiny_models, tmp_path):
     folder = tmp_path / "ct"
     argv = ["quantize", str(tiny_models["gemma3"]), str(folder), "--method", "rtn", "--bits", "4", "--asym"]
     assert main([*argv, "--group-size", "32"]) == 0
-    assert main(["convert", str(folder), str(tmp_path / "onnx"), "--to", "onnx"]) == 0
+    # the folder's own float head and float activations (a quantized source's export defaults, as with --quant:
+    # an int8 head and accuracy level 4)
+    exact = ["--head-bits", "0", "--accuracy-level", "0"]
+    assert main(["convert", str(folder), str(tmp_path / "onnx"), "--to", "onnx", *exact]) == 0
     manifest = json.loads((tmp_path / "onnx" / "gemport.json").read_text())
     assert manifest["quantization"]["method"] == "rtn" and manifest["quantization"]["config"]["symmetric"] is False
     got = OnnxRuntime(tmp_path / "onnx").logprobs(TOKENS)

@@ -100,7 +100,8 @@ def validate(
         chunks = windows(tokenize(tokenizer, evaluation), n_ctx, n_windows, tokenizer.bos_token_id)
     warnings = []
     if len(chunks) < n_windows:
-        warnings.append(f"the corpus holds {len(chunks)} windows of {n_ctx} tokens, fewer than the {n_windows} asked")
+        held = f"{len(chunks)} window{'s' if len(chunks) != 1 else ''}"
+        warnings.append(f"the corpus holds {held} of {n_ctx} tokens, fewer than the {n_windows} asked")
         log.warning("%s", warnings[-1])
 
     with stage(f"loading {candidate.name}"):
