@@ -225,9 +225,13 @@ def test_tokenizer_metadata_refused_as_the_reader_does(artifacts, tmp_path, name
     """describe() refuses each tokenizer fault with the reader's own error, without its rebuild."""
     from converters import gguf as gguf_conv
 
-    path = _with_metadata(artifacts["gguf"], tmp_path / f"{name}.gguf", TOKENIZER_FAULTS[name])
+    _refused_alike(gguf_conv.read, _with_metadata(artifacts["gguf"], tmp_path / f"{name}.gguf", TOKENIZER_FAULTS[name]))
+
+
+def _refused_alike(read, path) -> None:
+    """describe(path) raises what the reader raises, type and words."""
     with pytest.raises(GemportError) as theirs:
-        gguf_conv.read(path)
+        read(path)
     with pytest.raises(GemportError) as ours:
         describe(path)
     assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)
@@ -306,12 +310,7 @@ ONNX_FAULTS = {
 def test_onnx_metadata_refused_as_the_reader_does(artifacts, tmp_path, name):
     from converters import onnx as onnx_conv
 
-    path = _onnx_with_metadata(artifacts["onnx"], tmp_path / name, ONNX_FAULTS[name])
-    with pytest.raises(GemportError) as theirs:
-        onnx_conv.read(path)
-    with pytest.raises(GemportError) as ours:
-        describe(path)
-    assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)
+    _refused_alike(onnx_conv.read, _onnx_with_metadata(artifacts["onnx"], tmp_path / name, ONNX_FAULTS[name]))
 
 
 def test_split_gguf_counts_every_shard(artifacts, tmp_path):

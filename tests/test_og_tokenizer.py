@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -22,6 +21,7 @@ from converters import gguf, hf
 from converters import onnx as onnx_conv
 from converters.tokenizer_files import genai_tokenizer_files
 from gemport.cli import main
+from tests.test_onnx import genai_greedy
 
 og = pytest.importorskip("onnxruntime_genai")
 
@@ -80,19 +80,6 @@ def og_generate(folder, text: str, n: int) -> tuple[list[int], str]:
         generator.generate_next_token()
         out.append(int(generator.get_next_tokens()[0]))
     return out, tokenizer.decode(out)
-
-
-def og_greedy_ids(folder, prompt: list[int], n: int) -> list[int]:
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.asarray(prompt, np.int32))
-    out = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        out.append(int(generator.get_next_tokens()[0]))
-    return out
 
 
 def hf_generate(folder, text: str, n: int) -> tuple[list[int], str]:
@@ -285,7 +272,7 @@ def test_demo_og_text_path(demo_model, demo_onnx):
     assert got == hf_generate(demo_model, text, 8)
     ids = AutoTokenizer.from_pretrained(demo_model)(text).input_ids
     int4 = og_generate(demo_onnx["int4"], text, 8)
-    assert int4[0] == og_greedy_ids(demo_onnx["int4"], ids, 8)
+    assert int4[0] == genai_greedy(demo_onnx["int4"], ids, 8)
 
 
 def test_malformed_tokenizer_json_is_one_line_and_nothing_written(tiny_models, tmp_path, capsys):
