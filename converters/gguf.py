@@ -140,10 +140,12 @@ def read(path: str | Path, tokenizer: bool = True) -> Checkpoint:
         if name in tensors:
             raise InputError(f"tensor {t.name} is stored twice", t.path)
         tensors[name] = _lazy(t, name, offset)
+    if not tokenizer:
+        check_tokenizer_metadata(meta)
     ckpt = Checkpoint(
         spec=spec,
         tensors=tensors,
-        tokenizer_files=_tokenizer_files(meta) if tokenizer else check_tokenizer_metadata(meta),
+        tokenizer_files=_tokenizer_files(meta) if tokenizer else {},
         generation_config=_generation_config(meta),
         source=str(path),
         extra={
@@ -456,9 +458,9 @@ def _load(t: TensorInfo, shape: tuple[int, ...], offset: bool) -> torch.Tensor:
 # --- tokenizer and generation config -------------------------------------------------------
 
 
-def check_tokenizer_metadata(meta: Metadata) -> dict:
+def check_tokenizer_metadata(meta: Metadata) -> None:
     """The checks of the tokenizer metadata before the rebuild: its model kind, the types of its flags,
-    scores, token types and chat template, the special ids it falls back on. Returns {} (no files)."""
+    scores, token types and chat template, the special ids it falls back on."""
     kind = meta.text("tokenizer.ggml.model", None)
     if kind != "llama":
         raise UnsupportedError(
@@ -475,7 +477,6 @@ def check_tokenizer_metadata(meta: Metadata) -> dict:
                 f"no tokenizer.ggml.{name}_token_id, and the default {default} is past the vocabulary", meta.path
             )
     meta.text("tokenizer.chat_template", None)
-    return {}
 
 
 def _tokenizer_files(meta: Metadata) -> dict[str, bytes]:

@@ -661,9 +661,7 @@ HF_QUANTS = {
 
 def _check_quant(args) -> None:
     """Which --quant values each target takes, said in one line before any work."""
-    from quantizers.gguf_mix import ALIASES, FTYPES
-
-    gguf_types = [*FTYPES, *ALIASES]
+    gguf_types = _gguf_types()
     if args.quant is None:
         return
     if args.dst_format in ("hf", "onnx") and args.quant not in HF_QUANTS:
@@ -727,10 +725,11 @@ def _finish(args, out: Path, detail: str = "") -> None:
     before and after, bits per weight, time; -v adds the table of stored types."""
     from gemport import describe
 
+    info = describe.describe(out, args.dst_format)
     print(f"wrote {out}" + (f" ({detail})" if detail else ""))
-    print(describe.summary(args.src, out, time.monotonic() - args.started, args.dst_format))
+    print(describe.summary(args.src, out, time.monotonic() - args.started, info=info))
     if args.verbose:
-        print(describe.table(describe.describe(out, args.dst_format)))
+        print(describe.table(info))
 
 
 def _convert_quantized(args) -> int:
@@ -828,11 +827,16 @@ def _check_gguf_quantize(args) -> None:
         )
 
 
-def _gguf_type(name: str) -> str:
-    """A GGUF type name as given, or UnsupportedError naming the closest known one."""
+def _gguf_types() -> list[str]:
+    """The --quant names of --to gguf: llama-quantize's file types and its aliases."""
     from quantizers.gguf_mix import ALIASES, FTYPES
 
-    known = [*FTYPES, *ALIASES]
+    return [*FTYPES, *ALIASES]
+
+
+def _gguf_type(name: str) -> str:
+    """A GGUF type name as given, or UnsupportedError naming the closest known one."""
+    known = _gguf_types()
     if name.lower() in known:
         return name.lower()
     close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.5)

@@ -526,12 +526,12 @@ def render(info: dict) -> str:
     return "\n".join(lines)
 
 
-def summary(src: Path | None, dst: Path, seconds: float, fmt: str | None = None) -> str:
+def summary(src: Path | None, dst: Path, seconds: float, fmt: str | None = None, info: dict | None = None) -> str:
     """Two lines for the end of ``convert`` / ``quantize``, as llama-quantize ends: the stored types
     with counts, then size before (``src`` on disk) and after, bits per weight and the time taken.
     ``dst`` is the path the writer returned (a split GGUF's first shard); ``fmt`` its format when
-    detection should be skipped."""
-    info = describe(dst, fmt)
+    detection should be skipped; ``info`` its describe() when the caller has it."""
+    info = info or describe(dst, fmt)
     before = f"{human_bytes(artifact_size(src))} -> " if src is not None else ""
     bpw = info["bits_per_weight"]
     return (
