@@ -184,7 +184,7 @@ def _add_quantize_parser(sub) -> None:
     s.add_argument(
         "--to",
         dest="dst_format",
-        choices=("hf", "gguf", "onnx"),
+        choices=("hf", "gguf", "onnx", "trtllm"),
         help="hf (default, unless DST ends in .gguf or .onnx): a compressed-tensors folder; gguf: a GGUF file "
         "whose block types follow --quant, with GPTQ's codes on llama.cpp's block grids (gptq), AWQ-scaled "
         "and clipped weights quantized by llama-quantize's rules (awq), or llama-quantize's own rounding "
@@ -192,6 +192,7 @@ def _add_quantize_parser(sub) -> None:
         "as block size (per-channel scales are repeated per block)",
     )
     _add_onnx_options(s)
+    _add_trtllm_options(s)
     s.add_argument(
         "--quant",
         metavar="TYPE",
@@ -242,6 +243,33 @@ def _add_onnx_options(s: argparse.ArgumentParser) -> None:
 
 
 ONNX_FLAGS = ("plain_ops", "accuracy_level", "context_length", "head_bits", "lookup_bits")
+
+
+def _add_trtllm_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--tp-size",
+        type=_positive,
+        metavar="N",
+        help="TensorRT-LLM: tensor-parallel ranks, one rank{N}.safetensors each (heads split by TensorRT-LLM's "
+        "rules; default 1)",
+    )
+    s.add_argument(
+        "--pp-size",
+        type=_positive,
+        metavar="N",
+        help="TensorRT-LLM: pipeline-parallel stages, the layers split among them (default 1)",
+    )
+
+
+TRTLLM_FLAGS = ("tp_size", "pp_size")
+
+
+def _trtllm_options(args) -> dict:
+    if args.dst_format != "trtllm":
+        if any(getattr(args, f) is not None for f in TRTLLM_FLAGS):
+            raise UnsupportedError(f"--tp-size and --pp-size apply to --to trtllm, not --to {args.dst_format}")
+        return {}
+    return {"tp_size": args.tp_size or 1, "pp_size": args.pp_size or 1}
 
 
 def _onnx_options(args, bits: int | None = None) -> dict:
@@ -512,7 +540,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=(32, 64, 128),
         help="ONNX with --quant: input columns per MatMulNBits block (default 32)",
     )
+    s.add_argument(
+        "--group-size",
+        type=int,
+        choices=GROUP_SIZES,
+        help="TensorRT-LLM with --quant w4a16-awq or w4a16-gptq: input columns per scale (default 128)",
+    )
     _add_onnx_options(s)
+    _add_trtllm_options(s)
     s.add_argument(
         "--allow-fp16-overflow",
         action="store_true",
@@ -659,12 +694,25 @@ HF_QUANTS = {
 }
 
 
+# convert --to trtllm --quant NAME: TensorRT-LLM's quant_algo names; (method, bits, default group size).
+TRTLLM_QUANTS = {
+    "w8a16": ("rtn", 8, None),
+    "w4a16": ("rtn", 4, None),
+    "w4a16-awq": ("awq", 4, 128),
+    "w4a16-gptq": ("gptq", 4, 128),
+}
+
+
 def _check_quant(args) -> None:
     """Which --quant values each target takes, said in one line before any work."""
     gguf_types = _gguf_types()
     if args.quant is None:
         return
     if args.dst_format in ("hf", "onnx") and args.quant not in HF_QUANTS:
+        if args.quant in TRTLLM_QUANTS:
+            raise UnsupportedError(
+                f"--quant {args.quant} is for --to trtllm; --to {args.dst_format} takes {', '.join(HF_QUANTS)}"
+            )
         hint = "; it is a GGUF type (--to gguf)" if args.quant.lower() in gguf_types else ""
         raise UnsupportedError(f"--to {args.dst_format} takes --quant {', '.join(HF_QUANTS)}, not {args.quant!r}{hint}")
     if args.dst_format == "gguf" and args.quant in HF_QUANTS:
@@ -678,6 +726,8 @@ def _check_quant(args) -> None:
                 f"--dtype and --quant together: --quant {args.quant} sets every tensor's GGUF type (f32, f16 and "
                 "bf16 are --quant types too)"
             )
+    if args.dst_format == "trtllm" and args.quant not in TRTLLM_QUANTS:
+        raise UnsupportedError(f"--to trtllm takes --quant {', '.join(TRTLLM_QUANTS)}, not {args.quant!r}")
     if args.dst_format == "jax":
         raise UnsupportedError("--to jax takes no --quant (the gemma library's trees are float: --dtype f32|bf16|f16)")
 
@@ -685,8 +735,10 @@ def _check_quant(args) -> None:
 def cmd_convert(args) -> int:
     args.dst_format = _target(args)
     _check_quant(args)
-    if args.dst_format in ("hf", "onnx") and args.quant in HF_QUANTS:
+    if (args.dst_format in ("hf", "onnx") and args.quant in HF_QUANTS) or args.dst_format == "trtllm" and args.quant:
         return _convert_quantized(args)
+    if args.group_size is not None:
+        raise UnsupportedError("--group-size applies to --to trtllm --quant w4a16-awq|w4a16-gptq")
     onnx_flags = any(getattr(args, f) not in (None, False) for f in (*ONNX_FLAGS, "block_size"))
     if onnx_flags and args.dst_format != "onnx":
         raise UnsupportedError(
@@ -713,6 +765,11 @@ def cmd_convert(args) -> int:
     elif args.quant or args.pure or args.imatrix or args.calibrate or args.jobs:
         flags = "--quant, --pure, --imatrix, --calibrate and --jobs"
         raise UnsupportedError(f"{flags} apply to --to gguf, not --to {args.dst_format}")
+    if args.dst_format == "trtllm" and args.max_shard_size:
+        raise UnsupportedError("--max-shard-size does not apply to --to trtllm (one rank file per rank)")
+    options |= _trtllm_options(args)
+    if args.dst_format == "trtllm":
+        del options["max_shard_bytes"]
     if args.allow_fp16_overflow:
         options["allow_fp16_overflow"] = True
     out = writer.write(ckpt, args.dst, **options)
@@ -728,6 +785,10 @@ def _finish(args, out: Path, detail: str = "") -> None:
     info = describe.describe(out, args.dst_format)
     print(f"wrote {out}" + (f" ({detail})" if detail else ""))
     print(describe.summary(args.src, out, time.monotonic() - args.started, info=info))
+    if args.dst_format == "trtllm":
+        from converters.trtllm import BUILD_SCRIPT
+
+        print(f"build the engine ({out / BUILD_SCRIPT}): {(out / BUILD_SCRIPT).read_text().splitlines()[-1]}")
     if args.verbose:
         print(describe.table(info))
 
@@ -738,7 +799,7 @@ def _convert_quantized(args) -> int:
     if args.block_size and args.dst_format != "onnx":
         raise UnsupportedError("--block-size applies to --to onnx")
     if (
-        (args.dtype and args.dst_format != "onnx")
+        (args.dtype and args.dst_format not in ("onnx", "trtllm"))
         or args.max_shard_size
         or args.pure
         or args.imatrix
@@ -749,13 +810,26 @@ def _convert_quantized(args) -> int:
             "--quant int8/int4[-awq|-gptq] takes no --dtype, --max-shard-size, --pure, --imatrix, "
             "--calibrate or --jobs; `gemport quantize` has the quantizers' options"
         )
-    method, bits = HF_QUANTS[args.quant]
+    if args.dst_format == "trtllm":
+        method, bits, group = TRTLLM_QUANTS[args.quant]
+        if args.group_size is not None and group is None:
+            raise UnsupportedError(f"--quant {args.quant} has one scale per output channel: it takes no --group-size")
+        group = args.group_size or group
+    else:
+        method, bits = HF_QUANTS[args.quant]
+        if args.group_size is not None:
+            raise UnsupportedError(
+                "--group-size applies to --to trtllm; `gemport quantize` has the quantizers' options"
+            )
     argv = ["quantize", str(args.src), str(args.dst), "--method", method, "--bits", str(bits)]
     argv += ["--to", args.dst_format, *(["--overwrite"] if args.overwrite else [])]
     if args.dst_format == "onnx":
         argv += ["--group-size", str(args.block_size or 32), *(["--full-range"] if method == "rtn" else [])]
+    if args.dst_format == "trtllm":
+        argv += ["--group-size", str(group or "channel")]
     qargs = build_parser().parse_args(argv)
-    for name in ("src_format", "preset", "keep_padded_vocab", "corpus", "started", "verbose", *ONNX_FLAGS):
+    names = ("src_format", "preset", "keep_padded_vocab", "corpus", "started", "verbose", *ONNX_FLAGS, *TRTLLM_FLAGS)
+    for name in names:
         setattr(qargs, name, getattr(args, name))
     qargs.dtype = args.dtype
     return cmd_quantize(qargs)
@@ -776,11 +850,13 @@ def cmd_quantize(args) -> int:
         return _quantize_to_gguf(args, ckpt, method)
     if args.quant:
         raise UnsupportedError(f"--quant applies to --to gguf, not --to {args.dst_format}")
-    options = {"overwrite": args.overwrite}
+    options = {"overwrite": args.overwrite, **_trtllm_options(args)}
     if args.dst_format == "onnx":
         options |= {"dtype": getattr(args, "dtype", None), **_onnx_options(args, args.bits)}
     elif any(getattr(args, f) not in (None, False) for f in ONNX_FLAGS):
         raise UnsupportedError("--plain-ops, --accuracy-level, --head-bits and --context-length apply to --to onnx")
+    if args.dst_format == "trtllm":
+        options["dtype"] = getattr(args, "dtype", None)
     quantized = method(ckpt)
     out = registry.get(args.dst_format).load().write(quantized, args.dst, **options)
     if args.dst_format == "onnx":

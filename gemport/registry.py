@@ -39,6 +39,13 @@ FORMATS: dict[str, Format] = {
             True,
             "ONNX decoder folder (model.onnx + external data, genai_config.json) for onnxruntime(-genai)",
         ),
+        Format(
+            "trtllm",
+            "converters.trtllm",
+            True,
+            True,
+            "TensorRT-LLM checkpoint folder (config.json, rank{N}.safetensors) for trtllm-build",
+        ),
         Format("gemma-pytorch", "converters.gemma_pytorch", True, False, "gemma_pytorch .ckpt (float or int8)"),
     )
 }

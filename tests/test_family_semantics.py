@@ -70,7 +70,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 # GGUF cannot state the attention scale: llama.cpp derives it from head_dim (ref: models/gemma2.cpp,
 # gemma3.cpp load_arch_hparams), so the GGUF parity case uses that scalar and the refusal test the other.
 GGUF_EXPRESSIBLE = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3": {"query_pre_attn_scalar": 16}}
-WRITERS = ("hf", "gguf", "onnx", "jax")
+WRITERS = ("hf", "gguf", "onnx", "jax", "trtllm")
 
 
 def make_reference(root: Path, family: str, **extra) -> Path:

@@ -2,7 +2,9 @@
 
 A runtime loads an artifact the way a user would and returns log-probabilities. ``kind`` says what
 a match proves: "parity" when the format's real target runtime loads the artifact (transformers for
-HF, llama.cpp for GGUF, ...), "round-trip" when only gemport's own reader does.
+HF, llama.cpp for GGUF, ...), "round-trip" when only gemport's own reader does, "layout" when an
+independent forward pass reads the artifact as the real runtime's model does (TensorRT-LLM, whose
+engines cannot be built without a GPU).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from gemport.errors import UnsupportedError
 
 PARITY = "parity"
 ROUND_TRIP = "round-trip"
+LAYOUT = "layout"  # an independent forward pass over the format's layout, not the format's real runtime
 
 # format name -> "module:factory"; the factory takes the artifact's path and returns a Runtime.
 # Modules are imported only when their format is validated.
@@ -25,6 +28,8 @@ RUNTIMES: dict[str, str] = {
     "gguf": "validation.runtimes.llamacpp:LlamaCppRuntime",
     "jax": "validation.runtimes.jax:GemmaLibraryRuntime",
     "onnx": "validation.runtimes.onnxruntime:OnnxRuntime",
+    # no TensorRT-LLM runs here: an independent forward pass over the checkpoint as its Gemma model reads it
+    "trtllm": "validation.runtimes.trtllm_layout:TrtllmLayoutRuntime",
 }
 
 

@@ -1,0 +1,145 @@
+"""A layout runtime for TensorRT-LLM checkpoints: TensorRT-LLM's Gemma forward pass in plain torch on the CPU.
+
+Not TensorRT-LLM: no engine is built and none of its code runs (it needs a GPU and NVIDIA's
+wheels). This runtime reads the checkpoint folder the way TensorRT-LLM's Gemma model reads it,
+config.json and the rank files only, and computes what that model computes, in float32:
+
+- the ranks joined by TensorRT-LLM's sharding rules, weight-only quantized tensors dequantized by
+  its rules (converters/trtllm.py, ``joined_tensors``);
+- the embedding times ``sqrt(hidden_size)`` rounded to the checkpoint's dtype (ref:
+  tensorrt_llm/models/gemma/model.py ``GemmaModel.forward``, the multiplier is a constant of the
+  activation dtype);
+- RMSNorm ``x / sqrt(mean(x^2) + norm_epsilon) * w`` with the stored ``w`` (already ``1 + w``);
+- attention scores ``q.k / (sqrt(head_size) * q_scaling)``, ``q_scaling =
+  sqrt(query_pre_attn_scalar / head_size)`` for Gemma 2 and 3, 1 for Gemma 1 (ref: model.py
+  ``GemmaDecoderLayer``), Gemma 2's ``attn_logit_softcapping`` as ``tanh(s / c) * c``;
+- GPT-NeoX rotary (rotate half) with ``rotary_base`` and linear ``rotary_scaling``; Gemma 3's
+  sliding layers (layer i with ``(i + 1) % _sliding_window_pattern != 0``) use
+  ``rope_local_base_freq`` and no scaling; sliding layers see the last ``sliding_window`` keys
+  (Gemma 2: every even layer, the windows build-engine.sh passes at run time);
+- MLP ``proj(gelu_tanh(fc(x)) * gate(x))``; ``ln_f``, the LM head, ``final_logit_softcapping``.
+
+``kind`` is "layout": a match proves the layout and the arithmetic, not TensorRT-LLM's kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from validation.runtimes import LAYOUT
+
+log = logging.getLogger(__name__)
+
+
+class TrtllmLayoutRuntime:
+    kind = LAYOUT
+
+    def __init__(self, path: Path):
+        import torch
+
+        from converters.trtllm import DTYPE_NAMES, joined_tensors, read_config, sliding_pattern
+
+        self.cfg, spec, mapping = read_config(path)
+        dtype = {v: k for k, v in DTYPE_NAMES.items()}[self.cfg["dtype"]]
+        self.name = (
+            f"TensorRT-LLM layout runtime (plain torch, fp32, CPU; {self.cfg['dtype']} checkpoint, "
+            f"tp {mapping.tp_size} pp {mapping.pp_size}): not TensorRT-LLM"
+        )
+        log.info("loading %s with the %s", path, self.name)
+        self.weights = {
+            n: t.dequantized("f32").load().float() for n, t in joined_tensors(path, spec, mapping, dtype).items()
+        }
+        self.spec, self.vocab_size = spec, spec.vocab_size
+        self.embed_scale = float(torch.tensor(math.sqrt(spec.hidden_size), dtype=getattr(torch, self.cfg["dtype"])))
+        pattern = sliding_pattern(spec) if spec.family != "gemma" else 0
+        self.sliding = [bool(pattern) and (i + 1) % pattern != 0 for i in range(spec.num_layers)]
+        scalar = self.cfg.get("query_pre_attn_scalar") if spec.family != "gemma" else None
+        q_scaling = math.sqrt(scalar / spec.head_dim) if scalar else 1.0
+        self.score_scale = 1.0 / (math.sqrt(spec.head_dim) * q_scaling)
+
+    def _norm(self, x, w):
+        import torch
+
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.spec.rms_eps) * w
+
+    def _rope(self, n: int, layer: int):
+        import torch
+
+        spec, cfg = self.spec, self.cfg
+        base, scaling = cfg["rotary_base"], cfg.get("rotary_scaling")
+        if self.sliding[layer] and spec.family == "gemma3":
+            base, scaling = cfg["rope_local_base_freq"], None
+        d = spec.head_dim
+        inv = 1.0 / (float(base) ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        pos = torch.arange(n, dtype=torch.float64) / (scaling["factor"] if scaling else 1.0)
+        angles = torch.outer(pos, inv)
+        angles = torch.cat([angles, angles], -1)
+        return angles.cos().float(), angles.sin().float()
+
+    @staticmethod
+    def _rotate(x, cos, sin):
+        import torch
+
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+    def _attention(self, x, i: int):
+        import torch
+
+        spec, w, p = self.spec, self.weights, f"transformer.layers.{i}.attention."
+        n, d, h, kv = x.shape[0], spec.head_dim, spec.num_heads, spec.num_kv_heads
+        qkv = x @ w[p + "qkv.weight"].T
+        q, k, v = qkv.split([h * d, kv * d, kv * d], -1)
+        q, k, v = (t.reshape(n, -1, d).transpose(0, 1) for t in (q, k, v))
+        if spec.qk_norm:
+            q, k = self._norm(q, w[p + "q_layernorm.weight"]), self._norm(k, w[p + "k_layernorm.weight"])
+        cos, sin = self._rope(n, i)
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        k, v = (t.repeat_interleave(h // kv, 0) for t in (k, v))
+        scores = (q @ k.transpose(1, 2)) * self.score_scale
+        cap = self.cfg.get("attn_logit_softcapping") if spec.family == "gemma2" else None
+        if cap:
+            scores = torch.tanh(scores / cap) * cap
+        i_idx = torch.arange(n)[:, None]
+        j_idx = torch.arange(n)[None, :]
+        visible = j_idx <= i_idx
+        if self.sliding[i]:
+            visible &= (i_idx - j_idx) < spec.sliding_window
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out = torch.softmax(scores, -1) @ v
+        return out.transpose(0, 1).reshape(n, h * d) @ w[p + "dense.weight"].T
+
+    def _mlp(self, x, i: int):
+        import torch
+
+        w, p = self.weights, f"transformer.layers.{i}.mlp."
+        return (
+            torch.nn.functional.gelu(x @ w[p + "fc.weight"].T, approximate="tanh") * (x @ w[p + "gate.weight"].T)
+        ) @ w[p + "proj.weight"].T
+
+    def logprobs(self, tokens: list[int]) -> np.ndarray:
+        import torch
+
+        w, spec = self.weights, self.spec
+        with torch.inference_mode():
+            x = w["transformer.vocab_embedding.weight"][torch.tensor(tokens)] * self.embed_scale
+            for i in range(spec.num_layers):
+                p = f"transformer.layers.{i}."
+                a = self._attention(self._norm(x, w[p + "input_layernorm.weight"]), i)
+                if spec.post_norms:
+                    a = self._norm(a, w[p + "post_layernorm.weight"])
+                    x = x + a
+                    m = self._mlp(self._norm(x, w[p + "pre_feedforward_layernorm.weight"]), i)
+                    x = x + self._norm(m, w[p + "post_feedforward_layernorm.weight"])
+                else:
+                    x = x + a
+                    x = x + self._mlp(self._norm(x, w[p + "post_layernorm.weight"]), i)
+            logits = self._norm(x, w["transformer.ln_f.weight"]) @ w["lm_head.weight"].T
+            cap = self.cfg.get("final_logit_softcapping")
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            return torch.log_softmax(logits, -1).numpy()
