@@ -26,6 +26,7 @@ Names and transforms (ref: TensorRT-LLM tensorrt_llm/models/gemma/convert.py and
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -36,8 +37,10 @@ from pathlib import Path
 from gemport.checkpoint import DTYPES, Checkpoint, LazyTensor, torch_dtype
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_output
-from gemport.progress import progress
+from gemport.progress import progress, stage
 from gemport.spec import FULL, SLIDING, GemmaSpec, RopeScaling
+from quantizers import fp16_range
+from quantizers.record import QuantFormat, QuantizedTensor
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +126,8 @@ def trtllm_config(spec: GemmaSpec, dtype: str, mapping: Mapping, quantization: d
         "position_embedding_type": "rope_gpt_neox",
         "rotary_base": spec.rope_theta,
         "rotary_scaling": _rotary_scaling(spec.rope_scaling),
-        "share_embedding_table": spec.tie_embeddings,
-        "use_parallel_embedding": False,
+        "share_embedding_table": shares_embedding(spec, mapping),
+        "use_parallel_embedding": mapping.tp_size > 1,  # ref: gemma/config.py GemmaConfig: tp_size > 1
         "embedding_sharding_dim": 0,
         "mapping": {"world_size": mapping.world_size, "tp_size": mapping.tp_size, "pp_size": mapping.pp_size},
         "quantization": quantization or {"quant_algo": None, "kv_cache_quant_algo": None},
@@ -161,7 +164,7 @@ def _rotary_scaling(scaling: RopeScaling | None) -> dict | None:
     if scaling is None:
         return None
     if scaling.rope_type != "linear":
-        raise UnsupportedError(f"rope scaling {scaling.rope_type!r}: the TensorRT-LLM writer takes linear scaling")
+        raise UnsupportedError(f"rope scaling {scaling.rope_type!r}: the TensorRT-LLM writer takes linear rope scaling")
     return {"type": "linear", "factor": scaling.factor}
 
 
@@ -170,7 +173,6 @@ def _rotary_scaling(scaling: RopeScaling | None) -> dict | None:
 
 # Per-layer table: TensorRT-LLM name -> (canonical names, how it is split across tp ranks).
 ROWS, COLS, WHOLE, QKV = "rows", "cols", "whole", "qkv"
-NORMS = ("input_layernorm", "post_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 
 
 def layer_table(spec: GemmaSpec) -> dict[str, tuple[tuple[str, ...], str]]:
@@ -196,12 +198,13 @@ def layer_table(spec: GemmaSpec) -> dict[str, tuple[tuple[str, ...], str]]:
 
 
 def padded_vocab(vocab: int, tp: int) -> int:
-    """ref: tensorrt_llm/_utils.py ``pad_vocab_size``: the LM head's rows rounded up to a multiple of tp."""
+    """ref: tensorrt_llm/_utils.py ``pad_vocab_size``: vocabulary rows rounded up to a multiple of tp."""
     return -(-vocab // tp) * tp
 
 
 def kv_heads_of(rank: int, spec: GemmaSpec, tp: int) -> range:
-    """The KV heads tp rank ``rank`` holds: its share, or the one head it shares with tp / kv - 1 others."""
+    """The KV heads tp rank ``rank`` holds: its share, or the one head it shares with tp / kv - 1 others
+    (ref: tensorrt_llm/models/convert_utils.py ``dup_kv_weight``: each head repeated tp / kv times in a row)."""
     kv = spec.num_kv_heads
     if kv >= tp:
         n = kv // tp
@@ -210,71 +213,98 @@ def kv_heads_of(rank: int, spec: GemmaSpec, tp: int) -> range:
     return range(head, head + 1)
 
 
-def rank_tensors(ckpt: Checkpoint, dtype: str, mapping: Mapping, rank: int) -> list[LazyTensor]:
-    """The float tensors of rank ``rank`` in TensorRT-LLM's names, shapes and order, cast to ``dtype``."""
+def shares_embedding(spec: GemmaSpec, mapping: Mapping) -> bool:
+    """A tied LM head is left out and shared with the embedding when both sit on one rank, as ModelOpt
+    exports it (ref: modelopt/torch/export/tensorrt_llm_utils.py ``convert_to_tensorrt_llm_config``:
+    share_embedding_table when the LM head is tied and pp_size is 1)."""
+    return spec.tie_embeddings and mapping.pp_size == 1
+
+
+def cutter(split: str, spec: GemmaSpec, tp: int, tp_rank: int) -> Callable:
+    """``cut(matrices)``: this rank's part of a projection's matrices stacked by output rows ([out, in] weights,
+    codes, or [out, groups] scales): rows of its heads for qkv (q, then k, then v), rows for fc/gate, columns
+    for dense/proj (by the tp-th part of whatever width the matrix has)."""
+    import torch
+
+    d, q_heads = spec.head_dim, spec.num_heads // tp
+    kv = kv_heads_of(tp_rank, spec, tp)
+
+    def cut(ms):
+        if split == ROWS:
+            n = ms[0].shape[0] // tp
+            return ms[0][tp_rank * n : (tp_rank + 1) * n]
+        if split == COLS:
+            n = ms[0].shape[1] // tp
+            return ms[0][:, tp_rank * n : (tp_rank + 1) * n]
+        q, k, v = ms
+        parts = [q[tp_rank * q_heads * d : (tp_rank + 1) * q_heads * d]]
+        return torch.cat(parts + [k[kv.start * d : kv.stop * d], v[kv.start * d : kv.stop * d]])
+
+    return cut
+
+
+def part_shape(split: str, spec: GemmaSpec, tp: int, tp_rank: int, shape: tuple[int, int]) -> tuple[int, int]:
+    """The shape of this rank's part of a projection whose whole (q for qkv) is ``shape``."""
+    rows, cols = shape
+    if split == ROWS:
+        return rows // tp, cols
+    if split == COLS:
+        return rows, cols // tp
+    return (spec.num_heads // tp + 2 * len(kv_heads_of(tp_rank, spec, tp))) * spec.head_dim, cols
+
+
+def rank_tensors(ckpt: Checkpoint, dtype: str, mapping: Mapping, rank: int, awq: bool = False) -> list[LazyTensor]:
+    """The tensors of rank ``rank`` in TensorRT-LLM's names, shapes and order, floats cast to ``dtype``;
+    with ``awq`` every projection is a record written in the W4A16_AWQ layout (three tensors)."""
     spec, tp = ckpt.spec, mapping.tp_size
     tp_rank, pp_rank = rank % tp, rank // tp
     out: list[LazyTensor] = []
     src = ckpt.tensors
+    vocab = functools.partial(_vocab_rows, vocab=spec.vocab_size, dtype=dtype, tp=tp, tp_rank=tp_rank)
     if pp_rank == 0:
-        out.append(_whole("transformer.vocab_embedding.weight", src["model.embed_tokens.weight"], dtype))
+        out.append(vocab("transformer.vocab_embedding.weight", src["model.embed_tokens.weight"]))
     table = layer_table(spec)
-    for i in mapping.layers(pp_rank, spec.num_layers):
+    layers = mapping.layers(pp_rank, spec.num_layers)
+    for i in layers:
+        local = f"transformer.layers.{i - layers.start}."  # ref: model.py GemmaDecoderLayer.local_layer_idx
         for name, (canon, split) in table.items():
             tensors = [src[f"model.layers.{i}.{c}"] for c in canon]
-            out.append(_split(f"transformer.layers.{i}.{name}", tensors, split, dtype, spec, tp, tp_rank))
+            if split == WHOLE:
+                out.append(LazyTensor(local + name, tensors[0].shape, dtype, load=_norm_loader(tensors[0], dtype)))
+                continue
+            cut = cutter(split, spec, tp, tp_rank)
+            shape = part_shape(split, spec, tp, tp_rank, tensors[0].shape)
+            if awq:
+                out.extend(awq_tensors(local + name.removesuffix(".weight"), tensors, cut, shape, dtype))
+            else:
+                load = functools.partial(_cut_float, tensors, cut, dtype)
+                out.append(LazyTensor(local + name, shape, dtype, load=load))
     if pp_rank == mapping.pp_size - 1:
-        out.append(_whole("transformer.ln_f.weight", src["model.norm.weight"], dtype, norm=True))
-        head = src.get("lm_head.weight", src["model.embed_tokens.weight"])
-        out.append(_lm_head(head, dtype, spec.vocab_size, tp, tp_rank))
+        norm = src["model.norm.weight"]
+        out.append(LazyTensor("transformer.ln_f.weight", norm.shape, dtype, load=_norm_loader(norm, dtype)))
+        if not shares_embedding(spec, mapping):
+            out.append(vocab("lm_head.weight", src.get("lm_head.weight", src["model.embed_tokens.weight"])))
     return out
 
 
 def norm_weight(w, dtype: str):
-    """The stored ``1 + w`` of a canonical RMSNorm weight, computed in float32 and rounded once to ``dtype``."""
+    """The stored ``1 + w`` of a canonical RMSNorm weight, computed in float32 and rounded once to ``dtype``
+    (ref: tensorrt_llm/models/gemma/convert.py, modelopt/torch/export/layer_utils.py ``build_layernorm_config``)."""
     return (w.float() + 1.0).to(torch_dtype(dtype))
 
 
-def _whole(name: str, t: LazyTensor, dtype: str, norm: bool = False) -> LazyTensor:
-    if norm:
-        return LazyTensor(name, t.shape, dtype, load=lambda: norm_weight(t.load(), dtype))
-    return LazyTensor(name, t.shape, dtype, load=lambda: t.load().to(torch_dtype(dtype)))
+def _norm_loader(t: LazyTensor, dtype: str) -> Callable:
+    return lambda: norm_weight(t.load(), dtype)
 
 
-def _split(name: str, tensors: list[LazyTensor], split: str, dtype: str, spec, tp: int, tp_rank: int) -> LazyTensor:
-    if split == WHOLE:
-        return _whole(name, tensors[0], dtype, norm=True)
-    t = tensors[0]
-    if split == ROWS:
-        n = t.shape[0] // tp
-        return _sliced(name, t, (n, t.shape[1]), dtype, lambda w: w[tp_rank * n : (tp_rank + 1) * n])
-    if split == COLS:
-        n = t.shape[1] // tp
-        return _sliced(name, t, (t.shape[0], n), dtype, lambda w: w[:, tp_rank * n : (tp_rank + 1) * n])
-    return _qkv(name, tensors, dtype, spec, tp, tp_rank)
+def _cut_float(tensors: list[LazyTensor], cut: Callable, dtype: str):
+    return cut([t.load().to(torch_dtype(dtype)) for t in tensors]).contiguous()
 
 
-def _sliced(name: str, t: LazyTensor, shape: tuple[int, ...], dtype: str, cut: Callable) -> LazyTensor:
-    return LazyTensor(name, shape, dtype, load=lambda: cut(t.load().to(torch_dtype(dtype))).contiguous())
-
-
-def _qkv(name: str, tensors: list[LazyTensor], dtype: str, spec, tp: int, tp_rank: int) -> LazyTensor:
-    import torch
-
-    d = spec.head_dim
-    q_heads = spec.num_heads // tp
-    kv = kv_heads_of(tp_rank, spec, tp)
-    rows = (q_heads + 2 * len(kv)) * d
-
-    def load():
-        q, k, v = (t.load().to(torch_dtype(dtype)) for t in tensors)
-        q = q[tp_rank * q_heads * d : (tp_rank + 1) * q_heads * d]
-        return torch.cat([q, k[kv.start * d : kv.stop * d], v[kv.start * d : kv.stop * d]]).contiguous()
-
-    return LazyTensor(name, (rows, spec.hidden_size), dtype, load=load)
-
-
-def _lm_head(t: LazyTensor, dtype: str, vocab: int, tp: int, tp_rank: int) -> LazyTensor:
+def _vocab_rows(name: str, t: LazyTensor, vocab: int, dtype: str, tp: int, tp_rank: int) -> LazyTensor:
+    """This rank's rows of the embedding or LM head, the table padded with zero rows to a multiple of tp
+    (ref: model.py ``GemmaForCausalLM``: lm_head of pad_vocab_size rows; layers/embedding.py: a parallel
+    embedding of ceil(vocab / tp) rows per rank, use_parallel_embedding being tp_size > 1 for Gemma)."""
     import torch
 
     n = padded_vocab(vocab, tp) // tp
@@ -285,7 +315,158 @@ def _lm_head(t: LazyTensor, dtype: str, vocab: int, tp: int, tp_rank: int) -> La
             w = torch.cat([w, w.new_zeros(n - w.shape[0], w.shape[1])])
         return w.contiguous()
 
-    return LazyTensor("lm_head.weight", (n, t.shape[1]), dtype, load=load)
+    return LazyTensor(name, (n, t.shape[1]), dtype, load=load)
+
+
+# ---------------------------------------------------------------------------------------------
+# weight-only quantization
+#
+# W4A16_AWQ, as ModelOpt exports it and TensorRT-LLM re-lays it for the build GPU when it loads the
+# checkpoint (ref: modelopt/torch/export/quant_utils.py ``to_quantized_weight``; tensorrt_llm/models/
+# modeling_utils.py ``preprocess_perlayer_weights``: preprocess_weights_for_mixed_gemm of weight.T,
+# weights_scaling_factor transposed, prequant_scaling_factor as [1, in]), per linear module P:
+#   P.weight                   int8 [out / 2, in]: signed int4 codes, rows 2j and 2j + 1 in the low and
+#                              high nibble of byte [j, i]
+#   P.weights_scaling_factor   [out, in / group] in the checkpoint dtype
+#   P.prequant_scaling_factor  [in] in the checkpoint dtype, multiplied into the input (1 for gemport's
+#                              records: AWQ's scales are folded into the preceding norm or projection)
+# and W = code * scale[row, col // group]: y = (x * prequant) @ W.T.
+#
+# W4A16_GPTQ is not written: TensorRT-LLM's loader leaves such weights as stored, so they must be laid out
+# for one GPU architecture already (preprocess_perlayer_weights has no GPTQ case), and its Gemma model does
+# not list the algorithm (model.py ``assert_valid_quant_algo``). GPTQ records are symmetric int4 groups
+# with the same arithmetic: they are written in the W4A16_AWQ layout with unit pre-quant scales.
+#
+# W8A16 / W4A16 (per channel): TensorRT-LLM's own converter writes int8 weights pre-laid for the GPU of
+# the machine that converted (convert.py ``quantize`` via symmetric_quantize_last_axis_of_batched_matrix);
+# a checkpoint with float weights and quant_algo W8A16/W4A16 is quantized by trtllm-build itself, on the
+# build GPU (modeling_utils.py preprocess_perlayer_weights -> convert_utils.py weight_only_quantize_dict).
+# gemport writes that form; ``weight_only_record`` is its arithmetic.
+
+W8A16, W4A16, W4A16_AWQ, W4A16_GPTQ = "W8A16", "W4A16", "W4A16_AWQ", "W4A16_GPTQ"
+QUANT_ALGOS = (None, W8A16, W4A16, W4A16_AWQ)
+AWQ_PARTS = ("weight", "weights_scaling_factor", "prequant_scaling_factor")
+
+
+def pack_int4_rows(codes):
+    """int8 [rows / 2, cols] from int4 codes [rows, cols] in [-8, 7]: rows 2j and 2j + 1 in the low and
+    high nibble (ref: modelopt/torch/export/quant_utils.py ``to_quantized_weight``, INT4_AWQ)."""
+    import torch
+
+    c = codes.to(torch.int16)
+    return ((c[0::2] & 0x0F) | ((c[1::2] & 0x0F) << 4)).to(torch.uint8).view(torch.int8)
+
+
+def unpack_int4_rows(packed):
+    """The inverse of ``pack_int4_rows``: signed int4 codes as int8 [2 * rows, cols]."""
+    import torch
+
+    low = (packed.to(torch.int16) << 12 >> 12).to(torch.int8)  # sign-extend the low nibble
+    high = (packed.to(torch.int16) >> 4).to(torch.int8)  # arithmetic shift keeps the sign
+    return torch.stack([low, high], 1).reshape(-1, packed.shape[1])
+
+
+def check_awq_records(ckpt: Checkpoint, mapping: Mapping, dtype: str) -> QuantFormat:
+    """The one record format of every projection, if TensorRT-LLM's W4A16_AWQ layout can hold it at this tp;
+    UnsupportedError naming what it cannot (int8 or per-channel records, zero points, a quantized embedding)."""
+    from quantizers.rtn import projection_names
+
+    quantized = ckpt.quantized()
+    projections = set(projection_names(ckpt.spec.num_layers))
+    other = [n for n in quantized if n not in projections]
+    if other:
+        raise UnsupportedError(f"a TensorRT-LLM checkpoint takes quantized decoder projections only, not {other[0]}")
+    missing = [n for n in projection_names(ckpt.spec.num_layers) if n not in quantized]
+    if missing:
+        raise UnsupportedError(f"{missing[0]} is not quantized: W4A16_AWQ quantizes every projection")
+    formats = {t.quant for t in quantized.values()}
+    if len(formats) > 1:
+        raise UnsupportedError(f"records of several formats: {', '.join(sorted(f.describe() for f in formats))}")
+    fmt = formats.pop()
+    check_awq_format(ckpt.spec, mapping, fmt)
+    if fmt.scale_dtype != dtype:
+        log.warning("scales of %s rounded to the checkpoint's %s", fmt.scale_dtype, dtype)
+    return fmt
+
+
+def check_awq_format(spec: GemmaSpec, mapping: Mapping, fmt: QuantFormat) -> None:
+    """UnsupportedError unless records of ``fmt`` fit the W4A16_AWQ layout at this tp: symmetric int4 groups,
+    whole groups in every rank's columns of dense and proj (split by input columns)."""
+    if fmt.bits != 4 or fmt.group_size is None or not fmt.symmetric:
+        raise UnsupportedError(
+            f"{fmt.describe()} records: TensorRT-LLM's group-wise layout (W4A16_AWQ) takes symmetric int4 groups; "
+            "its W8A16/W4A16 checkpoints hold float weights that trtllm-build quantizes itself "
+            "(convert --to trtllm --quant w8a16|w4a16)"
+        )
+    for what, cols in (
+        ("dense (o_proj)", spec.num_heads * spec.head_dim),
+        ("proj (down_proj)", spec.intermediate_size),
+    ):
+        if (cols // mapping.tp_size) % fmt.group_size:
+            raise UnsupportedError(
+                f"{what}: {cols} input columns split {mapping.tp_size} ways are not whole groups of {fmt.group_size}"
+            )
+
+
+def awq_tensors(prefix: str, tensors: list[LazyTensor], cut: Callable, shape: tuple[int, int], dtype: str):
+    """The three W4A16_AWQ tensors of one rank's part of a projection, sharing one load of its records."""
+    rows, cols = shape
+    group = tensors[0].quant.group_size
+    part = _OnePart(tensors, cut, dtype)
+    return [
+        LazyTensor(f"{prefix}.weight", (rows // 2, cols), "i8", load=lambda: pack_int4_rows(part.get()[0])),
+        LazyTensor(f"{prefix}.weights_scaling_factor", (rows, cols // group), dtype, load=lambda: part.get()[1]),
+        LazyTensor(f"{prefix}.prequant_scaling_factor", (cols,), dtype, load=lambda: part.get()[2]),
+    ]
+
+
+class _OnePart:
+    """One rank's (codes, scales, unit pre-quant scales) of a projection, loaded once for its three tensors."""
+
+    def __init__(self, tensors: list[LazyTensor], cut: Callable, dtype: str):
+        self.tensors, self.cut, self.dtype, self.value, self.uses = tensors, cut, dtype, None, 0
+
+    def get(self):
+        import torch
+
+        if self.value is None:
+            records = [t.load() for t in self.tensors]
+            codes = self.cut([r.codes for r in records]).contiguous()
+            scales = self.cut([r.scales for r in records]).to(torch_dtype(self.dtype)).contiguous()
+            self.value = (codes, scales, torch.ones(codes.shape[1], dtype=torch_dtype(self.dtype)))
+        value = self.value
+        self.uses += 1
+        if self.uses == len(AWQ_PARTS):
+            self.value, self.uses = None, 0
+        return value
+
+
+def weight_only_record(w, bits: int, dtype: str) -> QuantizedTensor:
+    """What trtllm-build makes of a float weight [out, in] under W8A16 / W4A16: per output channel,
+    ``scale = amax / 128`` (int8) or ``amax / 8`` (int4) in float32, codes rounded half away from zero and
+    clamped to the signed range, the scale stored in the checkpoint dtype (ref: TensorRT-LLM
+    cpp/tensorrt_llm/kernels/cutlass_kernels/cutlass_preprocessors.cpp ``symmetric_quantize``)."""
+    import torch
+
+    lo, hi = (-128, 127) if bits == 8 else (-8, 7)
+    x = w.float()
+    amax = x.abs().amax(1, keepdim=True)
+    scale = amax * (1.0 / -lo)
+    q = x / torch.where(scale == 0, torch.ones_like(scale), scale)
+    codes = (torch.sign(q) * torch.floor(q.abs() + 0.5)).clamp(lo, hi).to(torch.int8)
+    return QuantizedTensor(codes, scale.to(torch_dtype(dtype)), None, QuantFormat(bits, None, True, dtype))
+
+
+def quantization_config(algo: str | None, fmt: QuantFormat | None = None) -> dict:
+    """config.json's ``quantization`` (ref: tensorrt_llm/models/modeling_utils.py ``QuantConfig``; for
+    W4A16_AWQ the fields ModelOpt writes, modelopt/torch/export/tensorrt_llm_utils.py). ``exclude_modules``
+    null keeps TensorRT-LLM's default: the LM head and the embedding stay unquantized."""
+    config: dict = {"quant_algo": algo, "kv_cache_quant_algo": None}
+    if algo == W4A16_AWQ:
+        config |= {"group_size": fmt.group_size, "has_zero_point": False, "pre_quant_scale": True}
+    if algo is not None:
+        config["exclude_modules"] = None
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,24 +479,58 @@ def write(
     dtype: str | None = None,
     tp_size: int = 1,
     pp_size: int = 1,
+    quant: str | None = None,
+    rope_scaling: str | None = None,
     overwrite: bool = False,
+    allow_fp16_overflow: bool = False,
 ) -> Path:
     """Write ``ckpt`` as a TensorRT-LLM checkpoint folder at ``dst`` (atomically): config.json, one
     rank{N}.safetensors per rank, the tokenizer files, gemport.json and build-engine.sh.
 
-    ``dtype``: bf16, f16 or f32 (default: the embedding's dtype). Errors: UnsupportedError for a
-    tp/pp size the model cannot be split by; CheckpointError for missing tensors or NaN weights;
-    OutputError when ``dst`` exists (unless ``overwrite``) or cannot be written."""
+    ``dtype``: bf16, f16 or f32 (default: the embedding's dtype; bf16 for a quantized checkpoint of a
+    float32 source, weight-only kernels taking 16-bit activations). ``quant``: None, "W8A16" or "W4A16"
+    (float weights that trtllm-build quantizes); a checkpoint of int4 group records is written as
+    W4A16_AWQ whatever made them. ``rope_scaling``: for a Gemma 3 with rope scaling, which TensorRT-LLM
+    applies to every layer (HF: the global ones only), "all" writes it anyway and "none" leaves it out;
+    without it such a model is refused. Errors: UnsupportedError for what TensorRT-LLM cannot hold
+    (a tp size that does not divide the heads, records of another scheme); CheckpointError for missing
+    tensors or NaN weights; OutputError when ``dst`` exists (unless ``overwrite``) or cannot be written.
+    An f16 checkpoint is probed first: the model run in float32 on calibration text, and the write
+    refused when an activation outgrows fp16 (quantizers.fp16_range), unless ``allow_fp16_overflow``."""
     from converters.hf import _write_safetensors
 
-    dtype = dtype or ckpt.tensors["model.embed_tokens.weight"].dtype
+    ckpt.check(quantized_ok=True)
+    records = bool(ckpt.quantized())
+    source_dtype = ckpt.tensors["model.embed_tokens.weight"].dtype
+    quantized = records or quant is not None
+    dtype = dtype or ("bf16" if quantized and source_dtype == "f32" else source_dtype)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    ckpt.check()
+    if quantized and dtype == "f32":
+        raise UnsupportedError("weight-only quantized TensorRT-LLM checkpoints compute in 16 bits: --dtype bf16 or f16")
+    if quant not in (None, W8A16, W4A16):
+        raise UnsupportedError(f"quant {quant!r}: the writer takes W8A16, W4A16, or int4 records for W4A16_AWQ")
+    if records and quant:
+        raise UnsupportedError(f"{quant} quantizes float weights at build; this checkpoint holds records")
     mapping = Mapping(tp_size, pp_size)
     check_mapping(ckpt.spec, mapping, ckpt.source)
-    config = trtllm_config(ckpt.spec, dtype, mapping)
-    ranks = [rank_tensors(ckpt, dtype, mapping, r) for r in range(mapping.world_size)]
+    if dtype == "f16":  # a float16 engine computes everything in fp16, the residual stream included
+        with stage("probing fp16 activations on calibration text"):
+            fp16_range.check_fp16(ckpt, fp16_range.ALL, "trtllm", allow_fp16_overflow)
+        ckpt = fp16_range.guard_weights(ckpt)
+    fmt = check_awq_records(ckpt, mapping, dtype) if records else None
+    algo = W4A16_AWQ if records else quant
+    spec = _rope_for_trtllm(ckpt.spec, rope_scaling, ckpt.source)
+    config = trtllm_config(spec, dtype, mapping, quantization_config(algo, fmt))
+    ranks = [rank_tensors(ckpt, dtype, mapping, r, awq=records) for r in range(mapping.world_size)]
+    manifest = {
+        "source": ckpt.source,
+        "dtype": dtype,
+        "mapping": config["mapping"],
+        "quant_algo": algo,
+        "quantization": ckpt.extra.get("quantization"),
+        "build_command": build_command(spec, Path(dst)),
+    }
     with atomic_output(dst, overwrite) as tmp:
         tmp.mkdir()
         total = sum(len(r) for r in ranks)
@@ -323,21 +538,49 @@ def write(
             for rank, tensors in enumerate(ranks):
                 _write_safetensors(tmp / rank_file(rank), tensors, lambda: advance(1), ckpt.source)
         _write_json(tmp / CONFIG, config)
-        _write_json(tmp / MANIFEST, {"source": ckpt.source, "dtype": dtype, "mapping": config["mapping"]})
-        (tmp / BUILD_SCRIPT).write_text(build_script(ckpt.spec, Path(dst)), encoding="utf-8")
+        _write_json(tmp / MANIFEST, manifest)
+        (tmp / BUILD_SCRIPT).write_text("#!/bin/sh\n" + manifest["build_command"] + "\n", encoding="utf-8")
+        (tmp / BUILD_SCRIPT).chmod(0o755)
         for name, data in ckpt.tokenizer_files.items():
             (tmp / name).write_bytes(data)
     return Path(dst)
 
 
+def _rope_for_trtllm(spec: GemmaSpec, choice: str | None, source: str) -> GemmaSpec:
+    """The spec whose rope TensorRT-LLM is told: a Gemma 3 with rope scaling needs ``choice``, TensorRT-LLM
+    building the sliding layers' rotary table with the global one's scaling (ref: tensorrt_llm/layers/
+    attention.py ``create_attention_const_params``, register_rope_params for ``rope_local_base_freq``)."""
+    from dataclasses import replace
+
+    if choice not in (None, "all", "none"):
+        raise ValueError(f"rope_scaling must be 'all' or 'none', got {choice!r}")
+    if spec.rope_scaling is not None and spec.rope_scaling.rope_type != "linear":
+        raise UnsupportedError(
+            f"rope scaling {spec.rope_scaling.rope_type!r}: the TensorRT-LLM writer takes linear rope scaling", source
+        )
+    if spec.family != "gemma3" or spec.rope_scaling is None:
+        return spec
+    if choice is None:
+        raise UnsupportedError(
+            f"Gemma 3 with rope scaling ({spec.rope_scaling.rope_type} {spec.rope_scaling.factor:g} on the global "
+            "layers): TensorRT-LLM applies rotary_scaling to the sliding layers too, so no TensorRT-LLM checkpoint "
+            "computes this model exactly; pass --trtllm-rope-scaling all (scale every layer) or none (scale none) "
+            "and measure the difference with gemport validate",
+            source,
+        )
+    log.warning("rope scaling of the global layers written for %s layers of the TensorRT-LLM checkpoint", choice)
+    return replace(spec, rope_scaling=spec.rope_scaling if choice == "all" else None)
+
+
 def build_command(spec: GemmaSpec, folder: Path) -> str:
-    """The trtllm-build command line for this checkpoint, with the attention windows of Gemma 2/3's
-    sliding layers (set at build/run time, not in the checkpoint)."""
-    return f"trtllm-build --checkpoint_dir {folder} --output_dir {folder}-engine"
-
-
-def build_script(spec: GemmaSpec, folder: Path) -> str:
-    return "#!/bin/sh\n" + build_command(spec, folder) + "\n"
+    """The commands that build and run an engine of the checkpoint at ``folder``: trtllm-build, and for
+    Gemma 2 and 3 the per-layer attention windows of the sliding layers, which TensorRT-LLM takes at run
+    time (ref: examples/models/core/gemma/README.md, run.py ``--max_attention_window_size``)."""
+    build = f"trtllm-build --checkpoint_dir {folder} --output_dir {folder}-engine"
+    if SLIDING not in spec.layer_types:
+        return build
+    windows = " ".join(str(spec.sliding_window if t == SLIDING else spec.max_position) for t in spec.layer_types)
+    return f"{build} && python3 examples/run.py --engine_dir {folder}-engine --max_attention_window_size {windows}"
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -438,25 +681,31 @@ def _read_scaling(value, file: Path) -> dict | None:
     return {"rope_type": "linear", "factor": value.get("factor")}
 
 
-def _skeleton(spec: GemmaSpec, dtype: str) -> Checkpoint:
-    """A checkpoint of ``spec`` whose tensors have shapes only: what rank_tensors needs to name a rank's tensors."""
+def _skeleton(spec: GemmaSpec, dtype: str, fmt: QuantFormat | None) -> Checkpoint:
+    """A checkpoint of ``spec`` whose tensors have shapes only (projections as records of ``fmt``): what
+    rank_tensors needs to name a rank's tensors."""
     from gemport.checkpoint import expected_shapes
+    from quantizers.rtn import projection_names
 
     def never():
         raise AssertionError("a skeleton tensor is never loaded")
 
     shapes = expected_shapes(spec)
-    if "lm_head.weight" not in shapes:
-        shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
-    return Checkpoint(spec, {n: LazyTensor(n, s, dtype, load=never) for n, s in shapes.items()})
+    projections = set(projection_names(spec.num_layers)) if fmt else set()
+    return Checkpoint(
+        spec,
+        {n: LazyTensor(n, s, dtype, load=never, quant=fmt if n in projections else None) for n, s in shapes.items()},
+    )
 
 
-def rank_headers(path: Path, spec: GemmaSpec, mapping: Mapping, dtype: str) -> list[dict[str, LazyTensor]]:
+def rank_headers(
+    path: Path, spec: GemmaSpec, mapping: Mapping, dtype: str, fmt: QuantFormat | None
+) -> list[dict[str, LazyTensor]]:
     """Each rank file's tensors, checked against the names, shapes and dtypes the layout gives that rank:
     CheckpointError naming the rank file at the first difference, InputError when a rank file is missing."""
     from converters.hf import _read_header
 
-    skeleton = _skeleton(spec, dtype)
+    skeleton = _skeleton(spec, dtype, fmt)
     missing = [rank_file(r) for r in range(mapping.world_size) if not (path / rank_file(r)).is_file()]
     if missing:
         raise InputError(
@@ -468,7 +717,7 @@ def rank_headers(path: Path, spec: GemmaSpec, mapping: Mapping, dtype: str) -> l
     for rank in range(mapping.world_size):
         file = path / rank_file(rank)
         found = {t.name: t for t in _read_header(file, integers=True)}
-        want = {t.name: t for t in rank_tensors(skeleton, dtype, mapping, rank)}
+        want = {t.name: t for t in rank_tensors(skeleton, dtype, mapping, rank, awq=fmt is not None)}
         for name, t in want.items():
             got = found.get(name)
             if got is None:
@@ -487,86 +736,143 @@ def rank_headers(path: Path, spec: GemmaSpec, mapping: Mapping, dtype: str) -> l
     return out
 
 
-def joined_tensors(path: Path, spec: GemmaSpec, mapping: Mapping, dtype: str) -> dict[str, LazyTensor]:
-    """The model's tensors in TensorRT-LLM's names with the ranks joined (the inverse of the splits above):
-    the whole qkv of every head, dense and proj of every column, the LM head cut to the vocabulary."""
-    ranks = rank_headers(path, spec, mapping, dtype)
+def joined_tensors(path: Path, spec: GemmaSpec, mapping: Mapping, cfg: dict) -> dict[str, LazyTensor]:
+    """The model's tensors in TensorRT-LLM's names with global layer indices and the ranks joined (the
+    inverse of the splits above): the whole qkv of every head, dense and proj of every column, the
+    vocabulary tables cut to vocab_size, the LM head the embedding when shared. A W4A16_AWQ projection
+    ``P.weight`` is a lazy record, with its joined ``P.prequant_scaling_factor`` beside it; a W8A16 /
+    W4A16 one the record trtllm-build makes of the stored float weight (``weight_only_record``)."""
+    dtype = {v: k for k, v in DTYPE_NAMES.items()}[cfg["dtype"]]
+    quantization = read_quantization(cfg.get("quantization"), path / CONFIG)
+    algo = quantization.get("quant_algo")
+    fmt = QuantFormat(4, quantization["group_size"], True, dtype) if algo == W4A16_AWQ else None
+    ranks = rank_headers(path, spec, mapping, dtype, fmt)
     tp = mapping.tp_size
     last = mapping.world_size - tp  # the first rank of the last stage
-    out = {"transformer.vocab_embedding.weight": ranks[0]["transformer.vocab_embedding.weight"]}
+    embed = _join_vocab([ranks[r]["transformer.vocab_embedding.weight"] for r in range(tp)], spec.vocab_size)
+    out = {"transformer.vocab_embedding.weight": embed}
     table = layer_table(spec)
     for pp in range(mapping.pp_size):
-        for i in mapping.layers(pp, spec.num_layers):
+        layers = mapping.layers(pp, spec.num_layers)
+        for i in layers:
             for name, (_, split) in table.items():
+                stored = f"transformer.layers.{i - layers.start}.{name}"
                 full = f"transformer.layers.{i}.{name}"
-                parts = [ranks[pp * tp + r][full] for r in range(tp)]
-                out[full] = _join(full, parts, split, spec, tp)
+                parts = [ranks[pp * tp + r] for r in range(tp)]
+                if split == WHOLE:
+                    out[full] = _renamed(parts[0][stored], full)
+                elif fmt is not None:
+                    out.update(_join_awq(full, stored.removesuffix(".weight"), parts, split, spec, fmt))
+                else:
+                    joined = _join(full, [p[stored] for p in parts], split, spec, tp)
+                    out[full] = _weight_only(joined, algo, dtype) if algo else joined
     out["transformer.ln_f.weight"] = ranks[last]["transformer.ln_f.weight"]
-    head = [ranks[last + r]["lm_head.weight"] for r in range(tp)]
-    out["lm_head.weight"] = _join_head(head, spec.vocab_size)
+    if shares_embedding(spec, mapping):
+        out["lm_head.weight"] = _renamed(embed, "lm_head.weight")
+    else:
+        out["lm_head.weight"] = _join_vocab([ranks[last + r]["lm_head.weight"] for r in range(tp)], spec.vocab_size)
     return out
 
 
-def _join(name: str, parts: list[LazyTensor], split: str, spec: GemmaSpec, tp: int) -> LazyTensor:
+def join_parts(ms: list, split: str, spec: GemmaSpec, tp: int):
+    """The whole of a projection's matrix (weights, codes or scales, by output rows) from its tp parts."""
     import torch
 
-    first = parts[0]
-    if split == WHOLE or tp == 1:
-        return first
+    if tp == 1:
+        return ms[0]
     if split in (ROWS, COLS):
-        dim = 0 if split == ROWS else 1
-        shape = list(first.shape)
-        shape[dim] *= tp
-        return LazyTensor(name, tuple(shape), first.dtype, load=lambda: torch.cat([p.load() for p in parts], dim))
-    d, q_rows = spec.head_dim, spec.num_heads // tp * spec.head_dim
-    # the first rank holding each KV head (with fewer KV heads than ranks, tp / kv ranks hold a copy)
+        return torch.cat(ms, 0 if split == ROWS else 1)
+    q_rows = spec.num_heads // tp * spec.head_dim
     holders = sorted({kv_heads_of(r, spec, tp).start: r for r in reversed(range(tp))}.values())
-    kv_rows = spec.num_kv_heads * d
-
-    def load():
-        loaded = [p.load() for p in parts]
-        q = [w[:q_rows] for w in loaded]
-        k = [loaded[r][q_rows : q_rows + (w := (loaded[r].shape[0] - q_rows) // 2)] for r in holders]
-        v = [loaded[r][q_rows + w :] for r in holders]
-        return torch.cat(q + k + v)
-
-    rows = spec.num_heads * d + 2 * kv_rows
-    return LazyTensor(name, (rows, first.shape[1]), first.dtype, load=load)
+    kv_rows = (ms[0].shape[0] - q_rows) // 2
+    q = [m[:q_rows] for m in ms]
+    k = [ms[r][q_rows : q_rows + kv_rows] for r in holders]  # each KV head once, from the first rank holding it
+    v = [ms[r][q_rows + kv_rows :] for r in holders]
+    return torch.cat(q + k + v)
 
 
-def _join_head(parts: list[LazyTensor], vocab: int) -> LazyTensor:
+def _join(name: str, parts: list[LazyTensor], split: str, spec: GemmaSpec, tp: int) -> LazyTensor:
+    first = parts[0]
+    rows, cols = first.shape
+    if split == COLS:
+        cols *= tp
+    else:
+        rows = spec.num_heads * spec.head_dim + 2 * spec.num_kv_heads * spec.head_dim if split == QKV else rows * tp
+    load = lambda: join_parts([p.load() for p in parts], split, spec, tp)  # noqa: E731
+    return LazyTensor(name, (rows, cols), first.dtype, load=load)
+
+
+def _join_vocab(parts: list[LazyTensor], vocab: int) -> LazyTensor:
     import torch
 
     first = parts[0]
     if len(parts) == 1 and first.shape[0] == vocab:
         return first
     return LazyTensor(
-        "lm_head.weight",
-        (vocab, first.shape[1]),
-        first.dtype,
-        load=lambda: torch.cat([p.load() for p in parts])[:vocab],
+        first.name, (vocab, first.shape[1]), first.dtype, load=lambda: torch.cat([p.load() for p in parts])[:vocab]
     )
+
+
+def _weight_only(t: LazyTensor, algo: str, dtype: str) -> LazyTensor:
+    bits = 8 if algo == W8A16 else 4
+    fmt = QuantFormat(bits, None, True, dtype)
+    return LazyTensor(t.name, t.shape, dtype, load=lambda: weight_only_record(t.load(), bits, dtype), quant=fmt)
+
+
+def _join_awq(full: str, stored: str, ranks: list[dict], split: str, spec: GemmaSpec, fmt: QuantFormat) -> dict:
+    """A W4A16_AWQ projection joined: the record at ``full`` and its pre-quant scale beside it."""
+    import torch
+
+    tp = len(ranks)
+    weights = [r[f"{stored}.weight"] for r in ranks]
+    scales = [r[f"{stored}.weights_scaling_factor"] for r in ranks]
+    prequant = [r[f"{stored}.prequant_scaling_factor"] for r in ranks]
+    shape = _join(
+        full, [LazyTensor(full, (w.shape[0] * 2, w.shape[1]), fmt.scale_dtype, None) for w in weights], split, spec, tp
+    ).shape
+
+    def record() -> QuantizedTensor:
+        codes = join_parts([unpack_int4_rows(w.load()) for w in weights], split, spec, tp)
+        return QuantizedTensor(
+            codes.contiguous(), join_parts([s.load() for s in scales], split, spec, tp).contiguous(), None, fmt
+        )
+
+    def pre():
+        return torch.cat([p.load() for p in prequant]) if split == COLS and tp > 1 else prequant[0].load()
+
+    base = full.removesuffix(".weight")
+    return {
+        full: LazyTensor(full, shape, fmt.scale_dtype, load=record, quant=fmt),
+        f"{base}.prequant_scaling_factor": LazyTensor(
+            f"{base}.prequant_scaling_factor", (shape[1],), fmt.scale_dtype, load=pre
+        ),
+    }
 
 
 def read(path: str | Path) -> Checkpoint:
     """Open a TensorRT-LLM checkpoint folder lazily as a canonical checkpoint (only headers are read here):
     qkv split into q/k/v, norms as ``w`` (float32, so that ``1 + w`` rounds back to the stored value),
-    the LM head dropped when config.json shares the embedding table."""
+    W4A16_AWQ projections as records when their pre-quant scales are 1 (as gemport writes them) and as
+    float weights with the pre-quant scale multiplied in otherwise (as ModelOpt exports them), W8A16 /
+    W4A16 ones as the records trtllm-build would make."""
     from converters.hf import TOKENIZER_FILES
 
     path = Path(path)
     if not sniff(path):
         raise InputError(f"not a TensorRT-LLM checkpoint folder (no {CONFIG} and {rank_file(0)})", path)
     cfg, spec, mapping = read_config(path)
-    dtype = {v: k for k, v in DTYPE_NAMES.items()}[cfg["dtype"]]
-    trt = joined_tensors(path, spec, mapping, dtype)
+    trt = joined_tensors(path, spec, mapping, cfg)
     tensors = {
         "model.embed_tokens.weight": _renamed(trt["transformer.vocab_embedding.weight"], "model.embed_tokens.weight")
     }
     for i in range(spec.num_layers):
         for name, (canon, split) in layer_table(spec).items():
-            t = trt[f"transformer.layers.{i}.{name}"]
+            full = f"transformer.layers.{i}.{name}"
+            t = trt[full]
             names = [f"model.layers.{i}.{c}" for c in canon]
+            prequant = trt.get(full.removesuffix(".weight") + ".prequant_scaling_factor")
+            if prequant is not None:
+                t = _with_prequant(t, prequant)
             if split == QKV:
                 tensors.update(_unfused(t, names, spec))
             elif split == WHOLE:
@@ -586,6 +892,16 @@ def read(path: str | Path) -> Checkpoint:
     return ckpt
 
 
+def _with_prequant(t: LazyTensor, prequant: LazyTensor) -> LazyTensor:
+    """The record as it is when every pre-quant scale is 1; otherwise ``W * prequant`` per input column in
+    float32 (the input scaling folded into the weight, exactly what the kernel computes)."""
+    scale = prequant.load()
+    if bool((scale == 1).all()):
+        return t
+    log.info("%s: pre-quant scales folded into the weight (float32)", t.name)
+    return LazyTensor(t.name, t.shape, "f32", load=lambda: t.load().dequantize("f32") * scale.float())
+
+
 def _renamed(t: LazyTensor, name: str) -> LazyTensor:
     return LazyTensor(name, t.shape, t.dtype, load=t.load, quant=t.quant)
 
@@ -595,27 +911,48 @@ def _norm_of(t: LazyTensor, name: str) -> LazyTensor:
 
 
 def _unfused(t: LazyTensor, names: list[str], spec: GemmaSpec) -> dict[str, LazyTensor]:
+    """q, k and v of a joined qkv (a float weight or a record, split by rows alike)."""
     d = spec.head_dim
     sizes = (spec.num_heads * d, spec.num_kv_heads * d, spec.num_kv_heads * d)
     starts = (0, sizes[0], sizes[0] + sizes[1])
+
+    def rows(s: int, size: int):
+        value = t.load()
+        if t.quant is None:
+            return value[s : s + size].contiguous()
+        return QuantizedTensor(
+            value.codes[s : s + size].contiguous(), value.scales[s : s + size].contiguous(), None, value.format
+        )
+
     return {
-        n: LazyTensor(n, (size, t.shape[1]), t.dtype, load=lambda s=s, size=size: t.load()[s : s + size].contiguous())
+        n: LazyTensor(n, (size, t.shape[1]), t.dtype, load=functools.partial(rows, s, size), quant=t.quant)
         for n, s, size in zip(names, starts, sizes, strict=True)
     }
 
 
-QUANT_ALGOS = (None,)
-
-
 def read_quantization(value, file: Path) -> dict:
-    """config.json's ``quantization`` object, its ``quant_algo`` one this reader takes."""
+    """config.json's ``quantization`` object, its ``quant_algo`` one this reader takes (W4A16_AWQ: a positive
+    group_size, no zero point); UnsupportedError naming config.json otherwise."""
     value = value or {}
     if not isinstance(value, dict):
         raise InputError(f"quantization is {_shown(value)}, not an object", file)
     algo = value.get("quant_algo")
+    if algo == W4A16_GPTQ:
+        raise UnsupportedError(
+            "quant_algo W4A16_GPTQ is not read: its weights are laid out for one GPU architecture "
+            "(TensorRT-LLM re-lays W4A16_AWQ weights at load, not GPTQ ones)",
+            file,
+        )
     if algo not in QUANT_ALGOS:
-        known = ", ".join(a for a in QUANT_ALGOS if a) or "none"
+        known = ", ".join(a for a in QUANT_ALGOS if a)
         raise UnsupportedError(f"quant_algo {_shown(algo)} is not read (read: {known}, or null)", file)
     if value.get("kv_cache_quant_algo") is not None:
         raise UnsupportedError(f"kv_cache_quant_algo {_shown(value['kv_cache_quant_algo'])} is not read", file)
+    if algo == W4A16_AWQ:
+        group = value.get("group_size", 128)  # ref: QuantConfig.group_size default
+        if type(group) is not int or group < 1:
+            raise InputError(f"quantization group_size is {_shown(group)}, not an integer >= 1", file)
+        if value.get("has_zero_point"):
+            raise UnsupportedError("W4A16_AWQ with has_zero_point is not read", file)
+        value = {**value, "group_size": group}
     return value

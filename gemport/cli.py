@@ -182,6 +182,13 @@ def _add_quantize_parser(sub) -> None:
     )
     _add_awq_options(s)
     s.add_argument(
+        "--dtype",
+        type=_dtype,
+        choices=DTYPES,
+        help="--to onnx or trtllm: the dtype of the tensors left float (default: the source's; for trtllm bf16 "
+        "when the source is float32, and the scales are made in this dtype)",
+    )
+    s.add_argument(
         "--to",
         dest="dst_format",
         choices=("hf", "gguf", "onnx", "trtllm"),
@@ -189,7 +196,9 @@ def _add_quantize_parser(sub) -> None:
         "whose block types follow --quant, with GPTQ's codes on llama.cpp's block grids (gptq), AWQ-scaled "
         "and clipped weights quantized by llama-quantize's rules (awq), or llama-quantize's own rounding "
         "(rtn); onnx: an onnxruntime(-genai) folder whose projections are MatMulNBits with the group size "
-        "as block size (per-channel scales are repeated per block)",
+        "as block size (per-channel scales are repeated per block); trtllm: a TensorRT-LLM checkpoint whose "
+        "projections are W4A16_AWQ (symmetric int4 groups of any method; AWQ's scales are folded, so the "
+        "pre-quant scales are 1)",
     )
     _add_onnx_options(s)
     _add_trtllm_options(s)
@@ -259,17 +268,26 @@ def _add_trtllm_options(s: argparse.ArgumentParser) -> None:
         metavar="N",
         help="TensorRT-LLM: pipeline-parallel stages, the layers split among them (default 1)",
     )
+    s.add_argument(
+        "--trtllm-rope-scaling",
+        choices=("all", "none"),
+        help="TensorRT-LLM, Gemma 3 with rope scaling (4B and larger): TensorRT-LLM scales every layer's rope "
+        "where transformers scales the global layers only, so such a model is refused unless this says which "
+        "inexact form to write: all (rotary_scaling for every layer) or none (for no layer)",
+    )
 
 
-TRTLLM_FLAGS = ("tp_size", "pp_size")
+TRTLLM_FLAGS = ("tp_size", "pp_size", "trtllm_rope_scaling")
 
 
 def _trtllm_options(args) -> dict:
     if args.dst_format != "trtllm":
         if any(getattr(args, f) is not None for f in TRTLLM_FLAGS):
-            raise UnsupportedError(f"--tp-size and --pp-size apply to --to trtllm, not --to {args.dst_format}")
+            raise UnsupportedError(
+                f"--tp-size, --pp-size and --trtllm-rope-scaling apply to --to trtllm, not --to {args.dst_format}"
+            )
         return {}
-    return {"tp_size": args.tp_size or 1, "pp_size": args.pp_size or 1}
+    return {"tp_size": args.tp_size or 1, "pp_size": args.pp_size or 1, "rope_scaling": args.trtllm_rope_scaling}
 
 
 def _onnx_options(args, bits: int | None = None) -> dict:
@@ -695,9 +713,10 @@ HF_QUANTS = {
 
 
 # convert --to trtllm --quant NAME: TensorRT-LLM's quant_algo names; (method, bits, default group size).
+# w8a16 / w4a16 run no gemport quantizer: the checkpoint holds float weights that trtllm-build quantizes.
 TRTLLM_QUANTS = {
-    "w8a16": ("rtn", 8, None),
-    "w4a16": ("rtn", 4, None),
+    "w8a16": (None, 8, None),
+    "w4a16": (None, 4, None),
     "w4a16-awq": ("awq", 4, 128),
     "w4a16-gptq": ("gptq", 4, 128),
 }
@@ -735,10 +754,15 @@ def _check_quant(args) -> None:
 def cmd_convert(args) -> int:
     args.dst_format = _target(args)
     _check_quant(args)
-    if (args.dst_format in ("hf", "onnx") and args.quant in HF_QUANTS) or args.dst_format == "trtllm" and args.quant:
+    trtllm_quant = TRTLLM_QUANTS.get(args.quant) if args.dst_format == "trtllm" else None
+    if (args.dst_format in ("hf", "onnx") and args.quant in HF_QUANTS) or (trtllm_quant and trtllm_quant[0]):
         return _convert_quantized(args)
     if args.group_size is not None:
+        if trtllm_quant:
+            raise UnsupportedError(f"--quant {args.quant} has one scale per output channel: it takes no --group-size")
         raise UnsupportedError("--group-size applies to --to trtllm --quant w4a16-awq|w4a16-gptq")
+    if args.dst_format == "trtllm" and (args.pure or args.imatrix or args.calibrate or args.jobs):
+        raise UnsupportedError("--pure, --imatrix, --calibrate and --jobs apply to --to gguf, not --to trtllm")
     onnx_flags = any(getattr(args, f) not in (None, False) for f in (*ONNX_FLAGS, "block_size"))
     if onnx_flags and args.dst_format != "onnx":
         raise UnsupportedError(
@@ -762,14 +786,14 @@ def cmd_convert(args) -> int:
             raise UnsupportedError(
                 "--max-shard-size, --pure, --imatrix, --calibrate and --jobs do not apply to --to onnx"
             )
+    elif args.dst_format == "trtllm":
+        if args.max_shard_size:
+            raise UnsupportedError("--max-shard-size does not apply to --to trtllm (one rank file per rank)")
+        options = {"dtype": args.dtype, "overwrite": args.overwrite, "quant": args.quant and args.quant.upper()}
     elif args.quant or args.pure or args.imatrix or args.calibrate or args.jobs:
         flags = "--quant, --pure, --imatrix, --calibrate and --jobs"
         raise UnsupportedError(f"{flags} apply to --to gguf, not --to {args.dst_format}")
-    if args.dst_format == "trtllm" and args.max_shard_size:
-        raise UnsupportedError("--max-shard-size does not apply to --to trtllm (one rank file per rank)")
     options |= _trtllm_options(args)
-    if args.dst_format == "trtllm":
-        del options["max_shard_bytes"]
     if args.allow_fp16_overflow:
         options["allow_fp16_overflow"] = True
     out = writer.write(ckpt, args.dst, **options)
@@ -842,9 +866,16 @@ def cmd_quantize(args) -> int:
     elif args.bits is None:
         raise UnsupportedError("--bits 4 or 8 is required (with --to gguf, --quant TYPE may set it instead)")
     _check_method_options(args)
+    if args.dtype and args.dst_format not in ("onnx", "trtllm"):
+        raise UnsupportedError(f"--dtype applies to --to onnx and trtllm, not --to {args.dst_format}")
     _check_destination(args.dst, args.overwrite)
-    method = {"rtn": _rtn_method, "awq": _awq_method, "gptq": _gptq_method}[args.method](args)
     src_fmt, ckpt = _read(args.src, args.src_format, args)
+    if args.dst_format == "trtllm" and args.scale_dtype is None:  # scales stored as they are made
+        source = ckpt.tensors["model.embed_tokens.weight"].dtype
+        args.scale_dtype = args.dtype or (source if source in ("bf16", "f16") else "bf16")
+    method = {"rtn": _rtn_method, "awq": _awq_method, "gptq": _gptq_method}[args.method](args)
+    if args.dst_format == "trtllm":
+        _check_trtllm_plan(args, ckpt, method.keywords["config"])
     log.info("%s (%s) -> %s: %s", args.src, src_fmt, args.dst, method.keywords["config"])
     if args.dst_format == "gguf":
         return _quantize_to_gguf(args, ckpt, method)
@@ -852,11 +883,11 @@ def cmd_quantize(args) -> int:
         raise UnsupportedError(f"--quant applies to --to gguf, not --to {args.dst_format}")
     options = {"overwrite": args.overwrite, **_trtllm_options(args)}
     if args.dst_format == "onnx":
-        options |= {"dtype": getattr(args, "dtype", None), **_onnx_options(args, args.bits)}
+        options |= {"dtype": args.dtype, **_onnx_options(args, args.bits)}
     elif any(getattr(args, f) not in (None, False) for f in ONNX_FLAGS):
         raise UnsupportedError("--plain-ops, --accuracy-level, --head-bits and --context-length apply to --to onnx")
     if args.dst_format == "trtllm":
-        options["dtype"] = getattr(args, "dtype", None)
+        options["dtype"] = args.dtype
     quantized = method(ckpt)
     out = registry.get(args.dst_format).load().write(quantized, args.dst, **options)
     if args.dst_format == "onnx":
@@ -868,6 +899,26 @@ def cmd_quantize(args) -> int:
         detail = f"{manifest['quantized']} tensors quantized, {len(manifest['kept'])} kept"
     _finish(args, out, f"{args.method}, {detail}")
     return 0
+
+
+def _check_trtllm_plan(args, ckpt, config) -> None:
+    """What the TensorRT-LLM writer would refuse, refused before the quantizer runs."""
+    from converters import trtllm
+    from quantizers.record import QuantFormat
+
+    if args.dtype == "f32":
+        raise UnsupportedError("weight-only quantized TensorRT-LLM checkpoints compute in 16 bits: --dtype bf16 or f16")
+    if getattr(config, "embedding_bits", None) is not None:
+        raise UnsupportedError(
+            "a TensorRT-LLM checkpoint takes quantized decoder projections only, not model.embed_tokens.weight"
+        )
+    mapping = trtllm.Mapping(args.tp_size or 1, args.pp_size or 1)
+    trtllm.check_mapping(ckpt.spec, mapping, args.src)
+    fmt = QuantFormat(config.bits, config.group_size, config.symmetric, args.scale_dtype)
+    try:
+        trtllm.check_awq_format(ckpt.spec, mapping, fmt)
+    except UnsupportedError as exc:
+        raise UnsupportedError(str(exc), args.src) from None
 
 
 def _check_gguf_quantize(args) -> None:

@@ -70,6 +70,17 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 # GGUF cannot state the attention scale: llama.cpp derives it from head_dim (ref: models/gemma2.cpp,
 # gemma3.cpp load_arch_hparams), so the GGUF parity case uses that scalar and the refusal test the other.
 GGUF_EXPRESSIBLE = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3": {"query_pre_attn_scalar": 16}}
+# TensorRT-LLM scales the sliding layers' rope too (converters/trtllm.py ``_rope_for_trtllm``): its parity case
+# has a Gemma 3 with no rope scaling, and the refusal test the scaled one.
+TRTLLM_EXPRESSIBLE = {
+    "gemma3": {
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+        }
+    }
+}
+EXPRESSIBLE = {"gguf": GGUF_EXPRESSIBLE, "trtllm": TRTLLM_EXPRESSIBLE}
 WRITERS = ("hf", "gguf", "onnx", "jax", "trtllm")
 
 
@@ -98,7 +109,7 @@ def destination(tmp_path: Path, writer: str) -> Path:
 def test_every_writer_follows_the_reference(family, writer, corpus, tmp_path, capsys):
     if writer == "jax" and not VENV_PYTHON.is_file():
         pytest.skip("the gemma library's environment (build/gemma-venv, `make gemma-venv`) is absent")
-    extra = GGUF_EXPRESSIBLE.get(family, {}) if writer == "gguf" else {}
+    extra = EXPRESSIBLE.get(writer, {}).get(family, {})
     reference = make_reference(tmp_path / "ref", family, **extra)
     out = destination(tmp_path, writer)
     assert main(["convert", str(reference), str(out), "--to", writer]) == 0, capsys.readouterr().err
@@ -148,6 +159,8 @@ REFUSED = [
     ("gemma3", "jax", {"_rope": "yarn"}, "config.json: rope_parameters.full_attention.rope_type = 'yarn'"),
     ("gemma", "gguf", {"_rope": "dynamic"}, "config.json: rope_parameters.rope_type = 'dynamic'"),
     ("gemma2", "onnx", {"_rope": "dynamic"}, "config.json: rope_parameters.rope_type = 'dynamic'"),
+    ("gemma3", "trtllm", {}, "TensorRT-LLM applies rotary_scaling to the sliding layers too"),
+    ("gemma", "trtllm", {"_rope": "dynamic"}, "TensorRT-LLM writer takes linear rope scaling"),
 ]
 
 

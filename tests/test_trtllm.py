@@ -16,6 +16,23 @@ from tests.test_bad_input import assert_nothing_left, assert_one_line_error
 from validation.validate import validate
 
 VARIANTS = ("gemma-mha", "gemma-mqa", "gemma2", "gemma3")
+# TensorRT-LLM scales the sliding layers' rope too, so the Gemma 3 TensorRT-LLM can compute has no rope scaling
+# (the scaled tiny Gemma 3: test_rope_scaling_of_gemma3_is_a_stated_choice).
+UNSCALED = {
+    "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """The tiny variants, Gemma 3 without rope scaling."""
+    from tests.tiny import make_tiny
+
+    gemma3 = make_tiny("gemma3", tmp_path_factory.mktemp("trtllm") / "gemma3", rope_parameters=UNSCALED)
+    return {**tiny_models, "gemma3": gemma3}
+
+
 # (tp, pp): the tiny models have 4 heads and 1, 2 or 4 KV heads; pp 2 puts one or two layers per stage.
 MAPPINGS = ((1, 1), (2, 1), (4, 1), (2, 2))
 TORCH = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -28,9 +45,13 @@ def _write(src: Path, dst: Path, dtype: str = "f32", tp: int = 1, pp: int = 1) -
 @pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
 @pytest.mark.parametrize("tp,pp", MAPPINGS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_round_trip_is_exact(tiny_models, tmp_path, variant, tp, pp, dtype):
-    src = hf.read(tiny_models[variant])
-    back = trtllm.read(_write(tiny_models[variant], tmp_path / "out", dtype, tp, pp))
+def test_round_trip_is_exact(models, tmp_path, variant, tp, pp, dtype):
+    src = hf.read(models[variant])
+    back = trtllm.read(_write(models[variant], tmp_path / "out", dtype, tp, pp))
+    if pp > 1 and src.spec.tie_embeddings:  # the LM head is written on the last stage, away from the embedding
+        assert not back.spec.tie_embeddings
+        assert torch.equal(back.tensors.pop("lm_head.weight").load(), back.tensors["model.embed_tokens.weight"].load())
+        back.spec = src.spec
     assert back.spec == src.spec
     assert set(back.tensors) == set(src.tensors)
     for name, t in src.tensors.items():
@@ -72,15 +93,16 @@ def test_rank_files_follow_the_sharding_rules(tiny_models, tmp_path):
         assert torch.equal(
             rank["transformer.layers.1.post_layernorm.weight"], w[p + "post_attention_layernorm.weight"] + 1
         )
-        assert torch.equal(rank["transformer.vocab_embedding.weight"], w["model.embed_tokens.weight"])
+        embed = rank["transformer.vocab_embedding.weight"]  # use_parallel_embedding: tp_size > 1 for Gemma
+        assert torch.equal(embed, w["model.embed_tokens.weight"][r * 256 : (r + 1) * 256])
         assert torch.equal(rank["lm_head.weight"], w["lm_head.weight"][r * 256 : (r + 1) * 256])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_config_states_every_field_the_model_reads(tiny_models, tmp_path, variant):
-    src = hf.read(tiny_models[variant])
+def test_config_states_every_field_the_model_reads(models, tmp_path, variant):
+    src = hf.read(models[variant])
     spec = src.spec
-    cfg = json.loads((_write(tiny_models[variant], tmp_path / "out", "bf16", tp=2) / "config.json").read_text())
+    cfg = json.loads((_write(models[variant], tmp_path / "out", "bf16", tp=2) / "config.json").read_text())
     assert cfg["architecture"] == trtllm.ARCHITECTURES[spec.family]
     assert cfg["dtype"] == "bfloat16" and cfg["mapping"] == {"world_size": 2, "tp_size": 2, "pp_size": 1}
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_size"]) == (4, spec.num_kv_heads, 16)
@@ -95,25 +117,26 @@ def test_config_states_every_field_the_model_reads(tiny_models, tmp_path, varian
         )
     if spec.family == "gemma3":
         assert cfg["rope_local_base_freq"] == 1e4 and cfg["_sliding_window_pattern"] == 2
-        assert cfg["rotary_scaling"] == {"type": "linear", "factor": 2.0} and cfg["sliding_window"] == 16
+        assert cfg["rotary_base"] == 1e6 and cfg["rotary_scaling"] is None and cfg["sliding_window"] == 16
+    assert cfg["share_embedding_table"] == spec.tie_embeddings and cfg["use_parallel_embedding"] is True
 
 
 @pytest.mark.parametrize("tp,pp", MAPPINGS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_layout_runtime_matches_transformers(tiny_models, corpus, tmp_path, variant, tp, pp):
-    out = _write(tiny_models[variant], tmp_path / "out", "f32", tp, pp)
-    report = validate(out, tiny_models[variant], corpus, n_ctx=64, n_windows=2)
+def test_layout_runtime_matches_transformers(models, corpus, tmp_path, variant, tp, pp):
+    out = _write(models[variant], tmp_path / "out", "f32", tp, pp)
+    report = validate(out, models[variant], corpus, n_ctx=64, n_windows=2)
     assert report.runtime_kind == "layout" and "not TensorRT-LLM" in report.runtime
     assert abs(report.metrics.kld) < 1e-6 and report.metrics.top1_pct == 100.0, report.metrics
 
 
-def test_the_layout_runtime_can_fail(tiny_models, corpus, tmp_path):
+def test_the_layout_runtime_can_fail(models, corpus, tmp_path):
     """A checkpoint whose config.json misstates one field the model reads scores far from the reference."""
-    out = _write(tiny_models["gemma3"], tmp_path / "out", "f32", tp=2)
+    out = _write(models["gemma3"], tmp_path / "out", "f32", tp=2)
     cfg = json.loads((out / "config.json").read_text())
     cfg["rope_local_base_freq"] = cfg["rotary_base"]
     (out / "config.json").write_text(json.dumps(cfg))
-    report = validate(out, tiny_models["gemma3"], corpus, n_ctx=64, n_windows=2, default_gates=False)
+    report = validate(out, models["gemma3"], corpus, n_ctx=64, n_windows=2, default_gates=False)
     assert report.metrics.kld > 1e-4, report.metrics
 
 
@@ -153,8 +176,8 @@ def test_tp_that_does_not_divide_the_heads_is_refused(tiny_models, tmp_path, cap
     assert_nothing_left(dst)
 
 
-def _damaged(tiny_models, tmp_path, damage) -> Path:
-    folder = _write(tiny_models["gemma3"], tmp_path / "ckpt", "bf16", tp=2)
+def _damaged(models, tmp_path, damage) -> Path:
+    folder = _write(models["gemma3"], tmp_path / "ckpt", "bf16", tp=2)
     damage(folder)
     return folder
 
@@ -191,18 +214,23 @@ BAD = {
     ),
     "world size lies": (_edit_config(mapping={"world_size": 3}), "config.json", "world_size 3"),
     "truncated rank file": (_truncate, "rank1.safetensors", "truncated"),
-    "rank file of another mapping": (_swap_ranks, "rank0.safetensors", "transformer.layers.0.attention.qkv.weight"),
+    "rank file of another mapping": (
+        _swap_ranks,
+        "rank0.safetensors",
+        "transformer.vocab_embedding.weight is bf16 [512, 64]",
+    ),
     "not a gemma": (_edit_config(architecture="LlamaForCausalLM"), "config.json", "LlamaForCausalLM"),
     "bad field": (_edit_config(num_hidden_layers="4"), "config.json", "num_hidden_layers"),
     "bad dtype": (_edit_config(dtype="int8"), "config.json", "dtype"),
     "unknown quant algo": (_edit_config(quantization={"quant_algo": "FP8"}), "config.json", "FP8"),
+    "gptq layout": (_edit_config(quantization={"quant_algo": "W4A16_GPTQ"}), "config.json", "one GPU architecture"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_checkpoint_is_one_line(tiny_models, tmp_path, capsys, case):
+def test_bad_checkpoint_is_one_line(models, tmp_path, capsys, case):
     damage, file_name, words = BAD[case]
-    folder = _damaged(tiny_models, tmp_path, damage)
+    folder = _damaged(models, tmp_path, damage)
     dst = tmp_path / "dst"
     code = main(["convert", str(folder), str(dst), "--to", "hf"])
     assert_one_line_error(code, capsys.readouterr().err, str(folder / file_name) if file_name else str(folder), words)
@@ -212,9 +240,11 @@ def test_bad_checkpoint_is_one_line(tiny_models, tmp_path, capsys, case):
 @pytest.mark.parametrize(
     "argv,words",
     [
-        (["--to", "hf", "--tp-size", "2"], "--tp-size and --pp-size apply to --to trtllm"),
+        (["--to", "hf", "--tp-size", "2"], "--tp-size, --pp-size and --trtllm-rope-scaling apply to --to trtllm"),
         (["--to", "trtllm", "--quant", "int4"], "--to trtllm takes --quant w8a16"),
         (["--to", "trtllm", "--quant", "w4a16", "--group-size", "64"], "takes no --group-size"),
+        (["--to", "trtllm", "--quant", "w8a16", "--dtype", "f32"], "compute in 16 bits"),
+        (["--to", "onnx", "--trtllm-rope-scaling", "all"], "apply to --to trtllm"),
         (["--to", "hf", "--quant", "w4a16-awq"], "is for --to trtllm"),
         (["--to", "trtllm", "--max-shard-size", "1M"], "--max-shard-size does not apply to --to trtllm"),
         (["--to", "gguf", "--group-size", "64"], "--group-size applies to --to trtllm"),
@@ -225,3 +255,104 @@ def test_options_of_other_targets_are_refused(tiny_models, tmp_path, capsys, arg
     code = main(["convert", str(tiny_models["gemma-mha"]), str(dst), *argv])
     assert_one_line_error(code, capsys.readouterr().err, words)
     assert_nothing_left(dst)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantization
+
+
+def test_int4_packing_is_modelopts_and_inverts():
+    """Rows 2j, 2j + 1 in the low and high nibble, two's complement (ModelOpt's to_quantized_weight)."""
+    codes = torch.arange(-8, 8, dtype=torch.int8).repeat(2, 1).T.contiguous()  # [16, 2]: every value
+    packed = trtllm.pack_int4_rows(codes)
+    assert packed.dtype == torch.int8 and packed.shape == (8, 2)
+    assert int(packed[0, 0]) == ((-8 & 0xF) | ((-7 & 0xF) << 4)) - 256  # 0x98 as int8
+    assert torch.equal(trtllm.unpack_int4_rows(packed), codes)
+
+
+def test_weight_only_record_is_trtllms_rule():
+    """amax / 128 (int8) or amax / 8 (int4) per output row, halves rounded away from zero, clamped."""
+    w = torch.tensor([[1.0, -0.5, 0.25, 0.0], [2.0, 2.0, -2.0, 0.0625]])
+    r8 = trtllm.weight_only_record(w, 8, "f32")
+    assert torch.equal(r8.scales, torch.tensor([[1 / 128], [2 / 128]]))
+    assert r8.codes.tolist() == [[127, -64, 32, 0], [127, 127, -128, 4]]
+    r4 = trtllm.weight_only_record(torch.tensor([[0.5, -0.75, 0.25, 8.0]]), 4, "bf16")
+    assert r4.codes.tolist() == [[1, -1, 0, 7]] and r4.scales.dtype == torch.bfloat16  # 0.5 -> 1, -0.75 -> -1
+
+
+@pytest.mark.parametrize("tp", [1, 2])  # hidden 64 at tp 4: 16 columns of dense per rank, less than a group
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_int4_records_round_trip_exactly(models, tmp_path, variant, tp):
+    from quantizers.rtn import RTNConfig, quantize
+
+    records = quantize(hf.read(models[variant]), RTNConfig(bits=4, group_size=32, scale_dtype="bf16"))
+    out = trtllm.write(records, tmp_path / "out", tp_size=tp)
+    cfg = json.loads((out / "config.json").read_text())["quantization"]
+    assert cfg == {
+        "quant_algo": "W4A16_AWQ",
+        "kv_cache_quant_algo": None,
+        "group_size": 32,
+        "has_zero_point": False,
+        "pre_quant_scale": True,
+        "exclude_modules": None,
+    }
+    back = trtllm.read(out)
+    for name, t in records.quantized().items():
+        got, want = back.tensors[name].load(), t.load()
+        assert back.tensors[name].quant == t.quant, name
+        assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales), name
+
+
+@pytest.mark.parametrize("quant", ["W8A16", "W4A16"])
+def test_weight_only_checkpoint_holds_floats_that_trtllm_build_quantizes(models, corpus, tmp_path, quant):
+    src = hf.read(models["gemma-mqa"])
+    out = trtllm.write(src, tmp_path / "out", dtype="bf16", tp_size=2, quant=quant)
+    assert json.loads((out / "config.json").read_text())["quantization"]["quant_algo"] == quant
+    back = trtllm.read(out)
+    name = "model.layers.1.mlp.down_proj.weight"
+    bits = 8 if quant == "W8A16" else 4
+    want = trtllm.weight_only_record(src.tensors[name].load().to(torch.bfloat16), bits, "bf16")
+    got = back.tensors[name].load()
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+    report = validate(out, models["gemma-mqa"], corpus, n_ctx=64, n_windows=2, default_gates=False)
+    assert report.kind == f"{bits}-bit" and report.metrics.kld > 0
+
+
+def test_gptq_records_go_to_the_awq_layout(models, tmp_path, capsys):
+    dst = tmp_path / "out"
+    argv = ["quantize", str(models["gemma2"]), str(dst), "--method", "gptq", "--bits", "4", "--group-size", "32"]
+    assert main([*argv, "--to", "trtllm", "--calib-tokens", "256", "--calib-ctx", "64", "--tp-size", "2"]) == 0
+    manifest = json.loads((dst / "gemport.json").read_text())
+    assert manifest["quant_algo"] == "W4A16_AWQ" and manifest["quantization"]["method"] == "gptq"
+    assert json.loads((dst / "config.json").read_text())["dtype"] == "bfloat16"  # f32 source, 16-bit kernels
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--bits", "8"], "int8 per-channel sym (bf16 scales) records"),
+        (["--bits", "4", "--group-size", "32", "--asym"], "int4 g32 asym"),
+        (["--bits", "4", "--group-size", "64", "--tp-size", "2"], "are not whole groups of 64"),
+        (["--bits", "4", "--group-size", "32", "--dtype", "f32"], "compute in 16 bits"),
+        (["--bits", "4", "--group-size", "32", "--embedding-bits", "8"], "not model.embed_tokens.weight"),
+        (["--bits", "4", "--group-size", "32", "--tp-size", "3"], "tp_size 3 does not divide the 4 attention heads"),
+    ],
+)
+def test_records_trtllm_cannot_hold_are_refused(models, tmp_path, capsys, argv, words):
+    dst = tmp_path / "out"
+    code = main(["quantize", str(models["gemma-mha"]), str(dst), "--to", "trtllm", *argv])
+    assert_one_line_error(code, capsys.readouterr().err, words)
+    assert_nothing_left(dst)
+
+
+@pytest.mark.parametrize("choice", ["all", "none"])
+def test_rope_scaling_of_gemma3_is_a_stated_choice(tiny_models, corpus, tmp_path, capsys, choice):
+    """TensorRT-LLM cannot scale the global layers' rope alone: the scaled tiny Gemma 3 is refused (test_family_
+    semantics), written on request, and the layout runtime, which scales as TensorRT-LLM does, shows the cost."""
+    dst = tmp_path / "out"
+    argv = ["convert", str(tiny_models["gemma3"]), str(dst), "--to", "trtllm", "--trtllm-rope-scaling", choice]
+    assert main(argv) == 0
+    cfg = json.loads((dst / "config.json").read_text())
+    assert cfg["rotary_scaling"] == ({"type": "linear", "factor": 2.0} if choice == "all" else None)
+    report = validate(dst, tiny_models["gemma3"], corpus, n_ctx=64, n_windows=2, default_gates=False)
+    assert report.metrics.kld > 1e-4, report.metrics

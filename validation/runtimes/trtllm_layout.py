@@ -13,10 +13,12 @@ config.json and the rank files only, and computes what that model computes, in f
 - attention scores ``q.k / (sqrt(head_size) * q_scaling)``, ``q_scaling =
   sqrt(query_pre_attn_scalar / head_size)`` for Gemma 2 and 3, 1 for Gemma 1 (ref: model.py
   ``GemmaDecoderLayer``), Gemma 2's ``attn_logit_softcapping`` as ``tanh(s / c) * c``;
+- Gemma 3's q/k norms with eps 1e-5 (TensorRT-LLM passes them no eps; transformers uses rms_norm_eps);
 - GPT-NeoX rotary (rotate half) with ``rotary_base`` and linear ``rotary_scaling``; Gemma 3's
   sliding layers (layer i with ``(i + 1) % _sliding_window_pattern != 0``) use
-  ``rope_local_base_freq`` and no scaling; sliding layers see the last ``sliding_window`` keys
-  (Gemma 2: every even layer, the windows build-engine.sh passes at run time);
+  ``rope_local_base_freq`` with the same scaling (TensorRT-LLM builds the local table with it; ref:
+  tensorrt_llm/layers/attention.py ``create_attention_const_params``); sliding layers see the last
+  ``sliding_window`` keys (Gemma 2: every even layer, the windows build-engine.sh passes at run time);
 - MLP ``proj(gelu_tanh(fc(x)) * gate(x))``; ``ln_f``, the LM head, ``final_logit_softcapping``.
 
 ``kind`` is "layout": a match proves the layout and the arithmetic, not TensorRT-LLM's kernels.
@@ -34,6 +36,10 @@ from validation.runtimes import LAYOUT
 
 log = logging.getLogger(__name__)
 
+# Gemma 3's q/k norms take the Attention layer's default eps, not norm_epsilon (ref: model.py
+# GemmaDecoderLayer passes no eps to Attention; tensorrt_llm/layers/attention.py ``Attention(eps=1e-05)``).
+QK_NORM_EPS = 1e-5
+
 
 class TrtllmLayoutRuntime:
     kind = LAYOUT
@@ -41,18 +47,19 @@ class TrtllmLayoutRuntime:
     def __init__(self, path: Path):
         import torch
 
-        from converters.trtllm import DTYPE_NAMES, joined_tensors, read_config, sliding_pattern
+        from converters.trtllm import joined_tensors, read_config, sliding_pattern
 
         self.cfg, spec, mapping = read_config(path)
-        dtype = {v: k for k, v in DTYPE_NAMES.items()}[self.cfg["dtype"]]
         self.name = (
             f"TensorRT-LLM layout runtime (plain torch, fp32, CPU; {self.cfg['dtype']} checkpoint, "
             f"tp {mapping.tp_size} pp {mapping.pp_size}): not TensorRT-LLM"
         )
         log.info("loading %s with the %s", path, self.name)
-        self.weights = {
-            n: t.dequantized("f32").load().float() for n, t in joined_tensors(path, spec, mapping, dtype).items()
-        }
+        tensors = joined_tensors(path, spec, mapping, self.cfg)
+        self.weights = {n: t.dequantized("f32").load().float() for n, t in tensors.items()}
+        for name in [n for n in self.weights if n.endswith(".prequant_scaling_factor")]:  # y = (x * s) @ W.T
+            weight = name.removesuffix("prequant_scaling_factor") + "weight"
+            self.weights[weight] = self.weights[weight] * self.weights.pop(name)
         self.spec, self.vocab_size = spec, spec.vocab_size
         self.embed_scale = float(torch.tensor(math.sqrt(spec.hidden_size), dtype=getattr(torch, self.cfg["dtype"])))
         pattern = sliding_pattern(spec) if spec.family != "gemma" else 0
@@ -61,10 +68,11 @@ class TrtllmLayoutRuntime:
         q_scaling = math.sqrt(scalar / spec.head_dim) if scalar else 1.0
         self.score_scale = 1.0 / (math.sqrt(spec.head_dim) * q_scaling)
 
-    def _norm(self, x, w):
+    def _norm(self, x, w, eps: float | None = None):
         import torch
 
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.spec.rms_eps) * w
+        eps = self.spec.rms_eps if eps is None else eps
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
     def _rope(self, n: int, layer: int):
         import torch
@@ -72,7 +80,7 @@ class TrtllmLayoutRuntime:
         spec, cfg = self.spec, self.cfg
         base, scaling = cfg["rotary_base"], cfg.get("rotary_scaling")
         if self.sliding[layer] and spec.family == "gemma3":
-            base, scaling = cfg["rope_local_base_freq"], None
+            base = cfg["rope_local_base_freq"]  # the scaling stays: the local table is made with it too
         d = spec.head_dim
         inv = 1.0 / (float(base) ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
         pos = torch.arange(n, dtype=torch.float64) / (scaling["factor"] if scaling else 1.0)
@@ -96,7 +104,8 @@ class TrtllmLayoutRuntime:
         q, k, v = qkv.split([h * d, kv * d, kv * d], -1)
         q, k, v = (t.reshape(n, -1, d).transpose(0, 1) for t in (q, k, v))
         if spec.qk_norm:
-            q, k = self._norm(q, w[p + "q_layernorm.weight"]), self._norm(k, w[p + "k_layernorm.weight"])
+            q = self._norm(q, w[p + "q_layernorm.weight"], QK_NORM_EPS)
+            k = self._norm(k, w[p + "k_layernorm.weight"], QK_NORM_EPS)
         cos, sin = self._rope(n, i)
         q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         k, v = (t.repeat_interleave(h // kv, 0) for t in (k, v))
