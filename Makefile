@@ -16,8 +16,13 @@ LLAMACPP_SRC := build/llama.cpp/llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llam
 GEMMA_VENV := build/gemma-venv
 GEMMA_STAMP := $(GEMMA_VENV)/.installed
 GEMMA_REQS := requirements/gemma-runtime.txt
+# NVIDIA ModelOpt, the oracle for TensorRT-LLM checkpoints (tests/modelopt_export.py), in its own venv: it
+# pins an older transformers than gemport. The pins (the whole installed set) are in MODELOPT_REQS.
+MODELOPT_VENV := build/modelopt-venv
+MODELOPT_STAMP := $(MODELOPT_VENV)/.installed
+MODELOPT_REQS := requirements/modelopt-runtime.txt
 
-.PHONY: venv demo demo-model llamacpp-src gemma-venv test lint bench fuzz clean
+.PHONY: venv demo demo-model llamacpp-src gemma-venv modelopt-venv test lint bench fuzz clean
 
 venv: $(STAMP)
 
@@ -53,13 +58,24 @@ $(GEMMA_STAMP): $(GEMMA_REQS)
 	$(GEMMA_VENV)/bin/python -I -c "from gemma import gm; gm.ckpts.load_params; gm.nn.Gemma3_270M"
 	touch $@
 
+modelopt-venv: $(MODELOPT_STAMP)
+
+# --no-deps: the requirements file is the complete set; pip's resolver never runs (see the file's header).
+# The check also proves torch is the CPU build.
+$(MODELOPT_STAMP): $(MODELOPT_REQS)
+	rm -rf $(MODELOPT_VENV)
+	$(PYTHON) -m venv $(MODELOPT_VENV)
+	$(MODELOPT_VENV)/bin/pip install --quiet --no-deps --prefer-binary -r $(MODELOPT_REQS)
+	$(MODELOPT_VENV)/bin/python -I -W ignore -c "import modelopt.torch.export as e, modelopt.torch.quantization as q, torch, transformers; e.export_tensorrt_llm_checkpoint; q.INT4_AWQ_CFG; transformers.GemmaForCausalLM; assert torch.version.cuda is None, torch.__version__"
+	touch $@
+
 demo: demo-model
 	rm -rf $(DEMO_OUT)
 	$(BIN)/gemport convert $(DEMO) $(DEMO_OUT) --to hf --dtype f32
 	$(BIN)/gemport validate $(DEMO_OUT) --reference $(DEMO) --windows $(WINDOWS) \
 		--max-kld 1e-5 --max-ppl-delta 0.01 --json build/demo/validate.json
 
-test: demo-model llamacpp-src gemma-venv
+test: demo-model llamacpp-src gemma-venv modelopt-venv
 	$(BIN)/ruff check gemport converters quantizers validation tests bench
 	$(BIN)/python -m pytest -q -ra
 
