@@ -32,10 +32,11 @@ model.layers.0.self_attn.q_proj):
     {name}.amax             the weight quantizer's amax, [out, in/group], model dtype
 
 (metadata: seed, calib_tokens, calib_windows, group_size). They are taken AFTER the export on purpose:
-the export mutates the modules it fuses (q/k/v into qkv; gate/up, which stay two tensors but are
-"fused" for this purpose): each group gets the MEAN of its pre_quant_scales, each weight is rescaled by
-own_pqs / mean_pqs and its amax recalibrated (ref: modelopt/torch/export/quant_utils.py
-preprocess_linear_fusion, called from layer_utils.py build_qkv and build_mlp_config).
+the export mutates the q/k/v modules it fuses into qkv: each gets the MEAN of the three pre_quant_scales,
+its weight is rescaled by own_pqs / mean_pqs and its amax recalibrated (ref:
+modelopt/torch/export/quant_utils.py preprocess_linear_fusion, called from layer_utils.py build_qkv).
+gate_proj/up_proj keep their own pre_quant_scales (build_mlp_config resmooths them only when merging
+gate and fc, or for FP8/NVFP4).
 
 Exported AWQ tensors (ModelOpt 0.37.0; each fact checked numerically on the tiny models), per layer i:
 transformer.layers.{i}.attention.qkv / attention.dense / mlp.fc / mlp.gate / mlp.proj, each with
@@ -51,9 +52,9 @@ build_mlp_config). lm_head is not quantized (INT4_AWQ_CFG disables "*lm_head*").
 * weights_scaling_factor: float32 whatever the export dtype, [out, in/group], s = amax.float() / 7
   exactly (ref: quant_utils.py get_scaling_factor; postprocess.py postprocess_tensors casts only
   weight/bias/prequant_scaling_factor to the export dtype).
-* prequant_scaling_factor: export dtype, 1-D [in]: the (group-mean) pre_quant_scale, NOT folded into
-  weight or scales; the runtime multiplies the activations by it. 1/pre_quant_scale is already inside
-  W' (awq_lite smooths the weight before calibrating its amax, ref:
+* prequant_scaling_factor: export dtype, 1-D [in]: the pre_quant_scale (qkv: the q/k/v mean), NOT
+  folded into weight or scales; the runtime multiplies the activations by it. 1/pre_quant_scale is
+  already inside W' (awq_lite smooths the weight before calibrating its amax, ref:
   modelopt/torch/quantization/model_calib.py apply_pre_quant_scale_and_smooth).
 * fake_weight = round(W'.float() * (7 / amax.float())) / (7 / amax.float()), cast to the model dtype
   (ref: modelopt/torch/quantization/tensor_quant.py _tensor_quant, the CPU path). So
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             "calib_tokens": str(args.calib_tokens),
             "calib_windows": str(n_windows),
             "group_size": str(args.group_size),
-            "taken": "after export_tensorrt_llm_checkpoint (fused groups resmoothed)",
+            "taken": "after export_tensorrt_llm_checkpoint (q/k/v resmoothed to their mean pre_quant_scale)",
         }
         save_file(fake_quant_tensors(model), args.out_dir / "fake_quant.safetensors", metadata=meta)
     print(json.dumps({"out_dir": str(args.out_dir), "tp": args.tp, "awq": args.awq}))
