@@ -127,7 +127,8 @@ def trtllm_config(spec: GemmaSpec, dtype: str, mapping: Mapping, quantization: d
         "rotary_base": spec.rope_theta,
         "rotary_scaling": _rotary_scaling(spec.rope_scaling),
         "share_embedding_table": shares_embedding(spec, mapping),
-        "use_parallel_embedding": mapping.tp_size > 1,  # ref: gemma/config.py GemmaConfig: tp_size > 1
+        # GemmaConfig sets it to tp_size > 1 whatever is written (ref: gemma/config.py); ModelOpt writes true
+        "use_parallel_embedding": True,
         "embedding_sharding_dim": 0,
         "mapping": {"world_size": mapping.world_size, "tp_size": mapping.tp_size, "pp_size": mapping.pp_size},
         "quantization": quantization or {"quant_algo": None, "kv_cache_quant_algo": None},
@@ -253,9 +254,12 @@ def part_shape(split: str, spec: GemmaSpec, tp: int, tp_rank: int, shape: tuple[
     return (spec.num_heads // tp + 2 * len(kv_heads_of(tp_rank, spec, tp))) * spec.head_dim, cols
 
 
-def rank_tensors(ckpt: Checkpoint, dtype: str, mapping: Mapping, rank: int, awq: bool = False) -> list[LazyTensor]:
+def rank_tensors(
+    ckpt: Checkpoint, dtype: str, mapping: Mapping, rank: int, awq: bool = False, scales_as_stored: bool = False
+) -> list[LazyTensor]:
     """The tensors of rank ``rank`` in TensorRT-LLM's names, shapes and order, floats cast to ``dtype``;
-    with ``awq`` every projection is a record written in the W4A16_AWQ layout (three tensors)."""
+    with ``awq`` every projection is a record written in the W4A16_AWQ layout (three tensors), its scales
+    in ``dtype`` or, ``scales_as_stored``, in the records' scale dtype (what the reader expects to find)."""
     spec, tp = ckpt.spec, mapping.tp_size
     tp_rank, pp_rank = rank % tp, rank // tp
     out: list[LazyTensor] = []
@@ -275,7 +279,8 @@ def rank_tensors(ckpt: Checkpoint, dtype: str, mapping: Mapping, rank: int, awq:
             cut = cutter(split, spec, tp, tp_rank)
             shape = part_shape(split, spec, tp, tp_rank, tensors[0].shape)
             if awq:
-                out.extend(awq_tensors(local + name.removesuffix(".weight"), tensors, cut, shape, dtype))
+                scale_dtype = tensors[0].quant.scale_dtype if scales_as_stored else dtype
+                out.extend(awq_tensors(local + name.removesuffix(".weight"), tensors, cut, shape, dtype, scale_dtype))
             else:
                 load = functools.partial(_cut_float, tensors, cut, dtype)
                 out.append(LazyTensor(local + name, shape, dtype, load=load))
@@ -288,9 +293,11 @@ def rank_tensors(ckpt: Checkpoint, dtype: str, mapping: Mapping, rank: int, awq:
 
 
 def norm_weight(w, dtype: str):
-    """The stored ``1 + w`` of a canonical RMSNorm weight, computed in float32 and rounded once to ``dtype``
-    (ref: tensorrt_llm/models/gemma/convert.py, modelopt/torch/export/layer_utils.py ``build_layernorm_config``)."""
-    return (w.float() + 1.0).to(torch_dtype(dtype))
+    """The stored ``1 + w`` of a canonical RMSNorm weight: ``w`` in ``dtype`` (the model as loaded for export),
+    plus one in float32, rounded to ``dtype`` (ref: modelopt/torch/export/layer_utils.py
+    ``build_layernorm_config``, ``weight.float() + 1.0`` of the model's weight; TensorRT-LLM's own
+    converter adds one to the source's float32 weight, which differs from this for a float32 source only)."""
+    return (w.to(torch_dtype(dtype)).float() + 1.0).to(torch_dtype(dtype))
 
 
 def _norm_loader(t: LazyTensor, dtype: str) -> Callable:
@@ -408,14 +415,17 @@ def check_awq_format(spec: GemmaSpec, mapping: Mapping, fmt: QuantFormat) -> Non
             )
 
 
-def awq_tensors(prefix: str, tensors: list[LazyTensor], cut: Callable, shape: tuple[int, int], dtype: str):
-    """The three W4A16_AWQ tensors of one rank's part of a projection, sharing one load of its records."""
+def awq_tensors(
+    prefix: str, tensors: list[LazyTensor], cut: Callable, shape: tuple[int, int], dtype: str, scale_dtype: str
+):
+    """The three W4A16_AWQ tensors of one rank's part of a projection, sharing one load of its records
+    (scales in ``scale_dtype``: gemport writes the checkpoint dtype, ModelOpt float32)."""
     rows, cols = shape
     group = tensors[0].quant.group_size
-    part = _OnePart(tensors, cut, dtype)
+    part = _OnePart(tensors, cut, dtype, scale_dtype)
     return [
         LazyTensor(f"{prefix}.weight", (rows // 2, cols), "i8", load=lambda: pack_int4_rows(part.get()[0])),
-        LazyTensor(f"{prefix}.weights_scaling_factor", (rows, cols // group), dtype, load=lambda: part.get()[1]),
+        LazyTensor(f"{prefix}.weights_scaling_factor", (rows, cols // group), scale_dtype, load=lambda: part.get()[1]),
         LazyTensor(f"{prefix}.prequant_scaling_factor", (cols,), dtype, load=lambda: part.get()[2]),
     ]
 
@@ -423,8 +433,9 @@ def awq_tensors(prefix: str, tensors: list[LazyTensor], cut: Callable, shape: tu
 class _OnePart:
     """One rank's (codes, scales, unit pre-quant scales) of a projection, loaded once for its three tensors."""
 
-    def __init__(self, tensors: list[LazyTensor], cut: Callable, dtype: str):
-        self.tensors, self.cut, self.dtype, self.value, self.uses = tensors, cut, dtype, None, 0
+    def __init__(self, tensors: list[LazyTensor], cut: Callable, dtype: str, scale_dtype: str):
+        self.tensors, self.cut, self.dtype, self.scale_dtype = tensors, cut, dtype, scale_dtype
+        self.value, self.uses = None, 0
 
     def get(self):
         import torch
@@ -432,7 +443,7 @@ class _OnePart:
         if self.value is None:
             records = [t.load() for t in self.tensors]
             codes = self.cut([r.codes for r in records]).contiguous()
-            scales = self.cut([r.scales for r in records]).to(torch_dtype(self.dtype)).contiguous()
+            scales = self.cut([r.scales for r in records]).to(torch_dtype(self.scale_dtype)).contiguous()
             self.value = (codes, scales, torch.ones(codes.shape[1], dtype=torch_dtype(self.dtype)))
         value = self.value
         self.uses += 1
@@ -460,11 +471,12 @@ def weight_only_record(w, bits: int, dtype: str) -> QuantizedTensor:
 def quantization_config(algo: str | None, fmt: QuantFormat | None = None) -> dict:
     """config.json's ``quantization`` (ref: tensorrt_llm/models/modeling_utils.py ``QuantConfig``; for
     W4A16_AWQ the fields ModelOpt writes, modelopt/torch/export/tensorrt_llm_utils.py). ``exclude_modules``
-    null keeps TensorRT-LLM's default: the LM head and the embedding stay unquantized."""
+    null (W8A16 / W4A16) keeps TensorRT-LLM's default: the LM head and the embedding stay unquantized."""
     config: dict = {"quant_algo": algo, "kv_cache_quant_algo": None}
-    if algo == W4A16_AWQ:
+    if algo == W4A16_AWQ:  # as ModelOpt writes it: the LM head, a Linear, named; the embedding is no Linear
         config |= {"group_size": fmt.group_size, "has_zero_point": False, "pre_quant_scale": True}
-    if algo is not None:
+        config["exclude_modules"] = ["lm_head"]
+    elif algo is not None:
         config["exclude_modules"] = None
     return config
 
@@ -717,7 +729,7 @@ def rank_headers(
     for rank in range(mapping.world_size):
         file = path / rank_file(rank)
         found = {t.name: t for t in _read_header(file, integers=True)}
-        want = {t.name: t for t in rank_tensors(skeleton, dtype, mapping, rank, awq=fmt is not None)}
+        want = {t.name: t for t in rank_tensors(skeleton, dtype, mapping, rank, fmt is not None, scales_as_stored=True)}
         for name, t in want.items():
             got = found.get(name)
             if got is None:
@@ -745,7 +757,7 @@ def joined_tensors(path: Path, spec: GemmaSpec, mapping: Mapping, cfg: dict) -> 
     dtype = {v: k for k, v in DTYPE_NAMES.items()}[cfg["dtype"]]
     quantization = read_quantization(cfg.get("quantization"), path / CONFIG)
     algo = quantization.get("quant_algo")
-    fmt = QuantFormat(4, quantization["group_size"], True, dtype) if algo == W4A16_AWQ else None
+    fmt = QuantFormat(4, quantization["group_size"], True, _scale_dtype(path, dtype)) if algo == W4A16_AWQ else None
     ranks = rank_headers(path, spec, mapping, dtype, fmt)
     tp = mapping.tp_size
     last = mapping.world_size - tp  # the first rank of the last stage
@@ -772,6 +784,16 @@ def joined_tensors(path: Path, spec: GemmaSpec, mapping: Mapping, cfg: dict) -> 
     else:
         out["lm_head.weight"] = _join_vocab([ranks[last + r]["lm_head.weight"] for r in range(tp)], spec.vocab_size)
     return out
+
+
+def _scale_dtype(path: Path, dtype: str) -> str:
+    """The dtype of a W4A16_AWQ checkpoint's scales: the checkpoint's (gemport) or float32 (ModelOpt), as the
+    first layer's qkv states it; TensorRT-LLM casts them to the checkpoint dtype when it loads them."""
+    from converters.hf import _read_header
+
+    name = "transformer.layers.0.attention.qkv.weights_scaling_factor"
+    found = {t.name: t.dtype for t in _read_header(path / rank_file(0), integers=True)}
+    return found.get(name, dtype) if found.get(name) in ("f32", dtype) else dtype
 
 
 def join_parts(ms: list, split: str, spec: GemmaSpec, tp: int):

@@ -78,7 +78,7 @@ def describe(path: str | Path, fmt: str | None = None, **reader_options) -> dict
             f"--preset and --keep-padded-vocab apply to a JAX or gemma_pytorch source, not {fmt}", path
         )
     registry.get(fmt)  # an unknown name lists the known ones
-    described = {"gguf": _gguf, "hf": _hf, "onnx": _onnx}.get(fmt)
+    described = {"gguf": _gguf, "hf": _hf, "onnx": _onnx, "trtllm": _trtllm}.get(fmt)
     if described is not None:
         spec, parameters, rows, other, files, quantization = described(path)
     else:
@@ -226,6 +226,48 @@ def _compact(manifest: dict) -> dict:
         elif value is not None:
             out[key] = value
     return out
+
+
+# --- TensorRT-LLM ---------------------------------------------------------------------------------
+
+
+def _trtllm(path: Path):
+    """The reader for the spec and every check (headers only); stored types from the rank files'
+    headers: a W4A16_AWQ projection's three tensors under one row ("W4A16_AWQ int4 g128"), a W8A16 /
+    W4A16 projection under its float dtype and the algorithm trtllm-build applies to it. A model tensor
+    stored on several ranks (norms, a copied KV head, the vocabulary's padding rows) counts its
+    parameters once and its bytes every time."""
+    from converters import hf, trtllm
+    from quantizers.rtn import PROJECTIONS
+
+    ckpt = trtllm.read(path)
+    config = hf.read_json(path / trtllm.CONFIG)
+    quant = config.get("quantization") or {}
+    algo = quant.get("quant_algo")
+    stored = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[config["dtype"]]
+    projections = {name for name, (_, split) in trtllm.layer_table(ckpt.spec).items() if split != trtllm.WHOLE}
+
+    def label(projection: bool, dtype: str) -> str:
+        if projection and algo == trtllm.W4A16_AWQ:
+            return f"W4A16_AWQ int4 g{quant['group_size']}"
+        return f"{dtype} ({algo} at build)" if projection and algo else dtype
+
+    rows: dict[str, Row] = {}
+    for name, t in ckpt.tensors.items():
+        projection = name.startswith("model.layers.") and name.split(".", 3)[-1].removesuffix(".weight") in PROJECTIONS
+        rows.setdefault(label(projection, stored), Row()).add(math.prod(t.shape), 0)
+    for rank in range(config["mapping"]["world_size"]):
+        file = path / trtllm.rank_file(rank)
+        _, header, _ = hf._header_json(file)
+        for name, dtype, _, start, stop in hf._header_entries(file, header):
+            key = name.split(".", 3)[-1] if name.startswith("transformer.layers.") else name
+            projection = key.rsplit(".", 1)[0] + ".weight" in projections
+            rows.setdefault(label(projection, stored if projection else dtype), Row()).add(0, stop - start, 0)
+    quantization = {"config.json": algo} if algo else None
+    manifest = hf.read_json(path / trtllm.MANIFEST).get("quantization") if (path / trtllm.MANIFEST).is_file() else None
+    if isinstance(manifest, dict):
+        quantization = (quantization or {}) | {"gemport": _compact(manifest)}
+    return ckpt.spec, _parameters(ckpt), rows, Row(), _folder_files(path), quantization
 
 
 # --- ONNX -------------------------------------------------------------------------------------------
@@ -508,7 +550,15 @@ def render(info: dict) -> str:
     files = f"{info['files']} file" + ("s" if info["files"] != 1 else "")
     facts = [
         ("path", info["path"]),
-        ("format", info["format"] + (" (compressed-tensors)" if "config.json" in (info["quantization"] or {}) else "")),
+        (
+            "format",
+            info["format"]
+            + (
+                " (compressed-tensors)"
+                if "config.json" in (info["quantization"] or {}) and info["format"] == "hf"
+                else ""
+            ),
+        ),
         ("family", info["family"]),
         ("quantization", _quantization_text(info["quantization"])),
         ("tensors", info["tensors"]),

@@ -57,7 +57,7 @@ def test_round_trip_is_exact(models, tmp_path, variant, tp, pp, dtype):
     for name, t in src.tensors.items():
         got = back.tensors[name].load()
         if t.shape == (src.spec.hidden_size,) or name.endswith("_norm.weight"):  # stored as 1 + w
-            got, want = (got + 1).to(TORCH[dtype]), (t.load().float() + 1).to(TORCH[dtype])
+            got, want = (got + 1).to(TORCH[dtype]), (t.load().to(TORCH[dtype]).float() + 1).to(TORCH[dtype])
         else:
             want = t.load().to(TORCH[dtype])
         assert torch.equal(got, want), name
@@ -294,7 +294,7 @@ def test_int4_records_round_trip_exactly(models, tmp_path, variant, tp):
         "group_size": 32,
         "has_zero_point": False,
         "pre_quant_scale": True,
-        "exclude_modules": None,
+        "exclude_modules": ["lm_head"],
     }
     back = trtllm.read(out)
     for name, t in records.quantized().items():
@@ -356,3 +356,31 @@ def test_rope_scaling_of_gemma3_is_a_stated_choice(tiny_models, corpus, tmp_path
     assert cfg["rotary_scaling"] == ({"type": "linear", "factor": 2.0} if choice == "all" else None)
     report = validate(dst, tiny_models["gemma3"], corpus, n_ctx=64, n_windows=2, default_gates=False)
     assert report.metrics.kld > 1e-4, report.metrics
+
+
+def test_inspect_counts_what_the_rank_files_store(models, tmp_path):
+    """Rows by stored type: bytes of every rank file's tensors (copies included), each model parameter once."""
+    import math
+
+    from safetensors import safe_open
+
+    from gemport.describe import describe
+    from quantizers.rtn import RTNConfig, quantize
+
+    src = hf.read(models["gemma-mqa"])
+    records = quantize(src, RTNConfig(bits=4, group_size=32, scale_dtype="bf16"))
+    for ckpt, want in ((src, {"BF16"}), (records, {"W4A16_AWQ int4 g32", "BF16"})):
+        out = trtllm.write(ckpt, tmp_path / f"out-{len(want)}", dtype="bf16", tp_size=2)
+        info = describe(out)
+        assert set(info["types"]) == want
+        stored = 0
+        for rank in (0, 1):
+            with safe_open(out / f"rank{rank}.safetensors", "pt") as f:
+                stored += sum(
+                    f.get_slice(k).get_shape()
+                    and math.prod(f.get_slice(k).get_shape()) * (1 if f.get_slice(k).get_dtype() == "I8" else 2)
+                    for k in f.keys()
+                )
+        assert info["weight_bytes"] == stored
+        assert info["parameters"] == sum(math.prod(t.shape) for t in src)
+        assert sum(r["parameters"] for r in info["types"].values()) == info["parameters"]

@@ -56,7 +56,7 @@ class TrtllmLayoutRuntime:
         )
         log.info("loading %s with the %s", path, self.name)
         tensors = joined_tensors(path, spec, mapping, self.cfg)
-        self.weights = {n: t.dequantized("f32").load().float() for n, t in tensors.items()}
+        self.weights = {n: _dequantized(t, self.cfg["dtype"]) for n, t in tensors.items()}
         for name in [n for n in self.weights if n.endswith(".prequant_scaling_factor")]:  # y = (x * s) @ W.T
             weight = name.removesuffix("prequant_scaling_factor") + "weight"
             self.weights[weight] = self.weights[weight] * self.weights.pop(name)
@@ -152,3 +152,20 @@ class TrtllmLayoutRuntime:
             if cap:
                 logits = torch.tanh(logits / cap) * cap
             return torch.log_softmax(logits, -1).numpy()
+
+
+def _dequantized(t, dtype: str):
+    """A tensor as float32, a record dequantized with its scales in the checkpoint dtype, as TensorRT-LLM
+    casts them when it loads a W4A16_AWQ checkpoint (ref: modeling_utils.py preprocess_perlayer_weights;
+    ModelOpt stores them in float32)."""
+    import dataclasses
+
+    import torch
+
+    if t.quant is None:
+        return t.load().float()
+    record = t.load()
+    scales = record.scales.to(getattr(torch, dtype))
+    return dataclasses.replace(
+        record, scales=scales.float(), format=dataclasses.replace(record.format, scale_dtype="f32")
+    ).dequantize("f32")
