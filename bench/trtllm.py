@@ -9,7 +9,9 @@ quantized checkpoints against the same records in a compressed-tensors folder sc
 Rows:
     export     gemport convert MODEL --to hf (bf16) and --to trtllm (bf16, tp 1), each in a fresh process
                (wall time, peak RSS of the process tree sampled every 50 ms), three runs each, medians
-    bf16-tp2   convert MODEL --to trtllm --tp-size 2, validated against MODEL (delta-ppl, KLD)
+    bf16-tp2   convert MODEL --to trtllm --tp-size 2 (bf16, and f32 to separate the layout's own rounding),
+               validated against MODEL (delta-ppl, KLD); beside them MODEL as an HF bf16 folder, which
+               transformers computes in bf16
     awq, gptq  quantize OFFGRID --method awq|gptq --bits 4 to --to hf (compressed-tensors, transformers) and
                --to trtllm (W4A16_AWQ layout, layout runtime): the same records (the quantizers are
                deterministic), both validated against OFFGRID; the relative KLD difference
@@ -96,8 +98,13 @@ def markdown(result: dict) -> str:
         ]
     head = "| artifact | runtime | ppl | delta-ppl % | KLD | top-1 % | tokens |"
     rows = []
-    if "bf16-tp2" in result:
-        rows.append(("trtllm bf16 tp 2 (demo)", result["bf16-tp2"]))
+    for key, name in (
+        ("bf16-tp2", "trtllm bf16 tp 2 (demo)"),
+        ("f32-tp2", "trtllm f32 tp 2 (demo)"),
+        ("hf-bf16", "hf bf16, computed in bf16 (demo)"),
+    ):
+        if key in result:
+            rows.append((name, result[key]))
     for method in ("awq", "gptq"):
         if method in result:
             rows += [(f"{method} int4 g128 compressed-tensors", result[method]["hf"])]
@@ -131,10 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     if "export" in args.rows:
         result["export"] = export_row(args.model, work, args.runs)
     if "bf16-tp2" in args.rows:
-        out = work / "bf16-tp2"
-        shutil.rmtree(out, ignore_errors=True)
-        measure([GEMPORT, "convert", str(args.model), str(out), "--to", "trtllm", "--tp-size", "2"], work / "tp2.log")
-        result["bf16-tp2"] = validated(out, args.model, args.windows, work)
+        for name, argv in (
+            ("bf16-tp2", ["--to", "trtllm", "--tp-size", "2", "--dtype", "bf16"]),
+            ("f32-tp2", ["--to", "trtllm", "--tp-size", "2", "--dtype", "f32"]),
+            ("hf-bf16", ["--to", "hf", "--dtype", "bf16"]),
+        ):
+            out = work / name
+            shutil.rmtree(out, ignore_errors=True)
+            measure([GEMPORT, "convert", str(args.model), str(out), *argv], work / f"{name}.log")
+            result[name] = validated(out, args.model, args.windows, work)
     for method in ("awq", "gptq"):
         if method in args.rows:
             result[method] = quant_row(method, args.offgrid, work, args.windows)

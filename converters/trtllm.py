@@ -513,6 +513,8 @@ def write(
 
     ckpt.check(quantized_ok=True)
     records = bool(ckpt.quantized())
+    if quant is None and not records:  # a W8A16 / W4A16 source stays so unless re-typed
+        quant = ckpt.extra.get("trtllm.quant_algo")
     source_dtype = ckpt.tensors["model.embed_tokens.weight"].dtype
     quantized = records or quant is not None
     dtype = dtype or ("bf16" if quantized and source_dtype == "f32" else source_dtype)
@@ -748,12 +750,15 @@ def rank_headers(
     return out
 
 
-def joined_tensors(path: Path, spec: GemmaSpec, mapping: Mapping, cfg: dict) -> dict[str, LazyTensor]:
+def joined_tensors(
+    path: Path, spec: GemmaSpec, mapping: Mapping, cfg: dict, as_built: bool = True
+) -> dict[str, LazyTensor]:
     """The model's tensors in TensorRT-LLM's names with global layer indices and the ranks joined (the
     inverse of the splits above): the whole qkv of every head, dense and proj of every column, the
     vocabulary tables cut to vocab_size, the LM head the embedding when shared. A W4A16_AWQ projection
     ``P.weight`` is a lazy record, with its joined ``P.prequant_scaling_factor`` beside it; a W8A16 /
-    W4A16 one the record trtllm-build makes of the stored float weight (``weight_only_record``)."""
+    W4A16 one, ``as_built``, the record trtllm-build makes of the stored float weight
+    (``weight_only_record``), else that float weight."""
     dtype = {v: k for k, v in DTYPE_NAMES.items()}[cfg["dtype"]]
     quantization = read_quantization(cfg.get("quantization"), path / CONFIG)
     algo = quantization.get("quant_algo")
@@ -777,7 +782,7 @@ def joined_tensors(path: Path, spec: GemmaSpec, mapping: Mapping, cfg: dict) -> 
                     out.update(_join_awq(full, stored.removesuffix(".weight"), parts, split, spec, fmt))
                 else:
                     joined = _join(full, [p[stored] for p in parts], split, spec, tp)
-                    out[full] = _weight_only(joined, algo, dtype) if algo else joined
+                    out[full] = _weight_only(joined, algo, dtype) if algo and as_built else joined
     out["transformer.ln_f.weight"] = ranks[last]["transformer.ln_f.weight"]
     if shares_embedding(spec, mapping):
         out["lm_head.weight"] = _renamed(embed, "lm_head.weight")
@@ -813,15 +818,19 @@ def join_parts(ms: list, split: str, spec: GemmaSpec, tp: int):
     return torch.cat(q + k + v)
 
 
-def _join(name: str, parts: list[LazyTensor], split: str, spec: GemmaSpec, tp: int) -> LazyTensor:
-    first = parts[0]
-    rows, cols = first.shape
+def joined_shape(split: str, spec: GemmaSpec, tp: int, part: tuple[int, int]) -> tuple[int, int]:
+    """The whole [out, in] of a projection whose rank parts are ``part``."""
+    rows, cols = part
     if split == COLS:
-        cols *= tp
-    else:
-        rows = spec.num_heads * spec.head_dim + 2 * spec.num_kv_heads * spec.head_dim if split == QKV else rows * tp
+        return rows, cols * tp
+    if split == QKV:
+        return (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim, cols
+    return rows * tp, cols
+
+
+def _join(name: str, parts: list[LazyTensor], split: str, spec: GemmaSpec, tp: int) -> LazyTensor:
     load = lambda: join_parts([p.load() for p in parts], split, spec, tp)  # noqa: E731
-    return LazyTensor(name, (rows, cols), first.dtype, load=load)
+    return LazyTensor(name, joined_shape(split, spec, tp, parts[0].shape), parts[0].dtype, load=load)
 
 
 def _join_vocab(parts: list[LazyTensor], vocab: int) -> LazyTensor:
@@ -849,9 +858,7 @@ def _join_awq(full: str, stored: str, ranks: list[dict], split: str, spec: Gemma
     weights = [r[f"{stored}.weight"] for r in ranks]
     scales = [r[f"{stored}.weights_scaling_factor"] for r in ranks]
     prequant = [r[f"{stored}.prequant_scaling_factor"] for r in ranks]
-    shape = _join(
-        full, [LazyTensor(full, (w.shape[0] * 2, w.shape[1]), fmt.scale_dtype, None) for w in weights], split, spec, tp
-    ).shape
+    shape = joined_shape(split, spec, tp, (weights[0].shape[0] * 2, weights[0].shape[1]))
 
     def record() -> QuantizedTensor:
         codes = join_parts([unpack_int4_rows(w.load()) for w in weights], split, spec, tp)
@@ -876,14 +883,16 @@ def read(path: str | Path) -> Checkpoint:
     qkv split into q/k/v, norms as ``w`` (float32, so that ``1 + w`` rounds back to the stored value),
     W4A16_AWQ projections as records when their pre-quant scales are 1 (as gemport writes them) and as
     float weights with the pre-quant scale multiplied in otherwise (as ModelOpt exports them), W8A16 /
-    W4A16 ones as the records trtllm-build would make."""
+    W4A16 ones as the float weights stored (the algorithm in ``extra["trtllm.quant_algo"]``: trtllm-build
+    quantizes them, the layout runtime as it would)."""
     from converters.hf import TOKENIZER_FILES
 
     path = Path(path)
     if not sniff(path):
         raise InputError(f"not a TensorRT-LLM checkpoint folder (no {CONFIG} and {rank_file(0)})", path)
     cfg, spec, mapping = read_config(path)
-    trt = joined_tensors(path, spec, mapping, cfg)
+    trt = joined_tensors(path, spec, mapping, cfg, as_built=False)
+    algo = (cfg.get("quantization") or {}).get("quant_algo")
     tensors = {
         "model.embed_tokens.weight": _renamed(trt["transformer.vocab_embedding.weight"], "model.embed_tokens.weight")
     }
@@ -909,6 +918,7 @@ def read(path: str | Path) -> Checkpoint:
         tensors=tensors,
         tokenizer_files={n: (path / n).read_bytes() for n in TOKENIZER_FILES if (path / n).is_file()},
         source=str(path),
+        extra={"trtllm.quant_algo": algo} if algo in (W8A16, W4A16) else {},
     )
     ckpt.check(quantized_ok=True)
     return ckpt

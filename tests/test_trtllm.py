@@ -308,12 +308,18 @@ def test_weight_only_checkpoint_holds_floats_that_trtllm_build_quantizes(models,
     src = hf.read(models["gemma-mqa"])
     out = trtllm.write(src, tmp_path / "out", dtype="bf16", tp_size=2, quant=quant)
     assert json.loads((out / "config.json").read_text())["quantization"]["quant_algo"] == quant
-    back = trtllm.read(out)
+    back = trtllm.read(out)  # the float weights as stored, the algorithm recorded
     name = "model.layers.1.mlp.down_proj.weight"
+    assert back.extra["trtllm.quant_algo"] == quant and back.tensors[name].quant is None
+    assert torch.equal(back.tensors[name].load(), src.tensors[name].load().to(torch.bfloat16))
+    cfg, spec, mapping = trtllm.read_config(out)
+    built = trtllm.joined_tensors(out, spec, mapping, cfg)["transformer.layers.1.mlp.proj.weight"]
     bits = 8 if quant == "W8A16" else 4
     want = trtllm.weight_only_record(src.tensors[name].load().to(torch.bfloat16), bits, "bf16")
-    got = back.tensors[name].load()
+    got = built.load()
     assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+    again = trtllm.write(back, tmp_path / "again")  # kept W8A16 / W4A16 unless re-typed
+    assert json.loads((again / "config.json").read_text())["quantization"]["quant_algo"] == quant
     report = validate(out, models["gemma-mqa"], corpus, n_ctx=64, n_windows=2, default_gates=False)
     assert report.kind == f"{bits}-bit" and report.metrics.kld > 0
 

@@ -144,7 +144,12 @@ def artifact_kind(path: str | Path, fmt: str) -> ArtifactKind:
     path = Path(path)
     if fmt == "onnx":
         return onnx_kind(path)
-    kind = checkpoint_kind(registry.get(fmt).load().read(path), fmt)
+    ckpt = registry.get(fmt).load().read(path)
+    built = ckpt.extra.get("trtllm.quant_algo")  # float weights trtllm-build quantizes per channel
+    if built:
+        bits = 8 if built == "W8A16" else 4
+        return ArtifactKind(quant_kind(bits), f"quant_algo {built}: trtllm-build stores the projections as int{bits}")
+    kind = checkpoint_kind(ckpt, fmt)
     if fmt == "hf" and kind.name in FLOAT_KINDS:  # transformers computes an HF folder in its config's dtype
         from validation.runtimes.hf_transformers import config_dtype
 
