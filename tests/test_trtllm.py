@@ -205,6 +205,14 @@ def _swap_ranks(folder: Path) -> None:  # rank files of another mapping: tp 1 wr
     shutil.copy(other / "rank0.safetensors", folder / "rank0.safetensors")
 
 
+def _nan_weight(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "rank1.safetensors")
+    tensors["transformer.layers.0.mlp.fc.weight"][3, 5] = float("nan")
+    save_file(tensors, folder / "rank1.safetensors")
+
+
 BAD = {
     "rank file missing": (lambda f: (f / "rank1.safetensors").unlink(), "", "rank1.safetensors is missing"),
     "more ranks than files": (
@@ -224,6 +232,16 @@ BAD = {
     "bad dtype": (_edit_config(dtype="int8"), "config.json", "dtype"),
     "unknown quant algo": (_edit_config(quantization={"quant_algo": "FP8"}), "config.json", "FP8"),
     "gptq layout": (_edit_config(quantization={"quant_algo": "W4A16_GPTQ"}), "config.json", "one GPU architecture"),
+    "absurd layer count": (_edit_config(num_hidden_layers=10**9), "config.json", "num_hidden_layers"),
+    "absurd tp size": (_edit_config(mapping={"world_size": 2**40, "tp_size": 2**40}), "config.json", "tp_size"),
+    "mapping not an object": (_edit_config(mapping=[2, 1]), "config.json", "mapping is [2, 1]"),
+    "group size zero": (
+        _edit_config(quantization={"quant_algo": "W4A16_AWQ", "group_size": 0}),
+        "config.json",
+        "group_size is 0",
+    ),
+    "config not json": (lambda f: (f / "config.json").write_text("{"), "config.json", "not valid JSON"),
+    "nan weight": (_nan_weight, "", "NaN"),
 }
 
 
