@@ -342,13 +342,22 @@ def test_weight_only_checkpoint_holds_floats_that_trtllm_build_quantizes(models,
     assert report.kind == f"{bits}-bit" and report.metrics.kld > 0
 
 
-def test_gptq_records_go_to_the_awq_layout(models, tmp_path, capsys):
-    dst = tmp_path / "out"
-    argv = ["quantize", str(models["gemma2"]), str(dst), "--method", "gptq", "--bits", "4", "--group-size", "32"]
-    assert main([*argv, "--to", "trtllm", "--calib-tokens", "256", "--calib-ctx", "64", "--tp-size", "2"]) == 0
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_awq_and_gptq_records_round_trip_in_the_awq_layout(models, tmp_path, method):
+    """quantize --to trtllm writes the records the quantizer makes (scales made in bf16, the checkpoint's
+    dtype for a float32 source), and they read back exactly; the same records as --to hf writes them."""
+    calib = ["--calib-tokens", "256", "--calib-ctx", "64"]
+    argv = ["quantize", str(models["gemma2"]), "--method", method, "--bits", "4", "--group-size", "32", *calib]
+    dst, ct = tmp_path / "trtllm", tmp_path / "ct"
+    assert main([argv[0], argv[1], str(dst), *argv[2:], "--to", "trtllm", "--tp-size", "2"]) == 0
+    assert main([argv[0], argv[1], str(ct), *argv[2:], "--to", "hf", "--scale-dtype", "bf16"]) == 0
     manifest = json.loads((dst / "gemport.json").read_text())
-    assert manifest["quant_algo"] == "W4A16_AWQ" and manifest["quantization"]["method"] == "gptq"
+    assert manifest["quant_algo"] == "W4A16_AWQ" and manifest["quantization"]["method"] == method
     assert json.loads((dst / "config.json").read_text())["dtype"] == "bfloat16"  # f32 source, 16-bit kernels
+    back, want = trtllm.read(dst), hf.read(ct)
+    for name, t in want.quantized().items():
+        got, ref = back.tensors[name].load(), t.load()
+        assert torch.equal(got.codes, ref.codes) and torch.equal(got.scales, ref.scales), name
 
 
 @pytest.mark.parametrize(
