@@ -543,7 +543,8 @@ def write(
         "mapping": config["mapping"],
         "quant_algo": algo,
         "quantization": ckpt.extra.get("quantization"),
-        "build_command": build_command(spec, Path(dst)),
+        "build_command": build_command(Path(dst)),
+        "run_command": run_command(spec, Path(dst)),
     }
     with atomic_output(dst, overwrite) as tmp:
         tmp.mkdir()
@@ -553,7 +554,7 @@ def write(
                 _write_safetensors(tmp / rank_file(rank), tensors, lambda: advance(1), ckpt.source)
         _write_json(tmp / CONFIG, config)
         _write_json(tmp / MANIFEST, manifest)
-        (tmp / BUILD_SCRIPT).write_text("#!/bin/sh\n" + manifest["build_command"] + "\n", encoding="utf-8")
+        (tmp / BUILD_SCRIPT).write_text(build_script(spec, Path(dst)), encoding="utf-8")
         (tmp / BUILD_SCRIPT).chmod(0o755)
         for name, data in ckpt.tokenizer_files.items():
             (tmp / name).write_bytes(data)
@@ -586,15 +587,30 @@ def _rope_for_trtllm(spec: GemmaSpec, choice: str | None, source: str) -> GemmaS
     return replace(spec, rope_scaling=spec.rope_scaling if choice == "all" else None)
 
 
-def build_command(spec: GemmaSpec, folder: Path) -> str:
-    """The commands that build and run an engine of the checkpoint at ``folder``: trtllm-build, and for
-    Gemma 2 and 3 the per-layer attention windows of the sliding layers, which TensorRT-LLM takes at run
-    time (ref: examples/models/core/gemma/README.md, run.py ``--max_attention_window_size``)."""
-    build = f"trtllm-build --checkpoint_dir {folder} --output_dir {folder}-engine"
+def build_command(folder: Path) -> str:
+    """The trtllm-build command line of the checkpoint at ``folder`` (ref: TensorRT-LLM
+    examples/models/core/gemma/README.md)."""
+    return f"trtllm-build --checkpoint_dir {folder} --output_dir {folder}-engine"
+
+
+def run_command(spec: GemmaSpec, folder: Path) -> str:
+    """A run of the engine with TensorRT-LLM's examples/run.py; for Gemma 2 and 3 the per-layer attention
+    windows of the sliding layers, which TensorRT-LLM takes at run time, not from the checkpoint (ref:
+    examples/utils.py ``--max_attention_window_size``, a list cycled over the layers)."""
+    run = f"python3 examples/run.py --engine_dir {folder}-engine --tokenizer_dir {folder} --max_output_len 64"
     if SLIDING not in spec.layer_types:
-        return build
+        return run
     windows = " ".join(str(spec.sliding_window if t == SLIDING else spec.max_position) for t in spec.layer_types)
-    return f"{build} && python3 examples/run.py --engine_dir {folder}-engine --max_attention_window_size {windows}"
+    return f"{run} --max_attention_window_size {windows}"
+
+
+def build_script(spec: GemmaSpec, folder: Path) -> str:
+    return (
+        "#!/bin/sh\n# Build a TensorRT-LLM engine of this checkpoint (TensorRT-LLM 1.2, on the GPU it will run on).\n"
+        f"{build_command(folder)}\n"
+        "# Then run it (Gemma 2 and 3: the sliding layers' attention windows are run-time settings):\n"
+        f"# {run_command(spec, folder)}\n"
+    )
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -810,9 +810,11 @@ def _finish(args, out: Path, detail: str = "") -> None:
     print(f"wrote {out}" + (f" ({detail})" if detail else ""))
     print(describe.summary(args.src, out, time.monotonic() - args.started, info=info))
     if args.dst_format == "trtllm":
-        from converters.trtllm import BUILD_SCRIPT
+        from converters.trtllm import BUILD_SCRIPT, MANIFEST
 
-        print(f"build the engine ({out / BUILD_SCRIPT}): {(out / BUILD_SCRIPT).read_text().splitlines()[-1]}")
+        made = json.loads((out / MANIFEST).read_text())
+        print(f"build  {made['build_command']}   (in {out / BUILD_SCRIPT})")
+        print(f"run    {made['run_command']}")
     if args.verbose:
         print(describe.table(info))
 
