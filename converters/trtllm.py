@@ -8,8 +8,8 @@ Nothing here imports TensorRT-LLM: the layout is written from gemport's canonica
 Names and transforms (ref: TensorRT-LLM tensorrt_llm/models/gemma/convert.py and model.py
 ``GemmaDecoderLayer``; modelopt/torch/export/layer_utils.py and model_config_export.py):
 
-- ``transformer.vocab_embedding.weight``, ``transformer.ln_f.weight``, ``lm_head.weight``
-  (the LM head written even when tied: the engine builder shares it by ``share_embedding_table``);
+- ``transformer.vocab_embedding.weight``, ``transformer.ln_f.weight``, ``lm_head.weight`` (a tied LM
+  head is left out when the embedding is on the same rank, ``share_embedding_table``, as ModelOpt does);
 - per layer ``transformer.layers.{i}.``: ``input_layernorm``, ``attention.qkv`` ([q; k; v] rows
   of this rank's heads), ``attention.dense`` (o_proj), ``attention.q_layernorm`` /
   ``k_layernorm`` (Gemma 3), ``post_layernorm`` (HF's post_attention_layernorm),
@@ -31,7 +31,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gemport.checkpoint import DTYPES, Checkpoint, LazyTensor, torch_dtype
@@ -409,9 +409,13 @@ def check_awq_format(spec: GemmaSpec, mapping: Mapping, fmt: QuantFormat) -> Non
         ("dense (o_proj)", spec.num_heads * spec.head_dim),
         ("proj (down_proj)", spec.intermediate_size),
     ):
-        if (cols // mapping.tp_size) % fmt.group_size:
+        per_rank = cols // mapping.tp_size
+        if per_rank % fmt.group_size:
+            fits = [g for g in (32, 64, 128) if per_rank % g == 0]
+            where = f"{per_rank} per rank at tp {mapping.tp_size}" if mapping.tp_size > 1 else f"{cols}"
+            hint = f"--group-size {' or '.join(map(str, fits))}" if fits else "a smaller --tp-size"
             raise UnsupportedError(
-                f"{what}: {cols} input columns split {mapping.tp_size} ways are not whole groups of {fmt.group_size}"
+                f"{what}: {where} input columns are not whole groups of {fmt.group_size}; use {hint}"
             )
 
 
@@ -537,14 +541,17 @@ def write(
     spec = _rope_for_trtllm(ckpt.spec, rope_scaling, ckpt.source)
     config = trtllm_config(spec, dtype, mapping, quantization_config(algo, fmt))
     ranks = [rank_tensors(ckpt, dtype, mapping, r, awq=records) for r in range(mapping.world_size)]
+    vocab_file = "tokenizer.model" in ckpt.tokenizer_files
     manifest = {
         "source": ckpt.source,
         "dtype": dtype,
         "mapping": config["mapping"],
         "quant_algo": algo,
         "quantization": ckpt.extra.get("quantization"),
-        "build_command": build_command(Path(dst)),
-        "run_command": run_command(spec, Path(dst)),
+        "build_command": build_command(str(Path(dst).resolve())),
+        "run_command": run_command(spec, mapping, str(Path(dst).resolve()), vocab_file),
+        "tie_embeddings": ckpt.spec.tie_embeddings,  # pp > 1 stores a tied LM head: read back tied
+        "departures": departures(spec.family, config["rotary_scaling"]),
     }
     with atomic_output(dst, overwrite) as tmp:
         tmp.mkdir()
@@ -554,7 +561,7 @@ def write(
                 _write_safetensors(tmp / rank_file(rank), tensors, lambda: advance(1), ckpt.source)
         _write_json(tmp / CONFIG, config)
         _write_json(tmp / MANIFEST, manifest)
-        (tmp / BUILD_SCRIPT).write_text(build_script(spec, Path(dst)), encoding="utf-8")
+        (tmp / BUILD_SCRIPT).write_text(build_script(spec, mapping, vocab_file), encoding="utf-8")
         (tmp / BUILD_SCRIPT).chmod(0o755)
         for name, data in ckpt.tokenizer_files.items():
             (tmp / name).write_bytes(data)
@@ -565,8 +572,6 @@ def _rope_for_trtllm(spec: GemmaSpec, choice: str | None, source: str) -> GemmaS
     """The spec whose rope TensorRT-LLM is told: a Gemma 3 with rope scaling needs ``choice``, TensorRT-LLM
     building the sliding layers' rotary table with the global one's scaling (ref: tensorrt_llm/layers/
     attention.py ``create_attention_const_params``, register_rope_params for ``rope_local_base_freq``)."""
-    from dataclasses import replace
-
     if choice not in (None, "all", "none"):
         raise ValueError(f"rope_scaling must be 'all' or 'none', got {choice!r}")
     if spec.rope_scaling is not None and spec.rope_scaling.rope_type != "linear":
@@ -574,6 +579,8 @@ def _rope_for_trtllm(spec: GemmaSpec, choice: str | None, source: str) -> GemmaS
             f"rope scaling {spec.rope_scaling.rope_type!r}: the TensorRT-LLM writer takes linear rope scaling", source
         )
     if spec.family != "gemma3" or spec.rope_scaling is None:
+        if choice is not None:
+            log.warning("--trtllm-rope-scaling %s: this model has no Gemma 3 rope scaling, nothing to choose", choice)
         return spec
     if choice is None:
         raise UnsupportedError(
@@ -583,33 +590,63 @@ def _rope_for_trtllm(spec: GemmaSpec, choice: str | None, source: str) -> GemmaS
             "and measure the difference with gemport validate",
             source,
         )
-    log.warning("rope scaling of the global layers written for %s layers of the TensorRT-LLM checkpoint", choice)
+    if choice == "all":
+        log.warning(
+            "rope scaling of the global layers written for every layer (TensorRT-LLM scales the sliding ones too)"
+        )
+    else:
+        log.warning("rope scaling of the global layers left out (TensorRT-LLM would scale the sliding layers too)")
     return replace(spec, rope_scaling=spec.rope_scaling if choice == "all" else None)
 
 
-def build_command(folder: Path) -> str:
+def departures(family: str, rotary_scaling: dict | None) -> list[str]:
+    """What TensorRT-LLM's Gemma model computes differently from transformers for this model, in words
+    (recorded in gemport.json, and said by validate, whose layout runtime computes it TensorRT-LLM's way)."""
+    out = []
+    if family == "gemma3":
+        out.append(
+            "TensorRT-LLM's Gemma 3 q/k norms use eps 1e-5 (transformers: rms_norm_eps) (ref: model.py passes "
+            "Attention no eps)"
+        )
+        if rotary_scaling:
+            out.append(
+                "TensorRT-LLM applies rotary_scaling to the sliding layers too (transformers: the global layers only)"
+            )
+    return out
+
+
+def build_command(folder: str) -> str:
     """The trtllm-build command line of the checkpoint at ``folder`` (ref: TensorRT-LLM
     examples/models/core/gemma/README.md)."""
     return f"trtllm-build --checkpoint_dir {folder} --output_dir {folder}-engine"
 
 
-def run_command(spec: GemmaSpec, folder: Path) -> str:
-    """A run of the engine with TensorRT-LLM's examples/run.py; for Gemma 2 and 3 the per-layer attention
-    windows of the sliding layers, which TensorRT-LLM takes at run time, not from the checkpoint (ref:
-    examples/utils.py ``--max_attention_window_size``, a list cycled over the layers)."""
-    run = f"python3 examples/run.py --engine_dir {folder}-engine --tokenizer_dir {folder} --max_output_len 64"
+def run_command(spec: GemmaSpec, mapping: Mapping, folder: str, vocab_file: bool) -> str:
+    """A run of the engine with TensorRT-LLM's examples/run.py: under ``mpirun -n world_size`` for more than
+    one rank; the SentencePiece model as ``--vocab_file`` (TensorRT-LLM's Gemma README does so, and its
+    transformers 4.x does not read a transformers 5 tokenizer_config.json); for Gemma 2 and 3 the per-layer
+    attention windows of the sliding layers, which TensorRT-LLM takes at run time, not from the checkpoint
+    (ref: examples/utils.py ``--max_attention_window_size``, a list cycled over the layers)."""
+    tokenizer = f"--vocab_file {folder}/tokenizer.model" if vocab_file else f"--tokenizer_dir {folder}"
+    run = f"python3 examples/run.py --engine_dir {folder}-engine {tokenizer} --max_output_len 64"
+    if mapping.world_size > 1:
+        run = f"mpirun -n {mapping.world_size} --allow-run-as-root {run}"
     if SLIDING not in spec.layer_types:
         return run
     windows = " ".join(str(spec.sliding_window if t == SLIDING else spec.max_position) for t in spec.layer_types)
     return f"{run} --max_attention_window_size {windows}"
 
 
-def build_script(spec: GemmaSpec, folder: Path) -> str:
+def build_script(spec: GemmaSpec, mapping: Mapping, vocab_file: bool) -> str:
+    """build-engine.sh: builds beside the checkpoint folder wherever it is run from."""
+    here = '"$DIR"'
+    why = " (the sliding layers' attention windows are run-time settings)" if SLIDING in spec.layer_types else ""
     return (
         "#!/bin/sh\n# Build a TensorRT-LLM engine of this checkpoint (TensorRT-LLM 1.2, on the GPU it will run on).\n"
-        f"{build_command(folder)}\n"
-        "# Then run it (Gemma 2 and 3: the sliding layers' attention windows are run-time settings):\n"
-        f"# {run_command(spec, folder)}\n"
+        'DIR=$(cd "$(dirname "$0")" && pwd)\n'
+        f"{build_command(here)}\n"
+        f"# Then run it{why}, from the root of a TensorRT-LLM checkout:\n"
+        f"# {run_command(spec, mapping, here, vocab_file)}\n"
     )
 
 
@@ -927,6 +964,8 @@ def read(path: str | Path) -> Checkpoint:
             else:
                 tensors[names[0]] = _renamed(t, names[0])
     tensors["model.norm.weight"] = _norm_of(trt["transformer.ln_f.weight"], "model.norm.weight")
+    if _tied_by_writer(path) and not spec.tie_embeddings:  # pp > 1: the tied head stored on the last stage
+        spec = replace(spec, tie_embeddings=True)
     if not spec.tie_embeddings:
         tensors["lm_head.weight"] = trt["lm_head.weight"]
     ckpt = Checkpoint(
@@ -938,6 +977,13 @@ def read(path: str | Path) -> Checkpoint:
     )
     ckpt.check(quantized_ok=True)
     return ckpt
+
+
+def _tied_by_writer(path: Path) -> bool:
+    """gemport.json says the model was tied (config.json cannot, when pp > 1 put the head on another stage)."""
+    from converters.hf import read_json
+
+    return (path / MANIFEST).is_file() and read_json(path / MANIFEST).get("tie_embeddings") is True
 
 
 def _with_prequant(t: LazyTensor, prequant: LazyTensor) -> LazyTensor:

@@ -121,7 +121,7 @@ def _add_quantize_parser(sub) -> None:
     s = sub.add_parser(
         "quantize",
         help="quantize the decoder projections to int8/int4 (RTN, AWQ, GPTQ) and write a compressed-tensors "
-        "HF folder, a GGUF file or an ONNX folder",
+        "HF folder, a GGUF file, an ONNX folder or a TensorRT-LLM checkpoint",
         description="Quantize every linear projection of the decoder layers of SRC (q/k/v/o, gate/up/down) "
         "and write DST. The embedding and tied LM head stay in the source dtype unless "
         "--embedding-bits is given; norms are never quantized; every tensor left unquantized is listed in "
@@ -435,6 +435,16 @@ PEER_OPTIONS = {
     "--input": "SRC, the first argument",
     "-p": "--dtype f32|f16 or --quant int4|int8",  # onnxruntime-genai's builder --precision
     "--precision": "--dtype f32|f16 or --quant int4|int8",
+    # TensorRT-LLM's convert_checkpoint.py and ModelOpt's hf_ptq.py
+    "--model_dir": "SRC, the first argument",
+    "--output_dir": "DST, the second argument",
+    "--qformat": "--to trtllm --quant w4a16-awq|w4a16-gptq|w8a16|w4a16",
+    "--use_weight_only": "--to trtllm --quant w8a16|w4a16",
+    "--weight_only_precision": "--to trtllm --quant w8a16|w4a16",
+    "--awq_block_size": "--group-size",
+    "--world_size": "--tp-size and --pp-size",
+    "--tp_size": "--tp-size",
+    "--pp_size": "--pp-size",
 }
 
 
@@ -508,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_dtype,
         choices=DTYPES,
         help="cast floating-point weights (default: keep the source's; quantized GGUF sources dequantize to f32); "
-        "a compressed-tensors source is dequantized to this dtype",
+        "a compressed-tensors source is dequantized to this dtype, except for --to trtllm, which keeps int4 "
+        "records; --to trtllm --quant defaults to bf16 for a float32 source (16-bit activations)",
     )
     s.add_argument(
         "--max-shard-size",
@@ -526,7 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
         "q4_k_s/m, q5_k_s/m, q6_k (q4_k = q4_k_m, as llama-quantize); per-tensor types follow "
         "llama-quantize's rules. Default: the source's types. With --to hf or onnx: int8, int4, int4-awq, "
         "int4-gptq or int8-gptq, the one-step form of `gemport quantize --method rtn|awq|gptq --bits 8|4` with "
-        "its defaults (for onnx, group size = --block-size)",
+        "its defaults (for onnx, group size = --block-size). With --to trtllm: w4a16-awq or w4a16-gptq (gemport's "
+        "AWQ / GPTQ, written as W4A16_AWQ; --group-size), w8a16 or w4a16 (float weights that trtllm-build "
+        "quantizes per channel); TensorRT-LLM's and ModelOpt's names (W4A16_AWQ, int4_awq, int8_wo) are taken too",
     )
     imat = s.add_mutually_exclusive_group()
     imat.add_argument(
@@ -569,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--allow-fp16-overflow",
         action="store_true",
-        help="--dtype f16 (hf, onnx, gguf, jax) or --quant f16 (gguf): write even when the model's activations "
+        help="--dtype f16 (hf, onnx, gguf, jax, trtllm) or --quant f16 (gguf): write even when the model's activations "
         "outgrow fp16 on calibration text (default: refuse; the artifact would compute inf/NaN)",
     )
     s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -722,11 +735,25 @@ TRTLLM_QUANTS = {
 }
 
 
+# TensorRT-LLM's quant_algo names and ModelOpt's qformat names for what --to trtllm --quant writes.
+TRTLLM_ALIASES = {
+    "w8a16": "w8a16",
+    "w4a16": "w4a16",
+    "w4a16_awq": "w4a16-awq",
+    "w4a16_gptq": "w4a16-gptq",
+    "int4_awq": "w4a16-awq",
+    "int8_wo": "w8a16",
+    "int4_wo": "w4a16",
+}
+
+
 def _check_quant(args) -> None:
     """Which --quant values each target takes, said in one line before any work."""
     gguf_types = _gguf_types()
     if args.quant is None:
         return
+    if args.dst_format == "trtllm":
+        args.quant = TRTLLM_ALIASES.get(args.quant.lower().replace("-", "_"), args.quant)
     if args.dst_format in ("hf", "onnx") and args.quant not in HF_QUANTS:
         if args.quant in TRTLLM_QUANTS:
             raise UnsupportedError(
@@ -770,7 +797,7 @@ def cmd_convert(args) -> int:
         )
     _check_destination(args.dst, args.overwrite)
     src_fmt, ckpt = _read(args.src, args.src_format, args)
-    if args.dtype and ckpt.quantized():  # a quantized HF source: dequantize its records
+    if args.dtype and ckpt.quantized() and args.dst_format != "trtllm":  # a quantized HF source: dequantize
         ckpt = dataclasses.replace(ckpt, tensors={n: t.dequantized(args.dtype) for n, t in ckpt.tensors.items()})
     writer = registry.get(args.dst_format).load()
     log.info("%s (%s) -> %s (%s)", args.src, src_fmt, args.dst, args.dst_format)

@@ -169,7 +169,7 @@ def test_top_level_help_says_what_quantize_writes(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "compressed-tensors HF folder, a GGUF file or an ONNX folder" in text
+    assert "compressed-tensors HF folder, a GGUF file, an ONNX folder or a TensorRT-LLM checkpoint" in text
 
 
 @pytest.mark.parametrize(

@@ -106,6 +106,9 @@ def validate(
 
     with stage(f"loading {candidate.name}"):
         cand_rt = runtime_for(candidate, fmt)
+    for note in getattr(cand_rt, "notes", ()):  # where the candidate's runtime departs from the reference's
+        warnings.append(note)
+        log.warning("%s", note)
     if hasattr(cand_rt, "tokenize"):  # a runtime with its own tokenizer (llama.cpp) must agree with the reference
         sample = evaluation[:TOKENIZER_CHECK_CHARS]
         check_same_ids(tokenize(tokenizer, sample), cand_rt.tokenize(sample), candidate)

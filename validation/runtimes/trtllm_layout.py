@@ -47,9 +47,10 @@ class TrtllmLayoutRuntime:
     def __init__(self, path: Path):
         import torch
 
-        from converters.trtllm import joined_tensors, read_config, sliding_pattern
+        from converters.trtllm import departures, joined_tensors, read_config, sliding_pattern
 
         self.cfg, spec, mapping = read_config(path)
+        self.notes = [f"{d}: computed so here" for d in departures(spec.family, self.cfg.get("rotary_scaling"))]
         self.name = (
             f"TensorRT-LLM layout runtime (plain torch, fp32, CPU; {self.cfg['dtype']} checkpoint, "
             f"tp {mapping.tp_size} pp {mapping.pp_size}): not TensorRT-LLM"
