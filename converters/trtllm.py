@@ -137,7 +137,8 @@ def trtllm_config(spec: GemmaSpec, dtype: str, mapping: Mapping, quantization: d
         "attn_bias": False,
     }
     if spec.family in ("gemma2", "gemma3"):
-        cfg["query_pre_attn_scalar"] = spec.query_pre_attn_scalar or spec.head_dim
+        scalar = spec.query_pre_attn_scalar or spec.head_dim
+        cfg["query_pre_attn_scalar"] = int(scalar) if float(scalar).is_integer() else scalar  # Gemma2ConfigGroup: int
         cfg["final_logit_softcapping"] = spec.final_softcap
         cfg["inter_layernorms"] = True
     if spec.family == "gemma2":
@@ -728,7 +729,8 @@ def read_config(path: Path) -> tuple[dict, GemmaSpec, Mapping]:
     if family != "gemma":
         hf["query_pre_attn_scalar"] = _field(cfg, "query_pre_attn_scalar", "number", file, hf["head_dim"])
         hf["final_logit_softcapping"] = cfg.get("final_logit_softcapping")
-        hf["sliding_window"] = _field(cfg, "sliding_window", "int", file)
+        # TensorRT-LLM's own Gemma 2 checkpoints state no window (a run-time setting): transformers' default
+        hf["sliding_window"] = _field(cfg, "sliding_window", "int", file, 4096 if family == "gemma2" else None)
     if family == "gemma2":
         hf["attn_logit_softcapping"] = cfg.get("attn_logit_softcapping")
     if family == "gemma3":

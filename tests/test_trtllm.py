@@ -466,3 +466,13 @@ def test_trtllm_and_modelopt_names_of_the_algorithms_are_taken(models, tmp_path)
     dst = tmp_path / "out"
     assert main(["convert", str(models["gemma-mqa"]), str(dst), "--to", "trtllm", "--quant", "int8_wo"]) == 0
     assert json.loads((dst / "config.json").read_text())["quantization"]["quant_algo"] == "W8A16"
+
+
+def test_gemma2_checkpoint_of_trtllms_own_converter_needs_no_window(models, tmp_path):
+    """TensorRT-LLM's Gemma 2 config has no sliding_window (a run-time setting): read as transformers' 4096."""
+    out = _write(models["gemma2"], tmp_path / "out")
+    _edit_config(sliding_window=None)(out)
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["sliding_window"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert trtllm.read(out).spec.sliding_window == 4096
