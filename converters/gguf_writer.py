@@ -591,7 +591,7 @@ def _write_files(
             with _pool(jobs, plans) as pool, progress(f"writing {dst.name}", len(plans), "tensors") as advance:
                 for plan in plans:
                     t = ckpt.tensors[names[plan.name]]
-                    writer.write_tensor_data(_encode(t, plan, imatrix.get(plan.name), pool, jobs, _source(ckpt)))
+                    writer.write_tensor_data(_Streamed(t, plan, imatrix.get(plan.name), pool, jobs, _source(ckpt)))
                     log_tensor(log, plan.name, t.shape, plan.qtype)
                     advance()
         finally:
@@ -599,32 +599,56 @@ def _write_files(
     return finals[0]
 
 
-def _encode(
-    t: LazyTensor,
-    plan: gguf_mix.TensorPlan,
-    imatrix: np.ndarray | None,
-    pool: Executor | None,
-    jobs: int,
-    source: str | None = None,
-) -> np.ndarray:
-    """The tensor's bytes in its planned type: the stored blocks if already of that type."""
-    if t.raw is not None and t.raw[0] == plan.qtype:
-        return t.raw[1]()
-    data = t.load()
-    if not all_finite(data):
-        raise CheckpointError(f"tensor {t.name} has NaN or infinite values", source)
-    x = data.float().numpy()
-    if _LAYER_PREFIX.sub("", plan.name) in OFFSET_NORMS:
-        x = x + np.float32(1.0)  # ref: GemmaModel.modify_tensors: norms are stored as 1 + w, in f32
-    if plan.qtype == "F32":
-        return np.ascontiguousarray(x, dtype=np.float32)
-    if plan.qtype == "F16":
-        return x.astype(np.float16)
-    from gguf.quants import quantize
+# Rows of a tensor encoded at a time: its float32 copy and its encoding exist one chunk at a time (a
+# 256000 x 3072 embedding is 3.1 GB in float32; a chunk of 16M values is 64 MB).
+CHUNK_VALUES = 1 << 24
 
-    if plan.qtype == "BF16":
-        return quantize(x, _qtype("BF16"))  # round to nearest even, as convert_hf_to_gguf.py
-    return _quantize_rows(x.reshape(-1, x.shape[-1]), _qtype(plan.qtype), imatrix, pool, jobs)
+
+class _Streamed:
+    """A tensor's bytes in its planned type, for ``GGUFWriter.write_tensor_data``, which uses only
+    ``nbytes`` and ``tofile`` of the array it is given (ref: gguf-py gguf/gguf_writer.py
+    GGUFWriter.write_tensor_data; little-endian files, so no byteswap): ``tofile`` encodes and writes the
+    rows chunk by chunk. The stored blocks are copied when the tensor is already of that type."""
+
+    def __init__(self, t, plan, imatrix, pool, jobs, source):
+        self.t, self.plan, self.imatrix, self.pool, self.jobs, self.source = t, plan, imatrix, pool, jobs, source
+        self.nbytes = _nbytes(t.shape, plan.qtype)
+
+    def tofile(self, f) -> None:
+        written = 0
+        for chunk in self.chunks():
+            chunk.tofile(f)
+            written += chunk.nbytes
+        if written != self.nbytes:
+            raise CheckpointError(f"tensor {self.t.name}: encoded {written} bytes, expected {self.nbytes}", self.source)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        t, plan = self.t, self.plan
+        if t.raw is not None and t.raw[0] == plan.qtype:
+            yield t.raw[1]()
+            return
+        data = t.load()
+        if not all_finite(data):
+            raise CheckpointError(f"tensor {t.name} has NaN or infinite values", self.source)
+        rows = data.reshape(-1, data.shape[-1]) if data.ndim > 1 else data.reshape(1, -1)
+        step = max(1, CHUNK_VALUES // rows.shape[1])
+        for start in range(0, rows.shape[0], step):
+            yield self.encode(rows[start : start + step].float().numpy())
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Rows ``x`` (float32) in the planned type."""
+        if _LAYER_PREFIX.sub("", self.plan.name) in OFFSET_NORMS:
+            x = x + np.float32(1.0)  # ref: GemmaModel.modify_tensors: norms are stored as 1 + w, in f32
+        qtype = self.plan.qtype
+        if qtype == "F32":
+            return np.ascontiguousarray(x, dtype=np.float32)
+        if qtype == "F16":
+            return x.astype(np.float16)
+        from gguf.quants import quantize
+
+        if qtype == "BF16":
+            return quantize(x, _qtype("BF16"))  # round to nearest even, as convert_hf_to_gguf.py
+        return _quantize_rows(x, _qtype(qtype), self.imatrix, self.pool, self.jobs)
 
 
 PARALLEL_MIN_VALUES = 1 << 20  # below this a tensor is quantized in-process: a pool round trip costs more

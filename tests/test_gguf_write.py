@@ -268,3 +268,15 @@ def test_quant_types_equal_llama_quantize(quant, model, wide_gemma3, tiny, tmp_p
     assert not differ, differ
     if model == "wide" and quant not in ("q8_0", "q4_0", "q5_1"):  # a K-type really was used
         assert any(t.endswith("_K") for t, _ in ours.values()), ours
+
+
+@pytest.mark.parametrize("quant", ["q4_k_m", "f16", "bf16", "f32"])
+def test_tensors_encoded_in_row_chunks_are_the_same_bytes(tiny_models, tmp_path, monkeypatch, quant):
+    """A large tensor is encoded a chunk of rows at a time (its float32 copy never whole): chunks of 1000
+    values, so that every tiny tensor is cut, give the bytes of the whole-tensor encoding."""
+    from converters import gguf_writer
+
+    whole = convert(tiny_models["gemma3"], tmp_path / "whole.gguf", "--quant", quant)
+    monkeypatch.setattr(gguf_writer, "CHUNK_VALUES", 1000)
+    chunked = convert(tiny_models["gemma3"], tmp_path / "chunked.gguf", "--quant", quant)
+    assert whole.read_bytes() == chunked.read_bytes()
