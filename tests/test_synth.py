@@ -15,6 +15,7 @@ from converters.presets import PRESETS
 from gemport.checkpoint import expected_shapes
 from gemport.cli import main
 from gemport.synth import SCALES, draw, synth_spec
+from tests.conftest import ROOT
 from tests.test_bad_input import assert_nothing_left, assert_one_line_error
 
 # Parameters of the released models, as the safetensors totals on their HF model pages state them
@@ -63,29 +64,39 @@ def test_draws_are_seeded_per_tensor_and_at_the_demo_models_scale():
 
 
 def test_synth_writes_a_streamed_checkpoint_transformers_and_gemport_read(tmp_path):
-    """gemma-2b with one layer: the full 256000 x 2048 embedding, written in a child process whose peak
+    """gemma3-1b with one layer: the full 262144 x 1152 embedding, written in a child process whose peak
     RSS stays near its largest tensor (streamed, never the model), read by gemport and transformers."""
-    dst = tmp_path / "g2b"
+    dst = tmp_path / "g3"
     code = (
         "import resource, sys; from gemport.cli import main; rc = main(sys.argv[1:]); "
         "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024); sys.exit(rc)"
     )
-    argv = [sys.executable, "-c", code, "synth", "gemma-2b", str(dst), "--layers", "1", "--max-shard-size", "600MB"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    argv = [sys.executable, "-c", code, "synth", "gemma3-1b", str(dst), "--layers", "2", "--max-shard-size", "300MB"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     rss = int(next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("RSS")))
-    embedding = 256000 * 2048 * 2
-    assert rss < embedding + 700e6, rss  # the embedding, torch and transformers' tokenizer; the model is 1.27 GB
+    embedding = 262144 * 1152 * 2
+    assert rss < embedding + 700e6, rss  # the embedding and torch; the model is 0.7 GB, in 3 shards
     ckpt = hf.read(dst)
-    assert ckpt.spec == synth_spec("gemma-2b", layers=1)
+    assert ckpt.spec == synth_spec("gemma3-1b", layers=2)
     assert len(list(dst.glob("model-*-of-*.safetensors"))) >= 2
     config = json.loads((dst / "config.json").read_text())
-    assert (config["vocab_size"], config["num_key_value_heads"], config["dtype"]) == (256000, 1, "bfloat16")
+    assert (config["vocab_size"], config["num_key_value_heads"], config["dtype"]) == (262144, 1, "bfloat16")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(dst)
-    assert tokenizer.vocab_size == 256000 and tokenizer("Hello").input_ids[0] == 2
-    assert torch.equal(ckpt.tensors["model.norm.weight"].load(), draw("model.norm.weight", (2048,), "bf16", 0))
+    assert AutoTokenizer.from_pretrained(dst)("Hello").input_ids[0] == 2
+    assert torch.equal(ckpt.tensors["model.norm.weight"].load(), draw("model.norm.weight", (1152,), "bf16", 0))
+
+
+def test_gemma1_and_2_get_the_tokenizer_cut_to_their_vocabulary():
+    import sentencepiece as spm
+
+    from gemport.synth import synth_checkpoint
+
+    files = synth_checkpoint("gemma-2b", layers=1).tokenizer_files
+    model = spm.SentencePieceProcessor(model_proto=files["tokenizer.model"])
+    assert model.get_piece_size() == 256000 and model.bos_id() == 2
+    assert len(json.loads(files["tokenizer.json"])["model"]["vocab"]) == 256000
 
 
 @pytest.mark.parametrize(
