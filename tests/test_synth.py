@@ -67,9 +67,12 @@ def test_synth_writes_a_streamed_checkpoint_transformers_and_gemport_read(tmp_pa
     """gemma3-1b with one layer: the full 262144 x 1152 embedding, written in a child process whose peak
     RSS stays near its largest tensor (streamed, never the model), read by gemport and transformers."""
     dst = tmp_path / "g3"
+    # VmHWM is the peak of this process's own memory map; ru_maxrss would also count the pytest process
+    # forked from, whose pages a forked child holds until it execs (Linux keeps that maximum across exec).
     code = (
-        "import resource, sys; from gemport.cli import main; rc = main(sys.argv[1:]); "
-        "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024); sys.exit(rc)"
+        "import re, sys; from gemport.cli import main; rc = main(sys.argv[1:]); "
+        "status = open('/proc/self/status').read(); "
+        "print('RSS', int(re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1)) * 1024); sys.exit(rc)"
     )
     argv = [sys.executable, "-c", code, "synth", "gemma3-1b", str(dst), "--layers", "2", "--max-shard-size", "300MB"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
