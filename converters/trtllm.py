@@ -768,13 +768,13 @@ def _skeleton(spec: GemmaSpec, dtype: str, fmt: QuantFormat | None) -> Checkpoin
 
 
 def rank_headers(
-    path: Path, spec: GemmaSpec, mapping: Mapping, dtype: str, fmt: QuantFormat | None
-) -> list[dict[str, LazyTensor]]:
-    """Each rank file's tensors, checked against the names, shapes and dtypes the layout gives that rank:
-    CheckpointError naming the rank file at the first difference, InputError when a rank file is missing."""
+    path: Path, spec: GemmaSpec, mapping: Mapping, dtype: str, group_size: int | None
+) -> tuple[list[dict[str, LazyTensor]], QuantFormat | None]:
+    """Each rank file's tensors, checked against the names, shapes and dtypes the layout gives that rank
+    (W4A16_AWQ projections when ``group_size`` is given), and the records' format: CheckpointError naming
+    the rank file at the first difference, InputError when a rank file is missing."""
     from converters.hf import _read_header
 
-    skeleton = _skeleton(spec, dtype, fmt)
     missing = [rank_file(r) for r in range(mapping.world_size) if not (path / rank_file(r)).is_file()]
     if missing:
         raise InputError(
@@ -782,10 +782,11 @@ def rank_headers(
             f"(tp_size {mapping.tp_size} x pp_size {mapping.pp_size})",
             path,
         )
-    out = []
-    for rank in range(mapping.world_size):
+    headers = [{t.name: t for t in _read_header(path / rank_file(r), integers=True)} for r in range(mapping.world_size)]
+    fmt = QuantFormat(4, group_size, True, _scale_dtype(headers[0], dtype)) if group_size else None
+    skeleton = _skeleton(spec, dtype, fmt)
+    for rank, found in enumerate(headers):
         file = path / rank_file(rank)
-        found = {t.name: t for t in _read_header(file, integers=True)}
         want = {t.name: t for t in rank_tensors(skeleton, dtype, mapping, rank, fmt is not None, scales_as_stored=True)}
         for name, t in want.items():
             got = found.get(name)
@@ -798,11 +799,10 @@ def rank_headers(
         extra = [n for n in found if n not in want]
         if extra:
             raise CheckpointError(f"unexpected tensor {extra[0]}", file)
-        out.append(found)
-    extra = sorted(p.name for p in path.glob("rank*.safetensors") if p.name not in map(rank_file, range(len(out))))
+    extra = sorted(p.name for p in path.glob("rank*.safetensors") if p.name not in map(rank_file, range(len(headers))))
     if extra:
         log.warning("%s: %s not in the mapping of config.json (ignored)", path, ", ".join(extra))
-    return out
+    return headers, fmt
 
 
 def joined_tensors(
@@ -817,8 +817,7 @@ def joined_tensors(
     dtype = {v: k for k, v in DTYPE_NAMES.items()}[cfg["dtype"]]
     quantization = read_quantization(cfg.get("quantization"), path / CONFIG)
     algo = quantization.get("quant_algo")
-    fmt = QuantFormat(4, quantization["group_size"], True, _scale_dtype(path, dtype)) if algo == W4A16_AWQ else None
-    ranks = rank_headers(path, spec, mapping, dtype, fmt)
+    ranks, fmt = rank_headers(path, spec, mapping, dtype, quantization["group_size"] if algo == W4A16_AWQ else None)
     tp = mapping.tp_size
     last = mapping.world_size - tp  # the first rank of the last stage
     embed = _join_vocab([ranks[r]["transformer.vocab_embedding.weight"] for r in range(tp)], spec.vocab_size)
@@ -846,14 +845,11 @@ def joined_tensors(
     return out
 
 
-def _scale_dtype(path: Path, dtype: str) -> str:
+def _scale_dtype(header: dict[str, LazyTensor], dtype: str) -> str:
     """The dtype of a W4A16_AWQ checkpoint's scales: the checkpoint's (gemport) or float32 (ModelOpt), as the
-    first layer's qkv states it; TensorRT-LLM casts them to the checkpoint dtype when it loads them."""
-    from converters.hf import _read_header
-
-    name = "transformer.layers.0.attention.qkv.weights_scaling_factor"
-    found = {t.name: t.dtype for t in _read_header(path / rank_file(0), integers=True)}
-    return found.get(name, dtype) if found.get(name) in ("f32", dtype) else dtype
+    first layer's qkv states it in rank 0's header; TensorRT-LLM casts them to the checkpoint dtype at load."""
+    found = header.get("transformer.layers.0.attention.qkv.weights_scaling_factor")
+    return found.dtype if found is not None and found.dtype in ("f32", dtype) else dtype
 
 
 def join_parts(ms: list, split: str, spec: GemmaSpec, tp: int):

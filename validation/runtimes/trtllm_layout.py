@@ -57,7 +57,12 @@ class TrtllmLayoutRuntime:
         )
         log.info("loading %s with the %s", path, self.name)
         tensors = joined_tensors(path, spec, mapping, self.cfg)
-        self.weights = {n: _dequantized(t, self.cfg["dtype"]) for n, t in tensors.items()}
+        loaded: dict[int, object] = {}  # a shared LM head has the embedding's loader: loaded once
+        self.weights = {}
+        for name, t in tensors.items():
+            if id(t.load) not in loaded:
+                loaded[id(t.load)] = _dequantized(t, self.cfg["dtype"])
+            self.weights[name] = loaded[id(t.load)]
         for name in [n for n in self.weights if n.endswith(".prequant_scaling_factor")]:  # y = (x * s) @ W.T
             weight = name.removesuffix("prequant_scaling_factor") + "weight"
             self.weights[weight] = self.weights[weight] * self.weights.pop(name)
