@@ -647,7 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
         "gemma3-270m/1b/4b/12b/27b: the presets' shapes and the published configs) with random weights drawn "
         "per tensor at the scale of the demo model's tensors of the same kind, heavy-tailed, seeded; streamed "
         "tensor by tensor in safetensors shards. The tokenizer is the demo model's (cut to 256000 pieces for "
-        "Gemma 1 and 2). Its weights mean nothing: use it to measure conversions, never quality.",
+        "Gemma 1 and 2). Its weights mean nothing: use it to measure the size, speed and memory of conversions, "
+        "never quality or parity (random weights give extreme logits, so even a lossless conversion scores a "
+        "large KLD against it).",
     )
     s.add_argument("name", metavar="NAME", help="the official model, e.g. gemma-7b or gemma3-27b")
     s.add_argument("dst", type=Path, metavar="DST", help="destination folder (must not exist unless --overwrite)")
