@@ -333,7 +333,12 @@ def run_step(step: str, args: argparse.Namespace, tools: LlamaCppTools | None) -
         remove(dst)
     env = tools.convert_env() if step in CONVERTS else None
     print(f"{step:12} {' '.join(argv[:6])} ...", flush=True)
-    rec = measure(argv, args.out / f"{step}.log", env)
+    try:
+        rec = measure(argv, args.out / f"{step}.log", env)
+    except BenchError:
+        if dst != Path(os.devnull):
+            remove(dst)  # a failed peer may leave a partial file
+        raise
     source = args.gptq_model if step == "gptq" else args.model
     rec |= {"step": step, "source": str(source), "finished": datetime.now(UTC).isoformat(timespec="seconds")}
     rec |= {
@@ -391,6 +396,8 @@ def run(args: argparse.Namespace, results_path: Path) -> dict:
     results.update(model=str(args.model), gptq_model=str(args.gptq_model), synth=args.synth)
     results.setdefault("steps", {})
     failed: set[str] = set()
+    # the intermediate GGUF lives until llama-quantize has read it, and no longer
+    last_use = "lcpp-q4_k_m" if "lcpp-q4_k_m" in steps else f"lcpp-{args.q4_from}"
     try:
         for step in steps:
             if step == "lcpp-q4_k_m" and f"lcpp-{args.q4_from}" in failed:
@@ -401,13 +408,12 @@ def run(args: argparse.Namespace, results_path: Path) -> dict:
             except BenchError as exc:
                 failed.add(step)
                 print(f"{step:12} FAILED: {exc}", file=sys.stderr, flush=True)
-                results["steps"][step] = {"step": step, "error": str(exc)}
-                save(results_path, results)
-                continue
+                rec = {"step": step, "error": str(exc)}
+            else:
+                print(f"{step:12} {rec['wall_s']:8.1f} s  peak RSS tree {rec['peak_rss_tree_mb']:8.0f} MB", flush=True)
             results["steps"][step] = rec
             save(results_path, results)
-            print(f"{step:12} {rec['wall_s']:8.1f} s  peak RSS tree {rec['peak_rss_tree_mb']:8.0f} MB", flush=True)
-            if step == "lcpp-q4_k_m" and not args.keep:
+            if step == last_use and not args.keep:
                 remove(intermediate)
     finally:
         if not args.keep:
