@@ -49,6 +49,7 @@ _F32 = np.float32
 _MAGIC = _F32(12582912.0)  # 1.5 * 2**23, ref: ggml-quants.c nearest_int
 _GROUP_MAX_EPS = _F32(1e-15)  # ref: ggml-quants.c GROUP_MAX_EPS
 _RINT_SAFE = _F32(4.0e6)  # below 2**22 - 1 with margin: np.rint equals nearest_int under this bound
+_FLT_MIN = _F32(2.0**-126)  # smallest normal float32
 _QK_K = 256
 _CHUNK_ELEMENTS = 1 << 16  # values per chunk: working arrays of 256 KiB stay in L2
 
@@ -119,12 +120,28 @@ def _signed_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     ref: ggml-quants.c quantize_row_q4_0_ref / make_qx_quants scan with ``amax < fabsf(v)`` from
     amax = max = 0.0f, so an all-zero group keeps max = +0.0 whatever the sign of its zeros.
+    The largest and the smallest value decide it, unless they are +a and -a: then the first
+    of them wins, found by a scan of those (rare) groups only.
     """
-    ax = np.abs(x)
-    idx = ax.argmax(axis=0)
-    cols = np.arange(x.shape[1])
-    amax = ax[idx, cols]
-    return amax, np.where(amax > 0, x[idx, cols], _F32(0))
+    hi = x.max(axis=0)
+    lo = x.min(axis=0)
+    neg = -lo
+    mx = np.where(neg > hi, lo, hi)
+    tie = (hi == neg) & (hi > 0)
+    if tie.any():
+        sub = x[:, tie]
+        mx[tie] = sub[np.argmax(np.abs(sub) == hi[tie], axis=0), np.arange(sub.shape[1])]
+    amax = np.abs(mx)
+    mx[amax == 0] = 0  # +0.0
+    nan = np.isnan(mx)
+    if nan.any():  # overflowed inputs (x*x beyond float32): numpy's argmax takes the first NaN
+        sub = x[:, nan]
+        ax = np.abs(sub)
+        idx = ax.argmax(axis=0)
+        cols = np.arange(sub.shape[1])
+        amax[nan] = ax[idx, cols]
+        mx[nan] = np.where(amax[nan] > 0, sub[idx, cols], _F32(0))
+    return amax, mx
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +173,7 @@ def _to_rows(rows: int, *fields: np.ndarray) -> np.ndarray:
 
 def _levels_aos(levels: np.ndarray, block: int) -> np.ndarray:
     """Element-major levels [g, N] back to one uint8 row per block: [blocks, block]."""
-    return np.ascontiguousarray(levels.T).reshape(-1, block).astype(np.uint8)
+    return np.ascontiguousarray(levels.astype(np.uint8).T).reshape(-1, block)
 
 
 def _nibbles(q: np.ndarray) -> np.ndarray:
@@ -575,11 +592,27 @@ def _fit_q8_0(xs: np.ndarray) -> np.ndarray:
 
 
 def _q8_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    # ref: quantize_q8_0 ignores quant_weights and calls quantize_row_q8_0_ref.
+    # ref: quantize_q8_0 ignores quant_weights and calls quantize_row_q8_0_ref:
+    # y.qs[j] = roundf(x[j]*id), id = d ? 1/d : 0, d = amax/127.
     xs = _groups(x, 32)
     d = _fit_q8_0(xs)
-    q = _roundf(xs * _inverse_or_zero(d))
-    return _pack_q8_0(x.shape[0], _fp16(d), np.ascontiguousarray(q.T).astype(np.int8))
+    idv = _inverse_or_zero(d)
+    if not np.all((d == 0) | (d >= _FLT_MIN)):
+        # a subnormal d: 1/d loses precision or overflows, |x*id| is not bounded by 128
+        q = _roundf(xs * idv)
+        return _pack_q8_0(x.shape[0], _fp16(d), np.ascontiguousarray(q.T).astype(np.int8))
+    wide = _Wide(*xs.shape)
+    v = wide.view(xs)
+    v *= wide.tile(idv, 0)  # xs is this function's own copy
+    # roundf for |v| < 2**22 (here |v| <= 127 + a few ulp): with t = trunc(v), v + (v - t) is exact
+    # (2v - t, a multiple of v's ulp below 2**23) and truncates to t + (|v - t| >= 0.5 ? sign : 0).
+    t = np.trunc(xs)
+    np.subtract(xs, t, out=t)
+    np.add(xs, t, out=t)
+    blocks = np.empty((xs.shape[1], 34), np.uint8)
+    blocks[:, :2] = _fp16(d).view(np.uint8).reshape(-1, 2)
+    blocks[:, 2:] = t.astype(np.int8).view(np.uint8).T  # float -> int8 truncates, as C's (int8_t)
+    return blocks.reshape(x.shape[0], -1)
 
 
 def _q4_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
@@ -656,10 +689,27 @@ def _requantize(
     clamp(nearest_int((x + offset)/d)) + bias; sub-blocks whose d is 0 keep their search levels.
 
     ``d`` and ``offset`` are per sub-block ([N]); ``offset`` is None for symmetric types.
+    Returns int32 levels [g, N].
     """
-    num = xs if offset is None else xs + offset
-    new = np.clip(_nearest_int(num / np.where(d != 0, d, _F32(1))), lo, hi) + bias
-    return np.where(d != 0, new, levels).astype(np.int32)
+    wide = _Wide(*xs.shape)
+    nonzero = d != 0
+    num = np.empty(xs.shape, _F32)
+    nv = wide.view(num)
+    if offset is None:
+        np.copyto(num, xs)
+    else:
+        np.add(wide.view(xs), wide.tile(offset, 0), out=nv)
+    nv /= wide.tile(np.where(nonzero, d, _F32(1)), 1)
+    # nearest_int in place (see _nearest_int)
+    num += _MAGIC
+    q = num.view(np.int32)
+    q &= 0x007FFFFF
+    q -= 0x00400000
+    np.clip(q, lo, hi, out=q)
+    q += bias
+    if not nonzero.all():
+        q[:, ~nonzero] = levels[:, ~nonzero]
+    return q
 
 
 def _pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
