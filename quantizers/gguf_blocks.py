@@ -240,6 +240,11 @@ def _make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray
     buf = np.empty_like(x)
     wide = _Wide(*x.shape)
     xv, lv = wide.view(x), wide.view(lf)
+    # per-group state, one row each: 0 iscale of the best trial, 1 its scale, 2 its ``best``;
+    # ``cand`` holds the same for the step's trial
+    state = np.empty((3, x.shape[1]), _F32)
+    cand = np.empty_like(state)
+    scratch = np.empty(state.shape, np.int32)
 
     def levels(iscale: np.ndarray) -> np.ndarray:
         # |iscale*x| <= nmax + 0.9 since max is the value of largest magnitude, so np.rint is
@@ -248,26 +253,29 @@ def _make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray
         return np.clip(np.rint(lf, out=lf), lo, hi, out=lf)
 
     def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # sumlx += (w*x)*l, suml2 += (w*l)*l; the levels are not needed afterwards
         levels(iscale)
-        sumlx = _seq_sum(np.multiply(wx, lf, out=buf))
         np.multiply(w, lf, out=buf)
-        return sumlx, _seq_sum(np.multiply(buf, lf, out=buf))
+        suml2 = _seq_sum(np.multiply(buf, lf, out=buf))
+        return _seq_sum(np.multiply(wx, lf, out=lf)), suml2
 
-    best_iscale = _F32(-nmax) / mx
-    sumlx, suml2 = trial(best_iscale)
+    np.divide(_F32(-nmax), mx, out=state[0])
+    sumlx, suml2 = trial(state[0])
     scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, _F32(1)), _F32(0))
-    best = scale * sumlx
+    state[1] = scale
+    state[2] = scale * sumlx
     for step in (*range(-9, 0), *range(1, 10)):
-        iscale = -(_F32(nmax) + _F32(0.1) * _F32(step)) / mx
+        iscale = np.divide(-(_F32(nmax) + _F32(0.1) * _F32(step)), mx, out=cand[0])
         sumlx, suml2 = trial(iscale)
-        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        better = (suml2 > 0) & (sumlx * sumlx > state[2] * suml2)
         if better.any():
-            best_iscale = np.where(better, iscale, best_iscale)
-            scale = np.where(better, sumlx / suml2, scale)
-            best = np.where(better, scale * sumlx, best)
-    out = levels(best_iscale).astype(np.int32)
+            np.divide(sumlx, suml2, out=cand[1])
+            np.multiply(cand[1], sumlx, out=cand[2])
+            _blend(state, cand, better, scratch)
+    out = levels(state[0]).astype(np.int32)
     out += nmax
     out[:, zero] = 0
+    scale = state[1].copy()
     scale[zero] = 0
     return out, scale
 

@@ -147,6 +147,38 @@ def test_degenerate_rows_match_libggml(ggml, qtype: Q) -> None:
         assert np.array_equal(quantize(rows, qtype, qw), ggml.quantize(rows, qtype, qw)), qtype.name
 
 
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["ref", "imatrix"])
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
+def test_heavy_tailed_matrix_is_byte_identical_to_libggml(ggml, qtype: Q, with_imatrix: bool) -> None:
+    """The types of Q4_K_M / Q8_0 conversions on student-t weights with outliers, several chunks:
+    every byte as libggml writes it (the searches' fast paths must not change a single choice)."""
+    rng = np.random.default_rng(2024)
+    x = (rng.standard_t(3, size=(96, 4096)) * 0.02).astype(np.float32)
+    x[rng.random(x.shape) < 1e-4] *= 100
+    assert x.size >= 4 * gguf_blocks._CHUNK_ELEMENTS  # several chunks
+    qw = imatrix_like(9, x.shape[1]) if with_imatrix else None
+    assert np.array_equal(quantize(x, qtype, qw), ggml.quantize(x, qtype, qw))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda t: t.name)
+def test_extreme_magnitudes_match_libggml(ggml, qtype: Q) -> None:
+    """Subnormal scales (1/d overflows or loses precision) and values whose squares overflow to
+    inf (NaN sums in the searches) take the slow exact paths, still byte-identical."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((8, 512)) * 0.01).astype(np.float32)
+    x[0] *= np.float32(1e-37)
+    x[1] *= np.float32(1e-38)
+    x[2, :64] = np.float32(3e-45)
+    x[3] *= np.float32(3e-41)
+    x[4] = np.float32(3.0e38) * np.sign(x[4])
+    x[5, ::7] = np.float32(-1e-44)
+    x[6] = -0.0
+    x[7, 100] = np.float32(1e-30)
+    for qw in (None, imatrix_like(3, 512)):
+        with np.errstate(all="ignore"):
+            assert np.array_equal(quantize(x, qtype, qw), ggml.quantize(x, qtype, qw)), qw is not None
+
+
 # ---------------------------------------------------------------------------------------------
 # tier 2: tolerances and primitives (no libggml needed)
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +217,25 @@ def test_seq_sum_adds_left_to_right(columns: int) -> None:
         for row in a[1:]:
             expected += row
         assert np.array_equal(gguf_blocks._seq_sum(a), expected), (n, columns)
+
+
+def test_signed_absmax_is_the_c_scan() -> None:
+    """ref: make_qx_quants: ``if (amax < fabsf(x[i])) { amax = fabsf(x[i]); max = x[i]; }`` from
+    0: the first value of largest magnitude, +0.0 for an all-zero group; with +a/-a ties."""
+    rng = np.random.default_rng(4)
+    x = np.round(rng.standard_normal((16, 3000)) * 4).astype(np.float32) / np.float32(4)
+    x[:, :100] = 0
+    x[rng.integers(16, size=50), 100 + np.arange(50)] = -0.0
+    for c in range(150, 3000, 3):  # a +a/-a tie at the maximum, in either order
+        i, j = rng.choice(16, 2, replace=False)
+        x[i, c], x[j, c] = 20.0, -20.0
+    amax, mx = gguf_blocks._signed_absmax(x)
+    for c in range(x.shape[1]):
+        a = m = np.float32(0)
+        for v in x[:, c]:
+            if a < abs(v):
+                a, m = abs(v), v
+        assert amax[c] == a and mx[c].tobytes() == np.float32(m).tobytes(), c
 
 
 def test_nearest_int_is_ggml_trick() -> None:
