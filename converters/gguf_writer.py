@@ -19,7 +19,8 @@ import os
 import re
 import signal
 import threading
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
@@ -37,7 +38,7 @@ from converters.gguf import (
     llamacpp_query_scalar,
     split_paths,
 )
-from gemport.checkpoint import Checkpoint, LazyTensor, all_finite
+from gemport.checkpoint import Checkpoint, LazyTensor, all_finite, row_chunks
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_files
 from gemport.progress import log_tensor, progress
@@ -623,32 +624,41 @@ class _Streamed:
             raise CheckpointError(f"tensor {self.t.name}: encoded {written} bytes, expected {self.nbytes}", self.source)
 
     def chunks(self) -> Iterator[np.ndarray]:
+        """The encoded rows, chunk by chunk. With a pool, the next chunk is read and handed to the
+        workers before the current one is awaited, so reading overlaps the encoding."""
         t, plan = self.t, self.plan
         if t.raw is not None and t.raw[0] == plan.qtype:
             yield t.raw[1]()
             return
-        data = t.load()
-        if not all_finite(data):
-            raise CheckpointError(f"tensor {t.name} has NaN or infinite values", self.source)
-        rows = data.reshape(-1, data.shape[-1]) if data.ndim > 1 else data.reshape(1, -1)
-        step = max(1, CHUNK_VALUES // rows.shape[1])
-        for start in range(0, rows.shape[0], step):
-            yield self.encode(rows[start : start + step].float().numpy())
+        pending: deque[Callable[[], np.ndarray]] = deque()
+        for rows in row_chunks(t, CHUNK_VALUES):
+            if not all_finite(rows):
+                raise CheckpointError(f"tensor {t.name} has NaN or infinite values", self.source)
+            pending.append(self.encode(rows.float().numpy()))
+            if len(pending) > 1:
+                yield pending.popleft()()
+        while pending:
+            yield pending.popleft()()
 
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        """Rows ``x`` (float32) in the planned type."""
+    def encode(self, x: np.ndarray) -> Callable[[], np.ndarray]:
+        """Rows ``x`` (float32) in the planned type, as a call that returns them (pooled work may
+        still be running until it is called)."""
         if _LAYER_PREFIX.sub("", self.plan.name) in OFFSET_NORMS:
             x = x + np.float32(1.0)  # ref: GemmaModel.modify_tensors: norms are stored as 1 + w, in f32
         qtype = self.plan.qtype
         if qtype == "F32":
-            return np.ascontiguousarray(x, dtype=np.float32)
+            return _done(np.ascontiguousarray(x, dtype=np.float32))
         if qtype == "F16":
-            return x.astype(np.float16)
+            return _done(x.astype(np.float16))
         from gguf.quants import quantize
 
         if qtype == "BF16":
-            return quantize(x, _qtype("BF16"))  # round to nearest even, as convert_hf_to_gguf.py
+            return _done(quantize(x, _qtype("BF16")))  # round to nearest even, as convert_hf_to_gguf.py
         return _quantize_rows(x, _qtype(qtype), self.imatrix, self.pool, self.jobs)
+
+
+def _done(x: np.ndarray) -> Callable[[], np.ndarray]:
+    return lambda: x
 
 
 PARALLEL_MIN_VALUES = 1 << 20  # below this a tensor is quantized in-process: a pool round trip costs more
@@ -656,14 +666,19 @@ PARALLEL_MIN_VALUES = 1 << 20  # below this a tensor is quantized in-process: a 
 
 def _quantize_rows(
     x: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None, pool: Executor | None, jobs: int
-) -> np.ndarray:
-    """ggml blocks of ``x`` [rows, n]; rows are independent, so large tensors are cut into row
-    chunks that the pool's worker processes quantize in parallel (the output is the same bytes)."""
+) -> Callable[[], np.ndarray]:
+    """ggml blocks of ``x`` [rows, n], as a call that returns them; rows are independent, so large
+    tensors are cut into row chunks that the pool's worker processes quantize in parallel (the
+    output is the same bytes) while the caller goes on."""
     from quantizers import gguf_blocks
 
     if pool is None or x.size < PARALLEL_MIN_VALUES:
-        return gguf_blocks.quantize(x, qtype, imatrix)
+        return _done(gguf_blocks.quantize(x, qtype, imatrix))
     n_chunks = 4 * jobs  # a few chunks per worker keeps them all busy to the end
     bounds = np.linspace(0, len(x), n_chunks + 1).astype(int)
-    parts = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-    return np.concatenate(list(pool.map(gguf_blocks.quantize, parts, [qtype] * len(parts), [imatrix] * len(parts))))
+    parts = [
+        pool.submit(gguf_blocks.quantize, x[a:b], qtype, imatrix)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        if b > a
+    ]
+    return lambda: np.concatenate([p.result() for p in parts])

@@ -14,7 +14,18 @@ import struct
 from pathlib import Path
 
 from converters import compressed_tensors as ct
-from gemport.checkpoint import DTYPES, Checkpoint, LazyTensor, all_finite, expected_shapes, torch_dtype
+from gemport.checkpoint import (
+    CHUNK_VALUES,
+    DTYPE_BYTES,
+    DTYPES,
+    Checkpoint,
+    LazyTensor,
+    RowLoader,
+    all_finite,
+    expected_shapes,
+    row_chunks,
+    torch_dtype,
+)
 from gemport.errors import CheckpointError, InputError
 from gemport.output import atomic_output
 from gemport.progress import log_tensor, progress, stage
@@ -207,7 +218,7 @@ def _read_header(file: Path, integers: bool = False) -> list[LazyTensor]:
                 name,
                 tuple(shape),
                 readable[dtype],
-                load=lambda f=file, s=8 + n + start, sh=tuple(shape), d=readable[dtype]: _load(f, s, sh, d),
+                load=_loader(file, 8 + n + start, tuple(shape), readable[dtype]),
             )
         )
     return out
@@ -265,11 +276,22 @@ def _is_index(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _load(file: Path, start: int, shape: tuple[int, ...], dtype: str):
-    """Read one tensor's bytes straight into a fresh tensor.
+def _loader(file: Path, start: int, shape: tuple[int, ...], dtype: str) -> RowLoader:
+    """The tensor at byte ``start`` of ``file``, whole or a range of rows (RowLoader)."""
+    if not shape:
+        return RowLoader(lambda a, b: _load(file, start, shape, dtype), 1)
+    row_bytes = DTYPE_BYTES[dtype]
+    for d in shape[1:]:
+        row_bytes *= d
+    return RowLoader(lambda a, b: _load(file, start + a * row_bytes, (b - a, *shape[1:]), dtype), shape[0])
 
-    Plain reads rather than safetensors' mmap: pages of the mapping would stay resident
-    while the file is open, and the copy out of it would double the peak for each tensor.
+
+def _load(file: Path, start: int, shape: tuple[int, ...], dtype: str):
+    """Read ``shape`` of ``dtype`` from byte ``start`` straight into a fresh tensor.
+
+    Plain reads rather than safetensors' mmap, which offers no other way to read part of a
+    tensor: pages of the mapping would stay resident (and count in RSS) while the file is open,
+    and the copy out of it would double the peak for each tensor.
     """
     import torch
 
@@ -387,17 +409,17 @@ def _write_safetensors(path: Path, tensors: list[LazyTensor], advance, source: s
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for t in tensors:
-            data = t.load()
-            if tuple(data.shape) != t.shape or data.dtype != torch_dtype(t.dtype):
-                raise CheckpointError(
-                    f"tensor {t.name} loaded as {list(data.shape)} {data.dtype}, expected {list(t.shape)} {t.dtype}",
-                    source,
-                )
-            if not all_finite(data):
-                raise CheckpointError(f"tensor {t.name} has NaN or infinite values", source)
-            # flatten first: torch calls an [n, 1] tensor with stride(-1) != 1 contiguous and will not
-            # view it as bytes (an asymmetric per-channel zero point is one)
-            f.write(memoryview(data.flatten().contiguous().view(torch.uint8).numpy()))
-            del data
+            written = 0
+            for data in row_chunks(t, CHUNK_VALUES):  # a large tensor is never whole in memory
+                if data.dtype != torch_dtype(t.dtype):
+                    raise CheckpointError(f"tensor {t.name} loaded as {data.dtype}, expected {t.dtype}", source)
+                if not all_finite(data):
+                    raise CheckpointError(f"tensor {t.name} has NaN or infinite values", source)
+                # flatten first: torch calls an [n, 1] tensor with stride(-1) != 1 contiguous and will not
+                # view it as bytes (an asymmetric per-channel zero point is one)
+                written += f.write(memoryview(data.flatten().contiguous().view(torch.uint8).numpy()))
+                del data
+            if written != t.nbytes:
+                raise CheckpointError(f"tensor {t.name} loaded as {written} bytes, expected {t.nbytes}", source)
             log_tensor(log, t.name, t.shape, _ST_NAMES[t.dtype])
             advance()

@@ -280,3 +280,16 @@ def test_tensors_encoded_in_row_chunks_are_the_same_bytes(tiny_models, tmp_path,
     monkeypatch.setattr(gguf_writer, "CHUNK_VALUES", 1000)
     chunked = convert(tiny_models["gemma3"], tmp_path / "chunked.gguf", "--quant", quant)
     assert whole.read_bytes() == chunked.read_bytes()
+
+
+def test_chunks_handed_to_the_worker_pool_are_the_same_bytes(tiny_models, tmp_path, monkeypatch):
+    """Chunks quantized by the worker processes, the next chunk read while they run, are written in
+    order: the bytes of the in-process encoding."""
+    from converters import gguf_writer
+
+    monkeypatch.setattr(gguf_writer, "PARALLEL_MIN_VALUES", 1 << 40)
+    alone = convert(tiny_models["gemma3"], tmp_path / "alone.gguf", "--quant", "q4_k_m")
+    monkeypatch.setattr(gguf_writer, "PARALLEL_MIN_VALUES", 1)
+    monkeypatch.setattr(gguf_writer, "CHUNK_VALUES", 1000)
+    pooled = convert(tiny_models["gemma3"], tmp_path / "pooled.gguf", "--quant", "q4_k_m", "--jobs", "2")
+    assert alone.read_bytes() == pooled.read_bytes()
