@@ -27,6 +27,7 @@ as is, shared with the tied LM head through FusedMatMul(transB=1) (Gemm on the p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from converters import rope
-from gemport.checkpoint import Checkpoint, LazyTensor, all_finite, expected_shapes
+from gemport.checkpoint import CHUNK_VALUES, Checkpoint, LazyTensor, RowLoader, all_finite, expected_shapes, row_chunks
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_output
 from gemport.progress import log_tensor, progress, stage
@@ -372,10 +373,15 @@ class _Builder:
         self.initializers.append(value)
         return value
 
-    def lazy(self, name: str, shape: tuple[int, ...], dtype, load) -> object:
-        """An initializer whose data is made by ``load()`` (a numpy array) when the model is saved."""
+    def lazy(self, name: str, shape: tuple[int, ...], dtype, load, chunks=None) -> object:
+        """An initializer whose data is made by ``load()`` (a numpy array) when the model is saved, or,
+        given ``chunks()`` (an iterator of numpy arrays whose bytes in turn are the tensor's), written
+        to the data file a chunk at a time."""
         ir = self.ir
-        tensor = ir.LazyTensor(lambda: ir.tensor(load()), dtype=dtype, shape=ir.Shape(shape), name=name)
+        kind = ir.LazyTensor if chunks is None else _streamed_tensor_class()
+        tensor = kind(lambda: ir.tensor(load()), dtype=dtype, shape=ir.Shape(shape), name=name)
+        if chunks is not None:
+            tensor.chunks = chunks
         return self._initializer(name, tensor)
 
     def weight(self, canonical: str, transform: str, t: LazyTensor | None = None, wide: bool = False):
@@ -385,7 +391,10 @@ class _Builder:
         shape = tuple(reversed(t.shape)) if transform == "transpose" else t.shape
         self.layout[canonical] = {"kind": "float", "transform": transform, "name": canonical}
         dtype, np_dtype = (self.ir.DataType.FLOAT, np.float32) if wide else (self.float, self.np_float)
-        return self.lazy(canonical, shape, dtype, lambda: self._load_float(t, transform, np_dtype))
+        chunks = None
+        if transform == "none":  # rows as stored: a large table (the embedding) is written a chunk at a time
+            chunks = lambda: (self._float_rows(t, rows, np_dtype) for rows in row_chunks(t, CHUNK_VALUES))  # noqa: E731
+        return self.lazy(canonical, shape, dtype, lambda: self._load_float(t, transform, np_dtype), chunks)
 
     def to32(self, x):
         """``x`` cast from the graph's fp16 to float32 (no node in a float32 graph)."""
@@ -396,15 +405,18 @@ class _Builder:
         return self.op("Cast", x, to=self.float) if self.f16 else x
 
     def _load_float(self, t: LazyTensor, transform: str, np_dtype=None) -> np.ndarray:
-        import torch
-
         data = t.load()
-        if not all_finite(data):
-            raise CheckpointError(f"tensor {t.name} has NaN or infinite values", self.ckpt.source)
-        data = data.to(torch.float32)
         if transform == "transpose":
             data = data.t()
-        return data.contiguous().numpy().astype(np_dtype or self.np_float, copy=False)
+        return self._float_rows(t, data, np_dtype)
+
+    def _float_rows(self, t: LazyTensor, data, np_dtype=None) -> np.ndarray:
+        """``data`` (all of ``t`` or some of its rows) in the graph's float type; NaN refused."""
+        import torch
+
+        if not all_finite(data):
+            raise CheckpointError(f"tensor {t.name} has NaN or infinite values", self.ckpt.source)
+        return data.to(torch.float32).contiguous().numpy().astype(np_dtype or self.np_float, copy=False)
 
     # -- building blocks
     def build(self):
@@ -494,28 +506,27 @@ class _Builder:
         fmt = t.quant
         block = _block_size(fmt.group_size, k, canonical, self.ckpt.source)
         blocks = k // block
-        packed = self.lazy(
-            f"{canonical}.qweight",
-            (n, blocks, block * fmt.bits // 8),
-            self.ir.DataType.UINT8,
-            lambda: _pack_codes(self._record(t).codes, fmt.bits, block),
-        )
-        scales = self.lazy(
-            f"{canonical}.scales",
-            (n * blocks,),
-            self.float,
-            lambda: _block_values(self._record(t).scales, k, block).astype(self.np_float),
-        )
-        inputs = [packed, scales]
+
+        def pack_codes(r):
+            return _pack_codes(r.codes, fmt.bits, block)
+
+        def pack_scales(r):
+            return _block_values(r.scales, k, block).astype(self.np_float)
+
+        def pack_zero_points(r):
+            return _pack_zero_points(r.zero_points, fmt.bits, k, block)
+
+        def initializer(suffix: str, shape: tuple[int, ...], dtype, pack):
+            # every initializer is row-major over the n output rows: a record that loads by rows
+            # (a 256000-row head) is packed and written a block of rows at a time
+            chunks = (lambda: (pack(r) for r in self._record_rows(t))) if isinstance(t.load, RowLoader) else None
+            return self.lazy(f"{canonical}.{suffix}", shape, dtype, lambda: pack(self._record(t)), chunks)
+
+        packed = initializer("qweight", (n, blocks, block * fmt.bits // 8), self.ir.DataType.UINT8, pack_codes)
+        inputs = [packed, initializer("scales", (n * blocks,), self.float, pack_scales)]
         if not fmt.symmetric:
-            inputs.append(
-                self.lazy(
-                    f"{canonical}.zero_points",
-                    (n * math.ceil(blocks * fmt.bits / 8),),
-                    self.ir.DataType.UINT8,
-                    lambda: _pack_zero_points(self._record(t).zero_points, fmt.bits, k, block),
-                )
-            )
+            width = math.ceil(blocks * fmt.bits / 8)
+            inputs.append(initializer("zero_points", (n * width,), self.ir.DataType.UINT8, pack_zero_points))
         self.layout[canonical] = {"kind": "matmul_nbits", "name": canonical, "bits": fmt.bits, "block_size": block}
         self._nbits[canonical] = (inputs, block)
         return inputs, block
@@ -523,11 +534,18 @@ class _Builder:
     def _record(self, t: LazyTensor):
         """The record of ``t``, loaded once per tensor however many initializers read it."""
         if self._cached[0] != t.name:
-            record = t.load()
-            if not all_finite(record.scales):
-                raise CheckpointError(f"tensor {t.name} has NaN or infinite scales", self.ckpt.source)
-            self._cached = (t.name, record)
+            self._cached = (t.name, self._finite(t, t.load()))
         return self._cached[1]
+
+    def _record_rows(self, t: LazyTensor):
+        """The record of ``t`` (whose load is a RowLoader) as records of successive blocks of rows."""
+        for record in row_chunks(t, CHUNK_VALUES):
+            yield self._finite(t, record)
+
+    def _finite(self, t: LazyTensor, record):
+        if not all_finite(record.scales):
+            raise CheckpointError(f"tensor {t.name} has NaN or infinite scales", self.ckpt.source)
+        return record
 
     def _rope_caches(self) -> None:
         """cos/sin [context, head_dim / 2] per distinct rope, float32, taken from transformers' own Gemma
@@ -852,21 +870,38 @@ class _Builder:
         from quantizers.rtn import quantize_weight
 
         fmt = QuantFormat(bits, 32, True, "f32")
-
-        def load(rows: int = 16384):  # in row chunks: the float temporaries stay small beside the vocab
-            import torch
-
-            from quantizers.record import QuantizedTensor
-
-            w = t.load()
-            parts = [quantize_weight(w[i : i + rows], fmt, True) for i in range(0, w.shape[0], rows)]
-            return QuantizedTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), None, fmt)
-
+        if isinstance(t.load, RowLoader):  # quantized a block of rows at a time as the writer streams them
+            rows = t.load
+            load = RowLoader(lambda a, b: quantize_weight(rows.rows(a, b), fmt, True), rows.n)
+        else:
+            load = lambda: quantize_weight(t.load(), fmt, True)  # noqa: E731
         return dataclasses.replace(t, quant=fmt, load=load, raw=None)
 
 
+@functools.cache
+def _streamed_tensor_class() -> type:
+    """onnx_ir's LazyTensor with a ``tofile`` that writes ``self.chunks()`` in turn: onnx_ir writes an
+    external initializer through ``tofile`` when it has one (ref: onnx_ir external_data.py
+    _write_tensor_at), so a tensor larger than memory allows is never whole; ``numpy()`` and
+    ``tobytes()`` still make it whole."""
+    import onnx_ir as ir
+
+    class StreamedTensor(ir.LazyTensor):
+        chunks = None
+
+        def tofile(self, file) -> None:
+            written = 0
+            for part in self.chunks():
+                written += file.write(np.ascontiguousarray(part).reshape(-1).view(np.uint8))
+            if written != self.nbytes:
+                raise CheckpointError(f"initializer {self.name}: wrote {written} bytes, expected {self.nbytes}")
+
+    return StreamedTensor
+
+
 def _stacked(tensors: list[LazyTensor], name: str, source: str) -> LazyTensor:
-    """Weights [out_i, in] (all float of one dtype, or all records of one format) stacked along out."""
+    """Weights [out_i, in] (all float of one dtype, or all records of one format) stacked along out;
+    read by rows (RowLoader) when every part is."""
     import torch
 
     from quantizers.record import QuantizedTensor
@@ -874,23 +909,31 @@ def _stacked(tensors: list[LazyTensor], name: str, source: str) -> LazyTensor:
     first = tensors[0]
     shape = (sum(t.shape[0] for t in tensors), first.shape[1])
 
-    def load_float():
-        parts = [t.load() for t in tensors]
-        for t, data in zip(tensors, parts, strict=True):
+    def join(pieces: list) -> object:
+        if first.quant is not None:
+            records = [data for _, data in pieces]
+            zero_points = None if first.quant.symmetric else torch.cat([r.zero_points for r in records])
+            codes, scales = torch.cat([r.codes for r in records]), torch.cat([r.scales for r in records])
+            return QuantizedTensor(codes, scales, zero_points, first.quant)
+        for t, data in pieces:
             if not all_finite(data):
                 raise CheckpointError(f"tensor {t.name} has NaN or infinite values", source)
-        return torch.cat(parts)
+        return torch.cat([data for _, data in pieces])
 
-    if first.quant is None:
-        return LazyTensor(name, shape, first.dtype, load=load_float)
+    if all(isinstance(t.load, RowLoader) for t in tensors):
+        starts = [sum(t.shape[0] for t in tensors[:i]) for i in range(len(tensors))]
 
-    def load():
-        records = [t.load() for t in tensors]
-        zero_points = None if first.quant.symmetric else torch.cat([r.zero_points for r in records])
-        return QuantizedTensor(
-            torch.cat([r.codes for r in records]), torch.cat([r.scales for r in records]), zero_points, first.quant
-        )
+        def rows(a: int, b: int):
+            pieces = []
+            for t, start in zip(tensors, starts, strict=True):
+                lo, hi = max(a, start), min(b, start + t.shape[0])
+                if lo < hi:
+                    pieces.append((t, t.load.rows(lo - start, hi - start)))
+            return join(pieces)
 
+        load = RowLoader(rows, shape[0])
+    else:
+        load = lambda: join([(t, t.load()) for t in tensors])  # noqa: E731
     return LazyTensor(name, shape, first.dtype, load=load, quant=first.quant)
 
 

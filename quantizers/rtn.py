@@ -30,7 +30,7 @@ import functools
 import logging
 from dataclasses import asdict, dataclass, replace
 
-from gemport.checkpoint import Checkpoint, LazyTensor, torch_dtype
+from gemport.checkpoint import CHUNK_VALUES, Checkpoint, LazyTensor, RowLoader, torch_dtype
 from gemport.errors import UnsupportedError
 from quantizers.record import BITS, SCALE_DTYPES, QuantFormat, QuantizedTensor
 
@@ -109,6 +109,8 @@ def quantize(ckpt: Checkpoint, config: RTNConfig) -> Checkpoint:
             fmt = config.format_for(targets[name], t.dtype)
             _check_groups(t, fmt, ckpt.source)
             load = functools.partial(_load_quantized, t, fmt, config.full_range)
+            if isinstance(t.load, RowLoader):  # rows are quantized independently: a writer may stream them
+                load = RowLoader(functools.partial(_rows_quantized, t.load, fmt, config.full_range), t.load.n)
             t = replace(t, quant=fmt, raw=None, load=load)
         tensors[name] = t
     kept = [n for n in ckpt.tensors if n not in targets]
@@ -130,8 +132,25 @@ def _load_quantized(t: LazyTensor, fmt: QuantFormat, full_range: bool = False) -
     return quantize_weight(t.load(), fmt, full_range)
 
 
+def _rows_quantized(rows: RowLoader, fmt: QuantFormat, full_range: bool, a: int, b: int) -> QuantizedTensor:
+    return quantize_weight(rows.rows(a, b), fmt, full_range)
+
+
 def quantize_weight(w, fmt: QuantFormat, full_range: bool = False) -> QuantizedTensor:
-    """RTN record of one weight ``w [out, in]`` in format ``fmt`` (math in the module docstring)."""
+    """RTN record of one weight ``w [out, in]`` in format ``fmt`` (math in the module docstring),
+    made a block of rows at a time: rows are independent, and the float32 temporaries of a whole
+    24576 x 3072 projection would be several times its size."""
+    import torch
+
+    step = max(1, CHUNK_VALUES // max(w.shape[1], 1))
+    if w.shape[0] <= step:
+        return _quantize_rows(w, fmt, full_range)
+    parts = [_quantize_rows(w[a : a + step], fmt, full_range) for a in range(0, w.shape[0], step)]
+    zero_points = None if fmt.symmetric else torch.cat([p.zero_points for p in parts])
+    return QuantizedTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), zero_points, fmt)
+
+
+def _quantize_rows(w, fmt: QuantFormat, full_range: bool = False) -> QuantizedTensor:
     import torch
 
     rows, cols = w.shape
