@@ -28,6 +28,14 @@ is one column of an [n, N] float32 array, so each per-element step is one numpy 
 N groups and each sum over a group runs down axis 0, in order. Rows are processed in chunks of
 about ``_CHUNK_ELEMENTS`` values, so memory stays bounded whatever the tensor size.
 
+Speed (numpy's per-call cost dominates at these sizes, so the searches are written to issue
+few, large, mostly in-place operations): per-group values broadcast against a [4, g/4*N] view
+of the same memory (``_Wide``), which numpy runs much faster than g short loops; the searches
+keep the (iscale, min) of their best trial and compute its levels once at the end rather than
+copying levels at every accepted step; per-group state is merged with a bitwise select
+(``_blend``) instead of np.where; np.where never mixes int32 and float32 (that makes a float64
+copy). None of this changes an operation's operands or order, so the bytes are the same.
+
 The encoders of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K are split into a half that
 chooses the block parameters (``_fit_*``, with ``_q45_k_steps`` / ``_q6_k_steps`` for the stored
 sub-block steps) and one that writes the bytes from parameters and levels (``_pack_*``);
