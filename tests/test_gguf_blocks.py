@@ -238,6 +238,20 @@ def test_signed_absmax_is_the_c_scan() -> None:
         assert amax[c] == a and mx[c].tobytes() == np.float32(m).tobytes(), c
 
 
+def test_blend_is_where_bit_for_bit() -> None:
+    """The searches merge their per-group state with _blend; it must keep every bit (NaN
+    payloads, -0.0, inf) exactly as np.where would."""
+    rng = np.random.default_rng(6)
+    bits = rng.integers(-(2**31), 2**31, size=(2, 5, 777), dtype=np.int64).astype(np.int32)
+    dst, src = bits.view(np.float32)
+    dst[0, :3] = [-0.0, np.inf, np.nan]
+    src[0, 3:6] = [-0.0, -np.inf, np.nan]
+    take = rng.random(777) < 0.4
+    expected = np.where(take, src, dst).view(np.int32)
+    gguf_blocks._blend(dst, src, take, np.empty(dst.shape, np.int32))
+    assert np.array_equal(dst.view(np.int32), expected)
+
+
 def test_nearest_int_is_ggml_trick() -> None:
     v = np.array([0.5, 1.5, 2.5, -0.5, -1.5, 2.4999998, 7.0, -3.5, 4194303.0], np.float32)
     assert gguf_blocks._nearest_int(v).tolist() == [0, 2, 2, 0, -2, 2, 7, -4, 4194303]
