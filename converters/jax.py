@@ -39,6 +39,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import mmap
 import re
 import tempfile
 from collections.abc import Callable
@@ -51,7 +53,7 @@ import numpy as np
 from converters import rope
 from converters.presets import PRESETS, find_preset, spec_from_preset, tokenizer_pieces
 from gemport import __version__
-from gemport.checkpoint import DTYPES, Checkpoint, LazyTensor, all_finite, expected_shapes
+from gemport.checkpoint import CHUNK_VALUES, DTYPES, Checkpoint, LazyTensor, all_finite, expected_shapes, row_chunks
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_output
 from gemport.progress import log_tensor, progress, stage
@@ -645,16 +647,21 @@ def _spill(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]], scratch: Path, 
     with progress("converting to JAX layout", total=total, unit="tensors") as advance:
         for i, (name, shape) in enumerate(shapes.items()):
             prefix, names, kind = _rule(ckpt.spec.family, name)
-            parts = [_load_checked(ckpt, prefix + n) for n in names]
-            leaf = np.ascontiguousarray(from_canonical(kind, parts, ckpt.spec, shape))
-            del parts
-            if leaf.shape != shape:
-                raise CheckpointError(f"JAX parameter {name} came out {list(leaf.shape)}, expected {list(shape)}")
-            file, dtype = scratch / f"{i}.bin", leaf.dtype
-            mm = np.memmap(file, dtype=dtype, mode="w+", shape=shape)
-            mm[...] = leaf
-            mm.flush()
-            del mm, leaf
+            file = scratch / f"{i}.bin"
+            if kind in ("embedding", "copy"):  # the leaf is the tensor's rows (then zero padding): streamed
+                dtype = _spill_rows(ckpt, prefix + names[0], shape, file)
+            elif kind == "gating":  # [2, F, D] or [2, D, F]: each half made and written alone
+                dtype = _spill_halves(ckpt, [prefix + n for n in names], shape, file)
+            else:
+                parts = [_load_checked(ckpt, prefix + n) for n in names]
+                leaf = np.ascontiguousarray(from_canonical(kind, parts, ckpt.spec, shape))
+                del parts
+                if leaf.shape != shape:
+                    raise CheckpointError(f"JAX parameter {name} came out {list(leaf.shape)}, expected {list(shape)}")
+                dtype = leaf.dtype
+                with open(file, "wb") as f:
+                    f.write(leaf.reshape(-1).view(np.uint8))
+                del leaf
             node = tree
             *groups, last = stored_key(name, flat)
             for g in groups:
@@ -663,6 +670,38 @@ def _spill(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]], scratch: Path, 
             log_tensor(log, name, shape, str(dtype))
             advance(len(names))
     return tree
+
+
+def _spill_rows(ckpt: Checkpoint, name: str, shape: tuple[int, ...], file: Path) -> np.dtype:
+    """Write tensor ``name``'s rows, then zero rows up to ``shape[0]``, to ``file`` a chunk at a time
+    (plain writes: the pages of a writable map would count as resident); the dtype written."""
+    t = ckpt.tensors[name]
+    if t.shape[1:] != shape[1:] or t.shape[0] > shape[0]:
+        raise CheckpointError(f"tensor {name} has shape {list(t.shape)}, expected {list(shape)}", ckpt.source)
+    dtype = None
+    with open(file, "wb") as f:
+        for rows in row_chunks(t, CHUNK_VALUES):
+            if not all_finite(rows):
+                raise CheckpointError(f"tensor {name} has NaN or infinite values", ckpt.source)
+            data = _to_numpy(rows)
+            dtype = data.dtype
+            f.write(data.reshape(-1).view(np.uint8))
+        if shape[0] > t.shape[0]:
+            f.truncate(np.prod(shape, dtype=np.int64) * dtype.itemsize)  # the padding rows read as zeros
+    return dtype
+
+
+def _spill_halves(ckpt: Checkpoint, names: list[str], shape: tuple[int, ...], file: Path) -> np.dtype:
+    """The gating leaf ``stack(halves)`` written half by half to ``file``; the dtype written."""
+    with open(file, "wb") as f:
+        for name in names:
+            half = np.ascontiguousarray(from_canonical("gating", [_load_checked(ckpt, name)], ckpt.spec, shape)[0])
+            if half.shape != shape[1:]:
+                raise CheckpointError(f"tensor {name} came out {list(half.shape)}, expected {list(shape[1:])}")
+            f.write(half.reshape(-1).view(np.uint8))
+            dtype = half.dtype
+            del half
+    return dtype
 
 
 def _load_checked(ckpt: Checkpoint, name: str) -> np.ndarray:
@@ -675,31 +714,61 @@ def _load_checked(ckpt: Checkpoint, name: str) -> np.ndarray:
     return _to_numpy(data)
 
 
+# Largest zarr chunk Orbax may make of an array (SaveArgs.chunk_byte_size): tensorstore encodes a chunk
+# whole in memory, and by default Orbax chunks only arrays above its 2 GB OCDBT data-file target.
+SAVE_CHUNK_BYTES = 64 << 20
+
+
 def _save_tree(tree: dict, dst: Path) -> None:
-    """Orbax's PyTree save, with host arrays written one at a time and not copied first."""
+    """Orbax's PyTree save, host arrays written one at a time, in chunks of at most SAVE_CHUNK_BYTES, a
+    slab of whole chunks at a time, and not copied first: memory stays near one slab whatever the
+    array's size."""
     ocp = _orbax()
     import jax
+    import tensorstore as ts
 
     class SequentialNumpyHandler(ocp.type_handlers.NumpyHandler):
         # NumpyHandler starts every array's tensorstore write at once (asyncio.gather in
-        # _background_serialize), which holds all of them in flight; one at a time keeps Orbax's
-        # buffers near the largest array. Private hook of the pinned orbax-checkpoint version.
+        # _background_serialize), which holds all of them in flight, and writes each whole
+        # (_open_and_write). Private hook of the pinned orbax-checkpoint version, re-expressed here:
+        # one array at a time, row slabs aligned to its write chunks.
         _lock: asyncio.Lock | None = None
 
         async def _open_and_write(self, value, tspec, ts_context):
             self._lock = self._lock or asyncio.Lock()
             async with self._lock:
-                await super()._open_and_write(value, tspec, ts_context)
+                t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+                for a, b in _slabs(value.shape, t.chunk_layout.write_chunk.shape):
+                    await t[a:b].write(value[a:b], can_reference_source_data_indefinitely=True)
+                    _drop_pages(value)
 
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, SequentialNumpyHandler(deepcopy_host_arrays=False)),
         (jax.Array, ocp.type_handlers.ArrayHandler()),
     )
+    save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=SAVE_CHUNK_BYTES), tree)
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
     try:
-        checkpointer.save(dst.resolve(), args=ocp.args.PyTreeSave(tree))
+        checkpointer.save(dst.resolve(), args=ocp.args.PyTreeSave(tree, save_args=save_args))
     finally:
         checkpointer.close()
+
+
+def _slabs(shape: tuple[int, ...], chunk: tuple[int, ...]) -> list[tuple[int | None, int | None]]:
+    """Row ranges [a, b) of an array of ``shape`` stored in write chunks of ``chunk``: whole chunk rows,
+    about CHUNK_VALUES values each; one range (None, None) for a scalar or a single chunk row."""
+    if not shape or chunk[0] >= shape[0]:
+        return [(None, None)]
+    per_chunk_row = chunk[0] * math.prod(shape[1:])
+    step = chunk[0] * max(1, CHUNK_VALUES // max(per_chunk_row, 1))
+    return [(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
+
+
+def _drop_pages(value: np.ndarray) -> None:
+    """A spilled leaf's pages, once written, leave this process (they stay in the page cache); read
+    again on demand if a later slab needs them."""
+    if isinstance(getattr(value, "_mmap", None), mmap.mmap):
+        value._mmap.madvise(mmap.MADV_DONTNEED)
 
 
 def _write_extras(ckpt: Checkpoint, tmp: Path, layout: str, transposed_gating: bool, rows: int) -> None:

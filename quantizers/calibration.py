@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gemport.checkpoint import Checkpoint
+from gemport.checkpoint import CHUNK_VALUES, Checkpoint, row_chunks
 from gemport.errors import CheckpointError, InputError
 
 if TYPE_CHECKING:
@@ -130,8 +130,18 @@ def embed(ckpt: Checkpoint, ids: torch.Tensor) -> torch.Tensor:
     ``Gemma*ScaledWordEmbedding``/``GemmaModel``: the scale as a tensor of the weight's dtype)."""
     import torch
 
-    weight = ckpt.tensors["model.embed_tokens.weight"].load().to(torch.float32)
-    return torch.nn.functional.embedding(ids, weight) * torch.tensor(ckpt.spec.embed_scale, dtype=torch.float32)
+    t = ckpt.tensors["model.embed_tokens.weight"]
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < t.shape[0]:
+        raise CheckpointError(f"token ids reach {int(ids.max())}; the embedding has {t.shape[0]} rows", ckpt.source)
+    out = torch.zeros((*ids.shape, t.shape[1]), dtype=torch.float32)
+    start = 0
+    for rows in row_chunks(t, CHUNK_VALUES):  # the table a block of rows at a time, never whole in float32
+        stop = start + rows.shape[0]
+        hit = (ids >= start) & (ids < stop)
+        if hit.any():
+            out[hit] = rows[ids[hit] - start].to(torch.float32)
+        start = stop
+    return out * torch.tensor(ckpt.spec.embed_scale, dtype=torch.float32)
 
 
 def layer_kwargs(ckpt: Checkpoint, config, n_ctx: int) -> list[dict[str, Any]]:

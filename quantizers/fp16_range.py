@@ -25,7 +25,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from gemport.checkpoint import Checkpoint, LazyTensor
+from gemport.checkpoint import Checkpoint, LazyTensor, RowLoader
 from gemport.errors import UnsupportedError
 
 if TYPE_CHECKING:
@@ -236,10 +236,9 @@ def guard_weights(ckpt: Checkpoint, names: Iterable[str] | None = None) -> Check
 
 
 def _guarded(t: LazyTensor, source: str) -> LazyTensor:
-    def load():
+    def check(data):
         import torch
 
-        data = t.load()
         if data.is_floating_point() and data.numel():
             peak = float(data.abs().max().to(torch.float32))
             if peak > FP16_MAX and peak != float("inf"):
@@ -249,6 +248,10 @@ def _guarded(t: LazyTensor, source: str) -> LazyTensor:
                 )
         return data
 
+    rows = t.load
+    load = (
+        RowLoader(lambda a, b: check(rows.rows(a, b)), rows.n) if isinstance(rows, RowLoader) else lambda: check(rows())
+    )
     return dataclasses.replace(t, load=load, raw=None)
 
 
