@@ -179,9 +179,11 @@ def test_top_level_help_says_what_quantize_writes(capsys):
         (0.0123, 0.001, ".6f", "", "0.012300 +/- 0.001000"),
         (-1e-5, 2e-5, "+.4f", " %", "-1.000e-05 % +/- 2.000e-05 %"),
         (0.0, math.nan, ".6f", "", "0.000000"),
+        (3.1e120, 2e118, ".4f", "", "3.100e+120 +/- 2.000e+118"),
+        (123456.5, 2.0, ".4f", "", "123456.5000 +/- 2.0000"),
     ],
 )
-def test_small_values_print_in_scientific_notation(value, se, fmt, unit, text):
+def test_small_and_huge_values_print_in_scientific_notation(value, se, fmt, unit, text):
     assert _pm(value, se, fmt, unit) == text
 
 

@@ -67,8 +67,8 @@ def _finite_or_none(x: float) -> float | None:
 
 def _fmt(value: float, fmt: str) -> str:
     """``value`` in ``fmt``, or in scientific notation when fmt would print it as zeros (KLD 1.3e-06, not
-    0.000001)."""
-    if value != 0 and math.isfinite(value) and abs(value) < 1e-3:
+    0.000001) or as more than 12 digits (the ppl of a random model, 3.1e+120)."""
+    if value != 0 and math.isfinite(value) and (abs(value) < 1e-3 or abs(value) >= 1e12):
         return f"{value:{'+' if fmt.startswith('+') else ''}.3e}"
     return f"{value:{fmt}}"
 
@@ -170,7 +170,8 @@ class Report:
             raise GateFailed(
                 "validation failed: "
                 + "; ".join(f"gate {g.name}: {g.describe()}" for g in failed)
-                + f" (ppl {m.ppl_cand:.4f} vs reference {m.ppl_ref:.4f}, KLD {m.kld:.6g}, top-1 {m.top1_pct:.2f} %,"
+                + f" (ppl {_fmt(m.ppl_cand, '.4f')} vs reference {_fmt(m.ppl_ref, '.4f')}, KLD {m.kld:.6g},"
+                f" top-1 {m.top1_pct:.2f} %,"
                 f" {m.tokens} tokens in {plural(self.windows, 'window')} of {self.n_ctx})",
                 self.candidate,
             )
