@@ -41,7 +41,7 @@ from converters.gguf import (
 from gemport.checkpoint import Checkpoint, LazyTensor, all_finite, row_chunks
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_files
-from gemport.progress import log_tensor, progress
+from gemport.progress import log_tensor, progress, stage
 from gemport.spec import SLIDING, TANH_GELU, GemmaSpec
 from quantizers import fp16_range, gguf_mix
 
@@ -79,8 +79,9 @@ def write(
     """
     ckpt.check()
     ckpt = drop_vocab_padding(ckpt)
+    probe = None
     if _ftype(ckpt, quant or dtype) == "f16":  # asked, or an f16 source kept: refused if fp16 parts overflow
-        ckpt = fp16_range.checked_gguf_f16(ckpt, allow_fp16_overflow)
+        ckpt, probe = fp16_range.checked_gguf_f16(ckpt, allow_fp16_overflow)
     dst = Path(dst)
     arch = ckpt.spec.family
     if arch in ("gemma", "gemma2") and not ckpt.spec.tie_embeddings:
@@ -109,7 +110,7 @@ def write(
     for plan, (_, ne) in zip(plans, shapes, strict=True):
         shape = tuple(reversed(ne))  # gguf-py takes numpy order and writes ne order
         writer.add_tensor_info(plan.name, shape, np.dtype(np.float32), _nbytes(ne, plan.qtype), _qtype(plan.qtype))
-    return _write_files(writer, dst, overwrite, ckpt, names, plans, imatrix, jobs or os.cpu_count() or 1)
+    return _write_files(writer, dst, overwrite, ckpt, names, plans, imatrix, jobs or os.cpu_count() or 1, probe)
 
 
 # --- names, types -----------------------------------------------------------------------------
@@ -581,8 +582,10 @@ def _write_files(
     plans: list[gguf_mix.TensorPlan],
     imatrix: dict[str, np.ndarray],
     jobs: int,
+    probe: fp16_range.Background | None = None,
 ) -> Path:
-    """Stream every tensor into the file(s) in a temporary folder, then move them to ``dst``."""
+    """Stream every tensor into the file(s) in a temporary folder, then move them to ``dst`` once
+    ``probe`` (the fp16 range probe running beside the writer) has passed."""
     finals = split_paths(dst, len(writer.tensors))
     with atomic_files(finals, overwrite) as tmp:
         writer.write_header_to_file(tmp / dst.name)
@@ -595,8 +598,13 @@ def _write_files(
                     writer.write_tensor_data(_Streamed(t, plan, imatrix.get(plan.name), pool, jobs, _source(ckpt)))
                     log_tensor(log, plan.name, t.shape, plan.qtype)
                     advance()
+                    if probe is not None:
+                        probe.check()  # a refusal ends the write at once
         finally:
             writer.close()
+        if probe is not None:
+            with stage("checking fp16 activations"):
+                probe.join()
     return finals[0]
 
 
@@ -618,29 +626,42 @@ class _Streamed:
     def tofile(self, f) -> None:
         written = 0
         for chunk in self.chunks():
-            chunk.tofile(f)
-            written += chunk.nbytes
+            for part in chunk:
+                part.tofile(f)
+                written += part.nbytes
         if written != self.nbytes:
             raise CheckpointError(f"tensor {self.t.name}: encoded {written} bytes, expected {self.nbytes}", self.source)
 
-    def chunks(self) -> Iterator[np.ndarray]:
-        """The encoded rows, chunk by chunk. With a pool, the next chunk is read and handed to the
-        workers before the current one is awaited, so reading overlaps the encoding."""
+    def chunks(self) -> Iterator[list[np.ndarray]]:
+        """The encoded rows, chunk by chunk, each as consecutive parts. With a pool, the next chunk is
+        read and handed to the workers before the current one is awaited, so reading overlaps the
+        encoding."""
         t, plan = self.t, self.plan
         if t.raw is not None and t.raw[0] == plan.qtype:
-            yield t.raw[1]()
+            yield [t.raw[1]()]
             return
-        pending: deque[Callable[[], np.ndarray]] = deque()
+        import torch
+
+        pending: deque[Callable[[], list[np.ndarray]]] = deque()
         for rows in row_chunks(t, CHUNK_VALUES):
             if not all_finite(rows):
                 raise CheckpointError(f"tensor {t.name} has NaN or infinite values", self.source)
-            pending.append(self.encode(rows.float().numpy()))
+            if plan.qtype == "F16" and _LAYER_PREFIX.sub("", plan.name) not in OFFSET_NORMS:
+                # torch casts rows straight to fp16, multithreaded: the bytes of numpy's float32 -> float16
+                # (both round to nearest even, subnormals kept; bf16 -> f32 is exact)
+                pending.append(_done(rows.to(torch.float16).numpy()))
+            elif plan.qtype not in ("F32", "BF16") and rows.dtype == torch.bfloat16:
+                # bf16 rows go to the quantizing workers as their bits: half the bytes, converted there
+                bits = rows.contiguous().view(torch.int16).numpy().view(np.uint16)
+                pending.append(_quantize_rows(bits, _qtype(plan.qtype), self.imatrix, self.pool, self.jobs))
+            else:
+                pending.append(self.encode(rows.float().numpy()))
             if len(pending) > 1:
                 yield pending.popleft()()
         while pending:
             yield pending.popleft()()
 
-    def encode(self, x: np.ndarray) -> Callable[[], np.ndarray]:
+    def encode(self, x: np.ndarray) -> Callable[[], list[np.ndarray]]:
         """Rows ``x`` (float32) in the planned type, as a call that returns them (pooled work may
         still be running until it is called)."""
         if _LAYER_PREFIX.sub("", self.plan.name) in OFFSET_NORMS:
@@ -657,8 +678,8 @@ class _Streamed:
         return _quantize_rows(x, _qtype(qtype), self.imatrix, self.pool, self.jobs)
 
 
-def _done(x: np.ndarray) -> Callable[[], np.ndarray]:
-    return lambda: x
+def _done(x: np.ndarray) -> Callable[[], list[np.ndarray]]:
+    return lambda: [x]
 
 
 PARALLEL_MIN_VALUES = 1 << 20  # below this a tensor is quantized in-process: a pool round trip costs more
@@ -666,19 +687,18 @@ PARALLEL_MIN_VALUES = 1 << 20  # below this a tensor is quantized in-process: a 
 
 def _quantize_rows(
     x: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None, pool: Executor | None, jobs: int
-) -> Callable[[], np.ndarray]:
-    """ggml blocks of ``x`` [rows, n], as a call that returns them; rows are independent, so large
-    tensors are cut into row chunks that the pool's worker processes quantize in parallel (the
-    output is the same bytes) while the caller goes on."""
+) -> Callable[[], list[np.ndarray]]:
+    """ggml blocks of ``x`` [rows, n] (float32, or bfloat16 bits as uint16), as a call that returns
+    them in consecutive parts; rows are independent, so large tensors are cut into row chunks that
+    the pool's worker processes quantize in parallel (the output is the same bytes) while the caller
+    goes on."""
     from quantizers import gguf_blocks
 
+    encode = gguf_blocks.quantize_bf16 if x.dtype == np.uint16 else gguf_blocks.quantize
     if pool is None or x.size < PARALLEL_MIN_VALUES:
-        return _done(gguf_blocks.quantize(x, qtype, imatrix))
+        return _done(encode(x, qtype, imatrix))
     n_chunks = 4 * jobs  # a few chunks per worker keeps them all busy to the end
     bounds = np.linspace(0, len(x), n_chunks + 1).astype(int)
-    parts = [
-        pool.submit(gguf_blocks.quantize, x[a:b], qtype, imatrix)
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-        if b > a
-    ]
-    return lambda: np.concatenate([p.result() for p in parts])
+    spans = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    parts = [pool.submit(encode, x[a:b], qtype, imatrix) for a, b in spans]
+    return lambda: [p.result() for p in parts]

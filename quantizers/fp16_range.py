@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -255,10 +256,36 @@ def _guarded(t: LazyTensor, source: str) -> LazyTensor:
     return dataclasses.replace(t, load=load, raw=None)
 
 
-def checked_gguf_f16(ckpt: Checkpoint, allow: bool = False) -> Checkpoint:
+def checked_gguf_f16(ckpt: Checkpoint, allow: bool = False) -> tuple[Checkpoint, Background]:
     """A GGUF F16 file: llama.cpp keeps the residual stream and norms in float32 and rounds only
     the inputs of matrix products with F16 weights to fp16 (``MATMUL_INPUTS``); its norm weights
     stay F32 (ref: llama.cpp convert_hf_to_gguf.py, 1-D tensors kept in F32), so the 2-D weights
-    are the fp16 ones."""
-    check_fp16(ckpt, MATMUL_INPUTS, "gguf", allow)
-    return guard_weights(ckpt, [n for n, t in ckpt.tensors.items() if len(t.shape) == 2])
+    are the fp16 ones. Returns the guarded checkpoint and the activation probe, started in the
+    background: the writer works meanwhile and calls its ``join()`` before it commits the file."""
+    probe = Background(lambda: check_fp16(ckpt, MATMUL_INPUTS, "gguf", allow))
+    return guard_weights(ckpt, [n for n, t in ckpt.tensors.items() if len(t.shape) == 2]), probe
+
+
+class Background:
+    """``fn()`` running in a daemon thread (torch and file reads release the GIL, so it overlaps a
+    writer's work): ``check()`` raises its exception once it has failed, ``join()`` waits for it to
+    end and raises its exception."""
+
+    def __init__(self, fn: Callable[[], object]):
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), name="fp16-range-probe", daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001  (handed to the thread that joins)
+            self.error = exc
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def join(self) -> None:
+        self.thread.join()
+        self.check()

@@ -1038,3 +1038,11 @@ def quantize(x: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | N
         for r0 in range(0, rows, step):
             out[r0 : r0 + step] = encode(_float_chunk(x, r0, step, qtype), qw)
     return out
+
+
+def quantize_bf16(bits: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """``quantize`` of bfloat16 rows given as their bits (uint16 [rows, n_per_row]): bf16 -> float32 is
+    exact (the bits are the float32's upper half), so the bytes are those of the float32 rows. Half
+    the data of float32 crosses a process boundary."""
+    x = (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return quantize(x, qtype, imatrix)
