@@ -127,11 +127,20 @@ class MinMaxGrid:
 
 
 def gptq_weight(
-    w: torch.Tensor, h: torch.Tensor, fit: Callable[[torch.Tensor, int], Grid], width: int, config: GPTQConfig
+    w: torch.Tensor,
+    h: torch.Tensor,
+    fit: Callable[[torch.Tensor, int], Grid],
+    width: int,
+    config: GPTQConfig,
+    consume: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, list[Grid]]:
     """GPTQ of ``w [rows, n]`` with Hessian ``h [n, n]`` on groups of ``width`` columns fitted by
     ``fit(columns, first column index)``: (levels [rows, n] float32, values [rows, n] float32, one
-    grid per group in column order)."""
+    grid per group in column order). With ``consume`` a float32 ``h`` is worked on in place (its
+    contents are then garbage): the only n x n matrix in memory, 2.4 GB for a 24576-wide down_proj."""
+    import torch
+
+    h = h.to(torch.float32).contiguous() if consume else h.to(torch.float32, copy=True).contiguous()
     with _one_thread():
         return _gptq_weight(w, h, fit, width, config)
 
@@ -155,7 +164,6 @@ def _gptq_weight(w, h, fit, width, config):
 
     rows, n = w.shape
     w = w.to(torch.float32, copy=True)
-    h = h.to(torch.float32, copy=True)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
@@ -164,7 +172,9 @@ def _gptq_weight(w, h, fit, width, config):
     if static:
         grids = [fit(w[:, g : g + width], g) for g in range(0, n, width)]
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if config.act_order else torch.arange(n)
-    w, h = w[:, perm], h[perm][:, perm]
+    w = w[:, perm]
+    if config.act_order:
+        _permute_symmetric(h.numpy(), perm.numpy())  # h[perm][:, perm], in place
     u = _inverse_cholesky(h, config.damp)
     levels, values = torch.zeros_like(w), torch.zeros_like(w)
     block = config.block_size if static else max(config.block_size, width) // width * width
@@ -188,22 +198,94 @@ def _gptq_weight(w, h, fit, width, config):
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising damp tenfold on failure."""
-    import torch
+    """Upper Cholesky factor ``U`` (``U^T U = A^-1``) of ``A = H + damp * mean(diag H) * I``, made in
+    ``h``'s own memory (float32 [n, n], contiguous, symmetric; returned as ``U``), raising damp
+    tenfold when A is not positive definite.
 
-    mean = float(torch.diag(h).mean())
+    With J the index reversal, ``J A J = L L^T`` (lower Cholesky) gives ``A = K K^T`` for the upper
+    ``K = J L J``, so ``A^-1 = K^-T K^-1`` and ``U = K^-1 = J L^-1 J``: one factorization and one
+    triangular inverse (2/3 n^3 flops, half of inverting A and factoring the inverse), each done by
+    LAPACK in place (scipy's spotrf/strtri with overwrite on the Fortran view of the symmetric
+    buffer; torch's linalg functions would allocate a new n x n matrix for each result).
+    """
+    import numpy as np
+    from scipy.linalg import lapack
+
+    a = h.numpy()
+    n = a.shape[0]
+    diag = np.diagonal(a).copy()
+    mean = np.float32(diag.mean(dtype=np.float64))
+    _reverse(a.reshape(-1))  # J H J
+    diag = diag[::-1].copy()
     for attempt in range(MAX_DAMP_RETRIES + 1):
         d = damp * 10**attempt
-        hd = h + d * mean * torch.eye(h.shape[0])
-        factor, info = torch.linalg.cholesky_ex(hd)
-        if int(info) == 0:
-            inv = torch.cholesky_inverse(factor)
-            u, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if int(info) == 0:
+        a.reshape(-1)[:: n + 1] = diag + np.float32(d) * mean
+        # the Fortran view of a is a (symmetric): its upper triangle, a's lower, becomes U0 with
+        # J A J = U0^T U0, i.e. a's lower triangle L = U0^T; a's strict upper triangle is untouched
+        factor, info = lapack.spotrf(a.T, lower=0, clean=0, overwrite_a=1)
+        if info == 0:
+            inverse, info = lapack.strtri(factor, lower=0, unitdiag=0, overwrite_c=1)  # a's lower: L^-1
+            if info == 0 and np.shares_memory(inverse, a):
                 if attempt:
                     log.warning("GPTQ: Hessian needed damp %.3g to be positive definite", d)
-                return u
+                for r in range(n - 1):
+                    a[r, r + 1 :] = 0
+                _reverse(a.reshape(-1))  # J L^-1 J, upper
+                return h
+            if info == 0:
+                raise RuntimeError("LAPACK did not work in place")  # a scipy build that copies
+        for r in range(1, n):  # restore the lower triangle from the untouched upper one
+            a[r, :r] = a[:r, r]
     raise UnsupportedError(f"GPTQ: the Hessian is not positive definite even with damp {d:g}")
+
+
+def _reverse(flat) -> None:
+    """Reverse a 1-D numpy array in place, a chunk at a time (``flat[:] = flat[::-1]`` would copy it)."""
+    i, j, chunk = 0, flat.size, 1 << 22
+    while j - i >= 2:
+        k = min(chunk, (j - i) // 2)
+        low = flat[i : i + k].copy()
+        flat[i : i + k] = flat[j - k : j][::-1]
+        flat[j - k : j] = low[::-1]
+        i, j = i + k, j - k
+
+
+def _permute_symmetric(a, perm) -> None:
+    """``a[perm][:, perm]`` of a symmetric square numpy array, in place: rows permuted (P A), the
+    result transposed (A P^T, A being symmetric), rows permuted again (P A P^T)."""
+    _permute_rows(a, perm)
+    _transpose(a)
+    _permute_rows(a, perm)
+
+
+def _permute_rows(a, perm) -> None:
+    """``a[:] = a[perm]`` in place, cycle by cycle with one spare row."""
+    import numpy as np
+
+    done = np.zeros(len(perm), dtype=bool)
+    for start in range(len(perm)):
+        if done[start] or perm[start] == start:
+            continue
+        spare, i = a[start].copy(), start
+        while True:
+            done[i] = True
+            j = int(perm[i])
+            if j == start:
+                a[i] = spare
+                break
+            a[i] = a[j]
+            i = j
+
+
+def _transpose(a, block: int = 1024) -> None:
+    """Transpose a square numpy array in place, block by block."""
+    n = a.shape[0]
+    for i in range(0, n, block):
+        a[i : i + block, i : i + block] = a[i : i + block, i : i + block].T.copy()
+        for j in range(i + block, n, block):
+            upper = a[i : i + block, j : j + block].copy()
+            a[i : i + block, j : j + block] = a[j : j + block, i : i + block].T
+            a[j : j + block, i : i + block] = upper.T
 
 
 def record_from(levels: torch.Tensor, grids: list[MinMaxGrid], fmt: QuantFormat) -> QuantizedTensor:
@@ -264,7 +346,10 @@ def quantize_layer(item: LayerInputs, quantize_one: QuantizeOne) -> dict[str, An
         h = stage_hessian(item, stage[0])
         for proj in stage:
             weight = item.layer.get_submodule(proj).weight
-            results[proj], values = quantize_one(proj, weight.detach(), h)
+            # quantize_one works on h in place: the stage's last projection gets it, the others a copy
+            mine = h if proj == stage[-1] else h.clone()
+            results[proj], values = quantize_one(proj, weight.detach(), mine)
+            del mine
             with torch.no_grad():
                 weight.copy_(values)  # the next stages and layers see the quantized weight
         del h
@@ -283,7 +368,8 @@ def quantize(ckpt: Checkpoint, config: GPTQConfig) -> Checkpoint:
         width = fmt.group_size or w.shape[1]
         # GPTQ works on the weight as stored: rounded to the source dtype, as RTN sees it
         w = w.to(torch_dtype(dtype)).float()
-        levels, values, grids = gptq_weight(w, h, functools.partial(MinMaxGrid.fit, fmt=fmt), width, config)
+        fit = functools.partial(MinMaxGrid.fit, fmt=fmt)
+        levels, values, grids = gptq_weight(w, h, fit, width, config, consume=True)
         return record_from(levels, grids, fmt), values  # values == record.dequantize("f32") (tested)
 
     def attach(t: LazyTensor, record: QuantizedTensor) -> LazyTensor:
@@ -328,7 +414,7 @@ def quantize_gguf(ckpt: Checkpoint, config: GPTQConfig, quant: str, pure: bool =
             width = x.shape[1]
             return _BlockGrid(gguf_grid.fit(x.numpy(), qtype, importance[start : start + width], sigma2))
 
-        levels, values, grids = gptq_weight(w, h, fit, gguf_grid.group_width(qtype), config)
+        levels, values, grids = gptq_weight(w, h, fit, gguf_grid.group_width(qtype), config, consume=True)
         blocks = gguf_grid.pack([g.grid for g in grids], levels.numpy())
         return (qtype, blocks, values), values
 

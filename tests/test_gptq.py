@@ -215,3 +215,44 @@ def test_gptq_gguf_beats_llama_quantize_with_imatrix_in_llamacpp(wide_gemma3, tm
     assert got["gptq"]["runtime"] == got["peer"]["runtime"] and "llama" in got["gptq"]["runtime"]["name"]
     ours_m, peer_m = got["gptq"]["metrics"], got["peer"]["metrics"]
     assert ours_m["kld"] < peer_m["kld"] - 2 * peer_m["kld_se"], got
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 300])
+def test_inverse_cholesky_in_place_is_the_upper_factor_of_the_inverse(n):
+    """U of (H + damp I)^-1 from LAPACK in H's own buffer equals torch's three-step result; the
+    in-place permutation equals fancy indexing exactly."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(4 * n + 3, n, generator=gen, dtype=torch.float64)
+    h = (x.T @ x / x.shape[0]).to(torch.float32)
+    mean = float(torch.diag(h).mean())
+    a = (h + 0.01 * mean * torch.eye(n)).double()
+    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(a)), upper=True)
+    work = h.clone()
+    u = gptq._inverse_cholesky(work, 0.01)
+    assert u.data_ptr() == work.data_ptr()
+    assert torch.equal(u, torch.triu(u))
+    assert torch.allclose(u.double(), want, rtol=2e-3, atol=1e-5 * float(want.abs().max()))
+    perm = torch.randperm(n, generator=gen)
+    s = h.clone()
+    gptq._permute_symmetric(s.numpy(), perm.numpy())
+    assert torch.equal(s, h[perm][:, perm])
+    flat = np.arange(2 * n + 1)
+    gptq._reverse(flat)
+    assert flat.tolist() == list(range(2 * n, -1, -1))
+
+
+def test_a_retry_restores_the_matrix_lapack_overwrote():
+    """An eigenvalue of -5e-4: positive definite only at the fourth damp (1e-3); each retry starts
+    from the original matrix, not from the partial factor LAPACK left in the buffer."""
+    h = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 1.0, 0.999]])
+    u = gptq._inverse_cholesky(h.clone(), 1e-6)
+    for attempt in range(gptq.MAX_DAMP_RETRIES + 1):
+        d = 1e-6 * 10**attempt
+        a = (h + d * float(torch.diag(h).mean()) * torch.eye(3)).double()
+        if bool(torch.all(torch.linalg.eigvalsh(a) > 0)):
+            break
+    assert attempt == 3
+    want = torch.linalg.cholesky(torch.linalg.inv(a), upper=True)
+    assert torch.allclose(u.double(), want, rtol=1e-3)
