@@ -1177,6 +1177,16 @@ def cmd_validate(args) -> int:
             raise OutputError("no such folder for --json (it is not created)", args.json_out.parent)
 
     reference = registry.get("hf").load().read(args.reference) if (args.reference / "config.json").is_file() else None
+    from gemport.synth import synthetic_record
+
+    for folder in (args.reference, args.candidate):
+        drawn = synthetic_record(folder)
+        if drawn:
+            log.warning(
+                "%s is a synthetic %s (gemport synth, random weights): its scores say nothing about quality",
+                folder,
+                drawn.get("model"),
+            )
     if reference is not None and args.ctx > reference.spec.max_position:
         raise UnsupportedError(
             f"--ctx {args.ctx} is longer than the reference's context, max_position_embeddings "

@@ -18,6 +18,7 @@ The tokenizer is the demo model's SentencePiece model (Gemma 3's 262144 pieces),
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import zlib
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 # Embedding rows of the released models (ref: the HF config.json of google/gemma-7b and gemma-2-9b:
 # vocab_size 256000; gemma-3-270m / gemma-3-1b-it: 262144; gemma-3-4b-it and larger, text_config: 262208,
 # the tokenizer's 262144 pieces plus padding rows).
+MANIFEST = "gemport.json"
+SYNTHETIC_KEY = "synthetic"  # gemport.json of a synth folder: what it was drawn from
+FILE_SUFFIXES = (".gguf", ".onnx", ".safetensors", ".bin", ".pt", ".pth", ".keras")
 VOCAB = {"gemma": 256000, "gemma2": 256000, "gemma3": 262144}
 VOCAB_GEMMA3_LARGE = 262208
 
@@ -154,5 +158,26 @@ def write_synth(
 
     if dtype not in ("bf16", "f32"):
         raise UnsupportedError(f"synthetic checkpoints are bf16 or f32, not {dtype}")
+    dst = Path(dst)
+    if dst.suffix.lower() in FILE_SUFFIXES:
+        raise UnsupportedError(
+            f"synth writes an HF folder, and {dst.name} names a {dst.suffix} file; write the folder, then "
+            f"gemport convert it to {dst.name}",
+            dst,
+        )
+    if dst.is_file():
+        raise UnsupportedError("is a file; synth writes an HF folder and does not replace a file with one", dst)
     ckpt = synth_checkpoint(name, dtype, seed, layers)
-    return hf.write(ckpt, dst, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    out = hf.write(ckpt, dst, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    record = {"model": name, "dtype": dtype, "seed": seed, "layers": layers or ckpt.spec.num_layers}
+    (out / MANIFEST).write_text(json.dumps({SYNTHETIC_KEY: record}, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def synthetic_record(folder: Path) -> dict | None:
+    """What ``gemport synth`` wrote ``folder`` from (its gemport.json), or None for any other folder."""
+    try:
+        record = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8")).get(SYNTHETIC_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record if isinstance(record, dict) else None

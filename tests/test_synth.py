@@ -114,3 +114,26 @@ def test_bad_requests_are_one_line(tmp_path, capsys, argv, words):
     code = main(["synth", argv[0], str(dst), *argv[1:]])
     assert_one_line_error(code, capsys.readouterr().err, words)
     assert_nothing_left(dst)
+
+
+def test_a_file_destination_is_refused(tmp_path, capsys):
+    """synth writes a folder: a DST named like a single-file format, or an existing file even with
+    --overwrite, is refused and nothing is written."""
+    dst = tmp_path / "model.gguf"
+    code = main(["synth", "gemma3-270m", str(dst), "--layers", "1"])
+    assert_one_line_error(code, capsys.readouterr().err, "names a .gguf file", "gemport convert")
+    assert_nothing_left(dst)
+    plain = tmp_path / "notes"
+    plain.write_text("keep me")
+    code = main(["synth", "gemma3-270m", str(plain), "--layers", "1", "--overwrite"])
+    assert_one_line_error(code, capsys.readouterr().err, "is a file")
+    assert plain.read_text() == "keep me"
+
+
+def test_the_folder_says_it_is_synthetic(tmp_path):
+    from gemport.synth import synthetic_record, write_synth
+
+    out = write_synth("gemma3-270m", tmp_path / "s", layers=1, seed=3)
+    assert synthetic_record(out) == {"model": "gemma3-270m", "dtype": "bf16", "seed": 3, "layers": 1}
+    assert synthetic_record(tmp_path) is None
+    assert hf.read(out).spec.num_layers == 1  # gemport.json does not disturb the reader
