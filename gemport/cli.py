@@ -583,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-fp16-overflow",
         action="store_true",
         help="--dtype f16 (hf, onnx, gguf, jax, trtllm) or --quant f16 (gguf): write even when the model's activations "
-        "outgrow fp16 on calibration text (default: refuse; the artifact would compute inf/NaN)",
+        "outgrow fp16 on calibration text (default: refuse; the artifact would compute inf/NaN). For gguf the "
+        "probe is then skipped, as llama.cpp's converter has none: on a 7B it costs as much CPU as the write",
     )
     s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 

@@ -256,14 +256,19 @@ def _guarded(t: LazyTensor, source: str) -> LazyTensor:
     return dataclasses.replace(t, load=load, raw=None)
 
 
-def checked_gguf_f16(ckpt: Checkpoint, allow: bool = False) -> tuple[Checkpoint, Background]:
+def checked_gguf_f16(ckpt: Checkpoint, allow: bool = False) -> tuple[Checkpoint, Background | None]:
     """A GGUF F16 file: llama.cpp keeps the residual stream and norms in float32 and rounds only
     the inputs of matrix products with F16 weights to fp16 (``MATMUL_INPUTS``); its norm weights
     stay F32 (ref: llama.cpp convert_hf_to_gguf.py, 1-D tensors kept in F32), so the 2-D weights
     are the fp16 ones. Returns the guarded checkpoint and the activation probe, started in the
-    background: the writer works meanwhile and calls its ``join()`` before it commits the file."""
-    probe = Background(lambda: check_fp16(ckpt, MATMUL_INPUTS, "gguf", allow))
-    return guard_weights(ckpt, [n for n, t in ckpt.tensors.items() if len(t.shape) == 2]), probe
+    background: the writer works meanwhile and calls its ``join()`` before it commits the file.
+    With ``allow`` no probe runs (None): the file is written whatever it finds, and a 7B's probe
+    costs as much CPU as the conversion (llama.cpp's converter checks nothing either)."""
+    guarded = guard_weights(ckpt, [n for n, t in ckpt.tensors.items() if len(t.shape) == 2])
+    if allow:
+        log.warning("%s: fp16 activations not checked (%s)", ckpt.source or "checkpoint", ALLOW_FLAG)
+        return guarded, None
+    return guarded, Background(lambda: check_fp16(ckpt, MATMUL_INPUTS, "gguf", allow))
 
 
 class Background:

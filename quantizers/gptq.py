@@ -330,7 +330,7 @@ def stage_hessian(item: LayerInputs, name: str) -> torch.Tensor:
                     pass
     finally:
         handle.remove()
-    return acc["h"] * (2 / acc["tokens"])
+    return acc["h"].mul_(2 / acc["tokens"])  # in place: a second n x n matrix would double the peak
 
 
 QuantizeOne = Callable[[str, "torch.Tensor", "torch.Tensor"], tuple[Any, "torch.Tensor"]]

@@ -189,3 +189,16 @@ def test_gguf_of_an_f16_source_kept_as_f16_is_checked_too(models, tmp_path, caps
     capsys.readouterr()
     assert main(["convert", str(tmp_path / "f16"), str(tmp_path / "m.gguf"), "--to", "gguf"]) == 2
     assert "input norm output" in one_line_error(capsys) and not (tmp_path / "m.gguf").exists()
+
+
+def test_gguf_f16_with_the_flag_skips_the_probe_and_says_so(models, tmp_path, caplog, monkeypatch):
+    """--allow-fp16-overflow writes the GGUF without running the probe (a 7B's probe costs as much as
+    the write), and the warning says the activations were not checked."""
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the probe ran")
+
+    monkeypatch.setattr(fp16_range, "check_fp16", no_probe)
+    out = tmp_path / "m.gguf"
+    assert convert(models["gemma3-matmul-input"], out, "gguf", "--allow-fp16-overflow") == 0
+    assert out.is_file() and "fp16 activations not checked" in caplog.text
