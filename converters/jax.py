@@ -37,10 +37,12 @@ named by the caller. ``tokenizer.model`` is looked for in the checkpoint folder 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
 import mmap
+import os
 import re
 import tempfile
 from collections.abc import Callable
@@ -55,8 +57,8 @@ from converters.presets import PRESETS, find_preset, spec_from_preset, tokenizer
 from gemport import __version__
 from gemport.checkpoint import CHUNK_VALUES, DTYPES, Checkpoint, LazyTensor, all_finite, expected_shapes, row_chunks
 from gemport.errors import CheckpointError, InputError, UnsupportedError
-from gemport.output import atomic_output
-from gemport.progress import log_tensor, progress, stage
+from gemport.output import atomic_output, library_write_error
+from gemport.progress import log_tensor, progress
 from gemport.spec import TANH_GELU, GemmaSpec
 from quantizers import fp16_range
 
@@ -620,9 +622,10 @@ def write(
     dst = Path(dst)
     with atomic_output(dst, overwrite) as tmp:
         with tempfile.TemporaryDirectory(prefix=f".{dst.name}.spill-", dir=dst.parent) as scratch:
-            tree = _spill(ckpt, shapes, Path(scratch), layout == "flat")
-            with stage(f"saving {dst.name} with orbax"):
-                _save_tree(tree, tmp)
+            tree, fills = _spill(ckpt, shapes, Path(scratch), layout == "flat")
+            total = sum(count for _, _, count in fills.values())  # in model tensors, as the summary counts
+            with progress(f"writing {dst.name} with orbax", total=total, unit="tensors") as advance:
+                _save_tree(tree, tmp, fills, advance, final=dst)
             del tree
         _write_extras(ckpt, tmp, layout, transposed_gating, shapes["embedder/input_embedding"][0])
     return dst
@@ -639,37 +642,60 @@ def _check_library_semantics(spec: GemmaSpec, source: str) -> None:
         raise rope.refusal(spec, source, "the gemma library has linear rope scaling only")
 
 
-def _spill(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]], scratch: Path, flat: bool) -> dict:
-    """Convert each leaf from its canonical tensors into a scratch file; a tree of read-only maps."""
+def _spill(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]], scratch: Path, flat: bool) -> tuple[dict, dict]:
+    """A tree of read-only maps of scratch files, one per leaf, and for each map (by its data
+    address) the call that fills its file with the leaf, converted from the canonical tensors, the
+    file and the number of canonical tensors it holds.
+    The files start sparse (no disk used) and are filled one at a time as Orbax writes them, then
+    emptied (_save_tree): the scratch never holds more than one leaf, not a second copy of the model."""
     tree: dict = {}
-    # counted in model tensors, as the summary counts them (a JAX array joins several: q, k, v)
-    total = sum(len(_rule(ckpt.spec.family, name)[1]) for name in shapes)
-    with progress("converting to JAX layout", total=total, unit="tensors") as advance:
-        for i, (name, shape) in enumerate(shapes.items()):
-            prefix, names, kind = _rule(ckpt.spec.family, name)
-            file = scratch / f"{i}.bin"
-            if kind in ("embedding", "copy"):  # the leaf is the tensor's rows (then zero padding): streamed
-                dtype = _spill_rows(ckpt, prefix + names[0], shape, file)
-            elif kind == "gating":  # [2, F, D] or [2, D, F]: each half made and written alone
-                dtype = _spill_halves(ckpt, [prefix + n for n in names], shape, file)
-            else:
-                parts = [_load_checked(ckpt, prefix + n) for n in names]
-                leaf = np.ascontiguousarray(from_canonical(kind, parts, ckpt.spec, shape))
-                del parts
-                if leaf.shape != shape:
-                    raise CheckpointError(f"JAX parameter {name} came out {list(leaf.shape)}, expected {list(shape)}")
-                dtype = leaf.dtype
-                with open(file, "wb") as f:
-                    f.write(leaf.reshape(-1).view(np.uint8))
-                del leaf
-            node = tree
-            *groups, last = stored_key(name, flat)
-            for g in groups:
-                node = node.setdefault(g, {})
-            node[last] = np.memmap(file, dtype=dtype, mode="r", shape=shape)
-            log_tensor(log, name, shape, str(dtype))
-            advance(len(names))
-    return tree
+    fills: dict[int, tuple[Callable[[], None], Path, int]] = {}
+    for i, (name, shape) in enumerate(shapes.items()):
+        prefix, names, _ = _rule(ckpt.spec.family, name)
+        file = scratch / f"{i}.bin"
+        dtype = np.dtype(_NUMPY_DTYPES[ckpt.tensors[prefix + names[0]].dtype]())
+        with open(file, "wb") as f:
+            f.truncate(math.prod(shape) * dtype.itemsize)
+        leaf = np.memmap(file, dtype=dtype, mode="r", shape=shape)
+        fill = functools.partial(_fill, ckpt, name, shape, dtype, file)
+        fills[leaf.__array_interface__["data"][0]] = (fill, file, len(names))  # counted in model tensors
+        node = tree
+        *groups, last = stored_key(name, flat)
+        for g in groups:
+            node = node.setdefault(g, {})
+        node[last] = leaf
+    return tree, fills
+
+
+def _bfloat16() -> type:
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16
+
+
+_NUMPY_DTYPES = {"f32": lambda: np.float32, "f16": lambda: np.float16, "bf16": _bfloat16}
+
+
+def _fill(ckpt: Checkpoint, name: str, shape: tuple[int, ...], dtype: np.dtype, file: Path) -> None:
+    """Write leaf ``name`` of ``shape`` to ``file``, converted from its canonical tensors."""
+    prefix, names, kind = _rule(ckpt.spec.family, name)
+    if kind in ("embedding", "copy"):  # the leaf is the tensor's rows (then zero padding): streamed
+        written = _spill_rows(ckpt, prefix + names[0], shape, file)
+    elif kind == "gating":  # [2, F, D] or [2, D, F]: each half made and written alone
+        written = _spill_halves(ckpt, [prefix + n for n in names], shape, file)
+    else:
+        parts = [_load_checked(ckpt, prefix + n) for n in names]
+        leaf = np.ascontiguousarray(from_canonical(kind, parts, ckpt.spec, shape))
+        del parts
+        if leaf.shape != shape:
+            raise CheckpointError(f"JAX parameter {name} came out {list(leaf.shape)}, expected {list(shape)}")
+        written = leaf.dtype
+        with open(file, "r+b") as f:
+            f.write(leaf.reshape(-1).view(np.uint8))
+        del leaf
+    if written != dtype:
+        raise CheckpointError(f"JAX parameter {name} came out {written}, expected {dtype}", ckpt.source)
+    log_tensor(log, name, shape, str(dtype))
 
 
 def _spill_rows(ckpt: Checkpoint, name: str, shape: tuple[int, ...], file: Path) -> np.dtype:
@@ -679,21 +705,19 @@ def _spill_rows(ckpt: Checkpoint, name: str, shape: tuple[int, ...], file: Path)
     if t.shape[1:] != shape[1:] or t.shape[0] > shape[0]:
         raise CheckpointError(f"tensor {name} has shape {list(t.shape)}, expected {list(shape)}", ckpt.source)
     dtype = None
-    with open(file, "wb") as f:
+    with open(file, "r+b") as f:  # pre-sized: padding rows past the tensor's stay zero
         for rows in row_chunks(t, CHUNK_VALUES):
             if not all_finite(rows):
                 raise CheckpointError(f"tensor {name} has NaN or infinite values", ckpt.source)
             data = _to_numpy(rows)
             dtype = data.dtype
             f.write(data.reshape(-1).view(np.uint8))
-        if shape[0] > t.shape[0]:
-            f.truncate(np.prod(shape, dtype=np.int64) * dtype.itemsize)  # the padding rows read as zeros
     return dtype
 
 
 def _spill_halves(ckpt: Checkpoint, names: list[str], shape: tuple[int, ...], file: Path) -> np.dtype:
     """The gating leaf ``stack(halves)`` written half by half to ``file``; the dtype written."""
-    with open(file, "wb") as f:
+    with open(file, "r+b") as f:
         for name in names:
             half = np.ascontiguousarray(from_canonical("gating", [_load_checked(ckpt, name)], ckpt.spec, shape)[0])
             if half.shape != shape[1:]:
@@ -719,10 +743,19 @@ def _load_checked(ckpt: Checkpoint, name: str) -> np.ndarray:
 SAVE_CHUNK_BYTES = 64 << 20
 
 
-def _save_tree(tree: dict, dst: Path) -> None:
+def _save_tree(
+    tree: dict,
+    dst: Path,
+    fills: dict | None = None,
+    advance: Callable[[int], None] | None = None,
+    final: Path | None = None,
+) -> None:
     """Orbax's PyTree save, host arrays written one at a time, in chunks of at most SAVE_CHUNK_BYTES, a
     slab of whole chunks at a time, and not copied first: memory stays near one slab whatever the
-    array's size."""
+    array's size. ``fills`` (from _spill): a leaf's scratch file is filled just before it is written
+    and emptied after; ``advance(n)`` counts the canonical tensors written. A write error with an OS
+    code (disk full) becomes an OutputError naming ``final`` (default ``dst``)."""
+    fills = fills or {}
     ocp = _orbax()
     import jax
     import tensorstore as ts
@@ -737,10 +770,17 @@ def _save_tree(tree: dict, dst: Path) -> None:
         async def _open_and_write(self, value, tspec, ts_context):
             self._lock = self._lock or asyncio.Lock()
             async with self._lock:
+                fill, file, count = fills.get(value.__array_interface__["data"][0], (None, None, 0))
+                if fill is not None:
+                    fill()
                 t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
                 for a, b in _slabs(value.shape, t.chunk_layout.write_chunk.shape):
                     await t[a:b].write(value[a:b], can_reference_source_data_indefinitely=True)
                     _drop_pages(value)
+                if file is not None:
+                    os.truncate(file, 0)  # written: its disk space back (the map is not read again)
+                if advance is not None and count:
+                    advance(count)
 
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, SequentialNumpyHandler(deepcopy_host_arrays=False)),
@@ -750,6 +790,11 @@ def _save_tree(tree: dict, dst: Path) -> None:
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
     try:
         checkpointer.save(dst.resolve(), args=ocp.args.PyTreeSave(tree, save_args=save_args))
+    except (ValueError, RuntimeError, OSError) as exc:  # tensorstore reports OS errors as ValueError text
+        error = library_write_error(str(exc), final or dst)
+        if error is None:
+            raise
+        raise error from None
     finally:
         checkpointer.close()
 

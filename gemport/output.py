@@ -173,6 +173,13 @@ def _is_moved(tmp: Path, name: str, inode: int, size: int) -> bool:
     return st.st_ino == inode and st.st_size == size
 
 
+def library_write_error(message: str, dst: Path) -> OutputError | None:
+    """The OutputError for a library's write failure reported as text with the OS error code in it
+    (tensorstore: ``... No space left on device [os_error_code='28']``), or None for any other."""
+    code = re.search(r"os_error_code='(\d+)'", message)
+    return _write_error(OSError(int(code.group(1)), message), dst) if code else None
+
+
 def _write_error(exc: OSError, dst: Path) -> OutputError | None:
     if exc.errno in _WRITE_ERRNOS:
         return OutputError(f"cannot write: {_WRITE_ERRNOS[exc.errno]}", dst)

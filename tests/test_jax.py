@@ -337,3 +337,22 @@ def test_demo_model_round_trip_and_spec_from_the_tree_alone(demo_model, tmp_path
     ).split():
         assert getattr(got, field) == getattr(want, field), field
     assert (got.query_pre_attn_scalar or got.head_dim) == (want.query_pre_attn_scalar or want.head_dim)
+
+
+def test_a_full_disk_during_the_orbax_save_is_one_line(sources, tmp_path, capsys, monkeypatch):
+    """tensorstore reports ENOSPC as ValueError text with the OS code: one line naming the
+    destination, exit 2, nothing left (the scratch and the partial folder removed)."""
+    import orbax.checkpoint as ocp
+
+    def full(*args, **kwargs):
+        raise ValueError(
+            'RESOURCE_EXHAUSTED: Error writing "transformer/layer_0/attn/q_einsum.w/0.0.0": Failed to write '
+            "10047488 bytes to file 184: No space left on device [os_error_code='28']"
+        )
+
+    monkeypatch.setattr(ocp.Checkpointer, "save", full)
+    dst = tmp_path / "jax"
+    code = main(["convert", str(sources["gemma3"]), str(dst), "--to", "jax"])
+    assert_one_line_error(code, capsys.readouterr().err, str(dst), "disk full")
+    assert_nothing_left(dst)
+    assert not list(tmp_path.glob(".jax.spill-*"))
