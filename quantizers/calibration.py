@@ -188,6 +188,17 @@ def load_layer(ckpt: Checkpoint, config, index: int) -> torch.nn.Module:
     return layer.eval()
 
 
+# Values of one MLP activation ([batch, n_ctx, intermediate]) a forward call may make: a layer holds a
+# few at once (gate, up, their product), 1.6 GB at a 7B's width with 8 windows of 512.
+ACTIVATION_VALUES = 1 << 24
+
+
+def forward_batch(batch: int, n_ctx: int, intermediate: int) -> int:
+    """Windows per forward call: ``batch``, fewer where the MLP activations would pass
+    ACTIVATION_VALUES (windows are independent: the same results up to the last bit of a matrix product)."""
+    return max(1, min(batch, ACTIVATION_VALUES // max(1, n_ctx * intermediate)))
+
+
 def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch: int) -> torch.Tensor:
     """``layer(hidden)`` over ``[n_windows, n_ctx, hidden]``, ``batch`` windows per call."""
     import torch
@@ -226,13 +237,14 @@ def stream_layers(
     hf = hf_config(ckpt)
     per_layer = layer_kwargs(ckpt, hf, ids.shape[1])
     hidden = embed(ckpt, ids)
+    batch = forward_batch(config.batch, ids.shape[1], ckpt.spec.intermediate_size)
     for index in range(ckpt.spec.num_layers):
         layer = load_layer(ckpt, hf, index)
         if not quantized_outputs:
-            output = run_layer(layer, hidden, per_layer[index], config.batch)
-        yield LayerInputs(index, layer, hidden, per_layer[index], config.batch)
+            output = run_layer(layer, hidden, per_layer[index], batch)
+        yield LayerInputs(index, layer, hidden, per_layer[index], batch)
         if quantized_outputs:
-            output = run_layer(layer, hidden, per_layer[index], config.batch)
+            output = run_layer(layer, hidden, per_layer[index], batch)
         hidden = output
         del layer
     if final is not None:
