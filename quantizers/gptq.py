@@ -192,9 +192,20 @@ def _gptq_weight(w, h, fit, width, config):
             e = (w1[:, i] - q) / u1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
             err[:, i] = e
-        w[:, i2:] -= err @ u[i1:i2, i2:]
-    inverse = torch.argsort(perm)
-    return levels[:, inverse], values[:, inverse], grids
+        w[:, i2:].addmm_(err, u[i1:i2, i2:], alpha=-1)  # in place: no [rows, n] temporary
+    del w, u, h
+    levels = _unpermuted(levels, perm)  # one at a time: each permuted copy freed as it is replaced
+    values = _unpermuted(values, perm)
+    return levels, values, grids
+
+
+def _unpermuted(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x[:, argsort(perm)]``: columns back in natural order."""
+    import torch
+
+    out = torch.empty_like(x)
+    out[:, perm] = x
+    return out
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
