@@ -133,16 +133,22 @@ def gptq_weight(
     width: int,
     config: GPTQConfig,
     consume: bool = False,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[Grid]]:
     """GPTQ of ``w [rows, n]`` with Hessian ``h [n, n]`` on groups of ``width`` columns fitted by
-    ``fit(columns, first column index)``: (levels [rows, n] float32, values [rows, n] float32, one
-    grid per group in column order). With ``consume`` a float32 ``h`` is worked on in place (its
-    contents are then garbage): the only n x n matrix in memory, 2.4 GB for a 24576-wide down_proj."""
+    ``fit(columns, first column index)``: (levels [rows, n] int8, values [rows, n] float32, one
+    grid per group in column order), columns in natural order.
+
+    With ``consume`` a float32 ``h`` is worked on in place (its contents are then garbage): the only
+    n x n matrix in memory, 2.4 GB for a 24576-wide down_proj. ``out`` (float32 [rows, n]; it may
+    be ``w`` itself, read before it is written) receives the values instead of a new tensor. Beside
+    ``h`` the pass holds one float32 working copy of ``w`` and the int8 levels.
+    """
     import torch
 
     h = h.to(torch.float32).contiguous() if consume else h.to(torch.float32, copy=True).contiguous()
     with _one_thread():
-        return _gptq_weight(w, h, fit, width, config)
+        return _gptq_weight(w, h, fit, width, config, out)
 
 
 @contextmanager
@@ -159,28 +165,29 @@ def _one_thread():
         torch.set_num_threads(before)
 
 
-def _gptq_weight(w, h, fit, width, config):
+def _gptq_weight(w, h, fit, width, config, out):
     import torch
 
     rows, n = w.shape
-    w = w.to(torch.float32, copy=True)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
-    w[:, dead] = 0
     static = config.act_order or width >= n
     grids: list[Grid | None] = [None] * (n // width)
     if static:
-        grids = [fit(w[:, g : g + width], g) for g in range(0, n, width)]
+        grids = [fit(_zeroed(w[:, g : g + width], dead[g : g + width]), g) for g in range(0, n, width)]
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if config.act_order else torch.arange(n)
-    w = w[:, perm]
+    # the working copy, columns in processing order (indexing copies; the caller's w is not touched)
+    work = w[:, perm].to(torch.float32)
+    work[:, dead[perm]] = 0
     if config.act_order:
         _permute_symmetric(h.numpy(), perm.numpy())  # h[perm][:, perm], in place
     u = _inverse_cholesky(h, config.damp)
-    levels, values = torch.zeros_like(w), torch.zeros_like(w)
+    levels = torch.zeros(rows, n, dtype=torch.int8)
+    values = torch.zeros(rows, n) if out is None else out
     block = config.block_size if static else max(config.block_size, width) // width * width
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        w1, err = w[:, i1:i2].clone(), torch.zeros(rows, i2 - i1)
+        w1, err = work[:, i1:i2].clone(), torch.zeros(rows, i2 - i1)
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
@@ -188,24 +195,22 @@ def _gptq_weight(w, h, fit, width, config):
                 # blocks hold whole groups: the group's columns as updated so far, all in w1
                 grids[col // width] = fit(w1[:, i : i + width], col)
             lv, q = grids[col // width].round(w1[:, i], col % width)
-            levels[:, i1 + i], values[:, i1 + i] = lv, q
+            # written at the natural column: no permuted copy to undo at the end
+            levels[:, col], values[:, col] = lv, q
             e = (w1[:, i] - q) / u1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
             err[:, i] = e
-        w[:, i2:].addmm_(err, u[i1:i2, i2:], alpha=-1)  # in place: no [rows, n] temporary
-    del w, u, h
-    levels = _unpermuted(levels, perm)  # one at a time: each permuted copy freed as it is replaced
-    values = _unpermuted(values, perm)
+        work[:, i2:].addmm_(err, u[i1:i2, i2:], alpha=-1)  # in place: no [rows, n] temporary
     return levels, values, grids
 
 
-def _unpermuted(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """``x[:, argsort(perm)]``: columns back in natural order."""
-    import torch
-
-    out = torch.empty_like(x)
-    out[:, perm] = x
-    return out
+def _zeroed(x: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """``x`` with its ``dead`` columns zeroed (a copy only where there are any)."""
+    if not bool(dead.any()):
+        return x
+    x = x.clone()
+    x[:, dead] = 0
+    return x
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -349,7 +354,9 @@ QuantizeOne = Callable[[str, "torch.Tensor", "torch.Tensor"], tuple[Any, "torch.
 
 def quantize_layer(item: LayerInputs, quantize_one: QuantizeOne) -> dict[str, Any]:
     """Quantize one layer's projections stage by stage, in place: the layer's weights become the
-    quantized values. ``quantize_one(proj, w, h) -> (result, values)``; returns the results by projection."""
+    quantized values. ``quantize_one(proj, w, h) -> (result, values)``, where ``w`` is the layer's own
+    float32 weight, which quantize_one may overwrite with the values (and return it); returns the
+    results by projection."""
     import torch
 
     results = {}
@@ -361,8 +368,9 @@ def quantize_layer(item: LayerInputs, quantize_one: QuantizeOne) -> dict[str, An
             mine = h if proj == stage[-1] else h.clone()
             results[proj], values = quantize_one(proj, weight.detach(), mine)
             del mine
-            with torch.no_grad():
-                weight.copy_(values)  # the next stages and layers see the quantized weight
+            if values.data_ptr() != weight.data_ptr():
+                with torch.no_grad():
+                    weight.copy_(values)  # the next stages and layers see the quantized weight
         del h
     return results
 
@@ -377,10 +385,9 @@ def quantize(ckpt: Checkpoint, config: GPTQConfig) -> Checkpoint:
         dtype = ckpt.tensors[f"{prefix}{proj}.weight"].dtype
         fmt = config.format_for(dtype)
         width = fmt.group_size or w.shape[1]
-        # GPTQ works on the weight as stored: rounded to the source dtype, as RTN sees it
-        w = w.to(torch_dtype(dtype)).float()
+        _round_in_place(w, dtype)
         fit = functools.partial(MinMaxGrid.fit, fmt=fmt)
-        levels, values, grids = gptq_weight(w, h, fit, width, config, consume=True)
+        levels, values, grids = gptq_weight(w, h, fit, width, config, consume=True, out=w)
         return record_from(levels, grids, fmt), values  # values == record.dequantize("f32") (tested)
 
     def attach(t: LazyTensor, record: QuantizedTensor) -> LazyTensor:
@@ -418,22 +425,22 @@ def quantize_gguf(ckpt: Checkpoint, config: GPTQConfig, quant: str, pure: bool =
         found[plans[name].name] = importance
         if qtype not in gguf_grid.GRID_TYPES:
             return None, w
-        w = w.to(torch_dtype(ckpt.tensors[name].dtype)).float()
+        _round_in_place(w, ckpt.tensors[name].dtype)
         sigma2 = gguf_grid.row_sigma2(w.numpy())
 
         def fit(x: torch.Tensor, start: int) -> _BlockGrid:
             width = x.shape[1]
             return _BlockGrid(gguf_grid.fit(x.numpy(), qtype, importance[start : start + width], sigma2))
 
-        levels, values, grids = gptq_weight(w, h, fit, gguf_grid.group_width(qtype), config, consume=True)
+        levels, values, grids = gptq_weight(w, h, fit, gguf_grid.group_width(qtype), config, consume=True, out=w)
         blocks = gguf_grid.pack([g.grid for g in grids], levels.numpy())
-        return (qtype, blocks, values), values
+        # kept until the writer runs: in the model dtype, not the layer's float32
+        return (qtype, blocks, values.to(torch_dtype(ckpt.tensors[name].dtype))), values
 
     def attach(t: LazyTensor, result: Any) -> LazyTensor:
         if result is None:
             return t
-        qtype, blocks, values = result
-        data = values.to(torch_dtype(t.dtype))
+        qtype, blocks, data = result
         return replace(t, raw=(qtype, functools.partial(_same, blocks)), load=functools.partial(_same, data))
 
     def final(hidden: torch.Tensor) -> None:
@@ -442,6 +449,14 @@ def quantize_gguf(ckpt: Checkpoint, config: GPTQConfig, quant: str, pure: bool =
     manifest = {"method": "gptq", "config": asdict(config), "gguf_type": quant}
     out = run(ckpt, config, one, attach, manifest, final=final if ckpt.spec.tie_embeddings else None)
     return replace(out, extra={**out.extra, "gguf.imatrix": found})
+
+
+def _round_in_place(w: torch.Tensor, dtype: str) -> None:
+    """GPTQ works on the weight as stored: ``w`` (float32) rounded to the source dtype, as RTN sees
+    it, in its own memory (a layer's float32 weight is about to be overwritten by the values anyway)."""
+    target = torch_dtype(dtype)
+    if w.dtype != target:
+        w.copy_(w.to(target))
 
 
 def _final_norm_mean_square(ckpt: Checkpoint, hidden: torch.Tensor):
