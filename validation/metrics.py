@@ -5,8 +5,11 @@ Protocol (ref: llama.cpp tools/perplexity/perplexity.cpp, perplexity() and kl_di
 first + 1 .. n_ctx - 1, so each window scores ``n_ctx - 1 - n_ctx // 2`` tokens.
 Standard errors follow its ``mean_and_uncertainty``: sqrt((E[x^2] - E[x]^2) / (n - 1)).
 
-Differences from llama.cpp, both towards exactness: the reference log-probs are not quantized to
-16 bits, and the KL sum runs over the full vocabulary (llama.cpp skips base log-probs below -16).
+Differences from llama.cpp, both towards exactness: the KL sum runs over the full vocabulary
+(llama.cpp skips base log-probs below -16), and the reference's NLL, negentropy and argmax are exact
+float64 statistics (``RefStats``), live or from validation/refcache.py; KL(ref || cand) is scored as
+``negentropy - sum_v p_v * lc_v``, so a cached reference distribution (16-bit codes for its tail, where
+llama.cpp stores all of it in 16 bits) enters only that cross term.
 
 Inputs are log-probabilities (any float dtype); they are renormalized here in float64, so raw
 logits work too, and identical inputs give a KL divergence of exactly 0.
@@ -69,26 +72,83 @@ class _Sums:
         return math.sqrt(max(self.s2 / self.n - m * m, 0.0) / (self.n - 1))
 
 
+def _log_norm64(x: np.ndarray) -> np.ndarray:
+    """[rows, 1] float64 log-normaliser of float64 rows: x - _log_norm64(x) is their log-softmax."""
+    m = x.max(axis=1, keepdims=True)
+    return m + np.log(np.exp(x - m).sum(axis=1, keepdims=True))
+
+
 def _log_softmax64(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
-    m = x.max(axis=1, keepdims=True)
-    return x - (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))
+    return x - _log_norm64(x)
+
+
+def _expected(p: np.ndarray, logq: np.ndarray) -> np.ndarray:
+    """Per row sum_v p_v * logq_v in float64; where p has no mass the term is 0 (0 * log 0), whatever logq says."""
+    with np.errstate(invalid="ignore"):
+        return np.where(p > 0, p * logq, 0.0).sum(axis=1)
+
+
+@dataclass(frozen=True)
+class RefStats:
+    """What scoring needs of reference rows besides their distribution, exact in float64: computed from the
+    float64 log-softmax ``lr = raw - log_norm`` of the raw rows, as ``token_scores`` always did."""
+
+    nll: np.ndarray  # [rows] -lr[target]
+    negentropy: np.ndarray  # [rows] sum_v p_v * lr_v
+    top: np.ndarray  # [rows] argmax of the raw rows
+    log_norm: np.ndarray  # [rows] the float64 log-normaliser of the raw rows
+
+    def rows(self, start: int, stop: int) -> RefStats:
+        return RefStats(*(a[start:stop] for a in (self.nll, self.negentropy, self.top, self.log_norm)))
+
+
+def _stats_and_p(ref: np.ndarray, targets: np.ndarray) -> tuple[RefStats, np.ndarray]:
+    x = ref.astype(np.float64)
+    log_norm = _log_norm64(x)
+    lr = x - log_norm
+    p = np.exp(lr)
+    nll = -lr[np.arange(len(targets)), targets]
+    return RefStats(nll, _expected(p, lr), ref.argmax(axis=1), log_norm[:, 0]), p
+
+
+def reference_stats(ref: np.ndarray, targets: np.ndarray) -> RefStats:
+    """The exact statistics of [rows, vocab] reference log-probs (or logits) against ``targets`` [rows]."""
+    return _stats_and_p(ref, targets)[0]
+
+
+def _score(stats: RefStats, p: np.ndarray, cand: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:
+    """KL(ref || cand) = negentropy - sum_v p_v * lc_v: only the cross term reads the reference's distribution."""
+    lc = _log_softmax64(cand)
+    kld = stats.negentropy - _expected(p, lc)
+    return stats.nll, -lc[np.arange(len(targets)), targets], kld, stats.top == cand.argmax(axis=1)
+
+
+def score_rows(stats: RefStats, ref: np.ndarray, cand: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per row: (reference NLL, candidate NLL, KL(ref || cand), argmaxes equal), from the reference's exact
+    ``stats`` and its raw rows ``ref`` [rows, vocab] (live, or decoded from a cache), which give only
+    p = exp(ref - log_norm) for the cross term."""
+    p = np.exp(ref.astype(np.float64) - stats.log_norm[:, None])
+    return _score(stats, p, cand, targets)
 
 
 def token_scores(ref: np.ndarray, cand: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:
     """Per row: (reference NLL, candidate NLL, KL(ref || cand), argmaxes equal), for [rows, vocab] inputs."""
-    lr, lc = _log_softmax64(ref), _log_softmax64(cand)
-    rows = np.arange(len(targets))
-    p = np.exp(lr)
-    with np.errstate(invalid="ignore"):
-        # where the reference has no mass the term is 0 (0 * log 0), whatever the candidate says
-        kld = np.where(p > 0, p * (lr - lc), 0.0).sum(axis=1)
-    same_top = ref.argmax(axis=1) == cand.argmax(axis=1)
-    return -lr[rows, targets], -lc[rows, targets], kld, same_top
+    stats, p = _stats_and_p(ref, targets)
+    return _score(stats, p, cand, targets)
+
+
+def _check_window(n_ctx: int, ref_shape: tuple[int, ...], cand_logprobs: np.ndarray) -> None:
+    for name, shape in (("reference", ref_shape), ("candidate", cand_logprobs.shape)):
+        if len(shape) != 2 or shape[0] != n_ctx:
+            raise ValueError(f"{name} log-probs have shape {list(shape)}, expected [{n_ctx}, vocab]")
+    if ref_shape[1] != cand_logprobs.shape[1]:
+        raise ValueError(f"vocab sizes differ: reference {ref_shape[1]}, candidate {cand_logprobs.shape[1]}")
 
 
 class Accumulator:
-    """Feed windows in turn (``add_window``), then read ``result()``; holds only running sums."""
+    """Feed windows in turn (``add_window``, or ``add_window_stats`` from cached reference statistics), then
+    read ``result()``; holds only running sums."""
 
     def __init__(self) -> None:
         self.nll_ref, self.nll_cand, self.nll_diff, self.kld, self.top1 = (_Sums() for _ in range(5))
@@ -96,26 +156,38 @@ class Accumulator:
     def add_window(self, tokens: list[int], ref_logprobs: np.ndarray, cand_logprobs: np.ndarray) -> None:
         """Score one window: ``tokens`` [n_ctx] and both runtimes' [n_ctx, vocab] outputs."""
         n_ctx = len(tokens)
-        for name, a in (("reference", ref_logprobs), ("candidate", cand_logprobs)):
-            if a.ndim != 2 or a.shape[0] != n_ctx:
-                raise ValueError(f"{name} log-probs have shape {list(a.shape)}, expected [{n_ctx}, vocab]")
-        if ref_logprobs.shape != cand_logprobs.shape:
-            ref_v, cand_v = ref_logprobs.shape[1], cand_logprobs.shape[1]
-            raise ValueError(f"vocab sizes differ: reference {ref_v}, candidate {cand_v}")
+        _check_window(n_ctx, ref_logprobs.shape, cand_logprobs)
         first, count = scored_span(n_ctx)
         targets = np.asarray(tokens[first + 1 :], dtype=np.int64)
         self.add(ref_logprobs[first : first + count], cand_logprobs[first : first + count], targets)
 
+    def add_window_stats(self, tokens: list[int], stats: RefStats, ref_scored: np.ndarray, cand_logprobs: np.ndarray):
+        """Score one window from the reference's exact ``stats`` and raw rows ``ref_scored`` [scored, vocab] of
+        its scored positions only, and the candidate's [n_ctx, vocab] output."""
+        n_ctx = len(tokens)
+        first, count = scored_span(n_ctx)
+        _check_window(n_ctx, (n_ctx, *ref_scored.shape[1:]), cand_logprobs)
+        if ref_scored.shape[0] != count or len(stats.nll) != count:
+            raise ValueError(f"reference rows {ref_scored.shape[0]} / stats {len(stats.nll)}, expected {count}")
+        targets = np.asarray(tokens[first + 1 :], dtype=np.int64)
+        self.add_stats(stats, ref_scored, cand_logprobs[first : first + count], targets)
+
     def add(self, ref: np.ndarray, cand: np.ndarray, targets: np.ndarray) -> None:
         """Score rows of [rows, vocab] log-probs against ``targets`` [rows], in memory-bounded chunks."""
-        step = max(1, ROWS_PER_CHUNK_ELEMENTS // max(1, ref.shape[1]))
-        for i in range(0, len(targets), step):
-            nll_r, nll_c, kld, same = token_scores(ref[i : i + step], cand[i : i + step], targets[i : i + step])
-            self.nll_ref.add(nll_r)
-            self.nll_cand.add(nll_c)
-            self.nll_diff.add(nll_c - nll_r)
-            self.kld.add(kld)
-            self.top1.add(same)
+        for i, j in _chunks(len(targets), ref.shape[1]):
+            self._add(*token_scores(ref[i:j], cand[i:j], targets[i:j]))
+
+    def add_stats(self, stats: RefStats, ref: np.ndarray, cand: np.ndarray, targets: np.ndarray) -> None:
+        """As ``add``, with the reference's statistics given (``score_rows``)."""
+        for i, j in _chunks(len(targets), ref.shape[1]):
+            self._add(*score_rows(stats.rows(i, j), ref[i:j], cand[i:j], targets[i:j]))
+
+    def _add(self, nll_r: np.ndarray, nll_c: np.ndarray, kld: np.ndarray, same: np.ndarray) -> None:
+        self.nll_ref.add(nll_r)
+        self.nll_cand.add(nll_c)
+        self.nll_diff.add(nll_c - nll_r)
+        self.kld.add(kld)
+        self.top1.add(same)
 
     def result(self) -> Metrics:
         ppl_ref, ppl_cand = math.exp(self.nll_ref.mean()), math.exp(self.nll_cand.mean())
@@ -135,6 +207,11 @@ class Accumulator:
             top1_pct=100.0 * self.top1.mean(),
             top1_pct_se=100.0 * self.top1.se(),
         )
+
+
+def _chunks(rows: int, vocab: int):
+    step = max(1, ROWS_PER_CHUNK_ELEMENTS // max(1, vocab))
+    return ((i, min(i + step, rows)) for i in range(0, rows, step))
 
 
 def scored_vocab(cand_vocab: int, ref_vocab: int, pieces: int) -> int | None:
