@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from pathlib import Path
 
@@ -295,16 +296,21 @@ def test_merge_refuses_other_inputs_of_one_artifact():
         merge([a, b], paths=["job-1", "job-2"])
 
 
+def _f16(m: dict) -> dict:
+    return m["artifacts"]["gguf-f16"]
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
         (lambda m: m.update(format="other/1"), "not a gemport build manifest"),
         (lambda m: m["protocol"].update(ctx="512"), "protocol.ctx is str, not int"),
-        (lambda m: m["artifacts"]["gguf-f16"].update(bytes=True), "artifacts.gguf-f16.bytes is bool"),
-        (
-            lambda m: m["artifacts"]["gguf-f16"]["validation"]["report"]["metrics"].update(kld="0.1"),
-            "metrics.kld is str",
-        ),
+        (lambda m: _f16(m).update(bytes=True), "artifacts.gguf-f16.bytes is bool"),
+        (lambda m: _f16(m).update(bytes=-5), "artifacts.gguf-f16.bytes is negative"),
+        (lambda m: _f16(m).update(entry={"format": 3}), "entry.format is int, not str or null"),
+        (lambda m: _f16(m)["validation"]["report"]["metrics"].update(kld="0.1"), "metrics.kld is str"),
+        (lambda m: _f16(m)["validation"]["report"]["metrics"].update(kld=math.nan), "metrics.kld is nan"),
+        (lambda m: _f16(m)["validation"]["report"].update(gates=[{}]), "gates[0].name is NoneType"),
     ],
 )
 def test_malformed_manifest_is_one_input_error(tmp_path, edit, message):
@@ -323,3 +329,13 @@ def test_nothing_measured_still_renders(tmp_path):
     render(m, tmp_path)
     assert len(_table((tmp_path / "report.md").read_text())) == 2
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gate_without_limit_is_described(tmp_path):
+    m = manifest()
+    gates = m["artifacts"]["gguf-q4_k_m"]["validation"]["report"]["gates"]
+    gates[1]["limit"] = None
+    gates.append({"name": "min-top1", "value": 81.0, "limit": 90.0, "source": "recipe", "passed": False})
+    render(m, tmp_path)
+    why = [ln for ln in (tmp_path / "report.md").read_text().splitlines() if ln.startswith("- **gguf-q4_k_m**")]
+    assert why == ["- **gguf-q4_k_m**: gate failed: max-kld 0.31, limit None (recipe); top-1 81.00 % < 90.0 % (recipe)"]

@@ -9,7 +9,9 @@ be honest (a folder's tokenizer and config files count in its size).
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ from gemport.errors import InputError
 from gemport.output import atomic_output
 from validation.metrics import scored_span
 from validation.report import Gate, _fmt, _pm, plural
+
+log = logging.getLogger(__name__)
 
 OK = ("passed", "not-validated")  # the statuses that do not fail a build (gemport/artifacts/command.py)
 METRICS = (
@@ -35,6 +39,7 @@ METRICS = (
     "top1_pct_se",
 )
 NUMBER = (int, float)
+NON_NEGATIVE = ("bytes", "wall_s", "peak_rss_mb", "ctx", "windows", "tokens")
 NOT_MEASURED = {
     "build-failed": "build failed",
     "validation-failed": "validation error",
@@ -64,6 +69,10 @@ def _need(value: Any, kind: type | tuple[type, ...], field: str, where: str | Pa
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # JSON true is no number
         expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
         raise InputError(f"not a gemport build manifest: {field} is {type(value).__name__}, not {expected}", where)
+    if isinstance(value, float) and not math.isfinite(value):  # Metrics.to_json writes null for these
+        raise InputError(f"not a gemport build manifest: {field} is {value} (non-finite numbers are null)", where)
+    if isinstance(value, NUMBER) and value < 0 and field.endswith(NON_NEGATIVE):
+        raise InputError(f"not a gemport build manifest: {field} is negative ({value})", where)
     return value
 
 
@@ -90,7 +99,8 @@ def check(manifest: Any, where: str | Path = "manifest.json") -> dict[str, Any]:
 def _check_artifact(art: Any, field: str, where: str | Path) -> None:
     _need(art, dict, field, where)
     _need(art.get("status"), str, f"{field}.status", where)
-    _need(art.get("entry", {}), dict, f"{field}.entry", where)
+    entry = _need(art.get("entry", {}), dict, f"{field}.entry", where)
+    _need(entry.get("format"), (str, type(None)), f"{field}.entry.format", where)
     _need(art.get("bytes"), (*NUMBER, type(None)), f"{field}.bytes", where)
     for step in ("build", "validation"):
         record = _need(art.get(step), (dict, type(None)), f"{field}.{step}", where) or {}
@@ -138,7 +148,7 @@ def merge(manifests: list[dict], paths: list[str | Path] | None = None) -> dict[
                 raise InputError(f"artifact {name!r} was built from other inputs than in {owner[name]}", where)
             if old is None or _rank(record) > _rank(old):
                 artifacts[name], owner[name] = record, where
-    return {**first, "artifacts": artifacts}
+    return copy.deepcopy({**first, "artifacts": artifacts})
 
 
 def _header_fields(manifest: dict, first: dict) -> list[tuple[str, Any, Any]]:
@@ -221,7 +231,7 @@ def _why(art: dict, report: dict) -> str | None:
 
 def _gate_text(g: dict) -> str:
     value = math.nan if g.get("value") is None else g["value"]
-    if g["name"] in ("finite", "max-kld", "max-ppl-delta"):
+    if g["name"] == "finite" or (g["name"] in ("max-kld", "max-ppl-delta") and g.get("limit") is not None):
         return Gate(g["name"], value, g.get("limit"), g["passed"], g.get("source") or "always").describe()
     if g["name"] == "min-top1":  # the builder's gate (gemport/artifacts/builder.py _add_top1_gate)
         return f"top-1 {_fmt(value, '.2f')} % {'>=' if g['passed'] else '<'} {g.get('limit')} % ({g.get('source')})"
@@ -529,3 +539,4 @@ def render(manifest: dict, out_dir: Path, where: str | Path = "manifest.json") -
         tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     with atomic_output(out_dir / "report.png", overwrite=True) as tmp:
         plot(manifest, table, tmp)
+    log.info("wrote %s, %s and %s", out_dir / "report.md", out_dir / "report.json", out_dir / "report.png")
