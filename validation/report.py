@@ -95,6 +95,8 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     kind: str | None = None  # the artifact's kind (validation/gates.py), e.g. "4-bit"
     kind_evidence: str = ""  # what in the artifact says so
+    reference_cache: str | None = None  # the reference log-probs' cache file (validation/refcache.py), if used
+    reference_cache_computed: bool = False  # True when this run computed it, False when it reused it
 
     @property
     def passed(self) -> bool:
@@ -104,6 +106,10 @@ class Report:
     def failed_gates(self) -> list[Gate]:
         return [g for g in self.gates if not g.passed]
 
+    @property
+    def _cache_state(self) -> str:
+        return "computed now" if self.reference_cache_computed else "reused"
+
     def table(self) -> str:
         """Plain text, one fact per line; reads the same on a terminal, in a pipe or in a log."""
         m = self.metrics
@@ -111,6 +117,11 @@ class Report:
         rows = [
             ("candidate", f"{self.candidate} ({self.candidate_format}, {self.runtime}, {self.runtime_kind})"),
             ("reference", f"{self.reference} ({self.reference_runtime})"),
+            *(
+                [("reference log-probs", f"cached in {self.reference_cache} ({self._cache_state})")]
+                if self.reference_cache
+                else []
+            ),
             *([("artifact kind", f"{self.kind} ({self.kind_evidence})")] if self.kind else []),
             ("corpus", f"{self.corpus}, evaluation split"),
             (
@@ -138,6 +149,9 @@ class Report:
             "candidate_format": self.candidate_format,
             "runtime": {"name": self.runtime, "kind": self.runtime_kind},
             "reference_runtime": self.reference_runtime,
+            "reference_cache": (
+                {"file": self.reference_cache, "state": self._cache_state} if self.reference_cache else None
+            ),
             "artifact_kind": {"kind": self.kind, "evidence": self.kind_evidence} if self.kind else None,
             "protocol": {
                 "corpus": self.corpus,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from gemport import registry
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.progress import progress, stage
@@ -72,12 +74,17 @@ def validate(
     max_ppl_delta: float | None = None,
     max_kld: float | None = None,
     default_gates: bool = True,
+    reference_cache: str | Path | None = None,
 ) -> Report:
     """Perplexity, delta-ppl %, KLD and top-1 of ``candidate`` (run by its format's runtime) vs ``reference``.
 
     Gates: NaN or infinite scores always fail; ``max_kld`` and ``max_ppl_delta`` when given; without
     ``max_kld``, the default KLD bound of the candidate's kind (validation/gates.py) unless
-    ``default_gates`` is False."""
+    ``default_gates`` is False.
+
+    With ``reference_cache`` (a folder), the reference's log-probs come from its cache file
+    (validation/refcache.py), computed first (and the reference freed) when missing or invalid: the
+    candidate is then scored without loading the reference or tokenizing the corpus."""
     candidate, reference = Path(candidate), Path(reference)
     _check_options(n_ctx, n_windows, {"--max-kld": max_kld, "--max-ppl-delta": max_ppl_delta})
     with stage(f"reading {candidate.name} and the evaluation text"):
@@ -87,17 +94,19 @@ def validate(
             raise InputError("the reference must be a Hugging Face checkpoint folder", reference)
         kind = artifact_kind(candidate, fmt)
         log.info("candidate kind %s: %s", kind.name, kind.evidence)
-
-        evaluation = split_text(load_text(corpus))[0]
-        tokenizer = load_tokenizer(reference, "reference")
-        if fmt == "hf":
-            cand_tokenizer = load_tokenizer(candidate, "candidate")
-            check_same_tokenizer(tokenizer, cand_tokenizer, evaluation[:TOKENIZER_CHECK_CHARS], candidate)
-        else:
-            log.info("candidate is %s: token ids come from the reference tokenizer", fmt)
-        if tokenizer.bos_token_id is None:
-            raise CheckpointError("the reference tokenizer has no BOS token", reference)
-        chunks = windows(tokenize(tokenizer, evaluation), n_ctx, n_windows, tokenizer.bos_token_id)
+    if reference_cache is not None:
+        ref = _CachedReference(reference, corpus, n_ctx, n_windows, Path(reference_cache))
+    else:
+        ref = _LiveReference(reference, corpus, n_ctx, n_windows)
+    sample = ref.evaluation[:TOKENIZER_CHECK_CHARS]
+    if fmt == "hf":
+        cand_tokenizer = load_tokenizer(candidate, "candidate")
+        if cand_tokenizer.bos_token_id != ref.bos:
+            raise CheckpointError(f"BOS id {cand_tokenizer.bos_token_id}, reference has {ref.bos}", candidate)
+        check_same_ids(ref.sample_ids, tokenize(cand_tokenizer, sample), candidate)
+    else:
+        log.info("candidate is %s: token ids come from the reference tokenizer", fmt)
+    chunks = ref.windows
     warnings = []
     if len(chunks) < n_windows:
         held = f"{len(chunks)} window{'s' if len(chunks) != 1 else ''}"
@@ -110,15 +119,13 @@ def validate(
         warnings.append(note)
         log.warning("%s", note)
     if hasattr(cand_rt, "tokenize"):  # a runtime with its own tokenizer (llama.cpp) must agree with the reference
-        sample = evaluation[:TOKENIZER_CHECK_CHARS]
-        check_same_ids(tokenize(tokenizer, sample), cand_rt.tokenize(sample), candidate)
-    with stage(f"loading the reference {reference.name}"):
-        ref_rt = TransformersRuntime(reference)
-    vocab = scored_vocab(cand_rt.vocab_size, ref_rt.vocab_size, tokenizer.vocab_size)
+        check_same_ids(ref.sample_ids, cand_rt.tokenize(sample), candidate)
+    ref.load()
+    vocab = scored_vocab(cand_rt.vocab_size, ref.vocab_size, ref.pieces)
     if vocab is None:
-        raise CheckpointError(f"vocab size {cand_rt.vocab_size}, reference has {ref_rt.vocab_size}", candidate)
-    if vocab < ref_rt.vocab_size:
-        warnings.append(padding_note(ref_rt.vocab_size, vocab))
+        raise CheckpointError(f"vocab size {cand_rt.vocab_size}, reference has {ref.vocab_size}", candidate)
+    if vocab < ref.vocab_size:
+        warnings.append(padding_note(ref.vocab_size, vocab))
         log.warning("%s", warnings[-1])
     top = max(max(c) for c in chunks)
     if top >= vocab:
@@ -126,8 +133,8 @@ def validate(
 
     acc = Accumulator()
     with progress(f"validating {candidate.name}", total=len(chunks), unit="windows") as advance:
-        for chunk in chunks:
-            acc.add_window(chunk, ref_rt.logprobs(chunk)[:, :vocab], cand_rt.logprobs(chunk))
+        for i, chunk in enumerate(chunks):
+            ref.score(acc, i, chunk, cand_rt.logprobs(chunk), vocab)
             advance()
     metrics = acc.result()
     log.info("%d tokens scored: KLD %.6g, delta-ppl %+.4f %%", metrics.tokens, metrics.kld, metrics.delta_ppl_pct)
@@ -137,7 +144,7 @@ def validate(
         candidate_format=fmt,
         runtime=cand_rt.name,
         runtime_kind=cand_rt.kind,
-        reference_runtime=ref_rt.name,
+        reference_runtime=ref.runtime_name,
         corpus=str(corpus) if corpus is not None else "pydoc topics (default)",
         n_ctx=n_ctx,
         windows=len(chunks),
@@ -147,7 +154,65 @@ def validate(
         warnings=warnings,
         kind=kind.name,
         kind_evidence=kind.evidence,
+        reference_cache=getattr(ref, "cache_file", None),
+        reference_cache_computed=getattr(ref, "computed", False),
     )
+
+
+class _LiveReference:
+    """The reference run in lockstep with the candidate: tokenizes the evaluation text now, loads the model
+    after the candidate (``load``)."""
+
+    def __init__(self, reference: Path, corpus, n_ctx: int, n_windows: int):
+        self.path = reference
+        with stage("reading the evaluation text"):
+            self.evaluation = split_text(load_text(corpus))[0]
+            tokenizer = load_tokenizer(reference, "reference")
+            if tokenizer.bos_token_id is None:
+                raise CheckpointError("the reference tokenizer has no BOS token", reference)
+            self.bos, self.pieces = tokenizer.bos_token_id, tokenizer.vocab_size
+            self.sample_ids = tokenize(tokenizer, self.evaluation[:TOKENIZER_CHECK_CHARS])
+            self.windows = windows(tokenize(tokenizer, self.evaluation), n_ctx, n_windows, self.bos)
+
+    def load(self) -> None:
+        with stage(f"loading the reference {self.path.name}"):
+            self.rt = TransformersRuntime(self.path)
+        self.vocab_size, self.runtime_name = self.rt.vocab_size, self.rt.name
+
+    def score(self, acc: Accumulator, i: int, chunk: list[int], cand: np.ndarray, vocab: int) -> None:
+        acc.add_window(chunk, self.rt.logprobs(chunk)[:, :vocab], cand)
+
+
+class _CachedReference:
+    """The reference's log-probs from its cache file (validation/refcache.py), computed first when needed."""
+
+    def __init__(self, reference: Path, corpus, n_ctx: int, n_windows: int, cache_dir: Path):
+        from validation import refcache
+
+        path, self.computed = refcache.prepare_cache(reference, corpus, n_ctx, n_windows, cache_dir)
+        self.evaluation = split_text(load_text(corpus))[0]
+        key = refcache.cache_key(reference, self.evaluation, n_ctx, n_windows)
+        try:
+            self.cache = refcache.open_cache(path, key, verify=False)  # checked whole by prepare_cache
+        except refcache.InvalidCache as exc:
+            raise InputError(f"reference cache changed while in use: {exc}", path) from None
+        self.cache_file = str(path)
+        h = self.cache.header
+        self.bos, self.pieces, self.vocab_size = h["bos"], h["pieces"], h["vocab"]
+        self.sample_ids, self.windows, self.runtime_name = h["sample_ids"], h["windows"], h["reference_runtime"]
+
+    def load(self) -> None:
+        pass
+
+    def score(self, acc: Accumulator, i: int, chunk: list[int], cand: np.ndarray, vocab: int) -> None:
+        if vocab not in self.cache.cuts:
+            raise UnsupportedError(
+                f"the reference cache holds statistics over {self.cache.cuts} vocab rows, not the candidate's"
+                f" {vocab}; validate without a reference cache",
+                self.cache_file,
+            )
+        stats, ref_scored = self.cache.window(i, vocab)
+        acc.add_window_stats(chunk, stats, ref_scored, cand)
 
 
 def _default_kld(kind: ArtifactKind) -> tuple[float, str]:

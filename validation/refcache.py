@@ -1,0 +1,438 @@
+"""A cache of the reference's log-probabilities, computed once per (reference, corpus, protocol).
+
+Many artifacts are validated against one reference; the fp32 reference forward pass (and the
+tokenization of the corpus) is then done once and kept in ``DIR/ref-<16 hex>.gpref``, where the hex
+is the start of the sha256 of the cache key (``cache_key``): the reference folder's files (name, size,
+mtime_ns) and config.json's sha256, the sha256 of the evaluation text actually used, n_ctx, the
+windows asked, the reference runtime's name, the torch and transformers versions and this format's
+version and encoding constants.
+
+The format follows llama-perplexity's KL-divergence base file (ref: llama.cpp
+tools/perplexity/perplexity.cpp, kl_divergence() and log_softmax(): per token a float scale and min and
+the log-probs as uint16 codes), but exact where the scores need it. For every scored token (positions
+n_ctx//2 .. n_ctx-2 of each window, validation.metrics.scored_span):
+
+- exact float64 statistics of the float64 log-softmax (validation.metrics.RefStats): the target's NLL,
+  the negentropy sum_v p_v lr_v, the argmax and the log-normaliser. They are stored once per "cut" of
+  the vocabulary: the full one, and the tokenizer's pieces when the model has padding rows past them
+  (a llama.cpp GGUF drops those; validation.metrics.scored_vocab).
+- the distribution: the raw float32 log-probs of every entry with p >= EXACT_MIN_P (at most
+  EXACT_CAP, the most probable), and all others as uint16 codes between a per-token float32 min and
+  scale (codes over the tail's own range, at most TAIL_RANGE nats deep; lower values are coded as the
+  min, and code 65535 means no mass, -inf).
+
+KL(ref || cand) = negentropy - sum_v p_v lc_v (validation.metrics.score_rows), so with the statistics
+exact only the cross term reads the decoded distribution, and only through its tail (p < 1e-6), whose
+codes are off by at most half a step, step = tail range / 65534 (about 3e-4 nats: a relative error of
+3e-4 in each tail p). The cross term's error is sum_tail p_v (e^d_v - 1) lc_v with |d_v| <= step/2 and
+rounding errors of both signs; ppl and top-1 are
+identical (nll and argmax are stored exactly).
+
+File layout (little-endian): MAGIC, uint64 header length, uint32 crc32 of header and window table, the
+JSON header, the window table (per window: uint64 offset, uint64 length, uint32 crc32), then each
+window's block (``_encode_window``). A file is written under a temporary name, fsynced and renamed
+(gemport.output.atomic_output), window by window. A file whose header, key, length or any window's
+crc32 is wrong is logged as a warning saying why and recomputed, never used.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import struct
+import zlib
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+from gemport.errors import CheckpointError, GemportError, InputError
+from gemport.output import atomic_output
+from gemport.progress import progress, stage
+from validation.corpus import load_text, split_text, tokenize, windows
+from validation.metrics import ROWS_PER_CHUNK_ELEMENTS, RefStats, reference_stats, scored_span
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"GPREF\x00\x00\x01"
+VERSION = 1
+EXACT_MIN_P = 1e-6  # entries at least this probable are stored as their float32 values
+EXACT_CAP = 4096  # at most this many per token (the most probable)
+TAIL_RANGE = 64.0  # nats below the tail's largest value that the codes reach; e^-64 of 1e-6 is nothing
+NO_MASS = 65535  # the code of -inf (p = 0)
+_PREFIX = struct.Struct("<8sQI")
+_TABLE_ENTRY = struct.Struct("<QQI")
+_MAX_HEADER = 1 << 30
+_VERIFY_BLOCK = 1 << 24
+
+
+# --- the key ------------------------------------------------------------------------------------------
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def reference_fingerprint(reference: Path) -> dict:
+    """Every file of the reference folder (relative name, size, mtime_ns) and config.json's sha256."""
+    files = []
+    for path in sorted(p for p in reference.rglob("*") if p.is_file()):
+        st = path.stat()
+        files.append([path.relative_to(reference).as_posix(), st.st_size, st.st_mtime_ns])
+    try:
+        config = hashlib.sha256((reference / "config.json").read_bytes()).hexdigest()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read config.json: {exc.strerror}", reference) from None
+    return {"files": files, "config_sha256": config}
+
+
+def cache_key(reference: Path, evaluation: str, n_ctx: int, n_windows: int) -> dict:
+    from validation.runtimes.hf_transformers import TransformersRuntime
+
+    return {
+        "format": VERSION,
+        "encoding": {"exact_min_p": EXACT_MIN_P, "exact_cap": EXACT_CAP, "tail_range": TAIL_RANGE},
+        "reference": reference_fingerprint(reference),
+        "corpus_sha256": hashlib.sha256(evaluation.encode("utf-8")).hexdigest(),
+        "n_ctx": n_ctx,
+        "n_windows": n_windows,
+        "runtime": TransformersRuntime.name,
+        "torch": _package_version("torch"),
+        "transformers": _package_version("transformers"),
+    }
+
+
+def cache_path(cache_dir: Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return Path(cache_dir) / f"ref-{digest[:16]}.gpref"
+
+
+# --- one window's block -------------------------------------------------------------------------------
+
+
+def _layout(rows: int, vocab: int, cuts: int) -> list[tuple[str, type, tuple[int, ...]]]:
+    """The fixed-size arrays of a window's block, in order: (name, dtype, shape); then the exact entries'
+    int32 indices and float32 values, ``counts.sum()`` of each."""
+    return [
+        ("stats", np.float64, (cuts, 3, rows)),  # nll, negentropy, log_norm per cut
+        ("top", np.int32, (cuts, rows)),
+        ("counts", np.int32, (rows,)),  # exact entries per row
+        ("lo_scale", np.float32, (2, rows)),
+        ("codes", np.uint16, (rows, vocab)),
+    ]
+
+
+def _exact_entries(raw: np.ndarray, log_norm: np.ndarray) -> list[np.ndarray]:
+    """Per row, the sorted indices of the entries with p >= EXACT_MIN_P, the EXACT_CAP most probable."""
+    probable = raw.astype(np.float64) - log_norm[:, None] >= np.log(EXACT_MIN_P)
+    out = []
+    for r in range(len(raw)):
+        index = np.flatnonzero(probable[r])
+        if len(index) > EXACT_CAP:
+            index = np.sort(index[np.argpartition(-raw[r, index], EXACT_CAP - 1)[:EXACT_CAP]])
+        out.append(index)
+    return out
+
+
+def _encode_rows(raw: np.ndarray, log_norm: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(counts, lo_scale, codes, index, value) of raw float32 log-prob rows (log_norm: their float64
+    log-normaliser): the probable entries exactly, the tail as codes of the tail's own range."""
+    exact = _exact_entries(raw, log_norm)
+    counts = np.array([len(e) for e in exact], dtype=np.int32)
+    index = np.concatenate([np.zeros(0, dtype=np.int64), *exact]).astype(np.int32)
+    row_of = np.repeat(np.arange(len(raw)), counts)
+    tail = raw.copy()
+    tail[row_of, index] = -np.inf  # the exact entries are no part of the tail's range
+    hi = tail.max(axis=1)
+    lo = np.where(np.isneginf(tail), np.inf, tail).min(axis=1)
+    hi = np.where(np.isfinite(hi), hi, 0.0)  # no tail: any range will do
+    lo = np.maximum(np.where(np.isfinite(lo), lo, hi), hi - TAIL_RANGE).astype(np.float32)
+    scale = ((hi - lo) / (NO_MASS - 1)).astype(np.float32)
+    step = np.where(scale > 0, scale, 1.0)[:, None]
+    codes = np.rint((np.clip(raw, lo[:, None], hi[:, None]) - lo[:, None]) / step)
+    codes = np.where(np.isneginf(raw), NO_MASS, np.clip(codes, 0, NO_MASS - 1)).astype(np.uint16)
+    codes[row_of, index] = 0  # overwritten by the exact values on decoding
+    return counts, np.stack([lo, scale]), codes, index, raw[row_of, index].astype(np.float32)
+
+
+def _encode_window(raw: np.ndarray, targets: np.ndarray, cuts: list[int]) -> bytes:
+    """The block of one window from the reference's raw float32 log-probs [scored, vocab] of its scored
+    rows, a chunk of rows at a time (float64 work arrays of at most 128 MiB)."""
+    rows, vocab = raw.shape
+    step = max(1, ROWS_PER_CHUNK_ELEMENTS // vocab)
+    parts = []
+    for i in range(0, rows, step):
+        chunk, t = raw[i : i + step], targets[i : i + step]
+        stats = [reference_stats(chunk[:, :cut], t) for cut in cuts]
+        parts.append((stats, _encode_rows(chunk, stats[0].log_norm)))
+    arrays = {
+        "stats": np.concatenate([np.stack([[s.nll, s.negentropy, s.log_norm] for s in st]) for st, _ in parts], 2),
+        "top": np.concatenate([np.stack([s.top for s in st]) for st, _ in parts], 1),
+        "counts": np.concatenate([e[0] for _, e in parts]),
+        "lo_scale": np.concatenate([e[1] for _, e in parts], 1),
+        "codes": np.concatenate([e[2] for _, e in parts]),
+    }
+    fixed = [np.ascontiguousarray(arrays[name], dtype=dt).tobytes() for name, dt, _ in _layout(rows, vocab, len(cuts))]
+    index = np.concatenate([e[3] for _, e in parts]).astype(np.int32)
+    value = np.concatenate([e[4] for _, e in parts]).astype(np.float32)
+    return b"".join([*fixed, index.tobytes(), value.tobytes()])
+
+
+def _decode_window(block: bytes, rows: int, vocab: int, cuts: int) -> dict[str, np.ndarray]:
+    """The arrays of a block; ValueError when its size or counts disagree with the layout."""
+    out, pos = {}, 0
+    for name, dt, shape in _layout(rows, vocab, cuts):
+        n = int(np.prod(shape))
+        if len(block) < pos + n * np.dtype(dt).itemsize:
+            raise ValueError(f"block of {len(block)} bytes ends inside its {name}")
+        out[name] = np.frombuffer(block, dtype=dt, count=n, offset=pos).reshape(shape)
+        pos += n * np.dtype(dt).itemsize
+    counts = out["counts"]
+    if counts.min(initial=0) < 0 or counts.max(initial=0) > min(EXACT_CAP, vocab):
+        raise ValueError("exact-entry counts out of range")
+    exact = int(counts.sum())
+    if len(block) != pos + exact * 8:
+        raise ValueError(f"block of {len(block)} bytes, its layout needs {pos + exact * 8}")
+    out["index"] = np.frombuffer(block, dtype=np.int32, count=exact, offset=pos)
+    out["value"] = np.frombuffer(block, dtype=np.float32, count=exact, offset=pos + exact * 4)
+    if exact and (out["index"].min() < 0 or out["index"].max() >= vocab):
+        raise ValueError("exact-entry index out of range")
+    return out
+
+
+def decode_rows(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """float32 [rows, vocab] raw log-probs: codes decoded, the exact entries written over them."""
+    lo, scale = arrays["lo_scale"]
+    codes = arrays["codes"]
+    raw = codes.astype(np.float32) * scale[:, None] + lo[:, None]
+    raw[codes == NO_MASS] = -np.inf
+    rows = np.repeat(np.arange(len(codes)), arrays["counts"])
+    raw[rows, arrays["index"]] = arrays["value"]
+    return raw
+
+
+# --- the file -----------------------------------------------------------------------------------------
+
+
+class InvalidCache(Exception):
+    """The file cannot be used; the message says why."""
+
+
+@dataclass
+class RefCache:
+    """An opened, checked cache file: its header and window table."""
+
+    path: Path
+    header: dict
+    table: list[tuple[int, int, int]]
+
+    @property
+    def windows(self) -> list[list[int]]:
+        return self.header["windows"]
+
+    @property
+    def cuts(self) -> list[int]:
+        return self.header["cuts"]
+
+    def window(self, i: int, vocab: int) -> tuple[RefStats, np.ndarray]:
+        """The exact statistics and float32 [scored, vocab] raw log-probs of window ``i`` over the first
+        ``vocab`` rows, one of ``cuts``."""
+        offset, length, crc = self.table[i]
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            block = f.read(length)
+        if len(block) != length or zlib.crc32(block) != crc:
+            raise InputError(f"window {i} changed since the cache was checked (crc32 mismatch)", self.path)
+        rows = scored_span(self.header["key"]["n_ctx"])[1]
+        arrays = _decode_window(block, rows, self.header["vocab"], len(self.cuts))
+        c = self.cuts.index(vocab)
+        nll, negentropy, log_norm = arrays["stats"][c]
+        stats = RefStats(nll, negentropy, arrays["top"][c].astype(np.int64), log_norm)
+        return stats, decode_rows(arrays)[:, :vocab]
+
+
+def open_cache(path: Path, key: dict, verify: bool = True) -> RefCache:
+    """The cache at ``path`` once its header, key, length and (``verify``) every window's crc32 check out;
+    InvalidCache saying why not."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(0)
+            prefix = f.read(_PREFIX.size)
+            if len(prefix) < _PREFIX.size:
+                raise InvalidCache(f"truncated: {size} bytes")
+            magic, header_len, header_crc = _PREFIX.unpack(prefix)
+            if magic != MAGIC:
+                raise InvalidCache("not a gemport reference cache (wrong magic)")
+            if header_len > min(size, _MAX_HEADER):
+                raise InvalidCache(f"truncated: header of {header_len} bytes in a file of {size}")
+            raw_header = f.read(header_len)
+            header = _parse_header(raw_header, key)
+            raw_table = f.read(_TABLE_ENTRY.size * len(header["windows"]))
+            if zlib.crc32(raw_table, zlib.crc32(raw_header)) != header_crc:
+                raise InvalidCache("header crc32 mismatch")
+            table = [e for e in _TABLE_ENTRY.iter_unpack(raw_table)]
+            _check_table(table, f.tell(), size)
+            if verify:
+                for i, (offset, length, crc) in enumerate(table):
+                    if _crc_of(f, offset, length) != crc:
+                        raise InvalidCache(f"window {i} crc32 mismatch")
+    except OSError as exc:
+        raise InvalidCache(f"unreadable: {exc.strerror}") from None
+    return RefCache(path, header, table)
+
+
+def _parse_header(raw: bytes, key: dict) -> dict:
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidCache("header is not JSON") from None
+    if not isinstance(header, dict) or header.get("version") != VERSION:
+        raise InvalidCache(f"format version {header.get('version') if isinstance(header, dict) else None}")
+    if header.get("key") != key:
+        stored = header.get("key") if isinstance(header.get("key"), dict) else {}
+        differ = sorted(k for k in set(key) | set(stored) if key.get(k) != stored.get(k))
+        raise InvalidCache(f"made for another {', '.join(differ) or 'key'}")
+    return header
+
+
+def _check_table(table: list[tuple[int, int, int]], start: int, size: int) -> None:
+    for i, (offset, length, _) in enumerate(table):
+        if offset != start:
+            raise InvalidCache(f"window {i} at byte {offset}, expected {start}")
+        start += length
+    if start != size:
+        raise InvalidCache(f"truncated: {size} bytes, its window table needs {start}" if size < start else "too long")
+
+
+def _crc_of(f, offset: int, length: int) -> int:
+    f.seek(offset)
+    crc = 0
+    while length > 0:
+        data = f.read(min(length, _VERIFY_BLOCK))
+        if not data:
+            break
+        crc, length = zlib.crc32(data, crc), length - len(data)
+    return crc
+
+
+def write_cache(path: Path, key: dict, reference: Path, evaluation: str, n_ctx: int, n_windows: int) -> None:
+    """Tokenize, run the reference over every window and write the cache, window by window."""
+    from validation.runtimes.hf_transformers import TransformersRuntime
+    from validation.validate import TOKENIZER_CHECK_CHARS, load_tokenizer
+
+    with stage(f"tokenizing the evaluation text with {reference.name}'s tokenizer"):
+        tokenizer = load_tokenizer(reference, "reference")
+        if tokenizer.bos_token_id is None:
+            raise CheckpointError("the reference tokenizer has no BOS token", reference)
+        chunks = windows(tokenize(tokenizer, evaluation), n_ctx, n_windows, tokenizer.bos_token_id)
+        sample_ids = tokenize(tokenizer, evaluation[:TOKENIZER_CHECK_CHARS])
+    with stage(f"loading the reference {reference.name}"):
+        rt = TransformersRuntime(reference)
+    pieces = int(tokenizer.vocab_size)
+    top = max(max(c) for c in chunks)
+    if top >= rt.vocab_size:
+        raise CheckpointError(f"the tokenizer yields id {top}, beyond the vocab of {rt.vocab_size}", reference)
+    header = {
+        "magic": "gemport reference log-probs",
+        "version": VERSION,
+        "key": key,
+        "vocab": rt.vocab_size,
+        "pieces": pieces,
+        # stats over the pieces too when the model has padding rows past them (validation.metrics.scored_vocab)
+        "cuts": [rt.vocab_size] + ([pieces] if top < pieces < rt.vocab_size else []),
+        "bos": tokenizer.bos_token_id,
+        "reference_runtime": rt.name,
+        "windows": chunks,
+        "sample_ids": sample_ids,
+    }
+    raw_header = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    first, count = scored_span(n_ctx)
+    table = []
+    with atomic_output(path, overwrite=True) as tmp, open(tmp, "wb") as f:
+        f.write(_PREFIX.pack(MAGIC, len(raw_header), 0) + raw_header + b"\0" * (_TABLE_ENTRY.size * len(chunks)))
+        with progress(f"reference log-probs of {reference.name}", total=len(chunks), unit="windows") as advance:
+            for chunk in chunks:
+                raw = rt.logprobs(chunk)[first : first + count]
+                if np.isnan(raw).any() or np.isposinf(raw).any():
+                    raise CheckpointError("the reference's log-probs are not finite (NaN or +inf)", reference)
+                block = _encode_window(raw, np.asarray(chunk[first + 1 :], dtype=np.int64), header["cuts"])
+                table.append((f.tell(), len(block), zlib.crc32(block)))
+                f.write(block)
+                del raw, block
+                advance()
+        raw_table = b"".join(_TABLE_ENTRY.pack(*e) for e in table)
+        f.seek(_PREFIX.size + len(raw_header))
+        f.write(raw_table)
+        f.seek(0)
+        f.write(_PREFIX.pack(MAGIC, len(raw_header), zlib.crc32(raw_table, zlib.crc32(raw_header))))
+    del rt
+    gc.collect()
+
+
+def prepare_cache(
+    reference: str | Path,
+    corpus: str | Path | None,
+    n_ctx: int,
+    n_windows: int,
+    cache_dir: str | Path,
+) -> tuple[Path, bool]:
+    """(the cache file, True when computed now): an existing valid file is reused; a missing one is
+    computed; an invalid one is logged as a warning and recomputed."""
+    reference = Path(reference)
+    evaluation = split_text(load_text(corpus))[0]
+    key = cache_key(reference, evaluation, n_ctx, n_windows)
+    path = cache_path(Path(cache_dir), key)
+    if path.is_file():
+        try:
+            open_cache(path, key)
+            log.info("reference log-probs reused from %s", path)
+            return path, False
+        except InvalidCache as exc:
+            log.warning("%s: reference cache not used, recomputing: %s", path, exc)
+    elif path.exists():
+        raise InputError("the reference cache path exists and is not a file", path)
+    write_cache(path, key, reference, evaluation, n_ctx, n_windows)
+    return path, True
+
+
+def ensure_cache(
+    reference: str | Path, corpus: str | Path | None, n_ctx: int, n_windows: int, cache_dir: str | Path
+) -> Path:
+    """The cache file of (reference, corpus, n_ctx, n_windows) in ``cache_dir``, computed when missing or
+    invalid (the reference loaded, every window run and written, the reference freed)."""
+    return prepare_cache(reference, corpus, n_ctx, n_windows, cache_dir)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m validation.refcache", description=ensure_cache.__doc__)
+    parser.add_argument("--reference", required=True, type=Path, help="the reference HF checkpoint folder")
+    parser.add_argument("--cache", required=True, type=Path, help="the cache folder")
+    parser.add_argument("--corpus", type=Path, help="a UTF-8 text file (default: pydoc topics)")
+    parser.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--windows", type=int, default=16, help="windows (default 16)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        from validation.validate import _check_options
+
+        _check_options(args.ctx, args.windows, {})
+        path, computed = prepare_cache(args.reference, args.corpus, args.ctx, args.windows, args.cache)
+    except GemportError as exc:
+        print(f"gemport: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"{path} ({'computed now' if computed else 'reused'})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
