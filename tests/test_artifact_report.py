@@ -97,7 +97,7 @@ def manifest() -> dict:
             "gguf-q4_k_m",
             {"format": "gguf", "quant": "q4_k_m"},
             253.0,
-            measured=("llama.cpp", "parity", 0.31, 81.0, 9.5, 0.05),
+            measured=("llama.cpp (llama-cpp-python 0.3.36, CPU)", "parity", 0.31, 81.0, 9.5, 0.05),
         ),
         _artifact(
             "gguf-gptq-q4_k_m",
@@ -213,6 +213,7 @@ def test_json_rows(rendered):
         "q4_k_m",
         "parity",
     )
+    assert q4["runtime"] == "llama.cpp (llama-cpp-python 0.3.36, CPU)"
     assert (q4["kld"], q4["kld_se"], q4["top1_pct"], q4["size_mb"]) == (0.31, 0.0004, 81.0, 253.0)
     assert [(g["name"], g["passed"]) for g in q4["gates"]] == [("finite", True), ("max-kld", False)]
     assert (q4["build_s"], q4["validation_s"], q4["peak_rss_mb"]) == (10.25, 30.5, 2100.0)

@@ -244,7 +244,8 @@ def _gate_text(g: dict) -> str:
 def _cells(row: dict) -> list[str]:
     fmt = " ".join(p for p in (row["format"] or "?", row["variant"]) if p)
     fmt += f" (from {row['from']})" if row["from"] else ""
-    runtime = f"{row['runtime']} ({row['runtime_kind']})" if row["runtime"] else "-"
+    # the runtime's name without its details in parentheses (report.json has them)
+    runtime = f"{str(row['runtime']).split(' (')[0]} ({row['runtime_kind']})" if row["runtime"] else "-"
     size = "-" if row["size_mb"] is None else f"{row['size_mb']:.1f}"
     if not row["measured"]:
         metrics = ["-"] * 4
@@ -354,7 +355,8 @@ def plot(manifest: dict, table: list[dict], dst: Path) -> None:
     _draw_top1(right, table, colours)
     fig.suptitle(f"{manifest['recipe']['name']}: artifact size against agreement with the reference", fontsize=13)
     fig.text(0.5, 0.905, protocol_text(manifest["protocol"]), ha="center", fontsize=9, color="dimgray")
-    _legend(fig, colours, floor if any(_at_floor(r, floor) for r in table) else None)
+    failed = any(r["status"] == "gate-failed" and r["measured"] for r in table)
+    _legend(fig, colours, floor if any(_at_floor(r, floor) for r in table) else None, failed)
     for i, text in enumerate(missing):
         fig.text(0.06, 0.02 + 0.025 * (len(missing) - 1 - i), text, fontsize=8.5, color="dimgray")
     fig.savefig(dst, format="png")
@@ -400,7 +402,8 @@ def _draw_kld(ax, table: list[dict], colours: dict[str, str]) -> float:
     top = max([y for _, y in points] + [floor * 10])
     ax.set_yscale("log")
     ax.set_ylim(floor / 2, top * 3)
-    ax.axhline(floor, color="gray", linestyle=":", linewidth=1)
+    if any(_at_floor(r, floor) for r in drawn):
+        ax.axhline(floor, color="gray", linestyle=":", linewidth=1)
     ax.set_ylabel("mean KL divergence to the reference (nats, log scale)")
     ax.set_title("size against KLD (lower is better)", fontsize=11)
     _size_axis(ax, [x for x, _ in points])
@@ -434,17 +437,20 @@ def _point(ax, x: float, y: float, row: dict, colours: dict[str, str], marker: s
 def _size_axis(ax, sizes: list[float]) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+
     low, high = (min(sizes), max(sizes)) if sizes else (1.0, 10.0)
     ax.set_xscale("log")
     ax.set_xlim(low / 1.35, high * 1.35)
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_formatter(plain)
+    # within a decade 1-2-5 leaves one or two labels: then the minor ticks (3, 4, 6, ...) are labelled too
+    ax.xaxis.set_minor_formatter(plain if high / low < 8 else NullFormatter())
     ax.set_xlabel(r"artifact size (MB = $10^6$ bytes, log scale)")
     ax.grid(True, which="major", alpha=0.3)
 
 
-def _legend(fig, colours: dict[str, str], floor: float | None) -> None:
+def _legend(fig, colours: dict[str, str], floor: float | None, failed: bool) -> None:
     from matplotlib.lines import Line2D
 
     def handle(marker: str, colour: str, label: str, edge: str = "black", width: float = 0.8) -> Line2D:
@@ -454,7 +460,8 @@ def _legend(fig, colours: dict[str, str], floor: float | None) -> None:
     handles = [handle("o", c, f) for f, c in colours.items()]
     if floor is not None:
         handles.append(handle("v", "white", f"KLD 0 or below {floor:g}, drawn at the floor"))
-    handles.append(handle("o", "white", "a gate failed (red)", "firebrick", 2.2))
+    if failed:
+        handles.append(handle("o", "white", "a gate failed (red)", "firebrick", 2.2))
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.89), ncol=len(handles), frameon=False)
 
 
