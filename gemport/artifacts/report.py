@@ -462,7 +462,8 @@ def _legend(fig, colours: dict[str, str], floor: float | None, failed: bool) -> 
         handles.append(handle("v", "white", f"KLD 0 or below {floor:g}, drawn at the floor"))
     if failed:
         handles.append(handle("o", "white", "a gate failed (red)", "firebrick", 2.2))
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.89), ncol=len(handles), frameon=False)
+    if handles:
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.89), ncol=len(handles), frameon=False)
 
 
 def _label(ax, points: list[tuple[float, float]], drawn: list[dict]) -> None:
