@@ -5,8 +5,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := build/models/gemma-3-270m
 OFFGRID := build/models/gemma-3-270m-offgrid
-DEMO_OUT := build/demo/gemma-3-270m-f32
-WINDOWS ?= 16
 # llama.cpp's own converter (a test oracle and bench peer) comes from the sdist of the
 # llama-cpp-python version pyproject.toml pins; only extracted here, never copied into the project.
 LLAMACPP_VERSION := 0.3.36
@@ -22,14 +20,14 @@ MODELOPT_VENV := build/modelopt-venv
 MODELOPT_STAMP := $(MODELOPT_VENV)/.installed
 MODELOPT_REQS := requirements/modelopt-runtime.txt
 
-.PHONY: venv demo demo-model llamacpp-src gemma-venv modelopt-venv test lint bench fuzz clean
+.PHONY: venv demo artifacts demo-model llamacpp-src gemma-venv modelopt-venv test lint bench fuzz clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,ray]'
 	touch $(STAMP)
 
 demo-model: $(DEMO)/config.json $(OFFGRID)/config.json
@@ -69,11 +67,14 @@ $(MODELOPT_STAMP): $(MODELOPT_REQS)
 	$(MODELOPT_VENV)/bin/python -I -W ignore -c "import modelopt.torch.export as e, modelopt.torch.quantization as q, torch, transformers; e.export_tensorrt_llm_checkpoint; q.INT4_AWQ_CFG; transformers.GemmaForCausalLM; assert torch.version.cuda is None, torch.__version__"
 	touch $@
 
+# Four artifacts of the demo model, each validated in its runtime: the table, then build/demo/report.png.
 demo: demo-model
-	rm -rf $(DEMO_OUT)
-	$(BIN)/gemport convert $(DEMO) $(DEMO_OUT) --to hf --dtype f32
-	$(BIN)/gemport validate $(DEMO_OUT) --reference $(DEMO) --windows $(WINDOWS) \
-		--max-kld 1e-5 --max-ppl-delta 0.01 --json build/demo/validate.json
+	$(BIN)/gemport build recipes/demo.toml --out build/demo
+
+# Every writer gemport has (README, Artifact builds): make artifacts [RECIPE=...] [OUT=...]
+RECIPE ?= recipes/gemma-3-270m.toml
+artifacts: demo-model gemma-venv
+	$(BIN)/gemport build $(RECIPE) $(if $(OUT),--out $(OUT))
 
 test: demo-model llamacpp-src gemma-venv modelopt-venv
 	$(BIN)/ruff check gemport converters quantizers validation tests bench

@@ -463,6 +463,47 @@ def _did_you_mean(extras: list[str], parser: argparse.ArgumentParser) -> str:
     return ""
 
 
+def _add_build_parsers(sub) -> None:
+    s = sub.add_parser(
+        "build",
+        help="build every artifact of a recipe, validate each in its runtime, and write one report",
+        description="Build the artifacts a RECIPE (TOML) lists, from its source, each with gemport convert or "
+        "quantize; validate each with gemport validate in the runtime that loads it, the reference's "
+        "log-probs computed once (OUT/.reference-cache); write OUT/manifest.json (files, sha256, commands, "
+        "versions, time and peak RSS of every step, metrics) and OUT/report.md, report.json and report.png. "
+        "An artifact whose inputs (source files, recipe entry, gemport version) are unchanged is not rebuilt. "
+        "Exit 1 if a gate fails or an artifact could not be built or validated; 2 for a bad recipe. "
+        "README, Artifact builds.",
+    )
+    s.add_argument("recipe", type=Path, metavar="RECIPE", help="the recipe (TOML; recipes/gemma-3-270m.toml)")
+    s.add_argument("--out", type=Path, metavar="DIR", help="output folder (default build/artifacts/<recipe name>)")
+    s.add_argument("--only", nargs="+", metavar="NAME", help="only these artifacts (and those they are built from)")
+    s.add_argument("--jobs", type=_positive, default=1, metavar="N", help="artifacts built at once (default 1)")
+    s.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local child processes (default), or one Ray task per artifact (pip install 'gemport[ray]'; "
+        "joins a running cluster, else starts a local one)",
+    )
+    s.add_argument("--force", action="store_true", help="rebuild and revalidate every artifact")
+    s.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the artifacts as a CI matrix (JSON: {\"include\": [{\"name\": ...}]}) and build nothing; "
+        "run each with --only NAME and merge the outputs with gemport report",
+    )
+
+    s = sub.add_parser(
+        "report",
+        help="merge the manifests of partial builds (a CI matrix) into one report",
+        description="Read DIR/manifest.json of each build of one recipe (gemport build --only NAME ...) and "
+        "write the merged manifest.json, report.md, report.json and report.png into --out.",
+    )
+    s.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="output folders of gemport build")
+    s.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the merged report")
+
+
 def _verbose_parent() -> argparse.ArgumentParser:
     """-v after the command name too (`gemport convert -v ...`); SUPPRESS keeps the top-level value."""
     parent = argparse.ArgumentParser(add_help=False)
@@ -640,6 +681,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the results as JSON to FILE, or to standard output with '-' (the table then goes to stderr); "
         "FILE's folder must exist",
     )
+    s.add_argument(
+        "--reference-cache",
+        type=Path,
+        metavar="DIR",
+        help="take the reference's log-probs from DIR (computed there first if missing or stale, one file per "
+        "reference, corpus and protocol), so the reference model is not run again; gemport build shares its cache",
+    )
+
+    _add_build_parsers(sub)
 
     s = sub.add_parser(
         "synth",
@@ -1203,6 +1253,7 @@ def cmd_validate(args) -> int:
         max_ppl_delta=args.max_ppl_delta,
         max_kld=args.max_kld,
         default_gates=not args.no_default_gates,
+        reference_cache=args.reference_cache,
     )
     print(report.table(), file=sys.stderr if to_stdout else sys.stdout)
     if to_stdout:
@@ -1237,6 +1288,12 @@ def cmd_demo_model(args) -> int:
     return 0
 
 
+def _artifacts_command():
+    from gemport.artifacts import command
+
+    return command
+
+
 COMMANDS = {
     "formats": cmd_formats,
     "inspect": cmd_inspect,
@@ -1245,6 +1302,8 @@ COMMANDS = {
     "imatrix": cmd_imatrix,
     "validate": cmd_validate,
     "synth": cmd_synth,
+    "build": lambda args: _artifacts_command().cmd_build(args),
+    "report": lambda args: _artifacts_command().cmd_report(args),
     "demo-model": cmd_demo_model,
 }
 

@@ -1,0 +1,149 @@
+"""Artifact builds: the reference cache against separate validations, and a resumed build (issue 16).
+
+On the off-grid demo model, in one run:
+
+1. ``gemport build recipes/gemma-3-270m.toml --out OUT`` from an empty OUT (wall time), then the same
+   command again: the second run rebuilds and revalidates nothing, and its time is compared with the
+   first's (target: under 10 %).
+2. Eight artifacts of that build validated twice, side by side, 4 windows of 512:
+   - separate: ``gemport validate ART --reference REF --windows 4`` for each, every call running the
+     reference model itself (what a hand-written loop of validate calls costs);
+   - cached: the reference's log-probs computed once into an empty cache folder
+     (``python -m validation.refcache``), then ``gemport validate ART ... --reference-cache DIR`` for each;
+   - the ratio of the totals (target: at most 0.6), and every artifact's KLD, delta-ppl and top-1 as the
+     validation table prints them, which must be the same strings both ways.
+
+    make demo-model gemma-venv
+    .venv/bin/python bench/build.py [--out build/bench/build] [--skip-build]
+
+Results: ``OUT/bench.json`` and a Markdown table on stdout (bench/RESULTS.md, "Artifact builds").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from validation.report import _fmt, _pm  # noqa: E402  (the table's own formatting)
+
+RECIPE = ROOT / "recipes" / "gemma-3-270m.toml"
+REFERENCE = ROOT / "build" / "models" / "gemma-3-270m-offgrid"
+EIGHT = (
+    "gguf-f16",
+    "gguf-q8_0",
+    "gguf-q4_k_m",
+    "gguf-gptq-q4_k_m",
+    "hf-int8",
+    "hf-gptq-int4",
+    "onnx-int4",
+    "trtllm-bf16-tp2",
+)
+
+
+def timed(args: list[str], log: Path) -> float:
+    start = time.monotonic()
+    with open(log, "wb") as out:
+        rc = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT).returncode
+    if rc not in (0, 1):
+        sys.exit(f"{' '.join(args)} failed (exit {rc}); see {log}")
+    return time.monotonic() - start
+
+
+def gemport(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gemport.cli", *args]
+
+
+def printed(report: dict) -> dict[str, str]:
+    """The metrics as the validation table prints them."""
+    m = report["metrics"]
+    return {
+        "delta-ppl": _pm(m["delta_ppl_pct"], m["delta_ppl_pct_se"], "+.4f", " %"),
+        "KLD": _pm(m["kld"], m["kld_se"], ".6f"),
+        "top-1": _pm(m["top1_pct"], m["top1_pct_se"], ".2f", " %"),
+        "ppl": _fmt(m["ppl_cand"], ".4f"),
+    }
+
+
+def validations(out: Path, manifest: dict, cache: Path | None, logs: Path) -> tuple[dict, dict]:
+    """(seconds per artifact, printed metrics per artifact); with ``cache`` the reference comes from it."""
+    seconds, figures = {}, {}
+    for name in EIGHT:
+        path = out / manifest["artifacts"][name]["path"]
+        report = logs / f"{name}.{'cached' if cache else 'separate'}.json"
+        args = ["validate", str(path), "--reference", str(REFERENCE), "--windows", "4", "--json", str(report)]
+        args += ["--reference-cache", str(cache)] if cache else []
+        seconds[name] = timed(gemport(*args), report.with_suffix(".log"))
+        figures[name] = printed(json.loads(report.read_text()))
+    return seconds, figures
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "build" / "bench" / "build")
+    p.add_argument("--skip-build", action="store_true", help="reuse OUT's build (step 1 not timed)")
+    args = p.parse_args()
+    out = args.out / "artifacts"
+    logs = args.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    result: dict = {}
+    if not args.skip_build:
+        shutil.rmtree(out, ignore_errors=True)
+        result["first_build_s"] = timed(gemport("build", str(RECIPE), "--out", str(out)), logs / "build-1.log")
+    result["second_build_s"] = timed(gemport("build", str(RECIPE), "--out", str(out)), logs / "build-2.log")
+    manifest = json.loads((out / "manifest.json").read_text())
+    result["rebuilt_on_second_run"] = [n for n, a in manifest["artifacts"].items() if not a["build"]["reused"]]
+
+    separate, figures_separate = validations(out, manifest, None, logs)
+    cache = args.out / "reference-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    refcache = [sys.executable, "-m", "validation.refcache", "--reference", str(REFERENCE), "--cache", str(cache)]
+    result["reference_cache_s"] = timed([*refcache, "--windows", "4"], logs / "refcache.log")
+    cached, figures_cached = validations(out, manifest, cache, logs)
+    result.update(
+        separate_s=separate,
+        cached_s=cached,
+        separate_total_s=sum(separate.values()),
+        cached_total_s=result["reference_cache_s"] + sum(cached.values()),
+        figures_separate=figures_separate,
+        figures_cached=figures_cached,
+        same_figures=figures_separate == figures_cached,
+    )
+    result["ratio"] = result["cached_total_s"] / result["separate_total_s"]
+    (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+
+
+def table(r: dict) -> str:
+    rows = [
+        "| artifact | separate validate s | with the cache s | KLD (separate) | KLD (cached) |",
+        "|---|---:|---:|---|---|",
+    ]
+    for name in EIGHT:
+        kld_s, kld_c = r["figures_separate"][name]["KLD"], r["figures_cached"][name]["KLD"]
+        rows.append(f"| {name} | {r['separate_s'][name]:.1f} | {r['cached_s'][name]:.1f} | {kld_s} | {kld_c} |")
+    rows.append(f"| reference log-probs, once | | {r['reference_cache_s']:.1f} | | |")
+    rows.append(f"| **total** | {r['separate_total_s']:.1f} | {r['cached_total_s']:.1f} | | |")
+    lines = [
+        "\n".join(rows),
+        "",
+        f"cached / separate: {r['ratio']:.2f} (target <= 0.6); every printed figure the same: {r['same_figures']}",
+    ]
+    if "first_build_s" in r:
+        share = r["second_build_s"] / r["first_build_s"]
+        lines.append(
+            f"build: first {r['first_build_s']:.0f} s, second {r['second_build_s']:.1f} s ({100 * share:.1f} %, "
+            f"target < 10 %), rebuilt on the second run: {r['rebuilt_on_second_run'] or 'none'}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
