@@ -15,7 +15,7 @@ import pytest
 from gemport.cli import main as gemport_main
 from validation import refcache
 from validation.corpus import load_text, split_text
-from validation.metrics import Accumulator, reference_stats, scored_span
+from validation.metrics import Accumulator, RefStats, reference_stats, scored_span
 from validation.runtimes import hf_transformers
 from validation.validate import validate
 
@@ -56,6 +56,8 @@ def test_window_codec_keeps_probable_entries_and_stats_exact():
         got = arrays["stats"][c]
         assert (got[0] == want.nll).all() and (got[1] == want.negentropy).all() and (got[2] == want.log_norm).all()
         assert (arrays["top"][c] == want.top).all()
+        of_decoded = reference_stats(raw[:, :cut], targets)  # what the KL term is scored with
+        assert (got[3] == of_decoded.negentropy).all() and (got[4] == of_decoded.log_norm).all()
 
 
 def test_exact_entries_are_capped_to_the_most_probable(monkeypatch):
@@ -75,12 +77,9 @@ def test_cached_distribution_changes_the_kld_by_far_less_than_printed():
     live, cached = Accumulator(), Accumulator()
     live.add(ref, cand, targets)
     arrays = refcache._decode_window(refcache._encode_window(ref, targets, [vocab]), rows, vocab, 1)
-    nll, negentropy, log_norm = arrays["stats"][0]
-    stats = reference_stats(ref, targets)
-    assert (nll == stats.nll).all() and (log_norm == stats.log_norm).all()
-    cached.add_stats(
-        type(stats)(nll, negentropy, arrays["top"][0], log_norm), refcache.decode_rows(arrays), cand, targets
-    )
+    nll, _, _, negentropy, log_norm = arrays["stats"][0]
+    stats = RefStats(nll, negentropy, arrays["top"][0], log_norm)
+    cached.add_stats(stats, refcache.decode_rows(arrays), cand, targets)
     a, b = live.result(), cached.result()
     assert abs(a.kld - b.kld) <= 1e-6 * a.kld
     assert (a.ppl_ref, a.ppl_cand, a.top1_pct) == (b.ppl_ref, b.ppl_cand, b.top1_pct)
