@@ -228,8 +228,10 @@ def decode_rows(arrays: dict[str, np.ndarray]) -> np.ndarray:
     """float32 [rows, vocab] raw log-probs: codes decoded, the exact entries written over them."""
     lo, scale = arrays["lo_scale"]
     codes = arrays["codes"]
-    raw = codes.astype(np.float32) * scale[:, None] + lo[:, None]
-    raw[codes == NO_MASS] = -np.inf
+    raw = codes.astype(np.float32)
+    raw *= scale[:, None]
+    raw += lo[:, None]
+    np.putmask(raw, codes == NO_MASS, -np.inf)
     rows = np.repeat(np.arange(len(codes)), arrays["counts"])
     raw[rows, arrays["index"]] = arrays["value"]
     return raw
