@@ -215,7 +215,7 @@ def _existing(table: dict, key: str, base: Path, fail, required: bool = False, s
         return None
     if not isinstance(value, str) or not value:
         fail(f"{key} must be a path, got {value!r}", section, 0, key)
-    found = base / value
+    found = (base / value).resolve()
     if not found.exists():
         fail(f"{key} {str(found)!r} does not exist", section, 0, key)
     return found
