@@ -175,6 +175,17 @@ def test_reference_against_its_own_cache_is_exact(tiny, corpus, tmp_path):
     assert report.passed and report.metrics.top1_pct == 100.0 and report.metrics.delta_ppl_pct == 0.0
 
 
+def test_a_cache_inside_the_reference_folder_is_reused(tiny, perturbed, corpus, tmp_path):
+    reference = tmp_path / "reference"
+    shutil.copytree(tiny, reference)
+    runs = [validate(perturbed, reference, corpus, N_CTX, 1, reference_cache=reference / "cache") for _ in range(2)]
+    assert [r.reference_cache_computed for r in runs] == [True, False]
+    (reference / "config.json").touch()  # the reference changed: not reused
+    assert validate(
+        perturbed, reference, corpus, N_CTX, 1, reference_cache=reference / "cache"
+    ).reference_cache_computed
+
+
 def test_another_corpus_ctx_or_windows_count_is_not_reused(tiny, perturbed, corpus, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text(corpus.read_text(encoding="utf-8")[:30000] + "\n\nAnother ending.", encoding="utf-8")

@@ -90,10 +90,14 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def reference_fingerprint(reference: Path) -> dict:
-    """Every file of the reference folder (relative name, size, mtime_ns) and config.json's sha256."""
+def reference_fingerprint(reference: Path, cache_dir: Path | None = None) -> dict:
+    """Every file of the reference folder (relative name, size, mtime_ns) and config.json's sha256; files
+    under ``cache_dir`` do not count (a cache kept inside the reference folder)."""
+    skip = cache_dir.resolve() if cache_dir is not None else None
     files = []
     for path in sorted(p for p in reference.rglob("*") if p.is_file()):
+        if skip is not None and path.resolve().is_relative_to(skip):
+            continue
         st = path.stat()
         files.append([path.relative_to(reference).as_posix(), st.st_size, st.st_mtime_ns])
     try:
@@ -103,13 +107,13 @@ def reference_fingerprint(reference: Path) -> dict:
     return {"files": files, "config_sha256": config}
 
 
-def cache_key(reference: Path, evaluation: str, n_ctx: int, n_windows: int) -> dict:
+def cache_key(reference: Path, evaluation: str, n_ctx: int, n_windows: int, cache_dir: Path | None = None) -> dict:
     from validation.runtimes.hf_transformers import TransformersRuntime
 
     return {
         "format": VERSION,
         "encoding": {"exact_min_p": EXACT_MIN_P, "exact_cap": EXACT_CAP, "tail_range": TAIL_RANGE},
-        "reference": reference_fingerprint(reference),
+        "reference": reference_fingerprint(reference, cache_dir),
         "corpus_sha256": hashlib.sha256(evaluation.encode("utf-8")).hexdigest(),
         "n_ctx": n_ctx,
         "n_windows": n_windows,
@@ -407,7 +411,7 @@ def prepare_cache(
     computed; an invalid one is logged as a warning and recomputed."""
     reference = Path(reference)
     evaluation = split_text(load_text(corpus))[0]
-    key = cache_key(reference, evaluation, n_ctx, n_windows)
+    key = cache_key(reference, evaluation, n_ctx, n_windows, Path(cache_dir))
     path = cache_path(Path(cache_dir), key)
     if path.is_file():
         try:

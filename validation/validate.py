@@ -87,7 +87,7 @@ def validate(
     candidate is then scored without loading the reference or tokenizing the corpus."""
     candidate, reference = Path(candidate), Path(reference)
     _check_options(n_ctx, n_windows, {"--max-kld": max_kld, "--max-ppl-delta": max_ppl_delta})
-    with stage(f"reading {candidate.name} and the evaluation text"):
+    with stage(f"reading {candidate.name}"):
         fmt = registry.detect(candidate)
         check_supported(fmt, candidate)
         if registry.detect(reference) != "hf":
@@ -191,7 +191,7 @@ class _CachedReference:
 
         path, self.computed = refcache.prepare_cache(reference, corpus, n_ctx, n_windows, cache_dir)
         self.evaluation = split_text(load_text(corpus))[0]
-        key = refcache.cache_key(reference, self.evaluation, n_ctx, n_windows)
+        key = refcache.cache_key(reference, self.evaluation, n_ctx, n_windows, cache_dir)
         try:
             self.cache = refcache.open_cache(path, key, verify=False)  # checked whole by prepare_cache
         except refcache.InvalidCache as exc:
