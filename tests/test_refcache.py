@@ -288,3 +288,25 @@ def test_demo_q8_0_gguf_cached_equals_live(offgrid_model, tmp_path, monkeypatch)
     _forbid_reference(monkeypatch, offgrid_model)
     again = validate(gguf, offgrid_model, None, 512, 2, default_gates=False, reference_cache=tmp_path / "c")
     assert not again.reference_cache_computed and again.metrics == cached.metrics
+
+
+def test_a_header_with_a_valid_crc_but_bad_fields_is_recomputed(tiny, perturbed, corpus, tmp_path, caplog):
+    import struct
+    import zlib
+
+    first = validate(perturbed, tiny, corpus, N_CTX, 1, default_gates=False, reference_cache=tmp_path)
+    path = Path(first.reference_cache)
+    data = bytearray(path.read_bytes())
+    header_len = struct.unpack_from("<Q", data, 8)[0]
+    header = bytes(data[20 : 20 + header_len])
+    name = json.dumps(first.reference_runtime).encode()
+    forged = header.replace(b'"reference_runtime":' + name, b'"reference_runtime":' + b"1" * len(name))
+    assert forged != header and len(forged) == len(header)
+    table = bytes(data[20 + header_len : 20 + header_len + 20])
+    data[20 : 20 + header_len] = forged
+    struct.pack_into("<I", data, 16, zlib.crc32(table, zlib.crc32(forged)))  # a writer's own crc: only fields catch it
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        again = validate(perturbed, tiny, corpus, N_CTX, 1, default_gates=False, reference_cache=tmp_path)
+    assert again.reference_cache_computed and "no reference runtime name" in caplog.text
+    assert again.reference_runtime == first.reference_runtime

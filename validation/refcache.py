@@ -274,7 +274,10 @@ class RefCache:
         if len(block) != length or zlib.crc32(block) != crc:
             raise InputError(f"window {i} changed since the cache was checked (crc32 mismatch)", self.path)
         rows = scored_span(self.header["key"]["n_ctx"])[1]
-        arrays = _decode_window(block, rows, self.header["vocab"], len(self.cuts))
+        try:
+            arrays = _decode_window(block, rows, self.header["vocab"], len(self.cuts))
+        except ValueError as exc:
+            raise InputError(f"window {i} is malformed: {exc}", self.path) from None
         c = self.cuts.index(vocab)
         nll, _, _, negentropy, log_norm = arrays["stats"][c]  # the KL from the decoded rows (module docstring)
         stats = RefStats(nll, negentropy, arrays["top"][c].astype(np.int64), log_norm)
@@ -323,7 +326,26 @@ def _parse_header(raw: bytes, key: dict) -> dict:
         stored = header.get("key") if isinstance(header.get("key"), dict) else {}
         differ = sorted(k for k in set(key) | set(stored) if key.get(k) != stored.get(k))
         raise InvalidCache(f"made for another {', '.join(differ) or 'key'}")
+    _check_fields(header, key["n_ctx"])
     return header
+
+
+def _is_ids(x, length: int | None = None) -> bool:
+    ok = isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in x)
+    return ok and (length is None or len(x) == length)
+
+
+def _check_fields(header: dict, n_ctx: int) -> None:
+    """InvalidCache unless the header's fields have the types and sizes the reader relies on."""
+    vocab, cuts, wins = header.get("vocab"), header.get("cuts"), header.get("windows")
+    if not (isinstance(vocab, int) and vocab > 0 and _is_ids(cuts) and cuts and cuts[0] == vocab):
+        raise InvalidCache("header: bad vocab or cuts")
+    if not (isinstance(wins, list) and wins and all(_is_ids(w, n_ctx) for w in wins)):
+        raise InvalidCache(f"header: windows are not lists of {n_ctx} token ids")
+    if not (_is_ids(header.get("sample_ids")) and _is_ids([header.get("bos"), header.get("pieces")])):
+        raise InvalidCache("header: bad sample ids, BOS or pieces")
+    if not isinstance(header.get("reference_runtime"), str):
+        raise InvalidCache("header: no reference runtime name")
 
 
 def _check_table(table: list[tuple[int, int, int]], start: int, size: int) -> None:
