@@ -147,8 +147,8 @@ def _check_window(n_ctx: int, ref_shape: tuple[int, ...], cand_logprobs: np.ndar
 
 
 class Accumulator:
-    """Feed windows in turn (``add_window``, or ``add_window_stats`` from cached reference statistics), then
-    read ``result()``; holds only running sums."""
+    """Feed windows in turn (``add_window``; or the scored rows with ``add``, or ``add_stats`` from cached
+    reference statistics), then read ``result()``; holds only running sums."""
 
     def __init__(self) -> None:
         self.nll_ref, self.nll_cand, self.nll_diff, self.kld, self.top1 = (_Sums() for _ in range(5))
@@ -160,17 +160,6 @@ class Accumulator:
         first, count = scored_span(n_ctx)
         targets = np.asarray(tokens[first + 1 :], dtype=np.int64)
         self.add(ref_logprobs[first : first + count], cand_logprobs[first : first + count], targets)
-
-    def add_window_stats(self, tokens: list[int], stats: RefStats, ref_scored: np.ndarray, cand_logprobs: np.ndarray):
-        """Score one window from the reference's exact ``stats`` and raw rows ``ref_scored`` [scored, vocab] of
-        its scored positions only, and the candidate's [n_ctx, vocab] output."""
-        n_ctx = len(tokens)
-        first, count = scored_span(n_ctx)
-        _check_window(n_ctx, (n_ctx, *ref_scored.shape[1:]), cand_logprobs)
-        if ref_scored.shape[0] != count or len(stats.nll) != count:
-            raise ValueError(f"reference rows {ref_scored.shape[0]} / stats {len(stats.nll)}, expected {count}")
-        targets = np.asarray(tokens[first + 1 :], dtype=np.int64)
-        self.add_stats(stats, ref_scored, cand_logprobs[first : first + count], targets)
 
     def add(self, ref: np.ndarray, cand: np.ndarray, targets: np.ndarray) -> None:
         """Score rows of [rows, vocab] log-probs against ``targets`` [rows], in memory-bounded chunks."""

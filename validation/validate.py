@@ -134,7 +134,7 @@ def validate(
     acc = Accumulator()
     with progress(f"validating {candidate.name}", total=len(chunks), unit="windows") as advance:
         for i, chunk in enumerate(chunks):
-            ref.score(acc, i, chunk, cand_rt.logprobs(chunk), vocab)
+            ref.score(acc, i, chunk, scored_rows(cand_rt, chunk), vocab)
             advance()
     metrics = acc.result()
     log.info("%d tokens scored: KLD %.6g, delta-ppl %+.4f %%", metrics.tokens, metrics.kld, metrics.delta_ppl_pct)
@@ -159,6 +159,25 @@ def validate(
     )
 
 
+def scored_rows(runtime, tokens: list[int]) -> np.ndarray:
+    """The candidate's [scored, vocab] rows of one window (positions first .. n - 2, which predict the
+    scored tokens): log-probs or raw logits (the scoring renormalises both). A runtime with
+    ``scored_logits`` computes only those rows, as llama-perplexity asks llama.cpp for the logits of
+    the second half only (ref: tools/perplexity/perplexity.cpp, perplexity(): batch.logits set from
+    ``first``); the others return every row and the scored ones are kept."""
+    first, count = scored_span(len(tokens))
+    if hasattr(runtime, "scored_logits"):
+        rows = runtime.scored_logits(tokens, first, count)
+    else:
+        rows = runtime.logprobs(tokens)
+        if rows.ndim != 2 or rows.shape[0] != len(tokens):
+            raise ValueError(f"candidate log-probs have shape {list(rows.shape)}, expected [{len(tokens)}, vocab]")
+        rows = rows[first : first + count]
+    if rows.ndim != 2 or rows.shape[0] != count:
+        raise ValueError(f"candidate rows have shape {list(rows.shape)}, expected [{count}, vocab]")
+    return rows
+
+
 class _LiveReference:
     """The reference run in lockstep with the candidate: tokenizes the evaluation text now, loads the model
     after the candidate (``load``)."""
@@ -180,7 +199,9 @@ class _LiveReference:
         self.vocab_size, self.runtime_name = self.rt.vocab_size, self.rt.name
 
     def score(self, acc: Accumulator, i: int, chunk: list[int], cand: np.ndarray, vocab: int) -> None:
-        acc.add_window(chunk, self.rt.logprobs(chunk)[:, :vocab], cand)
+        first, count = scored_span(len(chunk))
+        targets = np.asarray(chunk[first + 1 :], dtype=np.int64)
+        acc.add(self.rt.logprobs(chunk)[first : first + count, :vocab], cand, targets)
 
 
 class _CachedReference:
@@ -212,7 +233,12 @@ class _CachedReference:
                 self.cache_file,
             )
         stats, ref_scored = self.cache.window(i, vocab)
-        acc.add_window_stats(chunk, stats, ref_scored, cand)
+        first, count = scored_span(len(chunk))
+        if ref_scored.shape[0] != count or len(stats.nll) != count:
+            raise InputError(
+                f"the reference cache holds {ref_scored.shape[0]} rows for window {i}, not {count}", self.cache_file
+            )
+        acc.add_stats(stats, ref_scored, cand, np.asarray(chunk[first + 1 :], dtype=np.int64))
 
 
 def _default_kld(kind: ArtifactKind) -> tuple[float, str]:

@@ -170,6 +170,18 @@ class LlamaCppRuntime:
 
     def logprobs(self, tokens: list[int]) -> np.ndarray:
         """float32 log-softmax [len(tokens), vocab] of one window; row i predicts token i + 1."""
+        return _log_softmax(self._decode(tokens, 0, len(tokens)))
+
+    def scored_logits(self, tokens: list[int], first: int, count: int) -> np.ndarray:
+        """float32 logits [count, vocab] of positions first .. first + count - 1 of one window, the only
+        outputs llama.cpp is asked for (as llama-perplexity does; ref: tools/perplexity/perplexity.cpp,
+        perplexity(): ``batch.logits[idx] = batch.pos[idx] >= first``): the LM head runs on those rows only.
+        A copy: the context's buffer is reused by the next window."""
+        return self._decode(tokens, first, count).copy()
+
+    def _decode(self, tokens: list[int], first: int, count: int) -> np.ndarray:
+        """One window through llama_decode; the logits of positions first .. first + count - 1, a view of
+        the context's own float32 buffer."""
         n, lib = len(tokens), self.lib
         self._ensure_context(n)
         # A fresh window: no cached K/V (ref: perplexity.cpp, llama_memory_clear before each chunk).
@@ -177,16 +189,16 @@ class LlamaCppRuntime:
         batch = self._batch
         batch.n_tokens = n
         for i, token in enumerate(tokens):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, 1
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
+            batch.logits[i] = first <= i < first + count
             batch.seq_id[i][0] = 0
         _errors.clear()
         status = lib.llama_decode(self._ctx, batch)
         if status != 0:  # ref: llama.h llama_decode return values
             reason = _why(f"llama_decode returned {status}")
             raise CheckpointError(f"llama.cpp failed on a window of {n} tokens: {reason}", self.path)
-        # The logits of every position, in batch order: [n, n_vocab] float32 owned by the context.
-        logits = np.ctypeslib.as_array(lib.llama_get_logits(self._ctx), shape=(n, self.vocab_size))
-        return _log_softmax(logits)
+        # The logits of the requested positions, in batch order: [count, n_vocab] float32 owned by the context.
+        return np.ctypeslib.as_array(lib.llama_get_logits(self._ctx), shape=(count, self.vocab_size))
 
     def _free_context(self) -> None:
         if self._batch is not None:
