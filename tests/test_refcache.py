@@ -239,21 +239,25 @@ def test_a_damaged_file_is_detected_and_recomputed(damage, tiny, perturbed, corp
 def test_no_partial_file_when_the_computation_fails(tiny, corpus, tmp_path, monkeypatch):
     calls = []
 
-    def failing(self, tokens):
+    def failing(self, tokens, first, count):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("forward pass failed")
-        return original(self, tokens)
+        return original(self, tokens, first, count)
 
-    original = hf_transformers.TransformersRuntime.logprobs
-    monkeypatch.setattr(hf_transformers.TransformersRuntime, "logprobs", failing)
+    original = hf_transformers.TransformersRuntime.scored_logits
+    monkeypatch.setattr(hf_transformers.TransformersRuntime, "scored_logits", failing)
     with pytest.raises(RuntimeError, match="forward pass failed"):
         refcache.ensure_cache(tiny, corpus, N_CTX, WINDOWS, tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_nan_reference_is_refused_and_nothing_written(tiny, corpus, tmp_path, monkeypatch):
-    monkeypatch.setattr(hf_transformers.TransformersRuntime, "logprobs", lambda self, t: np.full((len(t), 512), np.nan))
+    monkeypatch.setattr(
+        hf_transformers.TransformersRuntime,
+        "scored_logits",
+        lambda self, t, first, count: np.full((count, 512), np.nan),
+    )
     from gemport.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="not finite"):

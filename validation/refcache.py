@@ -405,7 +405,7 @@ def write_cache(path: Path, key: dict, reference: Path, evaluation: str, n_ctx: 
         f.write(_PREFIX.pack(MAGIC, len(raw_header), 0) + raw_header + b"\0" * (_TABLE_ENTRY.size * len(chunks)))
         with progress(f"reference log-probs of {reference.name}", total=len(chunks), unit="windows") as advance:
             for chunk in chunks:
-                raw = rt.logprobs(chunk)[first : first + count]
+                raw = rt.scored_logits(chunk, first, count)
                 if np.isnan(raw).any() or np.isposinf(raw).any():
                     raise CheckpointError("the reference's log-probs are not finite (NaN or +inf)", reference)
                 block = _encode_window(raw, np.asarray(chunk[first + 1 :], dtype=np.int64), header["cuts"])

@@ -201,7 +201,7 @@ class _LiveReference:
     def score(self, acc: Accumulator, i: int, chunk: list[int], cand: np.ndarray, vocab: int) -> None:
         first, count = scored_span(len(chunk))
         targets = np.asarray(chunk[first + 1 :], dtype=np.int64)
-        acc.add(self.rt.logprobs(chunk)[first : first + count, :vocab], cand, targets)
+        acc.add(self.rt.scored_logits(chunk, first, count)[:, :vocab], cand, targets)
 
 
 class _CachedReference:

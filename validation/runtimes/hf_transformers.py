@@ -90,6 +90,17 @@ class TransformersRuntime:
             logits = self.model(input_ids=ids, use_cache=False).logits[0]
             return torch.log_softmax(logits.float(), dim=-1).numpy()
 
+    def scored_logits(self, tokens: list[int], first: int, count: int) -> np.ndarray:
+        """float32 logits [count, vocab] of positions first .. first + count - 1 (softcapped where the model
+        caps): the LM head runs on the positions from ``first`` on only (transformers' ``logits_to_keep``,
+        which keeps the last positions), as llama-perplexity asks llama.cpp for the second half only."""
+        import torch
+
+        with torch.inference_mode():
+            ids = torch.tensor([tokens], dtype=torch.long)
+            logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=len(tokens) - first).logits[0]
+            return logits[:count].float().numpy()
+
 
 def config_dtype(path: Path) -> str:
     """The dtype config.json names (``dtype``, or 4.x's ``torch_dtype``); float32 when it names none.
