@@ -86,10 +86,14 @@ class Step:
 
 def run_measured(args: list[str], log_path: Path) -> Step:
     """Run ``gemport ARGS`` (this interpreter's gemport) with its output in ``log_path``."""
+    return _run([sys.executable, "-m", "gemport.cli", *args], ["gemport", *args], log_path)
+
+
+def _run(argv: list[str], shown: list[str], log_path: Path) -> Step:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with open(log_path, "wb") as out:
-        child = subprocess.Popen([sys.executable, "-m", "gemport.cli", *args], stdout=out, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
         try:
             _, status, usage = os.wait4(child.pid, 0)
         except BaseException:
@@ -97,15 +101,12 @@ def run_measured(args: list[str], log_path: Path) -> Step:
             raise
         child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
     # ru_maxrss is in KiB on Linux
-    return Step(["gemport", *args], time.monotonic() - start, usage.ru_maxrss * 1024 / 1e6, child.returncode, log_path)
+    return Step(shown, time.monotonic() - start, usage.ru_maxrss * 1024 / 1e6, child.returncode, log_path)
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def file_records(root: Path, paths: list[Path], known: dict[str, dict] | None = None) -> list[dict]:
@@ -253,7 +254,8 @@ class Build:
         args = ["--reference", str(r.reference), "--cache", str(self.out / CACHE), "--ctx", str(r.ctx)]
         args += ["--windows", str(r.windows)] + (["--corpus", str(r.corpus)] if r.corpus else [])
         with self.stage("reference log-probs"):
-            step = _run_module("validation.refcache", args, self.out / LOGS / "reference-cache.log")
+            argv = ["-m", "validation.refcache", *args]
+            step = _run([sys.executable, *argv], ["python", *argv], self.out / LOGS / "reference-cache.log")
         with self.lock:
             self.manifest["reference"]["cache"] = {"path": CACHE, **step.record()}
         if step.exit_code:
@@ -392,22 +394,6 @@ def _artifact_files(dst: Path) -> list[Path]:
 def _candidate(dst: Path) -> Path:
     """What `gemport validate` loads: the artifact, or the first shard of a split GGUF."""
     return dst if dst.exists() else (_artifact_files(dst) or [dst])[0]
-
-
-def _run_module(module: str, args: list[str], log_path: Path) -> Step:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
-    with open(log_path, "wb") as out:
-        child = subprocess.Popen([sys.executable, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-    return Step(
-        ["python", "-m", module, *args],
-        time.monotonic() - start,
-        usage.ru_maxrss * 1024 / 1e6,
-        child.returncode,
-        log_path,
-    )
 
 
 @contextlib.contextmanager
