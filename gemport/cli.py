@@ -476,7 +476,12 @@ def _add_build_parsers(sub) -> None:
         "README, Artifact builds.",
     )
     s.add_argument("recipe", type=Path, metavar="RECIPE", help="the recipe (TOML; recipes/gemma-3-270m.toml)")
-    s.add_argument("--out", type=Path, metavar="DIR", help="output folder (default build/artifacts/<recipe name>)")
+    s.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="output folder (default build/artifacts/<recipe name>, in the current folder)",
+    )
     s.add_argument("--only", nargs="+", metavar="NAME", help="only these artifacts (and those they are built from)")
     s.add_argument("--jobs", type=_positive, default=1, metavar="N", help="artifacts built at once (default 1)")
     s.add_argument(
@@ -490,7 +495,7 @@ def _add_build_parsers(sub) -> None:
     s.add_argument(
         "--plan",
         action="store_true",
-        help="print the artifacts as a CI matrix (JSON: {\"include\": [{\"name\": ...}]}) and build nothing; "
+        help='print the artifacts as a CI matrix (JSON: {"include": [{"name": ...}]}) and build nothing; '
         "run each with --only NAME and merge the outputs with gemport report",
     )
 
@@ -498,7 +503,9 @@ def _add_build_parsers(sub) -> None:
         "report",
         help="merge the manifests of partial builds (a CI matrix) into one report",
         description="Read DIR/manifest.json of each build of one recipe (gemport build --only NAME ...) and "
-        "write the merged manifest.json, report.md, report.json and report.png into --out.",
+        "write the merged manifest.json, report.md, report.json and report.png into --out (artifact paths "
+        "relative to it). The builds must share the recipe, source, reference and protocol. Exit 1 when an "
+        "artifact failed or an artifact of the recipe is in none of the folders, 2 for a bad manifest.",
     )
     s.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="output folders of gemport build")
     s.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the merged report")
@@ -651,7 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="score a candidate against the reference model; exit 1 if a gate fails",
         description="Perplexity, delta-ppl %, mean KL divergence and top-1 agreement of CANDIDATE "
         "versus REFERENCE, llama-perplexity protocol: windows of --ctx tokens starting "
-        "with BOS, second half of each window scored, evaluation split of the corpus.",
+        "with BOS, second half of each window scored, evaluation split of the corpus. Exit 0 when every gate "
+        "passes, 1 when one fails, 2 for a bad input.",
     )
     s.add_argument("candidate", type=Path, metavar="CANDIDATE", help="the artifact to check, loaded by its own runtime")
     s.add_argument(

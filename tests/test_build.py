@@ -183,6 +183,7 @@ def test_plan_only_and_report_give_the_report_of_one_build(first, recipe, tmp_pa
 
 def test_ray_executor_gives_the_manifest_metrics_of_the_local_one(first, recipe, tmp_path):
     import ray  # noqa: F401  (the extra gemport[ray], which make test installs)
+
     out, manifest, _ = first
     run = gemport("build", str(recipe), "--out", str(tmp_path / "ray"), "--executor", "ray")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -215,6 +216,13 @@ BAD = [
     ('from = "gptq-int4"', 'from = "gptq"', "from names 'gptq'", 'from = "gptq"'),
     ("bits = 4", "bits = 3", "argument --bits: invalid choice", "bits = 3"),
     ("tp_size = 2", "tp_size = 2\noverwrite = true", "overwrite is set by gemport build", "overwrite = true"),
+    ('name = "int8"', 'name = "manifest.json"', "one of the build's own files", 'name = "manifest.json"'),
+    ('name = "int8"', 'name = "q8_0.gguf"', "would be written to q8_0.gguf", 'name = "q8_0.gguf"'),
+    ("bits = 4", 'bits = "4"', "option bits is a number", 'bits = "4"'),
+    ("tp_size = 2", "tp_size = true", "option tp_size takes a value", "tp_size = true"),
+    ("max_kld = 0.05", "min_top1 = 200", "at most 100", "gates = { min_top1 = 200 }"),
+    ('"../build/tiny/gemma2"', '"../build/tiny/gemma2/config.json"', "not a checkpoint gemport reads", "source ="),
+    ('format = "gguf"', 'formt = "gguf"', "every artifact needs a format", "[[artifact]]"),
 ]
 
 
@@ -247,3 +255,93 @@ def test_the_shipped_recipe_loads(offgrid_model):
 
     assert formats == set(registry.writers())  # every writer gemport has
     assert recipe.ctx == 512 and recipe.windows == 4
+
+
+def test_invalid_toml_names_its_line(recipe, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(recipe.read_text().replace("ctx = 64", "ctx = = 64"))
+    run = gemport("build", str(bad), "--out", str(tmp_path / "out"))
+    assert run.returncode == 2
+    number = next(i for i, ln in enumerate(bad.read_text().splitlines(), start=1) if ln.startswith("ctx = = 64"))
+    assert run.stderr.startswith(f"gemport: error: {bad}:{number}: not valid TOML"), run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _wait_for(path_glob, folder: Path, child: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not list(folder.glob(path_glob)):
+        assert child.poll() is None, "the build ended before the signal"
+        time.sleep(0.05)
+    assert list(folder.glob(path_glob)), f"no {path_glob} in {folder}"
+
+
+def test_ctrl_c_stops_the_build_at_once_and_records_nothing_half_done(recipe, tmp_path):
+    out = tmp_path / "out"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "gemport.cli", "build", str(recipe), "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    _wait_for(".logs/int8.build.log", out, child)  # q8_0 is done, int8 is building
+    os.kill(child.pid, signal.SIGINT)  # the parent only, as `timeout -s INT` does: it must stop its child
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "gemport: interrupted"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["artifacts"]) == ["q8_0"]  # int8 not recorded, nothing after it started
+    assert not (out / "int8").exists() and not (out / ".logs" / "gptq-int4.build.log").exists()
+
+
+def test_a_killed_build_leaves_no_child_running(recipe, tmp_path):
+    import psutil
+
+    out = tmp_path / "out"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "gemport.cli", "build", str(recipe), "--out", str(out), "--only", "int8"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    _wait_for(".logs/int8.build.log", out, child)
+    workers = psutil.Process(child.pid).children(recursive=True)
+    assert workers
+    child.kill()  # the parent only
+    child.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, alive
+
+
+def test_a_file_changed_in_place_is_rebuilt(first, recipe, tmp_path):
+    out, manifest, _ = first
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, symlinks=True)
+    gguf = copy / "q8_0.gguf"
+    stat = gguf.stat()
+    data = bytearray(gguf.read_bytes())
+    data[-1] ^= 0xFF  # same size, same mtime
+    gguf.write_bytes(bytes(data))
+    os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    run = gemport("build", str(recipe), "--out", str(copy), "--only", "q8_0")
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((copy / "manifest.json").read_text())["artifacts"]["q8_0"]
+    assert not record["build"]["reused"]
+    assert record["files"][0]["sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
+
+
+def test_report_of_folders_missing_an_artifact_exits_1_and_a_file_as_out_exits_2(first, recipe, tmp_path):
+    out, manifest, _ = first
+    run = gemport("report", str(out), "--out", str(tmp_path / "merged"))
+    assert run.returncode == 0, run.stderr
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial, symlinks=True)
+    data = json.loads((partial / "manifest.json").read_text())
+    del data["artifacts"]["int8"]
+    (partial / "manifest.json").write_text(json.dumps(data))
+    run = gemport("report", str(partial), "--out", str(tmp_path / "merged2"))
+    assert run.returncode == 1 and "not built in any of the folders: int8" in run.stderr
+    target = tmp_path / "file"
+    target.write_text("")
+    run = gemport("report", str(out), "--out", str(target))
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "is a file" in run.stderr

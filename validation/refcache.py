@@ -60,7 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gemport.errors import CheckpointError, GemportError, InputError
+from gemport.errors import CheckpointError, GemportError, InputError, OutputError
 from gemport.output import atomic_output
 from gemport.progress import progress, stage
 from validation.corpus import load_text, split_text, tokenize, windows
@@ -432,6 +432,8 @@ def prepare_cache(
     """(the cache file, True when computed now): an existing valid file is reused; a missing one is
     computed; an invalid one is logged as a warning and recomputed."""
     reference = Path(reference)
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise OutputError("is not a folder (the reference cache is a folder of files)", cache_dir)
     evaluation = split_text(load_text(corpus))[0]
     key = cache_key(reference, evaluation, n_ctx, n_windows, Path(cache_dir))
     path = cache_path(Path(cache_dir), key)

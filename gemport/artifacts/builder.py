@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -84,21 +85,36 @@ class Step:
         return (errors or lines or [f"exit {self.exit_code}"])[-1].strip()
 
 
-def run_measured(args: list[str], log_path: Path) -> Step:
-    """Run ``gemport ARGS`` (this interpreter's gemport) with its output in ``log_path``."""
-    return _run([sys.executable, "-m", "gemport.cli", *args], ["gemport", *args], log_path)
+class Interrupted(Exception):
+    """The build was stopped (Ctrl-C): the step did not finish and is not recorded."""
 
 
-def _run(argv: list[str], shown: list[str], log_path: Path) -> Step:
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the thread that started it dies, so that a killed build leaves no
+    child writing on (ref: prctl(2) PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
+def _run(argv: list[str], shown: list[str], log_path: Path, running: set | None = None, lock=None) -> Step:
+    """Run ``argv`` with its output in ``log_path``; ``running`` holds the child while it runs."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with open(log_path, "wb") as out:
-        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        if running is not None:
+            with lock:
+                running.add(child)
         try:
             _, status, usage = os.wait4(child.pid, 0)
         except BaseException:
             child.kill()
             raise
+        finally:
+            if running is not None:
+                with lock:
+                    running.discard(child)
         child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
     # ru_maxrss is in KiB on Linux
     return Step(shown, time.monotonic() - start, usage.ru_maxrss * 1024 / 1e6, child.returncode, log_path)
@@ -158,17 +174,19 @@ class Build:
     def __post_init__(self) -> None:
         self.out = self.out.resolve()  # the child processes (and Ray's workers) may run elsewhere
         self.lock = threading.Lock()
+        self.children: set[subprocess.Popen] = set()
+        self.stopping = False
         self.manifest: dict[str, Any] = {}
         self.previous: dict[str, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         """Sent to Ray's workers: no lock, no progress callbacks (they belong to the driver)."""
-        state = {k: v for k, v in self.__dict__.items() if k not in ("lock", "stage", "done")}
-        return state
+        return {k: v for k, v in self.__dict__.items() if k not in ("lock", "stage", "done", "children")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.lock = threading.Lock()
+        self.children = set()
         self.stage = lambda text: nullcontext()
         self.done = lambda name, record: None
 
@@ -226,6 +244,7 @@ class Build:
             "source": self._fingerprint(r.source, "source"),
             "reference": self._fingerprint(r.reference, "reference"),
             "protocol": {"corpus": str(r.corpus) if r.corpus else None, "ctx": r.ctx, "windows": r.windows},
+            "planned": [a.name for a in r.artifacts],  # every artifact of the recipe, built here or not
             # the recipe's artifacts not built this time keep their records (a partial --only run)
             "artifacts": {n: a for n, a in self.previous.get("artifacts", {}).items() if n in names},
         }
@@ -240,7 +259,8 @@ class Build:
 
     def _run_all(self, todo: list[Artifact]) -> None:
         validating = [a for a in todo if self.wanted(a)]
-        with ThreadPoolExecutor(max_workers=max(1, self.jobs)) as pool:
+        pool = ThreadPoolExecutor(max_workers=max(1, self.jobs))
+        try:
             cache: Future | None = pool.submit(self._reference_cache) if validating else None
             done: dict[str, Future] = {}
             for art in todo:  # recipe order: an artifact's source is submitted before it
@@ -248,6 +268,30 @@ class Build:
                 done[art.name] = pool.submit(self._one, art, dep, cache)
             for future in done.values():
                 future.result()
+        except BaseException:  # Ctrl-C, or an error: start nothing more, stop what runs
+            self.stop()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def stop(self) -> None:
+        """No step starts from now on, and the running children are killed (their steps are not recorded)."""
+        with self.lock:
+            self.stopping = True
+            for child in self.children:
+                child.kill()
+
+    def _step(self, argv: list[str], shown: list[str], log_path: Path) -> Step:
+        """A child process of this build, killed if the build stops (or dies: PR_SET_PDEATHSIG)."""
+        with self.lock:
+            if self.stopping:
+                raise Interrupted
+        step = _run(argv, shown, log_path, self.children, self.lock)
+        if step.exit_code in (130, -signal.SIGINT):  # the child got the Ctrl-C of its terminal
+            self.stop()
+        if self.stopping:
+            raise Interrupted
+        return step
 
     def _reference_cache(self) -> dict[str, Any]:
         r = self.recipe
@@ -255,12 +299,16 @@ class Build:
         args += ["--windows", str(r.windows)] + (["--corpus", str(r.corpus)] if r.corpus else [])
         with self.stage("reference log-probs"):
             argv = ["-m", "validation.refcache", *args]
-            step = _run([sys.executable, *argv], ["python", *argv], self.out / LOGS / "reference-cache.log")
+            step = self._step([sys.executable, *argv], ["python", *argv], self.out / LOGS / "reference-cache.log")
         with self.lock:
             self.manifest["reference"]["cache"] = {"path": CACHE, **step.record()}
         if step.exit_code:
             raise OutputError(f"the reference log-probs could not be computed: {step.last_error()}", self.out / CACHE)
         return self.manifest["reference"]["cache"]
+
+    def _gemport(self, args: list[str], log_path: Path) -> Step:
+        """``gemport ARGS`` (this interpreter's gemport) as a step of this build."""
+        return self._step([sys.executable, "-m", "gemport.cli", *args], ["gemport", *args], log_path)
 
     def _one(self, art: Artifact, dep: Future | None, cache: Future | None) -> dict[str, Any]:
         record = self.process(art, dep.result() if dep is not None else None, cache.result if cache else None)
@@ -308,8 +356,8 @@ class Build:
         }
         if art.source and (dep is None or dep.get("status") == "build-failed"):
             return {**record, "status": "build-failed", "error": f"its source artifact {art.source!r} was not built"}
-        if not self.force and self._reusable(old, inputs, dst):
-            files = file_records(self.out, _artifact_files(dst), {f["path"]: f for f in old["files"]})
+        files = self._reusable(old, inputs, dst) if not self.force else None
+        if files is not None:
             return {
                 **old,
                 **record,
@@ -319,22 +367,27 @@ class Build:
                 "status": "built",
             }
         with self.stage(f"{art.name}: building"):
-            step = run_measured([*art.cli_args(src, dst), "--overwrite"], self.out / LOGS / f"{art.name}.build.log")
+            step = self._gemport([*art.cli_args(src, dst), "--overwrite"], self.out / LOGS / f"{art.name}.build.log")
         record["build"] = step.record()
         if step.exit_code:
             return {**record, "status": "build-failed", "error": step.last_error()}
         files = file_records(self.out, _artifact_files(dst))
         return {**record, "files": files, "bytes": sum(f["bytes"] for f in files), "status": "built"}
 
-    def _reusable(self, old: dict, inputs: str, dst: Path) -> bool:
+    def _reusable(self, old: dict, inputs: str, dst: Path) -> list[dict] | None:
+        """The artifact's file records if it is the one recorded for these inputs: the same files, each
+        of the recorded size and sha256 (hashed again: a file changed in place is caught); else None."""
         if old.get("inputs") != inputs or old.get("status") in (None, "build-failed") or not old.get("files"):
-            return False
-        for f in old["files"]:
-            p = self.out / f["path"]
-            # a rebuild renames its result into place: a new mtime even where the size is the same
-            if not p.is_file() or (p.stat().st_size, p.stat().st_mtime_ns) != (f["bytes"], f.get("mtime_ns")):
-                return False
-        return {str(p.relative_to(self.out)) for p in _artifact_files(dst)} == {f["path"] for f in old["files"]}
+            return None
+        paths = _artifact_files(dst)
+        if {str(p.relative_to(self.out)) for p in paths} != {f["path"] for f in old["files"]}:
+            return None
+        if any((self.out / f["path"]).stat().st_size != f["bytes"] for f in old["files"]):
+            return None
+        with self.stage(f"{dst.name}: checking its files"):
+            files = file_records(self.out, paths)
+        same = {f["path"]: f["sha256"] for f in files} == {f["path"]: f["sha256"] for f in old["files"]}
+        return files if same else None
 
     def _validate(self, art: Artifact, record: dict[str, Any]) -> None:
         r = self.recipe
@@ -366,7 +419,7 @@ class Build:
         args += ["--max-kld", str(art.gates["max_kld"])] if "max_kld" in art.gates else []
         args += ["--max-ppl-delta", str(art.gates["max_ppl_delta"])] if "max_ppl_delta" in art.gates else []
         with self.stage(f"{art.name}: validating"):
-            step = run_measured(args, self.out / LOGS / f"{art.name}.validation.log")
+            step = self._gemport(args, self.out / LOGS / f"{art.name}.validation.log")
         report = json.loads(report_path.read_text()) if step.exit_code in (0, 1) and report_path.is_file() else None
         record["validation"] = {**step.record(), "inputs": inputs, "report": report}
         if report is None:

@@ -52,6 +52,8 @@ RESERVED = ("name", "format", "from", "method", "validate", "gates")
 BUILDER_OPTIONS = ("overwrite", "to", "dst_format", "verbose", "help", "json")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 TOP_KEYS = ("name", "source", "reference", "protocol", "artifact")
+# files and folders of the build itself (gemport/artifacts/builder.py), no artifact's
+RESERVED_NAMES = ("manifest.json", "report.md", "report.json", "report.png")
 PROTOCOL_KEYS = ("corpus", "ctx", "windows")
 
 
@@ -161,7 +163,9 @@ def load(path: str | Path) -> Recipe:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"not valid TOML: {exc}", path) from None
+        at = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        where = f"{path}:{at.group(1)}" if at else path
+        raise InputError(f"not valid TOML: {exc}", where) from None
     lines = _Lines(text)
 
     def fail(message: str, section: str = "", index: int = 0, *keys: str | None):
@@ -173,7 +177,10 @@ def load(path: str | Path) -> Recipe:
     if not isinstance(name, str) or not NAME.fullmatch(name):
         fail(f"name must be letters, digits, '.', '_' or '-', got {name!r}", "", 0, "name")
     source = _existing(data, "source", base, fail, required=True)
-    reference = _existing(data, "reference", base, fail) or source
+    _check_checkpoint(source, None, lambda m: fail(m, "", 0, "source"))
+    reference = _existing(data, "reference", base, fail)
+    _check_checkpoint(reference or source, "hf", lambda m: fail(m, "", 0, "reference" if reference else "source"))
+    reference = reference or source
     protocol = data.get("protocol", {})
     if not isinstance(protocol, dict):
         fail("protocol must be a table ([protocol])", "", 0, "protocol")
@@ -189,12 +196,28 @@ def load(path: str | Path) -> Recipe:
     return Recipe(path, name, source, reference, corpus, ctx, windows, tuple(artifacts))
 
 
+def _check_checkpoint(path: Path, fmt: str | None, fail) -> None:
+    """A checkpoint gemport reads (the reference: an HF folder, which transformers runs)."""
+    from gemport.errors import GemportError
+
+    try:
+        found = registry.detect(path)
+    except GemportError as exc:
+        fail(f"{path} is not a checkpoint gemport reads: {exc}")
+    if fmt is not None and found != fmt:
+        fail(f"the reference {path} must be a Hugging Face folder (it is {found}); set reference = an HF folder")
+
+
 def _check_names(artifacts: list[Artifact], fail) -> None:
     """Unique names; ``from`` names an artifact listed before (so no cycles, and builds run in order)."""
     seen: set[str] = set()
+    files: dict[str, str] = {}
     for i, art in enumerate(artifacts):
         if art.name in seen:
             fail(f"artifact {art.name!r} is listed twice", "artifact", i, "name")
+        other = files.setdefault(art.filename.lower(), art.name)
+        if other != art.name:
+            fail(f"artifact {art.name!r} would be written to {art.filename}, as {other!r} is", "artifact", i, "name")
         if art.source is not None and art.source not in seen:
             where = "itself" if art.source == art.name else f"{art.source!r}, which is not listed before it"
             fail(f"artifact {art.name!r}: from names {where}", "artifact", i, "from")
@@ -234,9 +257,18 @@ def _artifact(entry: dict, index: int, lines: _Lines, fail) -> Artifact:
         fail(f"artifact {name!r}: {message}" if isinstance(name, str) else message, "artifact", index, *keys)
 
     name = entry.get("name")
+    if name is None:
+        bad('every artifact needs a name (name = "...")', "name")
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        bad(f"every artifact needs a name of letters, digits, '.', '_' or '-', got {name!r}", "name")
+        bad(
+            f"an artifact's name starts with a letter or digit, then letters, digits, '.', '_' or '-'; got {name!r}",
+            "name",
+        )
+    if name.lower() in RESERVED_NAMES:
+        bad(f"the name {name!r} is one of the build's own files ({', '.join(RESERVED_NAMES)})", "name")
     fmt = entry.get("format")
+    if fmt is None:
+        bad(f"every artifact needs a format (gemport writes: {', '.join(registry.writers())})", "format")
     if fmt not in registry.writers():
         bad(f"unknown format {fmt!r} (gemport writes: {', '.join(registry.writers())})", "format")
     method = entry.get("method")
@@ -256,6 +288,8 @@ def _artifact(entry: dict, index: int, lines: _Lines, fail) -> Artifact:
             bad(f"no gate {gate!r}: gates are {', '.join(GATES)} (KLD, |delta-ppl| %, top-1 %)", gate, "gates")
         if isinstance(limit, bool) or not isinstance(limit, int | float) or not limit >= 0:
             bad(f"gate {gate} must be a number >= 0, got {limit!r}", gate, "gates")
+        if gate == "min_top1" and limit > 100:
+            bad(f"gate min_top1 is a percentage, at most 100; got {limit!r}", gate, "gates")
     if gates and not validate:
         bad("gates need validation (validate = false)", "gates")
     options = {k: v for k, v in entry.items() if k not in RESERVED}
@@ -277,10 +311,11 @@ def _check_options(art: Artifact, bad) -> None:
     args = art.cli_args(Path("SRC"), Path("DST"))
     parser = build_parser()
     command = next(a for a in parser._actions if a.dest == "command").choices[args[0]]
-    known = {o.lstrip("-").replace("-", "_"): o for a in command._actions for o in a.option_strings}
-    for key in art.options:
+    known = {o.lstrip("-").replace("-", "_"): a for a in command._actions for o in a.option_strings}
+    for key, value in art.options.items():
         if key not in known:
             bad(f"unknown option {key!r} for gemport {args[0]} (see gemport {args[0]} --help)", key)
+        _check_type(key, value, known[key], bad)
 
     def error(message: str):
         named = [o[2:].replace("-", "_") for o in re.findall(r"--[a-z0-9-]+", message)]
@@ -293,6 +328,16 @@ def _check_options(art: Artifact, bad) -> None:
         _check_values(parsed)
     except UnsupportedError as exc:
         error(str(exc))
+
+
+def _check_type(key: str, value, action, bad) -> None:
+    """TOML types as the option takes them: true/false for a flag, a number for a numeric option."""
+    flag = action.nargs == 0
+    if flag != isinstance(value, bool):
+        bad(f"option {key} is a flag: true or false" if flag else f"option {key} takes a value, not {value!r}", key)
+    numeric = getattr(action.type, "__name__", "") in ("int", "float", "_positive")
+    if numeric and isinstance(value, str):
+        bad(f"option {key} is a number: {key} = {value}, not {value!r}", key)
 
 
 def _check_values(args) -> None:
