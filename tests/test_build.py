@@ -133,19 +133,10 @@ def test_a_changed_entry_rebuilds_that_artifact_and_what_is_built_from_it(first,
 
 def test_a_build_killed_in_an_artifact_leaves_no_partial_artifact_and_the_next_run_completes(recipe, tmp_path):
     out = tmp_path / "out"
-    child = subprocess.Popen(
-        [sys.executable, "-m", "gemport.cli", "build", str(recipe), "--out", str(out), "--only", "gptq-int4"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    log = out / ".logs" / "gptq-int4.build.log"
-    deadline = time.monotonic() + 300
+    child = _start_build(recipe, out, "--only", "gptq-int4")
     # kill once the GPTQ child is at work (its progress reaches the log) and its temporary exists
-    while time.monotonic() < deadline and not list(out.glob(".gptq-int4.partial-*")):
-        assert child.poll() is None, "the build ended before it could be killed"
-        time.sleep(0.05)
-    assert log.is_file()
+    _wait_for(".gptq-int4.partial-*", out, child)
+    assert (out / ".logs" / "gptq-int4.build.log").is_file()
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
     assert not (out / "gptq-int4").exists()
@@ -267,6 +258,12 @@ def test_invalid_toml_names_its_line(recipe, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _start_build(recipe: Path, out: Path, *extra: str, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """`gemport build` in its own session, to be signalled by the test."""
+    argv = [sys.executable, "-m", "gemport.cli", "build", str(recipe), "--out", str(out), *extra]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, text=True, start_new_session=True)
+
+
 def _wait_for(path_glob, folder: Path, child: subprocess.Popen, seconds: float = 300) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and not list(folder.glob(path_glob)):
@@ -277,13 +274,7 @@ def _wait_for(path_glob, folder: Path, child: subprocess.Popen, seconds: float =
 
 def test_ctrl_c_stops_the_build_at_once_and_records_nothing_half_done(recipe, tmp_path):
     out = tmp_path / "out"
-    child = subprocess.Popen(
-        [sys.executable, "-m", "gemport.cli", "build", str(recipe), "--out", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    child = _start_build(recipe, out, stderr=subprocess.PIPE)
     _wait_for(".logs/int8.build.log", out, child)  # q8_0 is done, int8 is building
     os.kill(child.pid, signal.SIGINT)  # the parent only, as `timeout -s INT` does: it must stop its child
     _, stderr = child.communicate(timeout=60)
@@ -298,12 +289,7 @@ def test_a_killed_build_leaves_no_child_running(recipe, tmp_path):
     import psutil
 
     out = tmp_path / "out"
-    child = subprocess.Popen(
-        [sys.executable, "-m", "gemport.cli", "build", str(recipe), "--out", str(out), "--only", "int8"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    child = _start_build(recipe, out, "--only", "int8")
     _wait_for(".logs/int8.build.log", out, child)
     workers = psutil.Process(child.pid).children(recursive=True)
     assert workers

@@ -237,12 +237,14 @@ class Build:
         self._load_previous()
         r = self.recipe
         names = {a.name for a in r.artifacts}
+        source = self._fingerprint(r.source, "source")
         self.manifest = {
             "format": FORMAT,
             "gemport": __version__,
             "recipe": {"path": str(r.path), "sha256": sha256_file(r.path), "name": r.name},
-            "source": self._fingerprint(r.source, "source"),
-            "reference": self._fingerprint(r.reference, "reference"),
+            "source": source,
+            # the reference is most often the source itself: its files are hashed once
+            "reference": source if r.reference == r.source else self._fingerprint(r.reference, "reference"),
             "protocol": {"corpus": str(r.corpus) if r.corpus else None, "ctx": r.ctx, "windows": r.windows},
             "planned": [a.name for a in r.artifacts],  # every artifact of the recipe, built here or not
             # the recipe's artifacts not built this time keep their records (a partial --only run)
@@ -472,6 +474,6 @@ def load_manifest(folder: Path) -> dict[str, Any]:
         raise InputError(f"no build manifest here ({exc.strerror})", path) from None
     except ValueError as exc:
         raise InputError(f"not a JSON build manifest: {exc}", path) from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("artifacts"), dict):
-        raise InputError(f"not a gemport build manifest (format {FORMAT})", path)
-    return data
+    from gemport.artifacts.report import check
+
+    return check(data, path)  # the fields the report and merge read, of the right types
