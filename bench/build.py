@@ -6,8 +6,8 @@ On the off-grid demo model, in one run:
    command again: the second run rebuilds and revalidates nothing, and its time is compared with the
    first's (target: under 10 %).
 2. Eight artifacts of that build validated twice, side by side, 4 windows of 512:
-   - separate: ``gemport validate ART --reference REF --windows 4`` for each, every call running the
-     reference model itself (what a hand-written loop of validate calls costs);
+   - separate: ``gemport validate ART --reference REF --windows 4 --no-reference-cache`` for each, every
+     call running the whole reference model itself (what a loop of validate calls cost before the cache);
    - cached: the reference's log-probs computed once into an empty cache folder
      (``python -m validation.refcache``), then ``gemport validate ART ... --reference-cache DIR`` for each;
    - the ratio of the totals (target: at most 0.6), and every artifact's KLD, delta-ppl and top-1 as the
@@ -79,7 +79,7 @@ def validations(out: Path, manifest: dict, cache: Path | None, logs: Path) -> tu
         path = out / manifest["artifacts"][name]["path"]
         report = logs / f"{name}.{'cached' if cache else 'separate'}.json"
         args = ["validate", str(path), "--reference", str(REFERENCE), "--windows", "4", "--json", str(report)]
-        args += ["--reference-cache", str(cache)] if cache else []
+        args += ["--reference-cache", str(cache)] if cache else ["--no-reference-cache"]
         seconds[name] = timed(gemport(*args), report.with_suffix(".log"))
         figures[name] = printed(json.loads(report.read_text()))
     return seconds, figures

@@ -689,12 +689,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the results as JSON to FILE, or to standard output with '-' (the table then goes to stderr); "
         "FILE's folder must exist",
     )
-    s.add_argument(
+    cache = s.add_mutually_exclusive_group()
+    cache.add_argument(
         "--reference-cache",
         type=Path,
         metavar="DIR",
-        help="take the reference's log-probs from DIR (computed there first if missing or stale, one file per "
-        "reference, corpus and protocol), so the reference model is not run again; gemport build shares its cache",
+        help="the folder of reference log-prob caches (default: $GEMPORT_CACHE_DIR/reference, else "
+        "$XDG_CACHE_HOME/gemport/reference, else ~/.cache/gemport/reference). The reference's log-probs are "
+        "computed there once per reference, corpus and protocol, one decoder layer at a time (the model is never "
+        "held whole), and reused by every later validation against it; a stale or damaged file is recomputed. "
+        "A file holds 2 bytes per vocabulary entry per scored token (about 134 MB per window of 512 for a "
+        "262144-row vocabulary); gemport build keeps its own in OUT/.reference-cache",
+    )
+    cache.add_argument(
+        "--no-reference-cache",
+        action="store_true",
+        help="run the whole reference model (fp32) in step with the candidate instead, its exact float32 "
+        "distribution, nothing written to disk (needs memory for the whole reference in fp32)",
     )
 
     _add_build_parsers(sub)
@@ -1226,6 +1237,7 @@ def cmd_imatrix(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from validation import refcache
     from validation.validate import validate
 
     to_stdout = str(args.json_out) == "-"
@@ -1261,7 +1273,7 @@ def cmd_validate(args) -> int:
         max_ppl_delta=args.max_ppl_delta,
         max_kld=args.max_kld,
         default_gates=not args.no_default_gates,
-        reference_cache=args.reference_cache,
+        reference_cache=None if args.no_reference_cache else args.reference_cache or refcache.default_dir(),
     )
     print(report.table(), file=sys.stderr if to_stdout else sys.stdout)
     if to_stdout:

@@ -62,6 +62,13 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _own_cache_dir(monkeypatch, tmp_path_factory):
+    """Each test's `gemport validate` calls (in-process or child processes) keep their reference caches
+    in a folder of their own, never in the user's cache: a test sees no other test's cache."""
+    monkeypatch.setenv("GEMPORT_CACHE_DIR", str(tmp_path_factory.mktemp("gemport-cache")))
+
+
+@pytest.fixture(autouse=True)
 def _no_progress_lines(monkeypatch):
     """No plain progress lines in-process, so that stderr assertions hold on a slow machine;
     tests/test_progress.py sets the intervals it tests."""

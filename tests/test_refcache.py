@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gemport.cli import main as gemport_main
-from validation import refcache
+from validation import refcache, streamed
 from validation.corpus import load_text, split_text
 from validation.metrics import Accumulator, RefStats, reference_stats, scored_span
 from validation.runtimes import hf_transformers
@@ -40,7 +40,7 @@ def test_window_codec_keeps_probable_entries_and_stats_exact():
     targets = np.arange(rows) * 3001 % vocab
     block = refcache._encode_window(lp, targets, [vocab, vocab - 100])
     arrays = refcache._decode_window(block, rows, vocab, 2)
-    raw = refcache.decode_rows(arrays)
+    raw = refcache.decode_rows(arrays).numpy()
     exact = np.zeros(lp.shape, dtype=bool)
     exact[np.repeat(np.arange(rows), arrays["counts"]), arrays["index"]] = True
     p = np.exp(lp.astype(np.float64))
@@ -79,7 +79,7 @@ def test_cached_distribution_changes_the_kld_by_far_less_than_printed():
     arrays = refcache._decode_window(refcache._encode_window(ref, targets, [vocab]), rows, vocab, 1)
     nll, _, _, negentropy, log_norm = arrays["stats"][0]
     stats = RefStats(nll, negentropy, arrays["top"][0], log_norm)
-    cached.add_stats(stats, refcache.decode_rows(arrays), cand, targets)
+    cached.add_stats(stats, lambda i, j: refcache.decode_rows(arrays, i, j), cand, targets)
     a, b = live.result(), cached.result()
     assert abs(a.kld - b.kld) <= 1e-6 * a.kld
     assert (a.ppl_ref, a.ppl_cand, a.top1_pct) == (b.ppl_ref, b.ppl_cand, b.top1_pct)
@@ -144,6 +144,11 @@ def _forbid_reference(monkeypatch, reference: Path) -> None:
     def no_windows(*args, **kwargs):
         raise AssertionError("the corpus was tokenized")
 
+    def no_stream(*args, **kwargs):
+        raise AssertionError("the reference was streamed")
+
+    monkeypatch.setattr(streamed, "StreamedReference", no_stream)
+
     monkeypatch.setattr(refcache, "windows", no_windows)
     monkeypatch.setattr(v, "windows", no_windows)
 
@@ -156,7 +161,8 @@ def test_cached_equals_live_and_is_reused(which, tiny, corpus, tmp_path, monkeyp
     assert live.reference_cache is None and "reference log-probs" not in live.table()
     assert first.reference_cache_computed and Path(first.reference_cache).parent == tmp_path
     _same_printed(live.metrics, first.metrics)
-    assert live.metrics.kld > 0 and first.reference_runtime == live.reference_runtime
+    assert live.metrics.kld > 0 and live.reference_runtime == hf_transformers.TransformersRuntime.name
+    assert first.reference_runtime == streamed.NAME  # the cache is computed layer by layer
 
     _forbid_reference(monkeypatch, tiny)
     again = validate(candidate, tiny, corpus, N_CTX, WINDOWS, default_gates=False, reference_cache=tmp_path)
@@ -239,25 +245,23 @@ def test_a_damaged_file_is_detected_and_recomputed(damage, tiny, perturbed, corp
 def test_no_partial_file_when_the_computation_fails(tiny, corpus, tmp_path, monkeypatch):
     calls = []
 
-    def failing(self, tokens, first, count):
+    def failing(self, *args):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 2:  # the second window's LM head: the first window is written by then
             raise RuntimeError("forward pass failed")
-        return original(self, tokens, first, count)
+        return original(self, *args)
 
-    original = hf_transformers.TransformersRuntime.scored_logits
-    monkeypatch.setattr(hf_transformers.TransformersRuntime, "scored_logits", failing)
+    original = streamed.StreamedReference._head
+    monkeypatch.setattr(streamed.StreamedReference, "_head", failing)
     with pytest.raises(RuntimeError, match="forward pass failed"):
         refcache.ensure_cache(tiny, corpus, N_CTX, WINDOWS, tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_nan_reference_is_refused_and_nothing_written(tiny, corpus, tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        hf_transformers.TransformersRuntime,
-        "scored_logits",
-        lambda self, t, first, count: np.full((count, 512), np.nan),
-    )
+    import torch
+
+    monkeypatch.setattr(streamed.StreamedReference, "_head", lambda self, h, *args: torch.full((len(h), 512), np.nan))
     from gemport.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="not finite"):
@@ -314,3 +318,52 @@ def test_a_header_with_a_valid_crc_but_bad_fields_is_recomputed(tiny, perturbed,
         again = validate(perturbed, tiny, corpus, N_CTX, 1, default_gates=False, reference_cache=tmp_path)
     assert again.reference_cache_computed and "no reference runtime name" in caplog.text
     assert again.reference_runtime == first.reference_runtime
+
+
+def test_a_row_range_decodes_as_the_same_rows_of_the_whole_window():
+    import torch
+
+    lp = _peaked_logprobs(9, 3000, seed=3)
+    arrays = refcache._decode_window(refcache._encode_window(lp, np.zeros(9, dtype=np.int64), [3000]), 9, 3000, 1)
+    whole = refcache.decode_rows(arrays)
+    assert whole.dtype == torch.float64 and whole.shape == (9, 3000)
+    for start, stop in ((0, 4), (4, 9), (3, 3), (8, 9)):
+        assert torch.equal(refcache.decode_rows(arrays, start, stop), whole[start:stop])
+
+
+def test_cli_caches_by_default_and_says_so(tiny, perturbed, corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GEMPORT_CACHE_DIR", str(tmp_path / "home-cache"))
+    args = ["validate", str(perturbed), "--reference", str(tiny), "--corpus", str(corpus), "--ctx", str(N_CTX)]
+    args += ["--windows", str(WINDOWS), "--no-default-gates"]
+    assert gemport_main(args) == 0
+    first = capsys.readouterr().out
+    files = list((tmp_path / "home-cache" / "reference").iterdir())
+    assert len(files) == 1 and f"cached in {files[0]} (computed now)" in first
+    assert gemport_main(args) == 0
+    assert f"cached in {files[0]} (reused)" in capsys.readouterr().out
+    assert gemport_main([*args, "--no-reference-cache"]) == 0
+    live = capsys.readouterr().out
+    assert "reference log-probs" not in live and "transformers (fp32, CPU)" in live
+    assert list((tmp_path / "home-cache" / "reference").iterdir()) == files
+    for label in ("KLD", "delta-ppl", "ppl candidate"):  # the printed figures, cached or not
+        assert _printed(live, label) == _printed(first, label)
+
+
+def _printed(table: str, label: str) -> str:
+    return next(x for x in table.splitlines() if x.startswith(label + " "))[len(label) :].strip()
+
+
+def test_cli_refuses_a_cache_folder_and_no_cache_together(tiny, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        gemport_main(
+            [
+                "validate",
+                str(tiny),
+                "--reference",
+                str(tiny),
+                "--reference-cache",
+                str(tmp_path),
+                "--no-reference-cache",
+            ]
+        )
+    assert exc.value.code == 2

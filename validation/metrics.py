@@ -18,9 +18,14 @@ logits work too, and identical inputs give a KL divergence of exactly 0.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 ROWS_PER_CHUNK_ELEMENTS = 1 << 24  # float64 work arrays of at most 128 MiB each
 
@@ -72,21 +77,59 @@ class _Sums:
         return math.sqrt(max(self.s2 / self.n - m * m, 0.0) / (self.n - 1))
 
 
-def _log_norm64(x: np.ndarray) -> np.ndarray:
-    """[rows, 1] float64 log-normaliser of float64 rows: x - _log_norm64(x) is their log-softmax."""
-    m = x.max(axis=1, keepdims=True)
-    return m + np.log(np.exp(x - m).sum(axis=1, keepdims=True))
+_scratch = threading.local()
 
 
-def _log_softmax64(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    return x - _log_norm64(x)
+def work_buffer(name: str, rows: int, cols: int) -> torch.Tensor:
+    """A float64 [rows, cols] work tensor kept per thread under ``name`` and reused chunk after chunk
+    (at most ROWS_PER_CHUNK_ELEMENTS values in the scoring): a fresh 128 MiB tensor per chunk costs
+    more in page faults than the arithmetic done in it."""
+    import torch
+
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.numel() < rows * cols:
+        buf = torch.empty(rows * cols, dtype=torch.float64)
+        setattr(_scratch, name, buf)
+    return buf[: rows * cols].view(rows, cols)
 
 
-def _expected(p: np.ndarray, logq: np.ndarray) -> np.ndarray:
-    """Per row sum_v p_v * logq_v in float64; where p has no mass the term is 0 (0 * log 0), whatever logq says."""
-    with np.errstate(invalid="ignore"):
-        return np.where(p > 0, p * logq, 0.0).sum(axis=1)
+def _f64(x: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
+    """float64 rows of a numpy array or a tensor, copied into the work buffer ``name``."""
+    import torch
+
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    return work_buffer(name, *t.shape).copy_(t)
+
+
+def _log_norm(x: torch.Tensor) -> torch.Tensor:
+    """[rows] float64 log-normaliser ``max + log(sum(exp(x - max)))`` of float64 rows (torch.logsumexp's
+    formula, its exp computed in a reused buffer)."""
+    import torch
+
+    m = x.amax(dim=1, keepdim=True)
+    e = torch.sub(x, m, out=work_buffer("exp", *x.shape)).exp_()
+    return m[:, 0] + e.sum(dim=1).log_()
+
+
+def _cross(p: torch.Tensor, x: torch.Tensor, log_norm: torch.Tensor) -> np.ndarray:
+    """Per row sum_v p_v * (x_v - log_norm) in float64, as dot(p, x) - log_norm * sum(p): one BLAS dot per
+    row, no [rows, vocab] temporary. Where p has no mass the term is 0 (0 * log 0) whatever x says: a row
+    the dot makes NaN (0 * -inf) is summed again with x masked there (a NaN of x where p > 0 stays)."""
+    import torch
+
+    dot = torch.bmm(p[:, None, :], x[:, :, None])[:, 0, 0]
+    bad = torch.isnan(dot)
+    if bad.any():
+        dot[bad] = torch.bmm(p[bad][:, None, :], x[bad].masked_fill(p[bad] == 0, 0.0)[:, :, None])[:, 0, 0]
+    return (dot - log_norm * p.sum(dim=1)).numpy()
+
+
+def _at(x: torch.Tensor, targets: np.ndarray) -> torch.Tensor:
+    """Per row ``x[row, targets[row]]``."""
+    import torch
+
+    index = torch.from_numpy(np.asarray(targets, dtype=np.int64))
+    return x.gather(1, index[:, None])[:, 0]
 
 
 @dataclass(frozen=True)
@@ -103,32 +146,40 @@ class RefStats:
         return RefStats(*(a[start:stop] for a in (self.nll, self.negentropy, self.top, self.log_norm)))
 
 
-def _stats_and_p(ref: np.ndarray, targets: np.ndarray) -> tuple[RefStats, np.ndarray]:
-    x = ref.astype(np.float64)
-    log_norm = _log_norm64(x)
-    lr = x - log_norm
-    p = np.exp(lr)
-    nll = -lr[np.arange(len(targets)), targets]
-    return RefStats(nll, _expected(p, lr), ref.argmax(axis=1), log_norm[:, 0]), p
+def _stats_and_p(ref: np.ndarray | torch.Tensor, targets: np.ndarray) -> tuple[RefStats, torch.Tensor]:
+    import torch
+
+    x = _f64(ref, "ref")
+    log_norm = _log_norm(x)
+    p = torch.sub(x, log_norm[:, None], out=work_buffer("p", *x.shape)).exp_()
+    nll = (log_norm - _at(x, targets)).numpy()
+    # argmax: the first maximum (numpy's rule too); float64 keeps float32's order and ties
+    return RefStats(nll, _cross(p, x, log_norm), x.argmax(dim=1).numpy(), log_norm.numpy()), p
 
 
-def reference_stats(ref: np.ndarray, targets: np.ndarray) -> RefStats:
+def reference_stats(ref: np.ndarray | torch.Tensor, targets: np.ndarray) -> RefStats:
     """The exact statistics of [rows, vocab] reference log-probs (or logits) against ``targets`` [rows]."""
     return _stats_and_p(ref, targets)[0]
 
 
-def _score(stats: RefStats, p: np.ndarray, cand: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:
+def _score(stats: RefStats, p: torch.Tensor, cand: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:
     """KL(ref || cand) = negentropy - sum_v p_v * lc_v: only the cross term reads the reference's distribution."""
-    lc = _log_softmax64(cand)
-    kld = stats.negentropy - _expected(p, lc)
-    return stats.nll, -lc[np.arange(len(targets)), targets], kld, stats.top == cand.argmax(axis=1)
+    c = _f64(cand, "cand")
+    log_norm = _log_norm(c)
+    kld = stats.negentropy - _cross(p, c, log_norm)
+    return stats.nll, (log_norm - _at(c, targets)).numpy(), kld, stats.top == c.argmax(dim=1).numpy()
 
 
-def score_rows(stats: RefStats, ref: np.ndarray, cand: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:
+def score_rows(
+    stats: RefStats, ref: np.ndarray | torch.Tensor, cand: np.ndarray, targets: np.ndarray
+) -> tuple[np.ndarray, ...]:
     """Per row: (reference NLL, candidate NLL, KL(ref || cand), argmaxes equal), from the reference's exact
-    ``stats`` and its raw rows ``ref`` [rows, vocab] (live, or decoded from a cache), which give only
-    p = exp(ref - log_norm) for the cross term."""
-    p = np.exp(ref.astype(np.float64) - stats.log_norm[:, None])
+    ``stats`` and its raw rows ``ref`` [rows, vocab] (live, or decoded from a cache; a float64 tensor is
+    used up in place), which give only p = exp(ref - log_norm) for the cross term."""
+    import torch
+
+    x = ref if isinstance(ref, torch.Tensor) and ref.dtype == torch.float64 else _f64(ref, "ref")
+    p = x.sub_(torch.from_numpy(np.array(stats.log_norm, dtype=np.float64))[:, None]).exp_()
     return _score(stats, p, cand, targets)
 
 
@@ -166,10 +217,11 @@ class Accumulator:
         for i, j in _chunks(len(targets), ref.shape[1]):
             self._add(*token_scores(ref[i:j], cand[i:j], targets[i:j]))
 
-    def add_stats(self, stats: RefStats, ref: np.ndarray, cand: np.ndarray, targets: np.ndarray) -> None:
-        """As ``add``, with the reference's statistics given (``score_rows``)."""
-        for i, j in _chunks(len(targets), ref.shape[1]):
-            self._add(*score_rows(stats.rows(i, j), ref[i:j], cand[i:j], targets[i:j]))
+    def add_stats(self, stats: RefStats, ref_rows, cand: np.ndarray, targets: np.ndarray) -> None:
+        """As ``add``, with the reference's statistics given (``score_rows``) and its rows made a chunk at a
+        time by ``ref_rows(start, stop)`` (a float64 tensor, e.g. decoded from a cache)."""
+        for i, j in _chunks(len(targets), cand.shape[1]):
+            self._add(*score_rows(stats.rows(i, j), ref_rows(i, j), cand[i:j], targets[i:j]))
 
     def _add(self, nll_r: np.ndarray, nll_c: np.ndarray, kld: np.ndarray, same: np.ndarray) -> None:
         self.nll_ref.add(nll_r)

@@ -1,7 +1,8 @@
 """A cache of the reference's log-probabilities, computed once per (reference, corpus, protocol).
 
-Many artifacts are validated against one reference; the fp32 reference forward pass (and the
-tokenization of the corpus) is then done once and kept in ``DIR/ref-<16 hex>.gpref``, where the hex
+Many artifacts are validated against one reference; the fp32 reference forward pass (layer-streamed,
+validation/streamed.py: one decoder layer in memory at a time) and the tokenization of the corpus are
+then done once and kept in ``DIR/ref-<16 hex>.gpref``, where the hex
 is the start of the sha256 of the cache key (``cache_key``): the reference folder's files (name, size,
 mtime_ns) and config.json's sha256, the sha256 of the evaluation text actually used, n_ctx, the
 windows asked, the reference runtime's name, the torch and transformers versions and this format's
@@ -20,8 +21,8 @@ n_ctx//2 .. n_ctx-2 of each window, validation.metrics.scored_span):
   EXACT_CAP, the most probable), and all others as uint16 codes between a per-token float32 min and
   scale (codes over the tail's own range, at most TAIL_RANGE nats deep; lower values are coded as the
   min, and code 65535 means no mass, -inf).
-- the negentropy and log-normaliser of the decoded rows (renormalised in float64, as the scorer reads
-  them).
+- the negentropy and log-normaliser of the decoded rows (decoded in float64 as ``code * scale + min``
+  and renormalised, exactly as the scorer reads them: ``decode_rows``).
 
 Error analysis. ppl, delta-ppl and top-1 use only the exact NLL and argmax: identical to a live run.
 The KL is scored as negentropy - sum_v p_v lc_v (validation.metrics.score_rows). Tail codes are off by
@@ -29,15 +30,18 @@ d_v, |d_v| <= step/2, step = tail range / 65534 (5e-4 to 7e-4 nats on the demo m
 decoded cross term with the EXACT negentropy leaves an error of about sum_tail p_v d_v lc_v, where the
 candidate's tail log-probs lc_v are about -25; pairing it with the negentropy OF THE DECODED rows (what
 is stored for scoring, both renormalised) leaves sum_tail p_v (d_v - mean d)(lr_v - lc_v), weighted by
-the small log-ratio of the two models instead. Measured on the demo model (gemma-3-270m-offgrid, 2
-windows of 512, 510 tokens; the tail, p < 1e-6, holds 0.25 % of the mass per token on average, at most
-1.3 %; 2512 exact entries per token on average, the cap of 4096 reached on some):
+the small log-ratio of the two models instead. Measured on the demo model with format 2, which decoded
+in float32 where format 3 decodes in float64 (gemma-3-270m-offgrid, 2 windows of 512, 510 tokens; the
+tail, p < 1e-6, holds 0.25 % of the mass per token on average, at most 1.3 %; 2512 exact entries per
+token on average, the cap of 4096 reached on some):
 
   candidate  per-token |KL error| max / mean   mean KLD, relative error   (with the exact negentropy)
   Q8_0       1.1e-08 / 6.5e-10                 -1.9e-08 of 4.04e-03       (5.0e-07 / 5.4e-08, +1.1e-06)
   Q4_K_M     4.0e-08 / 3.1e-09                 +3.7e-09 of 8.05e-02       (5.2e-07 / 5.5e-08, +6.0e-08)
 
-so the cached KLD agrees with the live one far below its 6 printed digits and its standard error.
+so the cached KLD agrees with the live one far below its 6 printed digits and its standard error. Format
+3, Q4_K_M GGUF of the same model, 4 windows: 0.0861334284 cached against 0.0861334283 live (whole-model
+reference), 1.5e-9 relative, ppl and top-1 identical (bench/validate.py).
 
 File layout (little-endian): MAGIC, uint64 header length, uint32 crc32 of header and window table, the
 JSON header, the window table (per window: uint64 offset, uint64 length, uint32 crc32), then each
@@ -52,11 +56,14 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -64,12 +71,15 @@ from gemport.errors import CheckpointError, GemportError, InputError, OutputErro
 from gemport.output import atomic_output
 from gemport.progress import progress, stage
 from validation.corpus import load_text, split_text, tokenize, windows
-from validation.metrics import ROWS_PER_CHUNK_ELEMENTS, RefStats, reference_stats, scored_span
+from validation.metrics import ROWS_PER_CHUNK_ELEMENTS, RefStats, reference_stats, scored_span, work_buffer
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"GPREF\x00\x00\x01"
-VERSION = 2
+VERSION = 3
 EXACT_MIN_P = 1e-6  # entries at least this probable are stored as their float32 values
 EXACT_CAP = 4096  # at most this many per token (the most probable)
 TAIL_RANGE = 64.0  # nats below the tail's largest value that the codes reach; e^-64 of 1e-6 is nothing
@@ -108,7 +118,7 @@ def reference_fingerprint(reference: Path, cache_dir: Path | None = None) -> dic
 
 
 def cache_key(reference: Path, evaluation: str, n_ctx: int, n_windows: int, cache_dir: Path | None = None) -> dict:
-    from validation.runtimes.hf_transformers import TransformersRuntime
+    from validation import streamed
 
     return {
         "format": VERSION,
@@ -117,10 +127,19 @@ def cache_key(reference: Path, evaluation: str, n_ctx: int, n_windows: int, cach
         "corpus_sha256": hashlib.sha256(evaluation.encode("utf-8")).hexdigest(),
         "n_ctx": n_ctx,
         "n_windows": n_windows,
-        "runtime": TransformersRuntime.name,
+        "runtime": streamed.NAME,
         "torch": _package_version("torch"),
         "transformers": _package_version("transformers"),
     }
+
+
+def default_dir() -> Path:
+    """Where ``gemport validate`` keeps reference caches unless told: $GEMPORT_CACHE_DIR/reference, else
+    $XDG_CACHE_HOME/gemport/reference, else ~/.cache/gemport/reference (the XDG base directory rule)."""
+    if os.environ.get("GEMPORT_CACHE_DIR"):
+        return Path(os.environ["GEMPORT_CACHE_DIR"]) / "reference"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gemport" / "reference"
 
 
 def cache_path(cache_dir: Path, key: dict) -> Path:
@@ -144,37 +163,44 @@ def _layout(rows: int, vocab: int, cuts: int) -> list[tuple[str, type, tuple[int
     ]
 
 
-def _exact_entries(raw: np.ndarray, log_norm: np.ndarray) -> list[np.ndarray]:
-    """Per row, the sorted indices of the entries with p >= EXACT_MIN_P, the EXACT_CAP most probable."""
-    probable = raw.astype(np.float64) - log_norm[:, None] >= np.log(EXACT_MIN_P)
-    out = []
-    for r in range(len(raw)):
-        index = np.flatnonzero(probable[r])
-        if len(index) > EXACT_CAP:
-            index = np.sort(index[np.argpartition(-raw[r, index], EXACT_CAP - 1)[:EXACT_CAP]])
-        out.append(index)
-    return out
+def _exact_mask(x: torch.Tensor, log_norm: np.ndarray) -> torch.Tensor:
+    """[rows, vocab] bool: per row the entries with p >= EXACT_MIN_P, the EXACT_CAP most probable of them."""
+    import torch
+
+    probable = (x.to(torch.float64) - torch.from_numpy(log_norm)[:, None]) >= np.log(EXACT_MIN_P)
+    for r in torch.nonzero(probable.sum(dim=1) > EXACT_CAP)[:, 0].tolist():
+        keep = torch.topk(x[r].masked_fill(~probable[r], -np.inf), EXACT_CAP).indices
+        probable[r] = False
+        probable[r, keep] = True
+    return probable
 
 
 def _encode_rows(raw: np.ndarray, log_norm: np.ndarray) -> tuple[np.ndarray, ...]:
     """(counts, lo_scale, codes, index, value) of raw float32 log-prob rows (log_norm: their float64
-    log-normaliser): the probable entries exactly, the tail as codes of the tail's own range."""
-    exact = _exact_entries(raw, log_norm)
-    counts = np.array([len(e) for e in exact], dtype=np.int32)
-    index = np.concatenate([np.zeros(0, dtype=np.int64), *exact]).astype(np.int32)
-    row_of = np.repeat(np.arange(len(raw)), counts)
-    tail = raw.copy()
-    tail[row_of, index] = -np.inf  # the exact entries are no part of the tail's range
-    hi = tail.max(axis=1)
-    lo = np.where(np.isneginf(tail), np.inf, tail).min(axis=1)
-    hi = np.where(np.isfinite(hi), hi, 0.0)  # no tail: any range will do
-    lo = np.maximum(np.where(np.isfinite(lo), lo, hi), hi - TAIL_RANGE).astype(np.float32)
-    scale = ((hi - lo) / (NO_MASS - 1)).astype(np.float32)
-    step = np.where(scale > 0, scale, 1.0)[:, None]
-    codes = np.rint((np.clip(raw, lo[:, None], hi[:, None]) - lo[:, None]) / step)
-    codes = np.where(np.isneginf(raw), NO_MASS, np.clip(codes, 0, NO_MASS - 1)).astype(np.uint16)
-    codes[row_of, index] = 0  # overwritten by the exact values on decoding
-    return counts, np.stack([lo, scale]), codes, index, raw[row_of, index].astype(np.float32)
+    log-normaliser): the probable entries exactly, the tail as codes of the tail's own range. float32
+    arithmetic throughout, as numpy would do it element by element."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))
+    exact = _exact_mask(x, log_norm)
+    rows, index = exact.nonzero(as_tuple=True)  # row-major: each row's indices sorted
+    tail = x.masked_fill(exact, -np.inf)  # the exact entries are no part of the tail's range
+    hi = tail.amax(dim=1)
+    lo = tail.masked_fill_(torch.isneginf(tail), np.inf).amin(dim=1)
+    del tail
+    hi = torch.where(torch.isfinite(hi), hi, 0.0)  # no tail: any range will do
+    lo = torch.maximum(torch.where(torch.isfinite(lo), lo, hi), hi - TAIL_RANGE)
+    scale = (hi - lo) / (NO_MASS - 1)
+    step = torch.where(scale > 0, scale, 1.0)[:, None]
+    codes = x.clamp(lo[:, None], hi[:, None]).sub_(lo[:, None]).div_(step).round_().clamp_(0, NO_MASS - 1)
+    codes.masked_fill_(torch.isneginf(x), NO_MASS).masked_fill_(exact, 0)  # exact ones: overwritten on decoding
+    return (
+        exact.sum(dim=1).to(torch.int32).numpy(),
+        torch.stack([lo, scale]).numpy(),
+        codes.to(torch.int32).numpy().astype(np.uint16),
+        index.to(torch.int32).numpy(),
+        x[rows, index].numpy(),
+    )
 
 
 def _encode_window(raw: np.ndarray, targets: np.ndarray, cuts: list[int]) -> bytes:
@@ -189,6 +215,7 @@ def _encode_window(raw: np.ndarray, targets: np.ndarray, cuts: list[int]) -> byt
         parts = _encode_rows(chunk, exact[0].log_norm)
         decoded = decode_rows(dict(zip(("counts", "lo_scale", "codes", "index", "value"), parts, strict=True)))
         of_decoded = [reference_stats(decoded[:, :cut], t) for cut in cuts]  # what the KL term reads
+        del decoded
         pairs = zip(exact, of_decoded, strict=True)
         stats.append([[e.nll, e.negentropy, e.log_norm, d.negentropy, d.log_norm] for e, d in pairs])
         tops.append([e.top for e in exact])
@@ -228,16 +255,26 @@ def _decode_window(block: bytes, rows: int, vocab: int, cuts: int) -> dict[str, 
     return out
 
 
-def decode_rows(arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """float32 [rows, vocab] raw log-probs: codes decoded, the exact entries written over them."""
-    lo, scale = arrays["lo_scale"]
-    codes = arrays["codes"]
-    raw = codes.astype(np.float32)
-    raw *= scale[:, None]
-    raw += lo[:, None]
-    np.putmask(raw, codes == NO_MASS, -np.inf)
-    rows = np.repeat(np.arange(len(codes)), arrays["counts"])
-    raw[rows, arrays["index"]] = arrays["value"]
+def decode_rows(
+    arrays: dict[str, np.ndarray], start: int = 0, stop: int | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """float64 [stop - start, vocab] raw log-probs of rows start .. stop - 1: codes decoded in float64,
+    ``code * scale + min`` (what the statistics of the decoded rows are computed from), -inf for NO_MASS,
+    the exact float32 entries written over them; into ``out`` (a float64 tensor of that shape) if given."""
+    import torch
+
+    counts = np.asarray(arrays["counts"], dtype=np.int64)
+    stop = len(counts) if stop is None else stop
+    lo, scale = (torch.from_numpy(np.array(a[start:stop], dtype=np.float64))[:, None] for a in arrays["lo_scale"])
+    codes = torch.from_numpy(np.require(arrays["codes"][start:stop], requirements=["C", "W"]))  # read-only: copied
+    raw = (torch.empty(codes.shape, dtype=torch.float64) if out is None else out).copy_(codes).mul_(scale).add_(lo)
+    empty = codes == NO_MASS
+    if empty.any():
+        raw.masked_fill_(empty, -np.inf)
+    first, last = int(counts[:start].sum()), int(counts[:stop].sum())
+    rows = torch.from_numpy(np.repeat(np.arange(stop - start), counts[start:stop]))
+    index = torch.from_numpy(np.asarray(arrays["index"][first:last], dtype=np.int64))
+    raw[rows, index] = torch.from_numpy(np.array(arrays["value"][first:last], dtype=np.float64))
     return raw
 
 
@@ -264,14 +301,15 @@ class RefCache:
     def cuts(self) -> list[int]:
         return self.header["cuts"]
 
-    def window(self, i: int, vocab: int) -> tuple[RefStats, np.ndarray]:
-        """The exact statistics and float32 [scored, vocab] raw log-probs of window ``i`` over the first
-        ``vocab`` rows, one of ``cuts``."""
+    def window(self, i: int, vocab: int) -> tuple[RefStats, Callable[[int, int], torch.Tensor], int]:
+        """Window ``i`` over the first ``vocab`` rows (one of ``cuts``): its exact statistics, a function
+        giving its float64 raw log-probs of rows start .. stop - 1 (``decode_rows``), and its row count."""
         offset, length, crc = self.table[i]
+        block = bytearray(length)  # writable, so the arrays over it can be handed to torch as they are
         with open(self.path, "rb") as f:
             f.seek(offset)
-            block = f.read(length)
-        if len(block) != length or zlib.crc32(block) != crc:
+            got = f.readinto(block)
+        if got != length or zlib.crc32(block) != crc:
             raise InputError(f"window {i} changed since the cache was checked (crc32 mismatch)", self.path)
         rows = scored_span(self.header["key"]["n_ctx"])[1]
         try:
@@ -281,7 +319,12 @@ class RefCache:
         c = self.cuts.index(vocab)
         nll, _, _, negentropy, log_norm = arrays["stats"][c]  # the KL from the decoded rows (module docstring)
         stats = RefStats(nll, negentropy, arrays["top"][c].astype(np.int64), log_norm)
-        return stats, decode_rows(arrays)[:, :vocab]
+        width = self.header["vocab"]
+
+        def rows(start: int, stop: int) -> torch.Tensor:  # decoded into a reused buffer, consumed at once
+            return decode_rows(arrays, start, stop, work_buffer("ref", stop - start, width))[:, :vocab]
+
+        return stats, rows, len(arrays["counts"])
 
 
 def open_cache(path: Path, key: dict, verify: bool = True) -> RefCache:
@@ -369,8 +412,9 @@ def _crc_of(f, offset: int, length: int) -> int:
 
 
 def write_cache(path: Path, key: dict, reference: Path, evaluation: str, n_ctx: int, n_windows: int) -> None:
-    """Tokenize, run the reference over every window and write the cache, window by window."""
-    from validation.runtimes.hf_transformers import TransformersRuntime
+    """Tokenize, run the reference over every window (layer-streamed: validation/streamed.py) and write the
+    cache, window by window."""
+    from validation.streamed import StreamedReference
     from validation.validate import TOKENIZER_CHECK_CHARS, load_tokenizer
 
     with stage(f"tokenizing the evaluation text with {reference.name}'s tokenizer"):
@@ -379,8 +423,8 @@ def write_cache(path: Path, key: dict, reference: Path, evaluation: str, n_ctx: 
             raise CheckpointError("the reference tokenizer has no BOS token", reference)
         chunks = windows(tokenize(tokenizer, evaluation), n_ctx, n_windows, tokenizer.bos_token_id)
         sample_ids = tokenize(tokenizer, evaluation[:TOKENIZER_CHECK_CHARS])
-    with stage(f"loading the reference {reference.name}"):
-        rt = TransformersRuntime(reference)
+    with stage(f"opening the reference {reference.name}"):
+        rt = StreamedReference(reference)
     pieces = int(tokenizer.vocab_size)
     top = max(max(c) for c in chunks)
     if top >= rt.vocab_size:
@@ -404,9 +448,8 @@ def write_cache(path: Path, key: dict, reference: Path, evaluation: str, n_ctx: 
     with atomic_output(path, overwrite=True) as tmp, open(tmp, "wb") as f:
         f.write(_PREFIX.pack(MAGIC, len(raw_header), 0) + raw_header + b"\0" * (_TABLE_ENTRY.size * len(chunks)))
         with progress(f"reference log-probs of {reference.name}", total=len(chunks), unit="windows") as advance:
-            for chunk in chunks:
-                raw = rt.scored_logits(chunk, first, count)
-                if np.isnan(raw).any() or np.isposinf(raw).any():
+            for chunk, raw in zip(chunks, rt.scored_logits(chunks, first, count), strict=True):
+                if not float(raw.max()) < np.inf:  # NaN or +inf (numpy's max propagates NaN)
                     raise CheckpointError("the reference's log-probs are not finite (NaN or +inf)", reference)
                 block = _encode_window(raw, np.asarray(chunk[first + 1 :], dtype=np.int64), header["cuts"])
                 table.append((f.tell(), len(block), zlib.crc32(block)))

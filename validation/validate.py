@@ -94,13 +94,14 @@ def validate(
             raise InputError("the reference must be a Hugging Face checkpoint folder", reference)
         kind = artifact_kind(candidate, fmt)
         log.info("candidate kind %s: %s", kind.name, kind.evidence)
+        # a candidate folder's tokenizer is loaded before the reference is run (or its cache computed)
+        cand_tokenizer = load_tokenizer(candidate, "candidate") if fmt == "hf" else None
     if reference_cache is not None:
         ref = _CachedReference(reference, corpus, n_ctx, n_windows, Path(reference_cache))
     else:
         ref = _LiveReference(reference, corpus, n_ctx, n_windows)
     sample = ref.evaluation[:TOKENIZER_CHECK_CHARS]
-    if fmt == "hf":
-        cand_tokenizer = load_tokenizer(candidate, "candidate")
+    if cand_tokenizer is not None:
         if cand_tokenizer.bos_token_id != ref.bos:
             raise CheckpointError(f"BOS id {cand_tokenizer.bos_token_id}, reference has {ref.bos}", candidate)
         check_same_ids(ref.sample_ids, tokenize(cand_tokenizer, sample), candidate)
@@ -232,13 +233,11 @@ class _CachedReference:
                 f" {vocab}; validate without a reference cache",
                 self.cache_file,
             )
-        stats, ref_scored = self.cache.window(i, vocab)
+        stats, ref_rows, rows = self.cache.window(i, vocab)
         first, count = scored_span(len(chunk))
-        if ref_scored.shape[0] != count or len(stats.nll) != count:
-            raise InputError(
-                f"the reference cache holds {ref_scored.shape[0]} rows for window {i}, not {count}", self.cache_file
-            )
-        acc.add_stats(stats, ref_scored, cand, np.asarray(chunk[first + 1 :], dtype=np.int64))
+        if rows != count or len(stats.nll) != count:
+            raise InputError(f"the reference cache holds {rows} rows for window {i}, not {count}", self.cache_file)
+        acc.add_stats(stats, ref_rows, cand, np.asarray(chunk[first + 1 :], dtype=np.int64))
 
 
 def _default_kld(kind: ArtifactKind) -> tuple[float, str]:
