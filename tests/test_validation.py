@@ -217,3 +217,21 @@ def test_kind_evidence_counts_types_as_inspect_does(tiny, tmp_path):
     quantized = {name: str(r["tensors"]) for name, r in types.items() if name.startswith("Q")}
     assert len(quantized) >= 2 and {k: v for k, v in shown.items() if k in quantized} == quantized
     assert " x " not in evidence
+
+
+def test_a_candidate_with_the_reference_tokenizer_files_is_not_loaded_again(tiny_models, tmp_path, monkeypatch):
+    import shutil
+
+    import validation.validate as v
+
+    reference = tiny_models["gemma3"]
+    candidate = tmp_path / "candidate"
+    shutil.copytree(reference, candidate)
+    real, loaded = v.load_tokenizer, []
+    monkeypatch.setattr(v, "load_tokenizer", lambda path, role: loaded.append(role) or real(path, role))
+    report = v.validate(candidate, reference, n_ctx=32, n_windows=1, default_gates=False)
+    assert loaded == ["reference"] and report.metrics.kld == 0.0
+    config = candidate / "tokenizer_config.json"
+    config.write_text(config.read_text(encoding="utf-8") + " ", encoding="utf-8")  # one byte more
+    v.validate(candidate, reference, n_ctx=32, n_windows=1, default_gates=False)
+    assert loaded == ["reference", "candidate", "reference"]

@@ -37,6 +37,23 @@ def load_tokenizer(path: Path, role: str):
         raise CheckpointError(f"cannot load the {role}'s tokenizer: {exc}", path) from None
 
 
+def same_tokenizer_files(candidate: Path, reference: Path) -> bool:
+    """True when both folders hold the same tokenizer files (converters.hf.TOKENIZER_FILES), at least
+    tokenizer.json or tokenizer.model among them, with the same bytes."""
+    from converters.hf import TOKENIZER_FILES
+
+    def files(folder: Path) -> dict[str, Path]:
+        return {n: folder / n for n in TOKENIZER_FILES if (folder / n).is_file()}
+
+    cand, ref = files(candidate), files(reference)
+    if cand.keys() != ref.keys() or not {"tokenizer.json", "tokenizer.model"} & cand.keys():
+        return False
+    for name, path in cand.items():
+        if path.stat().st_size != ref[name].stat().st_size or path.read_bytes() != ref[name].read_bytes():
+            return False
+    return True
+
+
 def check_same_tokenizer(reference, candidate, text: str, path: Path) -> None:
     """CheckpointError unless ``candidate`` tokenizes ``text`` (and BOS) exactly as ``reference`` does."""
     if candidate.bos_token_id != reference.bos_token_id:
@@ -94,8 +111,12 @@ def validate(
             raise InputError("the reference must be a Hugging Face checkpoint folder", reference)
         kind = artifact_kind(candidate, fmt)
         log.info("candidate kind %s: %s", kind.name, kind.evidence)
-        # a candidate folder's tokenizer is loaded before the reference is run (or its cache computed)
-        cand_tokenizer = load_tokenizer(candidate, "candidate") if fmt == "hf" else None
+        # a candidate folder's tokenizer is loaded before the reference is run (or its cache computed),
+        # unless its files are the reference's own: the same bytes tokenize the same way
+        same_files = fmt == "hf" and same_tokenizer_files(candidate, reference)
+        if same_files:
+            log.info("the candidate's tokenizer files are the reference's, byte for byte: not loaded again")
+        cand_tokenizer = load_tokenizer(candidate, "candidate") if fmt == "hf" and not same_files else None
     if reference_cache is not None:
         ref = _CachedReference(reference, corpus, n_ctx, n_windows, Path(reference_cache))
     else:
@@ -105,7 +126,7 @@ def validate(
         if cand_tokenizer.bos_token_id != ref.bos:
             raise CheckpointError(f"BOS id {cand_tokenizer.bos_token_id}, reference has {ref.bos}", candidate)
         check_same_ids(ref.sample_ids, tokenize(cand_tokenizer, sample), candidate)
-    else:
+    elif not same_files:
         log.info("candidate is %s: token ids come from the reference tokenizer", fmt)
     chunks = ref.windows
     warnings = []
