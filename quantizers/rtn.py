@@ -156,22 +156,31 @@ def _quantize_rows(w, fmt: QuantFormat, full_range: bool = False) -> QuantizedTe
     rows, cols = w.shape
     qmin, qmax = fmt.code_range()
     x = w.to(torch.float32).reshape(rows, fmt.groups(cols), -1)
-    lo = x.amin(dim=-1).clamp(max=0)
-    hi = x.amax(dim=-1).clamp(min=0)
+    scale, zero_points = group_params(x.amin(dim=-1).clamp(max=0), x.amax(dim=-1).clamp(min=0), fmt, full_range)
+    levels = x / scale.to(torch.float32).unsqueeze(-1)
+    if zero_points is not None:
+        levels = levels + zero_points.to(torch.float32).unsqueeze(-1)
+    codes = torch.round(torch.clamp(levels, qmin, qmax)).to(torch.int8).reshape(rows, cols)
+    return QuantizedTensor(codes, scale, zero_points, fmt)
+
+
+def group_params(lo, hi, fmt: QuantFormat, full_range: bool = False):
+    """(scales in the scale dtype, int8 zero points or None) of groups whose float32 minimum ``lo`` is
+    clamped to <= 0 and maximum ``hi`` to >= 0, any shape; the per-group half of RTN, shared with the
+    Triton quantizer (quantizers/kernels/group_quant.py)."""
+    import torch
+
+    qmin, qmax = fmt.code_range()
     span = float(qmax - qmin)
     raw = torch.maximum(-lo, hi) / (span / 2) if fmt.symmetric else (hi - lo) / span
     if full_range:  # the signed value of largest magnitude lands exactly on qmin
         raw = torch.where(hi > -lo, hi, lo) / qmin
     sdt = torch_dtype(fmt.scale_dtype)
     scale = raw.to(sdt)
-    scale = torch.where(scale == 0, torch.tensor(torch.finfo(sdt).eps, dtype=sdt), scale)
-    levels = x / scale.to(torch.float32).unsqueeze(-1)
-    zero_points = None
-    if not fmt.symmetric:
-        # compressed-tensors takes the zero point from the unrounded scale; an all-zero group
-        # (raw scale 0, where it would divide 0 by 0) takes the epsilon scale and so code qmin.
-        divisor = torch.where(raw == 0, scale.to(torch.float32), raw)
-        zero_points = torch.round(torch.clamp(qmin - lo / divisor, qmin, qmax)).to(torch.int8)
-        levels = levels + zero_points.to(torch.float32).unsqueeze(-1)
-    codes = torch.round(torch.clamp(levels, qmin, qmax)).to(torch.int8).reshape(rows, cols)
-    return QuantizedTensor(codes, scale, zero_points, fmt)
+    scale = torch.where(scale == 0, torch.tensor(torch.finfo(sdt).eps, dtype=sdt, device=scale.device), scale)
+    if fmt.symmetric:
+        return scale, None
+    # compressed-tensors takes the zero point from the unrounded scale; an all-zero group
+    # (raw scale 0, where it would divide 0 by 0) takes the epsilon scale and so code qmin.
+    divisor = torch.where(raw == 0, scale.to(torch.float32), raw)
+    return scale, torch.round(torch.clamp(qmin - lo / divisor, qmin, qmax)).to(torch.int8)

@@ -1,0 +1,135 @@
+"""The Triton kernels (quantizers/kernels/) on the CPU through Triton's interpreter, against their CPU
+references bit for bit, and compiled for sm_80 and sm_90 without a GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+# The interpreter is chosen when triton and the kernels are imported; set only for these imports, so
+# that child processes of other tests are unaffected.
+_before = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    pytest.importorskip("triton")
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from gguf import GGMLQuantizationType
+
+    from quantizers import gguf_blocks, kernels, rtn
+    from quantizers.kernels import compile as kcompile
+    from quantizers.kernels import gguf_legacy, group_quant
+    from quantizers.record import QuantFormat
+finally:
+    if _before is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _before
+
+
+def test_the_kernels_run_interpreted():
+    assert kernels.INTERPRET and kernels.device() == "cpu"  # imported first here, under the interpreter
+
+
+def _weights(dtype: torch.dtype, rows: int = 12, cols: int = 384) -> torch.Tensor:
+    """Random weights with the groups that decide edge cases: all zero, negative only, positive only,
+    a constant, +a and -a, and values far apart."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    w[0, :128] = 0
+    w[1, :128] = -w[1, :128].abs()
+    w[2, :128] = w[2, :128].abs()
+    w[3, :128] = 0.01
+    w[4, :128] = 0
+    w[4, 5], w[4, 9] = 0.2, -0.2
+    w[5, :128] *= 1000
+    return w.to(dtype)
+
+
+FORMATS = [
+    QuantFormat(bits=4, group_size=32, symmetric=True, scale_dtype="bf16"),
+    QuantFormat(bits=4, group_size=64, symmetric=False, scale_dtype="bf16"),
+    QuantFormat(bits=4, group_size=128, symmetric=True, scale_dtype="f16"),
+    QuantFormat(bits=4, group_size=128, symmetric=False, scale_dtype="f32"),
+    QuantFormat(bits=8, group_size=None, symmetric=True, scale_dtype="bf16"),
+    QuantFormat(bits=8, group_size=128, symmetric=False, scale_dtype="f16"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
+@pytest.mark.parametrize("full_range", [False, True], ids=["", "full-range"])
+def test_group_quant_equals_rtn_and_packs_as_compressed_tensors(dtype, fmt, full_range):
+    w = _weights(dtype)
+    got = group_quant.quantize_weight(w, fmt, full_range)
+    want = rtn.quantize_weight(w, fmt, full_range)
+    assert got.codes.dtype == torch.int8 and torch.equal(got.codes, want.codes)
+    assert got.scales.dtype == want.scales.dtype and torch.equal(got.scales, want.scales)
+    if fmt.symmetric:
+        assert got.zero_points is None and want.zero_points is None
+    else:
+        assert torch.equal(got.zero_points, want.zero_points)
+    assert torch.equal(group_quant.pack_int32(got.codes, fmt.bits), pack_to_int32(want.codes, fmt.bits))
+
+
+def test_group_quant_refuses_a_group_that_does_not_divide_the_row():
+    fmt = QuantFormat(bits=4, group_size=128, symmetric=True, scale_dtype="bf16")
+    with pytest.raises(ValueError, match="does not divide"):
+        group_quant.quantize_weight(torch.zeros(2, 96), fmt)
+    with pytest.raises(ValueError, match="4 and 8 bits"):
+        group_quant.pack_int32(torch.zeros(2, 32, dtype=torch.int8), 3)
+
+
+def _gguf_rows() -> np.ndarray:
+    g = np.random.default_rng(1)
+    x = (g.standard_normal((10, 256)) * 0.1).astype(np.float32)
+    x[0, :32] = 0.0
+    x[0, 32:64] = -0.0
+    x[1, :32] = 0.0
+    x[1, 3], x[1, 7] = 0.5, -0.5  # a tie, + first
+    x[1, 32:64] = 0.0
+    x[1, 40], x[1, 50] = -0.25, 0.25  # a tie, - first
+    x[2, :32] = np.arange(32, dtype=np.float32) * np.float32(127 / 62)  # halves after scaling
+    x[3] *= 1e4
+    x[4, :32] = -np.arange(32, dtype=np.float32)
+    return x
+
+
+@pytest.mark.parametrize("qtype", gguf_legacy.SUPPORTED_TYPES, ids=lambda t: t.name)
+def test_gguf_blocks_equal_libggml_bytes(qtype):
+    x = _gguf_rows()
+    got = gguf_legacy.quantize(torch.from_numpy(x), qtype)
+    assert got.dtype == np.uint8 and np.array_equal(got, gguf_blocks.quantize(x, qtype))
+    bf16 = torch.from_numpy(x).to(torch.bfloat16)  # a bf16 source, cast to float32 in the kernel
+    assert np.array_equal(gguf_legacy.quantize(bf16, qtype), gguf_blocks.quantize(bf16.float().numpy(), qtype))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the kernel's 1/d, before the
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # fallback to the CPU encoder
+def test_gguf_block_with_a_subnormal_scale_goes_to_the_cpu_encoder():
+    x = np.full((1, 64), 1e-40, dtype=np.float32)
+    for qtype in gguf_legacy.SUPPORTED_TYPES:
+        assert np.array_equal(gguf_legacy.quantize(torch.from_numpy(x), qtype), gguf_blocks.quantize(x, qtype))
+    with pytest.raises(ValueError, match="no Triton kernel for Q4_K"):
+        gguf_legacy.quantize(torch.zeros(1, 256), GGMLQuantizationType.Q4_K)
+
+
+def test_every_kernel_compiles_to_a_cubin_for_sm80_and_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    out = subprocess.run(
+        [sys.executable, "-m", "quantizers.kernels.compile", "--json"], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = [json.loads(line) for line in out.stdout.splitlines()]
+    want = {(v.name, arch) for v in kcompile.VARIANTS for arch in kcompile.ARCHS}
+    assert {(r["variant"], r["arch"]) for r in results} == want
+    for r in results:
+        assert r["elf"] and r["cubin_bytes"] > 0, r
+        assert r["target"] == ("sm_90a" if r["arch"] == 90 else f"sm_{r['arch']}"), r
+        assert 0 < r["registers"] <= 255 and r["static_shared"] >= 0 and r["triton_shared"] >= 0, r
+        assert r["fma_f32"] == 0, r  # the floating-point contract: nothing contracted into an FMA
