@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from quantizers.kernels import FP_OPTIONS, gguf_legacy, group_quant
+from quantizers.kernels import FP_OPTIONS, dequant_matmul, gguf_legacy, group_quant
 
 ARCHS = (80, 90)  # A100 (sm_80), H100/H200 (sm_90a)
 WARP = 32
@@ -36,11 +36,13 @@ class Variant:
     fn: object
     signature: dict[str, str]
     constexprs: dict[str, object]
+    exact: bool = True  # a bit-exact kernel: no FMA may appear in it (a matmul's dot products are FMAs)
 
 
 @dataclass(frozen=True)
 class Compiled:
     variant: str
+    exact: bool
     arch: int
     cubin: bytes
     ptx: str
@@ -50,8 +52,8 @@ class Compiled:
     num_warps: int
 
 
-def _variant(name: str, fn, sig: dict[str, str], consts: dict[str, object]) -> Variant:
-    return Variant(name, fn, sig | dict.fromkeys(consts, "constexpr"), consts)
+def _variant(name: str, fn, sig: dict[str, str], consts: dict[str, object], exact: bool = True) -> Variant:
+    return Variant(name, fn, sig | dict.fromkeys(consts, "constexpr"), consts, exact)
 
 
 def _range(dtype: str) -> Variant:
@@ -80,6 +82,20 @@ def _gguf(name: str, fn) -> Variant:
     return _variant(name, fn, sig, consts)
 
 
+def _matmul(kind: str, act: str, bits: int, group: int, zero: bool, k: int = 2048) -> Variant:
+    sig = {"x_ptr": f"*{act}", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*i32", "y_ptr": f"*{act}"}
+    consts = {"K": k, "GROUP": group, "BITS": bits, "HAS_ZERO": bool(zero), "BN": 64, "BK": 64}
+    if kind == "gemm":
+        sig |= {"M": "i32", "N": "i32"}
+        consts |= {"PRECISION": "ieee" if act == "fp32" else "tf32", "DOT_F32": False, "BM": 32}
+        fn = dequant_matmul._gemm
+    else:
+        sig |= {"N": "i32"}
+        fn = dequant_matmul._gemv
+    name = f"{kind}_w{bits}a16[{act}, {'per-channel' if group == k else f'g{group}'}, {'asym' if zero else 'sym'}]"
+    return _variant(name, fn, sig, consts, exact=False)
+
+
 VARIANTS = (
     *(_range(dt) for dt in ("fp32", "bf16", "fp16")),
     *(_codes(dt, zero, 128) for dt in ("bf16", "fp32") for zero in (False, True)),
@@ -87,6 +103,14 @@ VARIANTS = (
     *(_pack(bits) for bits in (4, 8)),
     _gguf("gguf_q8_0", gguf_legacy._q8_0),
     _gguf("gguf_q4_0", gguf_legacy._q4_0),
+    *(
+        _matmul(kind, act, 4, 128, zero)
+        for kind in ("gemm", "gemv")
+        for act in ("bf16", "fp16")
+        for zero in (False, True)
+    ),
+    _matmul("gemm", "fp32", 4, 128, False),
+    *(_matmul(kind, "bf16", 8, 2048, False) for kind in ("gemm", "gemv")),
 )
 
 
@@ -114,7 +138,7 @@ def compile_variant(v: Variant, arch: int) -> Compiled:
     cubin = kernel.asm["cubin"]
     registers, shared = resource_usage(cubin)
     meta = kernel.metadata
-    return Compiled(v.name, arch, cubin, kernel.asm["ptx"], registers, shared, meta.shared, meta.num_warps)
+    return Compiled(v.name, v.exact, arch, cubin, kernel.asm["ptx"], registers, shared, meta.shared, meta.num_warps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +165,7 @@ def summary(c: Compiled) -> dict:
     target = re.search(r"^\.target\s+(\S+)", c.ptx, re.M)
     return {
         "variant": c.variant,
+        "exact": c.exact,
         "arch": c.arch,
         "cubin_bytes": len(c.cubin),
         "elf": c.cubin[:4] == b"\x7fELF",
