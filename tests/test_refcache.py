@@ -367,3 +367,13 @@ def test_cli_refuses_a_cache_folder_and_no_cache_together(tiny, tmp_path):
             ]
         )
     assert exc.value.code == 2
+
+
+def test_a_cache_folder_under_a_file_is_one_error_naming_that_file(tiny, perturbed, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("GEMPORT_CACHE_DIR", str(blocker))
+    assert gemport_main(["validate", str(perturbed), "--reference", str(tiny), "--windows", "1", "--ctx", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"gemport: error: {blocker}: is not a folder"), err
+    assert blocker.read_text() == "x"

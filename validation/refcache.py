@@ -475,8 +475,11 @@ def prepare_cache(
     """(the cache file, True when computed now): an existing valid file is reused; a missing one is
     computed; an invalid one is logged as a warning and recomputed."""
     reference = Path(reference)
-    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
-        raise OutputError("is not a folder (the reference cache is a folder of files)", cache_dir)
+    for folder in (Path(cache_dir), *Path(cache_dir).parents):  # the first one that exists must be a folder
+        if folder.exists():
+            if not folder.is_dir():
+                raise OutputError(f"is not a folder, so the reference cache {cache_dir} cannot be made", folder)
+            break
     evaluation = split_text(load_text(corpus))[0]
     key = cache_key(reference, evaluation, n_ctx, n_windows, Path(cache_dir))
     path = cache_path(Path(cache_dir), key)
@@ -496,8 +499,8 @@ def prepare_cache(
 def ensure_cache(
     reference: str | Path, corpus: str | Path | None, n_ctx: int, n_windows: int, cache_dir: str | Path
 ) -> Path:
-    """The cache file of (reference, corpus, n_ctx, n_windows) in ``cache_dir``, computed when missing or
-    invalid (the reference loaded, every window run and written, the reference freed)."""
+    """The cache file of a reference, corpus, ctx and window count in a cache folder, computed when missing
+    or invalid: the reference streamed one decoder layer at a time, every window written."""
     return prepare_cache(reference, corpus, n_ctx, n_windows, cache_dir)[0]
 
 

@@ -152,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(summary(c)))
                 continue
+            fma = "" if not c.exact else f", {c.ptx.count('fma.rn.f32')} FMA (bit-exact kernel: must be 0)"
             print(
-                f"sm_{arch} {c.variant}: {len(c.cubin)} B cubin, {c.registers} registers, "
-                f"{c.static_shared} B static + {c.triton_shared} B Triton shared, {c.num_warps} warps"
+                f"{summary(c)['target']} {c.variant}: {len(c.cubin)} B cubin, {c.registers} registers, "
+                f"{c.static_shared} B static + {c.triton_shared} B Triton shared, {c.num_warps} warps{fma}"
             )
     return 0
 
