@@ -1150,6 +1150,15 @@ def _loader(values: dict, entry: dict, shape: tuple[int, ...], file: Path):
     def array(name: str, kinds: tuple[str, ...]) -> np.ndarray:
         if name not in values:
             raise CheckpointError(f"initializer {name} is missing", file)
+        # The stored type first: onnx_ir allocates a 4-bit tensor from its dims before it looks at the
+        # data, so a lying 4-bit initializer would take unbounded memory (tests/fuzz finding).
+        stored = _ONNX_TYPES.get(values[name].data_type)
+        if stored not in kinds:
+            raise CheckpointError(
+                f"initializer {name} is stored as {_onnx_type_name(values[name].data_type)}, expected "
+                f"{' or '.join(kinds)}",
+                file,
+            )
         try:
             out = ir.serde.deserialize_tensor(values[name], file.parent).numpy()
         except MemoryError:
@@ -1189,6 +1198,18 @@ def _loader(values: dict, entry: dict, shape: tuple[int, ...], file: Path):
 
 
 _FLOATS = ("float32", "float16", "bfloat16")
+# TensorProto.DataType numbers of the types the reader takes, as numpy names (ref: onnx/onnx.proto3,
+# TensorProto.DataType: FLOAT 1, UINT8 2, FLOAT16 10, BFLOAT16 16)
+_ONNX_TYPES = {1: "float32", 2: "uint8", 10: "float16", 16: "bfloat16"}
+
+
+def _onnx_type_name(data_type: int) -> str:
+    import onnx
+
+    try:
+        return onnx.TensorProto.DataType.Name(data_type)
+    except ValueError:
+        return f"data type {data_type}"
 
 
 def _dequantize(packed, scales, zero_points, bits: int, block: int, k: int, name: str = "", file: Path | None = None):

@@ -235,3 +235,25 @@ def test_jax_parameter_ranks_are_checked(models, tmp_path, shape):
     tree["transformer/embedder"]["input_embedding"][0] = shape
     with pytest.raises(CheckpointError, match="input_embedding"):
         _read_tree(folder, tree)
+
+
+def _retype(name_part: str, data_type: int):
+    """Store the first initializer whose name holds ``name_part`` as ``data_type`` with dims of 2**40."""
+
+    def edit(model) -> None:
+        t = next(t for t in model.graph.initializer if name_part in t.name)
+        t.data_type = data_type
+        del t.dims[:]
+        t.dims.extend([1 << 20, 1 << 20])
+
+    return edit
+
+
+# onnx.TensorProto.DataType: UINT4 21, INT4 22, FLOAT4E2M1 23, INT8 3, DOUBLE 11, and one that does not exist
+@pytest.mark.parametrize("data_type", [21, 22, 23, 3, 11, 999])
+@pytest.mark.parametrize("which", ["input_layernorm.weight", ".qweight", ".scales"])
+def test_onnx_initializer_of_another_stored_type_is_refused_before_it_is_read(models, tmp_path, data_type, which):
+    folder = _copy(models["onnx-gemma3-int4"], tmp_path / "onnx")
+    _edit_onnx(folder, _retype(which, data_type))
+    with pytest.raises(CheckpointError, match=r"model\.onnx: initializer .* is stored as .*, expected"):
+        targets.load_all(onnx.read(folder))
