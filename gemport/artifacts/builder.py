@@ -97,8 +97,11 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
-def _run(argv: list[str], shown: list[str], log_path: Path, running: set | None = None, lock=None) -> Step:
-    """Run ``argv`` with its output in ``log_path``; ``running`` holds the child while it runs."""
+def _run(
+    argv: list[str], shown: list[str], log_path: Path, running: set | None = None, lock=None, stopped=None
+) -> Step:
+    """Run ``argv`` with its output in ``log_path``; ``running`` holds the child while it runs. A child
+    registered once ``stopped()`` is true (a stop that came while it was being started) is killed at once."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with open(log_path, "wb") as out:
@@ -106,6 +109,8 @@ def _run(argv: list[str], shown: list[str], log_path: Path, running: set | None 
         if running is not None:
             with lock:
                 running.add(child)
+                if stopped is not None and stopped():  # stop() ran between the caller's check and here
+                    child.kill()
         try:
             _, status, usage = os.wait4(child.pid, 0)
         except BaseException:
@@ -288,7 +293,7 @@ class Build:
         with self.lock:
             if self.stopping:
                 raise Interrupted
-        step = _run(argv, shown, log_path, self.children, self.lock)
+        step = _run(argv, shown, log_path, self.children, self.lock, lambda: self.stopping)
         if step.exit_code in (130, -signal.SIGINT):  # the child got the Ctrl-C of its terminal
             self.stop()
         if self.stopping:
