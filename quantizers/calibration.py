@@ -144,6 +144,16 @@ def embed(ckpt: Checkpoint, ids: torch.Tensor) -> torch.Tensor:
     return out * torch.tensor(ckpt.spec.embed_scale, dtype=torch.float32)
 
 
+def final_norm(ckpt: Checkpoint, hidden: torch.Tensor) -> torch.Tensor:
+    """Gemma's final RMSNorm ``x * rsqrt(mean(x^2) + eps) * (1 + w)`` over the last axis, in float32
+    (ref: transformers GemmaRMSNorm.forward, which computes in float32)."""
+    import torch
+
+    w = ckpt.tensors["model.norm.weight"].load().to(torch.float32)
+    x = hidden.to(torch.float32)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + ckpt.spec.rms_eps) * (1.0 + w)
+
+
 def layer_kwargs(ckpt: Checkpoint, config, n_ctx: int) -> list[dict[str, Any]]:
     """Per layer: the rotary embeddings, mask and positions transformers' model passes to it
     (ref: ``Gemma*Model.forward``); batch dimension 1, broadcast over windows."""

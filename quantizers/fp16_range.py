@@ -134,7 +134,7 @@ def activation_peaks(ckpt: Checkpoint, config: ProbeConfig | None = None) -> Pea
         if item.index == 0:
             record(GLOBAL, "embedding", item.hidden)
         _hook(item.layer, ckpt.spec.family, lambda point, v, i=item.index: record(i, point, v))
-    record(GLOBAL, "final_norm", _final_norm(ckpt, final[0]))
+    record(GLOBAL, "final_norm", cal.final_norm(ckpt, final[0]))
     return peaks
 
 
@@ -167,15 +167,6 @@ def _hook(layer, family: str, record: Callable[[str, torch.Tensor], None]) -> No
             record(out_point, output)
 
         modules[name].register_forward_hook(hook)
-
-
-def _final_norm(ckpt: Checkpoint, hidden: torch.Tensor) -> torch.Tensor:
-    """Gemma's RMSNorm ``x / rms(x) * (1 + w)`` in float32 (ref: transformers GemmaRMSNorm.forward)."""
-    import torch
-
-    w = ckpt.tensors["model.norm.weight"].load().to(torch.float32)
-    x = hidden.to(torch.float32)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + ckpt.spec.rms_eps) * (1.0 + w)
 
 
 def worst(peaks: Peaks, points: Iterable[str]) -> tuple[int, str, float] | None:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from gemport.checkpoint import Checkpoint, LazyTensor, torch_dtype
 from gemport.errors import UnsupportedError
 from gemport.progress import progress
-from quantizers.calibration import CalibrationConfig, LayerInputs, stream_layers
+from quantizers.calibration import CalibrationConfig, LayerInputs, final_norm, stream_layers
 from quantizers.record import SCALE_DTYPES, QuantFormat, QuantizedTensor
 from quantizers.rtn import check_bits_and_group, quantize_weight
 
@@ -464,12 +464,9 @@ def _final_norm_mean_square(ckpt: Checkpoint, hidden: torch.Tensor):
     (Gemma RMSNorm in float32, ref: transformers ``GemmaRMSNorm.forward``)."""
     import torch
 
-    weight = ckpt.tensors["model.norm.weight"].load().to(torch.float32)
     acc = torch.zeros(hidden.shape[-1], dtype=torch.float64)
     for h in hidden.split(1):
-        x = h.reshape(-1, h.shape[-1]).to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + ckpt.spec.rms_eps) * (1.0 + weight)
-        acc += x.double().square().sum(0)
+        acc += final_norm(ckpt, h.reshape(-1, h.shape[-1])).double().square().sum(0)
     return (acc / (hidden.shape[0] * hidden.shape[1])).to(torch.float32).numpy()
 
 

@@ -57,7 +57,7 @@ class StreamedReference:
         The decoder layers run once over all windows before the first window is yielded."""
         import torch
 
-        from quantizers.calibration import CalibrationConfig, stream_layers
+        from quantizers.calibration import CalibrationConfig, final_norm, stream_layers
 
         ids = torch.tensor(windows, dtype=torch.long)
         if ids.numel() and int(ids.max()) >= self.vocab_size:
@@ -69,21 +69,12 @@ class StreamedReference:
         with progress(label, total=spec.num_layers, unit="layers") as advance:
             for _ in stream_layers(self.ckpt, config, ids=ids, final=final.append):
                 advance()
-        hidden = self._final_norm(final.pop()[:, first : first + count])
+        hidden = final_norm(self.ckpt, final.pop()[:, first : first + count])
         head = self.ckpt.tensors.get("lm_head.weight", self.ckpt.tensors["model.embed_tokens.weight"])
         for h in hidden:
             with stage(f"LM head over {self.vocab_size} rows"):
                 logits = self._head(h, head, spec.final_softcap).numpy()
             yield logits
-
-    def _final_norm(self, hidden):
-        """Gemma's RMSNorm in float32, ``x * rsqrt(mean(x^2) + eps) * (1 + w)`` (ref: transformers
-        GemmaRMSNorm.forward, which computes in float32 and casts the result to the input dtype)."""
-        import torch
-
-        w = self.ckpt.tensors["model.norm.weight"].load().to(torch.float32)
-        x = hidden.to(torch.float32)
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.ckpt.spec.rms_eps) * (1.0 + w)
 
     def _head(self, h, head, softcap: float | None):
         """[rows, vocab] float32 logits ``h @ head.T``, a block of ``head`` rows (CHUNK_VALUES values) at a time."""
