@@ -19,8 +19,13 @@ GEMMA_REQS := requirements/gemma-runtime.txt
 MODELOPT_VENV := build/modelopt-venv
 MODELOPT_STAMP := $(MODELOPT_VENV)/.installed
 MODELOPT_REQS := requirements/modelopt-runtime.txt
+# keras-hub (Keras 3, JAX backend), the runtime that validates Keras presets, in its own venv: it pins its own
+# jax and keras. The pins (the whole installed set, without TensorFlow) are in KERAS_REQS.
+KERAS_VENV := build/keras-venv
+KERAS_STAMP := $(KERAS_VENV)/.installed
+KERAS_REQS := requirements/keras-runtime.txt
 
-.PHONY: venv demo artifacts demo-model llamacpp-src gemma-venv modelopt-venv test lint bench fuzz clean
+.PHONY: venv demo artifacts demo-model llamacpp-src gemma-venv modelopt-venv keras-venv test lint bench fuzz clean
 
 venv: $(STAMP)
 
@@ -67,6 +72,16 @@ $(MODELOPT_STAMP): $(MODELOPT_REQS)
 	$(MODELOPT_VENV)/bin/python -I -W ignore -c "import modelopt.torch.export as e, modelopt.torch.quantization as q, torch, transformers; e.export_tensorrt_llm_checkpoint; q.INT4_AWQ_CFG; transformers.GemmaForCausalLM; assert torch.version.cuda is None, torch.__version__"
 	touch $@
 
+keras-venv: $(KERAS_STAMP)
+
+# --no-deps: the requirements file is the complete set (no tensorflow-text, no TensorFlow; see its header).
+$(KERAS_STAMP): $(KERAS_REQS)
+	rm -rf $(KERAS_VENV)
+	$(PYTHON) -m venv $(KERAS_VENV)
+	$(KERAS_VENV)/bin/pip install --quiet --no-deps --prefer-binary -r $(KERAS_REQS)
+	KERAS_BACKEND=jax JAX_PLATFORMS=cpu $(KERAS_VENV)/bin/python -I -c "import keras, keras_hub; assert keras.backend.backend() == 'jax'; keras_hub.models.GemmaCausalLM; keras_hub.models.Gemma3CausalLM; import sentencepiece, h5py"
+	touch $@
+
 # Four artifacts of the demo model, each validated in its runtime: the table, then build/demo/report.png.
 demo: demo-model
 	$(BIN)/gemport build recipes/demo.toml --out build/demo
@@ -76,7 +91,7 @@ RECIPE ?= recipes/gemma-3-270m.toml
 artifacts: demo-model gemma-venv
 	$(BIN)/gemport build $(RECIPE) $(if $(OUT),--out $(OUT))
 
-test: demo-model llamacpp-src gemma-venv modelopt-venv
+test: demo-model llamacpp-src gemma-venv modelopt-venv keras-venv
 	$(BIN)/ruff check gemport converters quantizers validation tests bench
 	$(BIN)/python -m pytest -q -ra
 
