@@ -682,6 +682,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="no default KLD bound: only the gates given (NaN or infinite scores still fail)",
     )
     s.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the candidate runs: cpu (default), its format's own runtime; cuda, gemport's Triton "
+        "W4A16/W8A16 kernels in every projection, reading the stored int4/int8 weights (compressed-tensors "
+        "folders, TensorRT-LLM W4A16_AWQ/W4A16/W8A16 checkpoints), never a dequantized float copy; on the CPU "
+        "through Triton's interpreter with TRITON_INTERPRET=1 (slow). The reference stays the fp32 CPU one",
+    )
+    s.add_argument(
         "--json",
         dest="json_out",
         type=Path,
@@ -1273,6 +1282,7 @@ def cmd_validate(args) -> int:
         max_ppl_delta=args.max_ppl_delta,
         max_kld=args.max_kld,
         default_gates=not args.no_default_gates,
+        device=args.device,
         reference_cache=None if args.no_reference_cache else args.reference_cache or refcache.default_dir(),
     )
     print(report.table(), file=sys.stderr if to_stdout else sys.stdout)

@@ -92,6 +92,7 @@ def validate(
     max_kld: float | None = None,
     default_gates: bool = True,
     reference_cache: str | Path | None = None,
+    device: str = "cpu",
 ) -> Report:
     """Perplexity, delta-ppl %, KLD and top-1 of ``candidate`` (run by its format's runtime) vs ``reference``.
 
@@ -101,12 +102,16 @@ def validate(
 
     With ``reference_cache`` (a folder), the reference's log-probs come from its cache file
     (validation/refcache.py), computed first (and the reference freed) when missing or invalid: the
-    candidate is then scored without loading the reference or tokenizing the corpus."""
+    candidate is then scored without loading the reference or tokenizing the corpus.
+
+    ``device`` "cuda" scores the candidate with gemport's Triton kernels in every projection
+    (validation/runtimes/triton_kernels.py); UnsupportedError before anything runs when its format has no
+    kernel runtime or the kernels cannot run here."""
     candidate, reference = Path(candidate), Path(reference)
     _check_options(n_ctx, n_windows, {"--max-kld": max_kld, "--max-ppl-delta": max_ppl_delta})
     with stage(f"reading {candidate.name}"):
         fmt = registry.detect(candidate)
-        check_supported(fmt, candidate)
+        check_supported(fmt, candidate, device)
         if registry.detect(reference) != "hf":
             raise InputError("the reference must be a Hugging Face checkpoint folder", reference)
         kind = artifact_kind(candidate, fmt)
@@ -136,7 +141,7 @@ def validate(
         log.warning("%s", warnings[-1])
 
     with stage(f"loading {candidate.name}"):
-        cand_rt = runtime_for(candidate, fmt)
+        cand_rt = runtime_for(candidate, fmt, device)
     for note in getattr(cand_rt, "notes", ()):  # where the candidate's runtime departs from the reference's
         warnings.append(note)
         log.warning("%s", note)
