@@ -341,6 +341,13 @@ def _add_awq_options(s: argparse.ArgumentParser) -> None:
         help="gptq: quantize columns left to right instead of by decreasing Hessian diagonal",
     )
     s.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="gptq: where the calibration passes and the GPTQ loop run: cpu (default), or cuda, the GPU with "
+        "gemport's Triton kernel for each block of columns (compressed-tensors' grids, not --to gguf); on the "
+        "CPU through Triton's interpreter with TRITON_INTERPRET=1 (slow)",
+    )
+    s.add_argument(
         "--grid",
         type=_positive,
         metavar="N",
@@ -1114,7 +1121,7 @@ def _quantize_to_gguf(args, ckpt, method: functools.partial) -> int:
         raise UnsupportedError("--embedding-bits applies to --to hf; with --to gguf, --quant sets the embedding's type")
     imatrix = None
     if args.method == "gptq":
-        quantized = gptq.quantize_gguf(ckpt, method.keywords["config"], quant)
+        quantized = gptq.quantize_gguf(ckpt, method.keywords["config"], quant, device=method.keywords["device"])
         imatrix = quantized.extra["gguf.imatrix"]
     elif args.method == "awq":
         quantized = awq.quantize(ckpt, method.keywords["config"], as_records=False)
@@ -1136,6 +1143,7 @@ def _check_method_options(args) -> None:
         "--duo-scaling": ("awq",),
         "--damp": ("gptq",),
         "--no-act-order": ("gptq",),
+        "--device": ("gptq",),
         "--embedding-bits": ("rtn",),
         "--full-range": ("rtn",),
     }
@@ -1143,6 +1151,12 @@ def _check_method_options(args) -> None:
         value = getattr(args, flag.removeprefix("--").replace("-", "_"))
         if value not in (None, False) and args.method not in methods:
             raise UnsupportedError(f"{flag} applies to --method {' and '.join(methods)}, not {args.method}")
+    if args.device == "cuda":
+        from quantizers.gptq import kernel_device
+
+        if args.dst_format == "gguf":
+            raise UnsupportedError("--device cuda applies to compressed-tensors' grids, not --to gguf's block types")
+        kernel_device("cuda")  # no CUDA device and no interpreter: refused before the model is read
 
 
 def _calibration(args):
@@ -1207,7 +1221,7 @@ def _gptq_method(args) -> functools.partial:
         )
     except ValueError as exc:
         raise _config_error(exc) from None
-    return functools.partial(quantize, config=config)
+    return functools.partial(quantize, config=config, device=args.device or "cpu")
 
 
 def _importance(args, src_fmt: str):

@@ -217,6 +217,19 @@ def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, An
         return torch.cat([layer(h, **kwargs) for h in hidden.split(batch)])
 
 
+def _to_device(value: Any, device: str) -> Any:
+    """``value`` with every tensor in it (nested tuples, lists, dicts) on ``device``."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
 @dataclass
 class LayerInputs:
     """Decoder layer ``index`` (float32 transformers module), its input hidden states
@@ -235,21 +248,23 @@ def stream_layers(
     ids: torch.Tensor | None = None,
     quantized_outputs: bool = False,
     final: Callable[[torch.Tensor], None] | None = None,
+    device: str = "cpu",
 ) -> Iterator[LayerInputs]:
     """Yield each decoder layer with its calibration inputs, in order. The next layer's inputs are
     this layer's outputs as loaded (computed before yielding, so a caller may change the layer in
     place, as AutoAWQ propagates the unquantized layer's outputs; ref: AutoAWQ quantizer.py
     ``_get_input_feat``), or with ``quantized_outputs`` its outputs after the caller changed it (as
     GPTQ propagates the quantized layer's; ref: IST-DASLab/gptq llama.py ``llama_sequential``).
-    ``final`` receives the last layer's outputs (the final norm's input)."""
+    ``final`` receives the last layer's outputs (the final norm's input), on the CPU. ``device``: the
+    torch device the layers, their inputs and keyword arguments are moved to (e.g. "cuda")."""
     if ids is None:
         ids = calibration_ids(ckpt, config)
     hf = hf_config(ckpt)
-    per_layer = layer_kwargs(ckpt, hf, ids.shape[1])
-    hidden = embed(ckpt, ids)
+    per_layer = [_to_device(kwargs, device) for kwargs in layer_kwargs(ckpt, hf, ids.shape[1])]
+    hidden = embed(ckpt, ids).to(device)
     batch = forward_batch(config.batch, ids.shape[1], ckpt.spec.intermediate_size)
     for index in range(ckpt.spec.num_layers):
-        layer = load_layer(ckpt, hf, index)
+        layer = load_layer(ckpt, hf, index).to(device)
         if not quantized_outputs:
             output = run_layer(layer, hidden, per_layer[index], batch)
         yield LayerInputs(index, layer, hidden, per_layer[index], batch)
@@ -258,5 +273,5 @@ def stream_layers(
         hidden = output
         del layer
     if final is not None:
-        final(hidden)
+        final(hidden.cpu())
     log.info("calibration: %d windows of %d tokens through %d layers", ids.shape[0], ids.shape[1], index + 1)

@@ -116,7 +116,7 @@ class MinMaxGrid:
 
         record = quantize_weight(x, replace(fmt, group_size=None))
         zero = record.zero_points
-        zero = torch.zeros(x.shape[0]) if zero is None else zero[:, 0].to(torch.float32)
+        zero = torch.zeros(x.shape[0], device=x.device) if zero is None else zero[:, 0].to(torch.float32)
         return cls(record.scales[:, 0].to(torch.float32), zero, *fmt.code_range())
 
     def round(self, column: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,6 +134,7 @@ def gptq_weight(
     config: GPTQConfig,
     consume: bool = False,
     out: torch.Tensor | None = None,
+    device: str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor, list[Grid]]:
     """GPTQ of ``w [rows, n]`` with Hessian ``h [n, n]`` on groups of ``width`` columns fitted by
     ``fit(columns, first column index)``: (levels [rows, n] int8, values [rows, n] float32, one
@@ -143,9 +144,16 @@ def gptq_weight(
     n x n matrix in memory, 2.4 GB for a 24576-wide down_proj. ``out`` (float32 [rows, n]; it may
     be ``w`` itself, read before it is written) receives the values instead of a new tensor. Beside
     ``h`` the pass holds one float32 working copy of ``w`` and the int8 levels.
+
+    ``device="cuda"`` runs the whole pass on the Triton kernels' device (quantizers.kernels.device():
+    the GPU, or the CPU under TRITON_INTERPRET=1), see ``_gptq_weight_kernels``; it takes min-max
+    grids only (``MinMaxGrid.fit``) and returns its results on ``w``'s device.
     """
     import torch
 
+    if device != "cpu":
+        kernel_device(device)
+        return _gptq_weight_kernels(w, h, fit, width, config, out)
     h = h.to(torch.float32).contiguous() if consume else h.to(torch.float32, copy=True).contiguous()
     with _one_thread():
         return _gptq_weight(w, h, fit, width, config, out)
@@ -184,24 +192,172 @@ def _gptq_weight(w, h, fit, width, config, out):
     u = _inverse_cholesky(h, config.damp)
     levels = torch.zeros(rows, n, dtype=torch.int8)
     values = torch.zeros(rows, n) if out is None else out
-    block = config.block_size if static else max(config.block_size, width) // width * width
+    block = _block_size(config, static, width)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        w1, err = work[:, i1:i2].clone(), torch.zeros(rows, i2 - i1)
-        u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            if col % width == 0 and not static:
-                # blocks hold whole groups: the group's columns as updated so far, all in w1
-                grids[col // width] = fit(w1[:, i : i + width], col)
-            lv, q = grids[col // width].round(w1[:, i], col % width)
-            # written at the natural column: no permuted copy to undo at the end
-            levels[:, col], values[:, col] = lv, q
-            e = (w1[:, i] - q) / u1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            err[:, i] = e
+        err = _quantize_block(work, u, perm, i1, i2, grids, fit, width, static, levels, values)
         work[:, i2:].addmm_(err, u[i1:i2, i2:], alpha=-1)  # in place: no [rows, n] temporary
     return levels, values, grids
+
+
+def _block_size(config: GPTQConfig, static: bool, width: int) -> int:
+    """Columns per lazy block: ``block_size``, or with groups fitted on the fly whole groups."""
+    return config.block_size if static else max(config.block_size, width) // width * width
+
+
+def _quantize_block(work, u, perm, i1, i2, grids, fit, width, static, levels, values):
+    """Columns ``[i1, i2)`` of ``work`` (processing order) rounded one by one, each one's error spread
+    over the block's later columns; levels and values written at the natural columns (``perm``), the
+    grids of groups starting in the block fitted when reached (unless ``static``). Returns the errors
+    [rows, i2 - i1]. The CPU reference of the Triton kernel quantizers/kernels/gptq_block.py."""
+    import torch
+
+    w1, err = work[:, i1:i2].clone(), torch.zeros(work.shape[0], i2 - i1)
+    u1 = u[i1:i2, i1:i2]
+    for i in range(i2 - i1):
+        col = int(perm[i1 + i])
+        if col % width == 0 and not static:
+            # blocks hold whole groups: the group's columns as updated so far, all in w1
+            grids[col // width] = fit(w1[:, i : i + width], col)
+        lv, q = grids[col // width].round(w1[:, i], col % width)
+        # written at the natural column: no permuted copy to undo at the end
+        levels[:, col], values[:, col] = lv, q
+        e = (w1[:, i] - q) / u1[i, i]
+        w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+        err[:, i] = e
+    return err
+
+
+DEVICES = ("cpu", "cuda")
+MAX_KERNEL_BLOCK = 256  # the kernel holds a [rows, block] tile in registers
+
+
+def kernel_device(device: str) -> str:
+    """The torch device GPTQ runs on for ``device`` ("cpu", or "cuda": the Triton kernels' device, the
+    CPU under TRITON_INTERPRET=1); UnsupportedError where the kernels cannot run."""
+    if device not in DEVICES:
+        raise UnsupportedError(f"GPTQ runs on {' or '.join(DEVICES)}, not {device!r}")
+    if device == "cpu":
+        return "cpu"
+    from quantizers import kernels
+
+    try:
+        kernels.check_available()
+    except RuntimeError as exc:
+        raise UnsupportedError(f"GPTQ on cuda: {exc}") from None
+    return kernels.device()
+
+
+def _gptq_weight_kernels(w, h, fit, width, config, out):
+    """``_gptq_weight`` on the kernels' device: the same steps, the Hessian's inverse Cholesky factor
+    by torch.linalg (``_inverse_cholesky_torch``), each block's columns by the Triton kernel
+    (quantizers/kernels/gptq_block.py), the update of the later columns by a (cuBLAS) matmul.
+    Grids must be MinMaxGrid (fitted in torch on the device); results on ``w``'s device."""
+    import torch
+
+    from quantizers import kernels
+
+    dev = kernels.device()
+    home = w.device
+    rows, n = w.shape
+    h = h.to(dev, torch.float32, copy=True)
+    wd = w.to(dev)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    static = config.act_order or width >= n
+    grids: list[Grid | None] = [None] * (n // width)
+    if static:
+        grids = [fit(_zeroed(wd[:, g : g + width], dead[g : g + width]), g) for g in range(0, n, width)]
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if config.act_order else torch.arange(n)
+    perm = perm.to(dev)
+    work = wd[:, perm].to(torch.float32).contiguous()
+    work[:, dead[perm]] = 0
+    del wd
+    if config.act_order:
+        h = h[perm][:, perm]
+    u = _inverse_cholesky_torch(h, config.damp)
+    del h
+    levels, values = _kernel_blocks(work, u, perm, grids, fit, width, static, _block_size(config, static, width))
+    grids = [_grid_on(g, home) for g in grids]
+    if out is not None:
+        out.copy_(values)
+        values = out
+    return levels.to(home), values.to(home), grids
+
+
+def _kernel_blocks(work, u, perm, grids, fit, width, static, block):
+    """The block loop of ``_gptq_weight`` with ``_quantize_block`` done by the Triton kernel: ``work``
+    (float32 [rows, n], processing order; overwritten) and ``u`` on the kernels' device, ``grids`` the
+    static MinMaxGrids (filled in here otherwise). Returns (levels int8, values float32) [rows, n]."""
+    import torch
+
+    from quantizers.kernels import gptq_block
+
+    if block > MAX_KERNEL_BLOCK:
+        raise UnsupportedError(f"GPTQ on cuda takes lazy blocks of at most {MAX_KERNEL_BLOCK} columns, not {block}")
+    rows, n = work.shape
+    dev = work.device
+    scale = torch.zeros(n // width, rows, device=dev)
+    zero = torch.zeros(n // width, rows, device=dev)
+    qmin = qmax = None
+
+    def table(g: int, grid: Grid) -> None:
+        nonlocal qmin, qmax
+        if not isinstance(grid, MinMaxGrid):
+            raise UnsupportedError("GPTQ on cuda rounds onto min-max grids only (not GGUF block grids)")
+        scale[g], zero[g], qmin, qmax = grid.scale, grid.zero, grid.qmin, grid.qmax
+
+    if static:
+        for g, grid in enumerate(grids):
+            table(g, grid)
+    cols = perm.to(torch.int32).contiguous()
+    groups = (perm // width).to(torch.int32).contiguous()
+    levels = torch.zeros(rows, n, dtype=torch.int8, device=dev)
+    values = torch.zeros(rows, n, device=dev)
+    u = u.contiguous()
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        err = torch.empty(rows, i2 - i1, device=dev)
+        segments = [(0, i2 - i1)] if static else [(s, s + width) for s in range(0, i2 - i1, width)]
+        for start, stop in segments:
+            if not static:  # natural order: position i1 + start is column i1 + start, a group's first
+                g = (i1 + start) // width
+                grids[g] = fit(work[:, i1 + start : i1 + stop], i1 + start)
+                table(g, grids[g])
+            gptq_block.quantize_columns(
+                work, u, scale, zero, groups, cols, levels, values, err, i1, start, stop, qmin, qmax
+            )
+        work[:, i2:].addmm_(err, u[i1:i2, i2:], alpha=-1)
+    return levels, values
+
+
+def _grid_on(grid: MinMaxGrid, device) -> MinMaxGrid:
+    return replace(grid, scale=grid.scale.to(device), zero=grid.zero.to(device))
+
+
+def _inverse_cholesky_torch(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """``_inverse_cholesky`` in torch.linalg on ``h``'s device (a new matrix; ``h`` is not changed):
+    with J the index reversal, ``J A J = L L^T`` and ``U = J L^-1 J``, damp raised tenfold while A is
+    not positive definite."""
+    import torch
+
+    n = h.shape[0]
+    diag = torch.diagonal(h).clone()
+    mean = diag.double().mean().to(torch.float32)
+    eye = torch.eye(n, device=h.device)
+    for attempt in range(MAX_DAMP_RETRIES + 1):
+        d = damp * 10**attempt
+        a = h.flip(0, 1)
+        a.diagonal().copy_(diag.flip(0) + torch.tensor(d, dtype=torch.float32) * mean)
+        lower, info = torch.linalg.cholesky_ex(a)
+        del a
+        if int(info) == 0:
+            inverse = torch.linalg.solve_triangular(lower, eye, upper=False)
+            if bool(torch.isfinite(inverse).all()):
+                if attempt:
+                    log.warning("GPTQ: Hessian needed damp %.3g to be positive definite", d)
+                return inverse.flip(0, 1)
+    raise UnsupportedError(f"GPTQ: the Hessian is not positive definite even with damp {d:g}")
 
 
 def _zeroed(x: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
@@ -328,7 +484,7 @@ def stage_hessian(item: LayerInputs, name: str) -> torch.Tensor:
 
     module = item.layer.get_submodule(name)
     n = module.weight.shape[1]
-    acc = {"h": torch.zeros(n, n), "tokens": 0}
+    acc = {"h": torch.zeros(n, n, device=module.weight.device), "tokens": 0}
 
     def hook(_module, args):
         x = args[0].detach().reshape(-1, n).to(torch.float32)
@@ -375,11 +531,14 @@ def quantize_layer(item: LayerInputs, quantize_one: QuantizeOne) -> dict[str, An
     return results
 
 
-def quantize(ckpt: Checkpoint, config: GPTQConfig) -> Checkpoint:
+def quantize(ckpt: Checkpoint, config: GPTQConfig, device: str = "cpu") -> Checkpoint:
     """``ckpt`` with every decoder projection as a GPTQ record (compressed-tensors' grid).
 
     ``extra["quantization"]`` records the method, the config and every tensor left unquantized.
+    ``device="cuda"``: the calibration forward passes, Hessians and GPTQ passes on the GPU (the Triton
+    kernels' device; the CPU under TRITON_INTERPRET=1); the records are moved to the CPU.
     """
+    kernel_device(device)
 
     def one(prefix: str, proj: str, w: torch.Tensor, h: torch.Tensor) -> tuple[QuantizedTensor, torch.Tensor]:
         dtype = ckpt.tensors[f"{prefix}{proj}.weight"].dtype
@@ -387,16 +546,19 @@ def quantize(ckpt: Checkpoint, config: GPTQConfig) -> Checkpoint:
         width = fmt.group_size or w.shape[1]
         _round_in_place(w, dtype)
         fit = functools.partial(MinMaxGrid.fit, fmt=fmt)
-        levels, values, grids = gptq_weight(w, h, fit, width, config, consume=True, out=w)
-        return record_from(levels, grids, fmt), values  # values == record.dequantize("f32") (tested)
+        levels, values, grids = gptq_weight(w, h, fit, width, config, consume=True, out=w, device=device)
+        record = record_from(levels.cpu(), [_grid_on(g, "cpu") for g in grids], fmt)
+        return record, values  # values == record.dequantize("f32") (tested)
 
     def attach(t: LazyTensor, record: QuantizedTensor) -> LazyTensor:
         return replace(t, quant=record.format, raw=None, load=functools.partial(_same, record))
 
-    return run(ckpt, config, one, attach, {"method": "gptq", "config": asdict(config)})
+    return run(ckpt, config, one, attach, {"method": "gptq", "config": asdict(config)}, device=device)
 
 
-def quantize_gguf(ckpt: Checkpoint, config: GPTQConfig, quant: str, pure: bool = False) -> Checkpoint:
+def quantize_gguf(
+    ckpt: Checkpoint, config: GPTQConfig, quant: str, pure: bool = False, device: str = "cpu"
+) -> Checkpoint:
     """``ckpt`` with every decoder projection as GPTQ-optimised blocks of the GGML type that
     converters.gguf_writer gives it for whole-file type ``quant`` (e.g. q4_k_m: Q4_K, Q6_K, and the
     32-block fallbacks Q5_0/Q8_0 where rows are not a multiple of 256), fitted with ``diag H / 2``
@@ -408,6 +570,9 @@ def quantize_gguf(ckpt: Checkpoint, config: GPTQConfig, quant: str, pure: bool =
     every projection's input, and of the tied LM head's (the final norm's output, which
     llama-imatrix cannot record), is returned by GGUF name in ``extra["gguf.imatrix"]`` for the
     writer to quantize the remaining tensors with (token_embd).
+
+    Only ``device="cpu"``: llama.cpp's block grids (quantizers.gguf_grid) round in numpy, and the GPU
+    kernel rounds onto min-max grids (UnsupportedError otherwise).
     """
     import numpy as np
     import torch
@@ -415,6 +580,10 @@ def quantize_gguf(ckpt: Checkpoint, config: GPTQConfig, quant: str, pure: bool =
     from converters.gguf_writer import tensor_plans
     from quantizers import gguf_grid
 
+    if device != "cpu":
+        raise UnsupportedError(
+            f"GPTQ to GGUF block types runs on the CPU only (llama.cpp's block grids), not on {device}"
+        )
     plans = tensor_plans(ckpt, quant, pure, has_imatrix=True)
     found: dict[str, np.ndarray] = {}
 
@@ -490,16 +659,19 @@ def run(
     attach: Callable[[LazyTensor, Any], LazyTensor],
     manifest: dict[str, Any],
     final: Callable[[torch.Tensor], None] | None = None,
+    device: str = "cpu",
 ) -> Checkpoint:
     """The layer loop shared by the record and GGUF outputs: ``one(prefix, proj, w, h)`` quantizes a
-    weight, ``attach(tensor, result)`` makes its LazyTensor; ``final`` gets the last layer's outputs."""
+    weight, ``attach(tensor, result)`` makes its LazyTensor; ``final`` gets the last layer's outputs.
+    The layers run on ``device``'s torch device (``kernel_device``)."""
     if ckpt.quantized():
         raise UnsupportedError("the checkpoint is already quantized", ckpt.source)
     if "gguf_type" not in manifest:
         _check_shapes(ckpt, config)
     tensors = dict(ckpt.tensors)
+    layers = stream_layers(ckpt, config.calibration, quantized_outputs=True, final=final, device=kernel_device(device))
     with progress(f"GPTQ {ckpt.source or 'model'}", ckpt.spec.num_layers, unit="layers") as advance:
-        for item in stream_layers(ckpt, config.calibration, quantized_outputs=True, final=final):
+        for item in layers:
             prefix = f"model.layers.{item.index}."
             results = quantize_layer(item, functools.partial(one, prefix))
             for proj, result in results.items():
