@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from quantizers.kernels import FP_OPTIONS, dequant_matmul, gguf_legacy, group_quant
+from quantizers.kernels import FP_OPTIONS, dequant_matmul, gguf_legacy, group_quant, trtllm_matmul
 
 ARCHS = (80, 90)  # A100 (sm_80), H100/H200 (sm_90a)
 WARP = 32
@@ -96,6 +96,22 @@ def _matmul(kind: str, act: str, bits: int, group: int, zero: bool, k: int = 204
     return _variant(name, fn, sig, consts, exact=False)
 
 
+def _trtllm_matmul(kind: str, act: str, bits: int, group: int, prequant: bool, k: int = 2048) -> Variant:
+    """A TensorRT-LLM layout matmul: W4A16_AWQ (int4 groups, pre-quant scale), W4A16 / W8A16 (per channel)."""
+    sig = {"x_ptr": f"*{act}", "w_ptr": "*i8", "s_ptr": "*bf16", "p_ptr": "*bf16", "y_ptr": f"*{act}"}
+    consts = {"K": k, "GROUP": group, "BITS": bits, "HAS_PREQUANT": prequant, "BN": 64, "BK": 64}
+    if kind == "gemm":
+        sig |= {"M": "i32", "N": "i32"}
+        consts |= {"PRECISION": "ieee" if act == "fp32" else "tf32", "DOT_F32": False, "BM": 32}
+        fn = trtllm_matmul._gemm
+    else:
+        sig |= {"N": "i32"}
+        fn = trtllm_matmul._gemv
+    algo = "W4A16_AWQ" if prequant else f"W{bits}A16"
+    name = f"trtllm_{kind}_{algo}[{act}, {'per-channel' if group == k else f'g{group}'}]"
+    return _variant(name, fn, sig, consts, exact=False)
+
+
 VARIANTS = (
     *(_range(dt) for dt in ("fp32", "bf16", "fp16")),
     *(_codes(dt, zero, 128) for dt in ("bf16", "fp32") for zero in (False, True)),
@@ -111,6 +127,10 @@ VARIANTS = (
     ),
     _matmul("gemm", "fp32", 4, 128, False),
     *(_matmul(kind, "bf16", 8, 2048, False) for kind in ("gemm", "gemv")),
+    *(_trtllm_matmul(kind, "bf16", 4, 128, True) for kind in ("gemm", "gemv")),
+    _trtllm_matmul("gemm", "fp16", 4, 128, True),
+    _trtllm_matmul("gemv", "bf16", 4, 2048, False),
+    *(_trtllm_matmul(kind, "bf16", 8, 2048, False) for kind in ("gemm", "gemv")),
 )
 
 
