@@ -56,16 +56,7 @@ class TrtllmLayoutRuntime:
             f"tp {mapping.tp_size} pp {mapping.pp_size}): not TensorRT-LLM"
         )
         log.info("loading %s with the %s", path, self.name)
-        tensors = joined_tensors(path, spec, mapping, self.cfg)
-        loaded: dict[int, object] = {}  # a shared LM head has the embedding's loader: loaded once
-        self.weights = {}
-        for name, t in tensors.items():
-            if id(t.load) not in loaded:
-                loaded[id(t.load)] = _dequantized(t, self.cfg["dtype"])
-            self.weights[name] = loaded[id(t.load)]
-        for name in [n for n in self.weights if n.endswith(".prequant_scaling_factor")]:  # y = (x * s) @ W.T
-            weight = name.removesuffix("prequant_scaling_factor") + "weight"
-            self.weights[weight] = self.weights[weight] * self.weights.pop(name)
+        self.weights = self._weights(joined_tensors(path, spec, mapping, self.cfg))
         self.spec, self.vocab_size = spec, spec.vocab_size
         self.embed_scale = float(torch.tensor(math.sqrt(spec.hidden_size), dtype=getattr(torch, self.cfg["dtype"])))
         pattern = sliding_pattern(spec) if spec.family != "gemma" else 0
@@ -73,6 +64,24 @@ class TrtllmLayoutRuntime:
         scalar = self.cfg.get("query_pre_attn_scalar") if spec.family != "gemma" else None
         q_scaling = math.sqrt(scalar / spec.head_dim) if scalar else 1.0
         self.score_scale = 1.0 / (math.sqrt(spec.head_dim) * q_scaling)
+
+    def _weights(self, tensors: dict) -> dict:
+        """Every tensor as float32, the quantized projections dequantized, a W4A16_AWQ pre-quant scale folded
+        into its weight (``y = (x * s) @ W.T``)."""
+        loaded: dict[int, object] = {}  # a shared LM head has the embedding's loader: loaded once
+        weights = {}
+        for name, t in tensors.items():
+            if id(t.load) not in loaded:
+                loaded[id(t.load)] = _dequantized(t, self.cfg["dtype"])
+            weights[name] = loaded[id(t.load)]
+        for name in [n for n in weights if n.endswith(".prequant_scaling_factor")]:
+            weight = name.removesuffix("prequant_scaling_factor") + "weight"
+            weights[weight] = weights[weight] * weights.pop(name)
+        return weights
+
+    def _linear(self, x, name: str):
+        """``x @ W.T`` of the projection ``name`` (qkv, dense, fc, gate, proj)."""
+        return x @ self.weights[name].T
 
     def _norm(self, x, w, eps: float | None = None):
         import torch
@@ -106,7 +115,7 @@ class TrtllmLayoutRuntime:
 
         spec, w, p = self.spec, self.weights, f"transformer.layers.{i}.attention."
         n, d, h, kv = x.shape[0], spec.head_dim, spec.num_heads, spec.num_kv_heads
-        qkv = x @ w[p + "qkv.weight"].T
+        qkv = self._linear(x, p + "qkv.weight")
         q, k, v = qkv.split([h * d, kv * d, kv * d], -1)
         q, k, v = (t.reshape(n, -1, d).transpose(0, 1) for t in (q, k, v))
         if spec.qk_norm:
@@ -126,15 +135,14 @@ class TrtllmLayoutRuntime:
             visible &= (i_idx - j_idx) < spec.sliding_window
         scores = scores.masked_fill(~visible, float("-inf"))
         out = torch.softmax(scores, -1) @ v
-        return out.transpose(0, 1).reshape(n, h * d) @ w[p + "dense.weight"].T
+        return self._linear(out.transpose(0, 1).reshape(n, h * d), p + "dense.weight")
 
     def _mlp(self, x, i: int):
         import torch
 
-        w, p = self.weights, f"transformer.layers.{i}.mlp."
-        return (
-            torch.nn.functional.gelu(x @ w[p + "fc.weight"].T, approximate="tanh") * (x @ w[p + "gate.weight"].T)
-        ) @ w[p + "proj.weight"].T
+        p = f"transformer.layers.{i}.mlp."
+        fc, gate = self._linear(x, p + "fc.weight"), self._linear(x, p + "gate.weight")
+        return self._linear(torch.nn.functional.gelu(fc, approximate="tanh") * gate, p + "proj.weight")
 
     def logprobs(self, tokens: list[int]) -> np.ndarray:
         import torch
