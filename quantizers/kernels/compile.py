@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from quantizers.kernels import FP_OPTIONS, dequant_matmul, gguf_legacy, group_quant, trtllm_matmul
+from quantizers.kernels import FP_OPTIONS, dequant_matmul, gguf_legacy, gptq_block, group_quant, trtllm_matmul
 
 ARCHS = (80, 90)  # A100 (sm_80), H100/H200 (sm_90a)
 WARP = 32
@@ -112,6 +112,15 @@ def _trtllm_matmul(kind: str, act: str, bits: int, group: int, prequant: bool, k
     return _variant(name, fn, sig, consts, exact=False)
 
 
+def _gptq(cols: int, block: int = 128) -> Variant:
+    """GPTQ's column step: a segment of ``cols`` columns (a whole block, or one group fitted on the fly)."""
+    sig = {"work_ptr": "*fp32", "u_ptr": "*fp32", "scale_ptr": "*fp32", "zero_ptr": "*fp32", "group_ptr": "*i32"}
+    sig |= {"col_ptr": "*i32", "levels_ptr": "*i8", "values_ptr": "*fp32", "err_ptr": "*fp32", "rows": "i32"}
+    sig |= {"n": "i32", "i1": "i32", "width": "i32", "start": "i32", "qmin": "fp32", "qmax": "fp32"}
+    consts = {"COLS": cols, "BB": block, "BR": gptq_block.ROWS_PER_PROGRAM}
+    return _variant(f"gptq_columns[{cols} of a {block}-column block]", gptq_block._gptq_columns, sig, consts)
+
+
 VARIANTS = (
     *(_range(dt) for dt in ("fp32", "bf16", "fp16")),
     *(_codes(dt, zero, 128) for dt in ("bf16", "fp32") for zero in (False, True)),
@@ -131,6 +140,8 @@ VARIANTS = (
     _trtllm_matmul("gemm", "fp16", 4, 128, True),
     _trtllm_matmul("gemv", "bf16", 4, 2048, False),
     *(_trtllm_matmul(kind, "bf16", 8, 2048, False) for kind in ("gemm", "gemv")),
+    _gptq(128),  # act-order, per-channel or groups of 128: the whole block in one launch
+    _gptq(32),  # natural order with groups of 32: a launch per group
 )
 
 
