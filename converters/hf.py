@@ -52,8 +52,16 @@ _ST_NAMES = {v: k for k, v in (_ST_DTYPES | _ST_INTEGERS).items()}
 
 
 def sniff(path: Path) -> bool:
-    # a TensorRT-LLM checkpoint folder has a config.json too, and rank files instead of model weights
-    return path.is_dir() and (path / CONFIG).is_file() and not (path / "rank0.safetensors").is_file()
+    # a TensorRT-LLM checkpoint folder has a config.json too, and rank files instead of model weights;
+    # a keras-hub preset has one too (converters/keras.py sniffs it)
+    from converters import keras
+
+    return (
+        path.is_dir()
+        and (path / CONFIG).is_file()
+        and not (path / "rank0.safetensors").is_file()
+        and not keras.sniff(path)
+    )
 
 
 def read_json(path: Path) -> dict:

@@ -46,6 +46,13 @@ FORMATS: dict[str, Format] = {
             True,
             "TensorRT-LLM checkpoint folder (config.json, rank{N}.safetensors) for trtllm-build",
         ),
+        Format(
+            "keras",
+            "converters.keras",
+            True,
+            True,
+            "keras-hub preset folder (config.json, model.weights.h5; Keras 3 GemmaCausalLM / Gemma3CausalLM)",
+        ),
         Format("gemma-pytorch", "converters.gemma_pytorch", True, False, "gemma_pytorch .ckpt (float or int8)"),
     )
 }

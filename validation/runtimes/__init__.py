@@ -30,6 +30,7 @@ RUNTIMES: dict[str, str] = {
     "gguf": "validation.runtimes.llamacpp:LlamaCppRuntime",
     "jax": "validation.runtimes.jax:GemmaLibraryRuntime",
     "onnx": "validation.runtimes.onnxruntime:OnnxRuntime",
+    "keras": "validation.runtimes.keras:KerasHubRuntime",  # keras-hub in build/keras-venv (make keras-venv)
     # no TensorRT-LLM runs here: an independent forward pass over the checkpoint as its Gemma model reads it
     "trtllm": "validation.runtimes.trtllm_layout:TrtllmLayoutRuntime",
 }

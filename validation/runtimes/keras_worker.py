@@ -1,0 +1,98 @@
+"""Worker of validation.runtimes.keras: keras-hub (Keras 3, JAX backend) scoring token windows, fp32, CPU.
+
+Runs in keras-hub's own environment (``make keras-venv``, pins in requirements/keras-runtime.txt), never in
+gemport's: it imports nothing from gemport, only the standard library, numpy, Keras and keras-hub, plus
+the protocol helpers of gemma_worker.py (loaded by file path: ``-I`` keeps this folder off sys.path, so
+that validation/runtimes/keras.py cannot shadow the ``keras`` package).
+
+Protocol: as gemma_worker.py's. stdin line 1: ``{"preset": PATH}``; reply ``{"ok": true, "model": ...,
+"versions": {...}, "vocab_size": V}`` or ``{"error": MESSAGE}``; then one ``{"tokens": [ids]}`` line per
+window, answered by ``{"rows": n, "cols": V}`` and n * V little-endian float32 log-probabilities.
+
+The preset is loaded as a user loads it: ``keras_hub.models.CausalLM.from_preset(PATH, dtype="float32",
+preprocessor=None)`` when it has task.json (the Gemma 3 preprocessor needs TensorFlow, which this
+environment leaves out; ref: keras_hub/src/models/gemma3/gemma3_causal_lm_preprocessor.py
+assert_tf_installed), else ``keras_hub.models.Backbone.from_preset`` and the tied embedding's reverse
+projection; its tokenizer, when there is one, with ``keras_hub.models.Tokenizer.from_preset(PATH)``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+
+def _helpers():
+    spec = importlib.util.spec_from_file_location("gemma_worker", Path(__file__).with_name("gemma_worker.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Scorer:
+    def __init__(self, setup: dict):
+        import keras_hub
+
+        preset = setup["preset"]
+        self.tokenizer = None
+        if os.path.isfile(os.path.join(preset, "task.json")):
+            model = keras_hub.models.CausalLM.from_preset(preset, dtype="float32", preprocessor=None)
+            self.backbone = model.backbone
+            self.description = f"{type(model).__name__}.from_preset"
+        else:
+            self.backbone = keras_hub.models.Backbone.from_preset(preset, dtype="float32")
+            self.description = f"{type(self.backbone).__name__}.from_preset"
+        if os.path.isfile(os.path.join(preset, "tokenizer.json")):
+            self.tokenizer = keras_hub.models.Tokenizer.from_preset(preset)
+            self.description += f", {type(self.tokenizer).__name__}"
+        self.vocab = int(self.backbone.vocabulary_size)
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """The backbone's hidden states, then the tied head with its final soft cap (ref: keras_hub/src/
+        models/gemma/gemma_causal_lm.py __init__: token_embedding(x, reverse=True)); an explicit all-ones
+        padding mask, so that id 0 inside a window is a token."""
+        ids = np.asarray([tokens], dtype=np.int32)
+        hidden = self.backbone({"token_ids": ids, "padding_mask": np.ones_like(ids)})
+        return np.asarray(self.backbone.token_embedding(hidden, reverse=True), dtype=np.float32)[0]
+
+
+def _versions() -> dict[str, str]:
+    return {name: metadata.version(name) for name in ("keras-hub", "keras", "jax")}
+
+
+def main() -> int:
+    helpers = _helpers()
+    channel = os.fdopen(os.dup(1), "wb")  # replies on a copy of stdout; fd 1 then points at stderr
+    os.dup2(2, 1)
+    line = sys.stdin.readline()
+    if not line:
+        return 0
+    try:
+        scorer = Scorer(json.loads(line))
+    except Exception as exc:  # reported to gemport, which raises a typed error naming the preset
+        helpers._reply(channel, {"error": helpers._one_line(exc)})
+        return 1
+    ready = {"ok": True, "model": scorer.description, "versions": _versions(), "vocab_size": scorer.vocab}
+    helpers._reply(channel, ready)
+    for line in sys.stdin:
+        try:
+            logprobs = helpers.log_softmax(scorer.logits(json.loads(line)["tokens"]))
+        except Exception as exc:
+            helpers._reply(channel, {"error": helpers._one_line(exc)})
+            return 1
+        helpers._reply(channel, {"rows": logprobs.shape[0], "cols": logprobs.shape[1]})
+        channel.write(np.ascontiguousarray(logprobs, dtype="<f4").tobytes())
+        channel.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stderr.flush()
+    os._exit(code)  # skip JAX's teardown; nothing is left to write
