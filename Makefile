@@ -88,7 +88,7 @@ demo: demo-model
 
 # Every writer gemport has (README, Artifact builds): make artifacts [RECIPE=...] [OUT=...]
 RECIPE ?= recipes/gemma-3-270m.toml
-artifacts: demo-model gemma-venv
+artifacts: demo-model gemma-venv keras-venv
 	$(BIN)/gemport build $(RECIPE) $(if $(OUT),--out $(OUT))
 
 test: demo-model llamacpp-src gemma-venv modelopt-venv keras-venv
