@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# The GPU check of issue 17, in one command on one GPU, inside 8 minutes:
+#   1. the GPU tests (tests/test_gpu.py: every Triton kernel on CUDA against its CPU reference), at most
+#      PYTEST_LIMIT seconds;
+#   2. bench/kernels.py (correctness at 7B widths, W4A16/W8A16 beside torch at Gemma 2B/7B/27B shapes,
+#      GPTQ of one 7B layer), at most BENCH_LIMIT seconds (it starts no timing after BENCH_BUDGET);
+# then writes gpu_check.md (a Markdown report: environment, test summary, the kernels' tables) with
+# kernels.md, kernels.json and the logs into $OUT when set, else build/bench/gpu, and prints it.
+#
+#   bash bench/gpu_check.sh               # on the GPU machine (make bench-gpu)
+#   bash bench/gpu_check.sh --dry-run     # anywhere: the deps, the shapes and the commands; runs nothing
+#   bash bench/gpu_check.sh --fetch-wheels  # here, with network: the packages the GPU image lacks
+#
+# Python: $PYTHON, else .venv/bin/python, else python3. It needs torch with CUDA, triton, numpy and
+# pytest (exit 3 naming what is missing); the bit-exact references also need gguf and compressed-tensors,
+# which the GPU image lacks: --fetch-wheels downloads them (Python 3.12 manylinux wheels, the versions
+# of this venv) into build/gpu-wheels (or $GEMPORT_WHEELS); carried to the GPU machine there, they are
+# installed into a temporary folder on PYTHONPATH before the run. Without them the checks that need
+# them are skipped and said so; everything else runs. Exit 0 when tests and bench passed, 1 otherwise.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+
+DRY=0
+FETCH=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY=1 ;;
+    --fetch-wheels) FETCH=1 ;;
+    -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu_check.sh: unknown option $arg (known: --dry-run, --fetch-wheels, --help)" >&2; exit 2 ;;
+  esac
+done
+
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
+else PY=python3
+fi
+OUTDIR=${OUT:-build/bench/gpu}
+WHEELS=${GEMPORT_WHEELS:-build/gpu-wheels}
+SITE=${TMPDIR:-/tmp}/gemport-gpu-site
+PYTEST_LIMIT=${PYTEST_LIMIT:-120}
+BENCH_LIMIT=${BENCH_LIMIT:-330}
+BENCH_BUDGET=${BENCH_BUDGET:-200}
+# the packages the GPU image lacks (/work/.library/device/KINDS.md): gguf, and compressed-tensors with
+# what it needs there (pydantic and its parts, loguru; typing-extensions for pydantic's minimum)
+CARRIED="gguf compressed-tensors pydantic pydantic-core annotated-types typing-inspection typing-extensions loguru"
+
+PYTEST_CMD=("$PY" -m pytest -q -ra -p no:cacheprovider -m gpu tests/test_gpu.py)
+BENCH_CMD=("$PY" bench/kernels.py --out "$OUTDIR" --budget-s "$BENCH_BUDGET")
+
+deps() {
+  # one line per module: ok NAME VERSION | MISSING NAME (what needs it); exit 1 if a required one is missing
+  "$PY" - "$1" <<'EOF'
+import importlib, sys
+need_cuda = sys.argv[1] == "cuda"
+required = {"torch": "everything", "triton": "the kernels", "numpy": "the references", "pytest": "the GPU tests"}
+optional = {"gguf": "the GGUF byte checks", "compressed_tensors": "the packing and matmul references",
+            "scipy": "GPTQ's CPU pass (its comparison with the GPU's)"}
+bad = False
+for group, mods in (("required", required), ("optional", optional)):
+    for name, why in mods.items():
+        try:
+            mod = importlib.import_module(name)
+            print(f"ok {name} {getattr(mod, '__version__', '')}")
+        except Exception as exc:  # an installed package that fails to import is as missing
+            print(f"MISSING {name} ({group}: {why}): {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+            bad = bad or group == "required"
+try:
+    import torch
+    cuda = torch.cuda.is_available()
+    print(f"{'ok' if cuda else 'MISSING'} cuda {torch.cuda.get_device_name(0) if cuda else '(torch.cuda.is_available() is False)'}")
+    bad = bad or (need_cuda and not cuda)
+except ImportError:
+    pass
+sys.exit(1 if bad else 0)
+EOF
+}
+
+if [ "$FETCH" = 1 ]; then
+  mkdir -p "$WHEELS"
+  specs=()
+  for name in $CARRIED; do
+    version=$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name") || exit 2
+    specs+=("$name==$version")
+  done
+  echo "gpu_check.sh: downloading ${specs[*]} into $WHEELS"
+  "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$WHEELS" "${specs[@]}" || exit 2
+  echo "gpu_check.sh: carry $WHEELS to the GPU machine (an ignored path); bench/gpu_check.sh installs it there"
+  exit 0
+fi
+
+if [ "$DRY" = 1 ]; then
+  echo "gpu_check.sh --dry-run: nothing is run"
+  echo "python: $PY; output: $OUTDIR (gpu_check.md, kernels.md, kernels.json, pytest.log, kernels.log, deps.txt)"
+  echo "deps (checked first; required ones missing stop a real run with exit 3):"
+  deps any | sed 's/^/  /'
+  echo "wheels to install first when optional ones are missing: $WHEELS ($(ls "$WHEELS"/*.whl 2>/dev/null | wc -l) wheels here)"
+  echo "shapes:"
+  "$PY" bench/kernels.py --list | sed 's/^/  /'
+  echo "commands:"
+  echo "  timeout $PYTEST_LIMIT ${PYTEST_CMD[*]}"
+  echo "  timeout $BENCH_LIMIT ${BENCH_CMD[*]}"
+  exit 0
+fi
+
+unset TRITON_INTERPRET  # the kernels compiled for the GPU, not interpreted
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUTDIR"
+rm -f "$OUTDIR/kernels.md" "$OUTDIR/kernels.json"  # never a table of an earlier run
+START=$SECONDS
+if ! deps cuda >"$OUTDIR/deps.txt" 2>&1 || grep -q '^MISSING' "$OUTDIR/deps.txt"; then
+  if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    echo "gpu_check.sh: installing the carried wheels of $WHEELS into $SITE"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      "$WHEELS"/*.whl || echo "gpu_check.sh: installing the wheels failed" >&2
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+fi
+deps cuda >"$OUTDIR/deps.txt" 2>&1
+DEPS_RC=$?
+cat "$OUTDIR/deps.txt"
+if [ "$DEPS_RC" != 0 ]; then
+  echo "gpu_check.sh: required Python packages or the GPU are missing (MISSING lines above); nothing run" >&2
+  exit 3
+fi
+if grep -q '^MISSING' "$OUTDIR/deps.txt"; then
+  echo "gpu_check.sh: optional packages missing: the checks that need them are skipped (bash bench/gpu_check.sh" \
+    "--fetch-wheels where there is network, then carry $WHEELS)" >&2
+fi
+
+run_step() {  # LIMIT LOG CMD...: the command under timeout, its output in LOG; sets RC and SECS
+  local limit=$1 log=$2 t0=$SECONDS
+  shift 2
+  timeout -k 10 "$limit" "$@" >"$log" 2>&1
+  RC=$?
+  SECS=$((SECONDS - t0))
+}
+status() {  # RC LIMIT
+  case "$1" in
+    0) echo "passed" ;;
+    124 | 137) echo "stopped at the ${2} s limit (rc $1)" ;;
+    *) echo "failed (rc $1)" ;;
+  esac
+}
+
+run_step "$PYTEST_LIMIT" "$OUTDIR/pytest.log" "${PYTEST_CMD[@]}"
+PYTEST_RC=$RC PYTEST_S=$SECS
+run_step "$BENCH_LIMIT" "$OUTDIR/kernels.log" "${BENCH_CMD[@]}"
+BENCH_RC=$RC BENCH_S=$SECS
+
+{
+  echo "# GPU check (bench/gpu_check.sh)"
+  echo
+  echo "$(date -u '+%Y-%m-%d %H:%M UTC'); commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown);" \
+    "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi');" \
+    "$("$PY" --version 2>&1); $((SECONDS - START)) s in all."
+  echo
+  echo "Packages: $(grep -v '^ok cuda' "$OUTDIR/deps.txt" | tr '\n' ';' | sed 's/;$//; s/;/; /g')"
+  echo
+  echo "## GPU tests: \`${PYTEST_CMD[*]}\`"
+  echo
+  echo "$(status "$PYTEST_RC" "$PYTEST_LIMIT") in $PYTEST_S s: $(grep -E '(passed|failed|skipped|error|no tests ran)' "$OUTDIR/pytest.log" | tail -1)"
+  grep -E '^(FAILED|ERROR|SKIPPED)' "$OUTDIR/pytest.log" | head -20 | sed 's/^/    /'
+  echo
+  echo "## Kernels: \`${BENCH_CMD[*]}\`"
+  echo
+  echo "$(status "$BENCH_RC" "$BENCH_LIMIT") in $BENCH_S s."
+  echo
+  if [ -f "$OUTDIR/kernels.md" ]; then cat "$OUTDIR/kernels.md"; else tail -20 "$OUTDIR/kernels.log"; fi
+} >"$OUTDIR/gpu_check.md"
+cat "$OUTDIR/gpu_check.md"
+[ "$PYTEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ]
