@@ -22,6 +22,8 @@ import logging
 from pathlib import Path
 
 from gemport.errors import UnsupportedError
+from validation.runtimes import KERNELS
+from validation.runtimes.trtllm_layout import TrtllmLayoutRuntime
 
 log = logging.getLogger(__name__)
 
@@ -76,5 +78,289 @@ def _quantization(fmt: str, path: Path) -> str:
 
 
 def kernel_runtime(path: Path, fmt: str):
-    """The kernel runtime of ``path``."""
-    raise UnsupportedError("--device cuda: the kernel runtime is not built yet", path)
+    """The kernel runtime of ``path`` (format ``fmt``, one check_supported accepts)."""
+    if _quantization(fmt, path) == "compressed-tensors":
+        return CompressedTensorsKernelRuntime(path)
+    return TrtllmKernelRuntime(path)
+
+
+def where() -> str:
+    """Where the kernels run, in words."""
+    from quantizers import kernels
+
+    if kernels.INTERPRET:
+        return "on the CPU through Triton's interpreter (TRITON_INTERPRET=1), not a GPU"
+    import torch
+
+    return f"on CUDA ({torch.cuda.get_device_name()})"
+
+
+class _Calls:
+    """Which kernel paths ran, counted (the runtime's name says them after scoring)."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def add(self, path: str) -> None:
+        self.counts[path] = self.counts.get(path, 0) + 1
+
+    def said(self) -> str:
+        if not self.counts:
+            return "GEMM (16 rows and more) / GEMV (fewer)"
+        return " and ".join(f"{p.upper()} x{n}" for p, n in sorted(self.counts.items()))
+
+
+def _path(rows: int) -> str:
+    from quantizers.kernels.dequant_matmul import GEMV_MAX_ROWS
+
+    return "gemv" if rows < GEMV_MAX_ROWS else "gemm"
+
+
+# ---------------------------------------------------------------------------------------------
+# compressed-tensors: transformers' Gemma model, each quantized Linear a kernel call
+
+
+def _packed_linear(packed, scales, zeros, bits: int, calls: _Calls):
+    """A module ``y = x @ W.T`` over the stored compressed-tensors tensors of one Linear, by
+    dequant_matmul.matmul (the buffers move with the model; nothing is unpacked)."""
+    import torch
+
+    from quantizers.kernels import dequant_matmul
+
+    class PackedLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bits = bits
+            self.register_buffer("packed", packed)
+            self.register_buffer("scales", scales)
+            self.register_buffer("zeros", zeros)
+
+        def forward(self, x):
+            flat = x.reshape(-1, x.shape[-1])
+            calls.add(_path(flat.shape[0]))
+            y = dequant_matmul.matmul(flat, self.packed, self.scales, self.zeros, self.bits)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    return PackedLinear()
+
+
+class CompressedTensorsKernelRuntime:
+    """A compressed-tensors pack-quantized folder: transformers' model of its config.json (eager attention, the
+    config's dtype, as ``gemport validate`` loads HF folders), parameters left empty at construction
+    (accelerate.init_empty_weights: no float projection is ever allocated), the stored dense tensors loaded
+    into it and every quantized Linear replaced by a kernel call on its stored tensors."""
+
+    def __init__(self, path: Path):
+        import torch
+
+        from converters import compressed_tensors as ct
+        from converters import hf
+        from quantizers.kernels import device
+        from quantizers.rtn import PROJECTIONS
+        from validation.runtimes.hf_transformers import config_dtype
+
+        ckpt = hf.read(path)  # every stored tensor checked: names, shapes, dtypes of the packed sets
+        config = hf.read_json(path / "config.json")
+        bits, group, symmetric = ct._scheme(config["quantization_config"], path)
+        dtype = config_dtype(path)
+        model = self._empty_model(path, getattr(torch, dtype))
+        stored = _stored_tensors(path)
+        self.calls, kernels, floats = _Calls(), 0, []
+        for i in range(ckpt.spec.num_layers):
+            for proj in PROJECTIONS:
+                module = f"model.layers.{i}.{proj}"
+                if f"{module}.weight_packed" not in stored:
+                    floats.append(module)  # left unquantized by its writer: its float weight loads below
+                    continue
+                parts = [stored.get(f"{module}.{s}") for s in ("weight_packed", "weight_scale", "weight_zero_point")]
+                packed, scales, zeros = (t.load().contiguous() if t is not None else None for t in parts)
+                parent, _, child = module.rpartition(".")
+                model.get_submodule(parent).register_module(
+                    child, _packed_linear(packed, scales, zeros, bits, self.calls)
+                )
+                kernels += 1
+        if not kernels:
+            raise UnsupportedError("--device cuda: no projection of this folder is quantized", path)
+        _load_dense(model, ckpt, getattr(torch, dtype), path)
+        self.model = model.eval().to(device())
+        self.vocab_size = int(model.config.vocab_size)
+        scheme = _scheme_text(bits, group, symmetric, scales.dtype)  # the scales of the last projection
+        self._text = (
+            f"Triton W{bits}A16 kernels ({{calls}}) on the compressed-tensors layout ({scheme}) in {kernels} "
+            "projections"
+            + (f", {len(floats)} stored in float as torch matmuls" if floats else "")
+            + f"; transformers {_version('transformers')} Gemma model around them ({dtype}, eager) {where()}"
+        )
+        self.notes = [f"{len(floats)} projections are stored in float: torch matmuls, not kernels"] if floats else []
+        log.info("loaded %s: %s", path, self.name)
+
+    kind = KERNELS
+
+    @property
+    def name(self) -> str:
+        return self._text.format(calls=self.calls.said())
+
+    @staticmethod
+    def _empty_model(path: Path, dtype):
+        """transformers' model of the folder's config with its parameters on the meta device."""
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        from gemport.errors import CheckpointError
+
+        hf_logging.disable_progress_bar()
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"transformers cannot read its config: {exc}", path) from None
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the kernels compute the quantized Linears, not compressed-tensors
+        with init_empty_weights(include_buffers=False):  # buffers (rotary tables) computed as usual
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
+
+    def logprobs(self, tokens: list[int]):
+        import torch
+
+        with torch.inference_mode():
+            ids = torch.tensor([tokens], dtype=torch.long, device=self.model.device)
+            logits = self.model(input_ids=ids, use_cache=False).logits[0]
+            return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+
+    def scored_logits(self, tokens: list[int], first: int, count: int):
+        """float32 logits of positions first .. first + count - 1, the LM head on those only (as
+        hf_transformers.TransformersRuntime.scored_logits)."""
+        import torch
+
+        with torch.inference_mode():
+            ids = torch.tensor([tokens], dtype=torch.long, device=self.model.device)
+            logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=len(tokens) - first).logits[0]
+            return logits[:count].float().cpu().numpy()
+
+
+def _scheme_text(bits: int, group: int | None, symmetric: bool, scale_dtype) -> str:
+    """ "int4 g32 sym, bfloat16 scales" (the scheme, as the runtime's name gives it)."""
+    grouping = f"g{group}" if group else "per-channel"
+    return f"int{bits} {grouping} {'sym' if symmetric else 'asym'}, {str(scale_dtype).removeprefix('torch.')} scales"
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def _stored_tensors(path: Path) -> dict:
+    """Every tensor of the folder's safetensors files as stored (lazy, integers kept): the packed sets
+    the kernels read. converters/hf.py has checked them when it read the folder."""
+    from converters import hf
+
+    return {t.name: t for file in hf._weight_files(path) for t in hf._read_header(file, integers=True)}
+
+
+def _load_dense(model, ckpt, dtype, path: Path) -> None:
+    """The checkpoint's dense tensors (embedding, norms, an untied LM head, float projections) into the
+    model's empty parameters; CheckpointError naming the first parameter the folder does not hold."""
+    import torch
+
+    from gemport.errors import CheckpointError
+
+    for name, param in list(model.named_parameters()):
+        if not param.is_meta:
+            continue
+        t = ckpt.tensors.get(name)
+        if t is None or t.quant is not None:
+            if name == "lm_head.weight" and model.config.tie_word_embeddings:
+                continue
+            raise CheckpointError(f"tensor {name} is missing", path)
+        if tuple(t.shape) != tuple(param.shape):
+            raise CheckpointError(f"tensor {name} is {list(t.shape)}, the model needs {list(param.shape)}", path)
+        parent, _, attr = name.rpartition(".")
+        module = model.get_submodule(parent)
+        module._parameters[attr] = torch.nn.Parameter(t.load().to(dtype), requires_grad=False)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise CheckpointError(f"tensor {left[0]} is missing", path)
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorRT-LLM: the layout runtime's forward pass, each projection a kernel call
+
+
+class TrtllmKernelRuntime(TrtllmLayoutRuntime):
+    """A TensorRT-LLM W4A16_AWQ / W4A16 / W8A16 checkpoint scored by the layout runtime's forward pass
+    (trtllm_layout.py, float32) with every projection computed by trtllm_matmul from the int8 weight a
+    checkpoint of tp 1 stores (rank parts joined by converters/trtllm.py's rules and packed back: for tp 1
+    the stored bytes; for W4A16 / W8A16 the record trtllm-build makes of the stored float weight), its
+    scales in the checkpoint dtype (as TensorRT-LLM casts them at load) and AWQ's pre-quant scale applied
+    to the activations. The projections' activations are rounded to ``act_dtype`` (default the
+    checkpoint's dtype: the 16-bit activations of TensorRT-LLM's weight-only GEMMs), their outputs
+    returned as float32."""
+
+    kind = KERNELS
+
+    def __init__(self, path: Path, act_dtype: str | None = None):
+        self.calls, self._act = _Calls(), act_dtype
+        self._text = "Triton kernels ({calls}) on a TensorRT-LLM checkpoint"  # named in full once loaded
+        super().__init__(path)
+        self.act_dtype = act_dtype or self.cfg["dtype"]
+        self.algo = self.cfg["quantization"]["quant_algo"]
+        self._text = (
+            f"Triton {self.algo} kernels ({{calls}}) on the TensorRT-LLM layout ({self._scheme}) in "
+            f"{self._kernels} projections, "
+            f"{self.act_dtype} activations; the TensorRT-LLM layout runtime's forward pass around them "
+            f"(plain torch, fp32; {self.cfg['dtype']} checkpoint) {where()}: not TensorRT-LLM"
+        )
+
+    @property
+    def name(self) -> str:
+        return self._text.format(calls=self.calls.said())
+
+    @name.setter
+    def name(self, value: str) -> None:  # the layout runtime's constructor names itself; this name replaces it
+        pass
+
+    def _weights(self, tensors: dict) -> dict:
+        """The dense tensors as float32 (the layout runtime's way); each projection as the kernel's
+        (int8 weight, scales, pre-quant scale or None, bits)."""
+        import torch
+
+        from quantizers.kernels import on_device
+        from quantizers.kernels.trtllm_matmul import stored_weight
+
+        dtype = getattr(torch, self.cfg["dtype"])
+        dense = {n: t for n, t in tensors.items() if t.quant is None and not n.endswith(".prequant_scaling_factor")}
+        weights = super()._weights(dense)
+        self._kernels, self._scheme = 0, ""
+        for name, t in tensors.items():
+            if t.quant is None:
+                continue
+            record = t.load()
+            bits = record.format.bits
+            pre = tensors.get(name.removesuffix("weight") + "prequant_scaling_factor")
+            kernel = (
+                on_device(stored_weight(record.codes, bits)),
+                on_device(record.scales.to(dtype)),  # ref: trtllm_layout._dequantized, TensorRT-LLM's cast at load
+                on_device(pre.load().to(dtype)) if pre is not None else None,
+                bits,
+            )
+            weights[name] = kernel
+            self._kernels += 1
+            group = record.format.group_size
+            self._scheme = f"int{bits} {f'g{group}' if group else 'per-channel'} sym, {self.cfg['dtype']} scales"
+        return weights
+
+    def _linear(self, x, name: str):
+        import torch
+
+        from quantizers.kernels import on_device
+        from quantizers.kernels.trtllm_matmul import matmul
+
+        weight = self.weights[name]
+        if not isinstance(weight, tuple):  # a float projection: not written by gemport, but read alike
+            return super()._linear(x, name)
+        self.calls.add(_path(x.shape[0]))
+        y = matmul(on_device(x.to(getattr(torch, self._act or self.cfg["dtype"]))), *weight)
+        return y.to(device=x.device, dtype=torch.float32)
