@@ -153,7 +153,7 @@ def gptq_weight(
 
     if device != "cpu":
         kernel_device(device)
-        return _gptq_weight_kernels(w, h, fit, width, config, out)
+        return _gptq_weight_kernels(w, h, fit, width, config, out, consume)
     h = h.to(torch.float32).contiguous() if consume else h.to(torch.float32, copy=True).contiguous()
     with _one_thread():
         return _gptq_weight(w, h, fit, width, config, out)
@@ -248,11 +248,12 @@ def kernel_device(device: str) -> str:
     return kernels.device()
 
 
-def _gptq_weight_kernels(w, h, fit, width, config, out):
+def _gptq_weight_kernels(w, h, fit, width, config, out, consume=False):
     """``_gptq_weight`` on the kernels' device: the same steps, the Hessian's inverse Cholesky factor
     by torch.linalg (``_inverse_cholesky_torch``), each block's columns by the Triton kernel
     (quantizers/kernels/gptq_block.py), the update of the later columns by a (cuBLAS) matmul.
-    Grids must be MinMaxGrid (fitted in torch on the device); results on ``w``'s device."""
+    Grids must be MinMaxGrid (fitted in torch on the device); results on ``w``'s device. With
+    ``consume`` a float32 ``h`` already on the device is worked on in place."""
     import torch
 
     from quantizers import kernels
@@ -260,7 +261,7 @@ def _gptq_weight_kernels(w, h, fit, width, config, out):
     dev = kernels.device()
     home = w.device
     rows, n = w.shape
-    h = h.to(dev, torch.float32, copy=True)
+    h = h.to(dev, torch.float32, copy=not consume)
     wd = w.to(dev)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
@@ -553,7 +554,11 @@ def quantize(ckpt: Checkpoint, config: GPTQConfig, device: str = "cpu") -> Check
     def attach(t: LazyTensor, record: QuantizedTensor) -> LazyTensor:
         return replace(t, quant=record.format, raw=None, load=functools.partial(_same, record))
 
-    return run(ckpt, config, one, attach, {"method": "gptq", "config": asdict(config)}, device=device)
+    manifest: dict[str, Any] = {"method": "gptq", "config": asdict(config)}
+    if device != "cpu":  # where it ran: the Triton kernel on the GPU, or on the CPU through the interpreter
+        interpreted = kernel_device(device) == "cpu"
+        manifest["device"] = "cuda: Triton gptq_columns" + (" (interpreted on the CPU)" if interpreted else "")
+    return run(ckpt, config, one, attach, manifest, device=device)
 
 
 def quantize_gguf(

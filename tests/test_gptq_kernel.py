@@ -189,6 +189,10 @@ def test_cli_quantize_gptq_on_cuda_matches_the_cpu_run(tiny_models, tmp_path, co
         dst = tmp_path / device
         assert main([argv[0], argv[1], str(dst), *argv[2:], "--device", device]) == 0
         out[device] = dst
+    made = {device: json.loads((folder / "gemport.json").read_text())["quantization"] for device, folder in out.items()}
+    assert (
+        "device" not in made["cpu"] and made["cuda"]["device"] == "cuda: Triton gptq_columns (interpreted on the CPU)"
+    )
     got, want = _codes(out["cuda"]), _codes(out["cpu"])
     assert got.keys() == want.keys()
     packed = [k for k in want if k.endswith("weight_packed")]
