@@ -155,7 +155,9 @@ def test_device_cuda_scores_compressed_tensors_as_transformers_does(tiny_models,
     assert abs(cuda["kld"] - cpu["kld"]) < 1e-3 * cpu["kld"]
     runtime = scores["cuda"]["runtime"]
     assert runtime["kind"] == KERNELS and scores["cpu"]["runtime"]["name"].startswith("transformers + compressed")
-    assert runtime["name"].startswith("Triton W4A16 kernels (GEMM x56) on the compressed-tensors layout (int4 g32 sym")
+    assert runtime["name"].startswith(
+        "Triton W4A16 kernels (GEMM x56) on the compressed-tensors layout: int4 g32 sym (f32 scales) in 28"
+    )
     assert "in 28 projections" in runtime["name"] and "Triton's interpreter (TRITON_INTERPRET=1)" in runtime["name"]
 
 
@@ -267,3 +269,26 @@ def test_device_cuda_refuses_what_has_no_kernel(tiny_models, int4_g32):
     check_supported("hf", int4_g32, "cuda")  # the interpreter runs the kernels here
     with pytest.raises(UnsupportedError, match="'tpu' is not one of cpu, cuda"):
         check_supported("hf", int4_g32, "tpu")
+
+
+def test_device_cuda_names_a_missing_tensor(int4_g32, gemma3_unscaled, tmp_path):
+    """Bad input reaches the kernel runtime as the CPU runtimes get it: the folder and the tensor named."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from gemport.errors import CheckpointError
+    from validation.runtimes.triton_kernels import kernel_runtime
+
+    bad = shutil.copytree(int4_g32, tmp_path / "ct")
+    tensors = load_file(bad / "model.safetensors")
+    del tensors["model.layers.2.mlp.down_proj.weight_scale"]
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="model.layers.2.mlp.down_proj: weight_scale missing"):
+        kernel_runtime(bad, "hf")
+    out = trtllm.write(hf.read(gemma3_unscaled), tmp_path / "w8", dtype="bf16", quant="W8A16")
+    tensors = load_file(out / "rank0.safetensors")
+    del tensors["transformer.layers.1.mlp.fc.weight"]
+    save_file(tensors, out / "rank0.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="tensor transformer.layers.1.mlp.fc.weight is missing"):
+        kernel_runtime(out, "trtllm")

@@ -153,15 +153,17 @@ class CompressedTensorsKernelRuntime:
     def __init__(self, path: Path):
         import torch
 
-        from converters import compressed_tensors as ct
         from converters import hf
         from quantizers.kernels import device
         from quantizers.rtn import PROJECTIONS
         from validation.runtimes.hf_transformers import config_dtype
 
         ckpt = hf.read(path)  # every stored tensor checked: names, shapes, dtypes of the packed sets
-        config = hf.read_json(path / "config.json")
-        bits, group, symmetric = ct._scheme(config["quantization_config"], path)
+        formats = {t.quant for t in ckpt.quantized().values()}  # one scheme per folder (compressed_tensors.py)
+        if not formats:
+            raise UnsupportedError("--device cuda: no projection of this folder is quantized", path)
+        fmt = formats.pop()
+        bits = fmt.bits
         dtype = config_dtype(path)
         model = self._empty_model(path, getattr(torch, dtype))
         stored = _stored_tensors(path)
@@ -179,14 +181,12 @@ class CompressedTensorsKernelRuntime:
                     child, _packed_linear(packed, scales, zeros, bits, self.calls)
                 )
                 kernels += 1
-        if not kernels:
-            raise UnsupportedError("--device cuda: no projection of this folder is quantized", path)
         _load_dense(model, ckpt, getattr(torch, dtype), path)
         self.model = model.eval().to(device())
         self.vocab_size = int(model.config.vocab_size)
-        scheme = _scheme_text(bits, group, symmetric, scales.dtype)  # the scales of the last projection
+        scheme = fmt.describe()
         self._text = (
-            f"Triton W{bits}A16 kernels ({{calls}}) on the compressed-tensors layout ({scheme}) in {kernels} "
+            f"Triton W{bits}A16 kernels ({{calls}}) on the compressed-tensors layout: {scheme} in {kernels} "
             "projections"
             + (f", {len(floats)} stored in float as torch matmuls" if floats else "")
             + f"; transformers {_version('transformers')} Gemma model around them ({dtype}, eager) {where()}"
@@ -236,12 +236,6 @@ class CompressedTensorsKernelRuntime:
             ids = torch.tensor([tokens], dtype=torch.long, device=self.model.device)
             logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=len(tokens) - first).logits[0]
             return logits[:count].float().cpu().numpy()
-
-
-def _scheme_text(bits: int, group: int | None, symmetric: bool, scale_dtype) -> str:
-    """ "int4 g32 sym, bfloat16 scales" (the scheme, as the runtime's name gives it)."""
-    grouping = f"g{group}" if group else "per-channel"
-    return f"int{bits} {grouping} {'sym' if symmetric else 'asym'}, {str(scale_dtype).removeprefix('torch.')} scales"
 
 
 def _version(package: str) -> str:
@@ -308,7 +302,7 @@ class TrtllmKernelRuntime(TrtllmLayoutRuntime):
         self.act_dtype = act_dtype or self.cfg["dtype"]
         self.algo = self.cfg["quantization"]["quant_algo"]
         self._text = (
-            f"Triton {self.algo} kernels ({{calls}}) on the TensorRT-LLM layout ({self._scheme}) in "
+            f"Triton {self.algo} kernels ({{calls}}) on the TensorRT-LLM layout: {self._scheme} in "
             f"{self._kernels} projections, "
             f"{self.act_dtype} activations; the TensorRT-LLM layout runtime's forward pass around them "
             f"(plain torch, fp32; {self.cfg['dtype']} checkpoint) {where()}: not TensorRT-LLM"
@@ -349,7 +343,7 @@ class TrtllmKernelRuntime(TrtllmLayoutRuntime):
             weights[name] = kernel
             self._kernels += 1
             group = record.format.group_size
-            self._scheme = f"int{bits} {f'g{group}' if group else 'per-channel'} sym, {self.cfg['dtype']} scales"
+            self._scheme = f"int{bits} {f'g{group}' if group else 'per-channel'} sym ({self.cfg['dtype']} scales)"
         return weights
 
     def _linear(self, x, name: str):
