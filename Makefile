@@ -25,7 +25,7 @@ KERAS_VENV := build/keras-venv
 KERAS_STAMP := $(KERAS_VENV)/.installed
 KERAS_REQS := requirements/keras-runtime.txt
 
-.PHONY: venv demo artifacts demo-model llamacpp-src gemma-venv modelopt-venv keras-venv test lint bench fuzz clean
+.PHONY: venv demo artifacts demo-model llamacpp-src gemma-venv modelopt-venv keras-venv test test-gpu lint bench bench-gpu fuzz clean
 
 venv: $(STAMP)
 
@@ -111,6 +111,19 @@ fuzz: venv
 
 bench: demo-model
 	$(BIN)/python bench/convert_memory.py
+
+# The GPU tier (issue 17): the Triton kernels compiled and run on CUDA against their CPU references
+# (tests/test_gpu.py; each test skipped with its reason where no GPU is visible), and the prepared GPU
+# check (bench/gpu_check.sh: those tests + bench/kernels.py inside 8 minutes, a Markdown report in $$OUT
+# or build/bench/gpu). Neither builds the venv: a GPU machine has its own torch and triton, and its
+# python3 runs them when there is no .venv.
+GPU_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+
+test-gpu:
+	$(GPU_PYTHON) -m pytest -q -ra -m gpu tests/test_gpu.py
+
+bench-gpu:
+	PYTHON=$(GPU_PYTHON) bash bench/gpu_check.sh
 
 clean:
 	rm -rf build $(VENV)

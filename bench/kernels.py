@@ -621,7 +621,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "build" / "bench" / "gpu"))
     p.add_argument("--small", action="store_true", help="tiny shapes (the interpreter's dry run)")
     p.add_argument("--list", action="store_true", help="print the shapes and exit")
-    p.add_argument("--budget-s", type=float, default=240.0, help="start no timing after this many seconds")
+    p.add_argument("--budget-s", type=float, default=180.0, help="start no timing after this many seconds")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak-gbps", type=float, default=PEAK_GBPS)
