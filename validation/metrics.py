@@ -94,9 +94,12 @@ def work_buffer(name: str, rows: int, cols: int) -> torch.Tensor:
 
 
 def _f64(x: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
-    """float64 rows of a numpy array or a tensor, copied into the work buffer ``name``."""
+    """float64 rows of a numpy array or a tensor, copied into the work buffer ``name``; a float64 tensor as it
+    is, not copied (score_rows uses it up in place, the others only read it)."""
     import torch
 
+    if isinstance(x, torch.Tensor) and x.dtype == torch.float64:
+        return x
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
     return work_buffer(name, *t.shape).copy_(t)
 
@@ -178,7 +181,7 @@ def score_rows(
     used up in place), which give only p = exp(ref - log_norm) for the cross term."""
     import torch
 
-    x = ref if isinstance(ref, torch.Tensor) and ref.dtype == torch.float64 else _f64(ref, "ref")
+    x = _f64(ref, "ref")
     p = x.sub_(torch.from_numpy(np.array(stats.log_norm, dtype=np.float64))[:, None]).exp_()
     return _score(stats, p, cand, targets)
 

@@ -164,14 +164,21 @@ def _layout(rows: int, vocab: int, cuts: int) -> list[tuple[str, type, tuple[int
 
 
 def _exact_mask(x: torch.Tensor, log_norm: np.ndarray) -> torch.Tensor:
-    """[rows, vocab] bool: per row the entries with p >= EXACT_MIN_P, the EXACT_CAP most probable of them."""
+    """[rows, vocab] bool: per row the entries with p >= EXACT_MIN_P, the EXACT_CAP most probable of them.
+
+    ``x - log_norm >= log(EXACT_MIN_P)`` is tested in float32 against the smallest float32 at or above
+    ``log_norm + log(EXACT_MIN_P)`` (the same entries, give or take one at a float64 rounding of the
+    boundary), and the rows over the cap keep their EXACT_CAP largest in one batched topk."""
     import torch
 
-    probable = (x.to(torch.float64) - torch.from_numpy(log_norm)[:, None]) >= np.log(EXACT_MIN_P)
-    for r in torch.nonzero(probable.sum(dim=1) > EXACT_CAP)[:, 0].tolist():
-        keep = torch.topk(x[r].masked_fill(~probable[r], -np.inf), EXACT_CAP).indices
-        probable[r] = False
-        probable[r, keep] = True
+    bound = np.asarray(log_norm, dtype=np.float64) + np.log(EXACT_MIN_P)
+    bound32 = bound.astype(np.float32)
+    bound32 = np.where(bound32 < bound, np.nextafter(bound32, np.float32(np.inf)), bound32)
+    probable = x >= torch.from_numpy(bound32)[:, None]
+    over = torch.nonzero(probable.sum(dim=1) > EXACT_CAP)[:, 0]
+    if len(over):
+        keep = torch.topk(x[over].masked_fill_(~probable[over], -np.inf), EXACT_CAP, dim=1).indices
+        probable[over] = torch.zeros((len(over), x.shape[1]), dtype=torch.bool).scatter_(1, keep, True)
     return probable
 
 
@@ -195,9 +202,9 @@ def _encode_rows(raw: np.ndarray, log_norm: np.ndarray) -> tuple[np.ndarray, ...
     codes = x.clamp(lo[:, None], hi[:, None]).sub_(lo[:, None]).div_(step).round_().clamp_(0, NO_MASS - 1)
     codes.masked_fill_(torch.isneginf(x), NO_MASS).masked_fill_(exact, 0)  # exact ones: overwritten on decoding
     return (
-        exact.sum(dim=1).to(torch.int32).numpy(),
+        torch.bincount(rows, minlength=len(x)).to(torch.int32).numpy(),  # a bool row sum is slower
         torch.stack([lo, scale]).numpy(),
-        codes.to(torch.int32).numpy().astype(np.uint16),
+        codes.numpy().astype(np.uint16),  # whole numbers 0 .. NO_MASS in float32: exact
         index.to(torch.int32).numpy(),
         x[rows, index].numpy(),
     )
@@ -213,9 +220,9 @@ def _encode_window(raw: np.ndarray, targets: np.ndarray, cuts: list[int]) -> byt
         chunk, t = raw[i : i + step], targets[i : i + step]
         exact = [reference_stats(chunk[:, :cut], t) for cut in cuts]
         parts = _encode_rows(chunk, exact[0].log_norm)
-        decoded = decode_rows(dict(zip(("counts", "lo_scale", "codes", "index", "value"), parts, strict=True)))
+        arrays = dict(zip(("counts", "lo_scale", "codes", "index", "value"), parts, strict=True))
+        decoded = decode_rows(arrays, out=work_buffer("decoded", len(chunk), vocab))
         of_decoded = [reference_stats(decoded[:, :cut], t) for cut in cuts]  # what the KL term reads
-        del decoded
         pairs = zip(exact, of_decoded, strict=True)
         stats.append([[e.nll, e.negentropy, e.log_norm, d.negentropy, d.log_norm] for e, d in pairs])
         tops.append([e.top for e in exact])
@@ -303,19 +310,20 @@ class RefCache:
 
     def window(self, i: int, vocab: int) -> tuple[RefStats, Callable[[int, int], torch.Tensor], int]:
         """Window ``i`` over the first ``vocab`` rows (one of ``cuts``): its exact statistics, a function
-        giving its float64 raw log-probs of rows start .. stop - 1 (``decode_rows``), and its row count."""
+        giving its float64 raw log-probs of rows start .. stop - 1 (``decode_rows``), and its row count.
+        InvalidCache when the window's crc32 or layout is wrong (checked here on every read)."""
         offset, length, crc = self.table[i]
         block = bytearray(length)  # writable, so the arrays over it can be handed to torch as they are
         with open(self.path, "rb") as f:
             f.seek(offset)
             got = f.readinto(block)
         if got != length or zlib.crc32(block) != crc:
-            raise InputError(f"window {i} changed since the cache was checked (crc32 mismatch)", self.path)
+            raise InvalidCache(f"window {i} crc32 mismatch")
         rows = scored_span(self.header["key"]["n_ctx"])[1]
         try:
             arrays = _decode_window(block, rows, self.header["vocab"], len(self.cuts))
         except ValueError as exc:
-            raise InputError(f"window {i} is malformed: {exc}", self.path) from None
+            raise InvalidCache(f"window {i} is malformed: {exc}") from None
         c = self.cuts.index(vocab)
         nll, _, _, negentropy, log_norm = arrays["stats"][c]  # the KL from the decoded rows (module docstring)
         stats = RefStats(nll, negentropy, arrays["top"][c].astype(np.int64), log_norm)
@@ -471,9 +479,12 @@ def prepare_cache(
     n_ctx: int,
     n_windows: int,
     cache_dir: str | Path,
+    verify: bool = True,
 ) -> tuple[Path, bool]:
     """(the cache file, True when computed now): an existing valid file is reused; a missing one is
-    computed; an invalid one is logged as a warning and recomputed."""
+    computed; an invalid one is logged as a warning and recomputed. Without ``verify`` the windows' crc32s
+    are left to ``RefCache.window``, which checks each window as it reads it (validate reads the file once
+    instead of twice, and recomputes it when a window turns out damaged: ``recompute``)."""
     reference = Path(reference)
     for folder in (Path(cache_dir), *Path(cache_dir).parents):  # the first one that exists must be a folder
         if folder.exists():
@@ -485,15 +496,22 @@ def prepare_cache(
     path = cache_path(Path(cache_dir), key)
     if path.is_file():
         try:
-            open_cache(path, key)
+            open_cache(path, key, verify)
             log.info("reference log-probs reused from %s", path)
             return path, False
         except InvalidCache as exc:
-            log.warning("%s: reference cache not used, recomputing: %s", path, exc)
+            recompute(path, key, reference, evaluation, exc)
+            return path, True
     elif path.exists():
         raise InputError("the reference cache path exists and is not a file", path)
     write_cache(path, key, reference, evaluation, n_ctx, n_windows)
     return path, True
+
+
+def recompute(path: Path, key: dict, reference: Path, evaluation: str, why: InvalidCache) -> None:
+    """Write the cache at ``path`` again, after a warning saying why the file there cannot be used."""
+    log.warning("%s: reference cache not used, recomputing: %s", path, why)
+    write_cache(path, key, reference, evaluation, key["n_ctx"], key["n_windows"])
 
 
 def ensure_cache(

@@ -158,12 +158,7 @@ def validate(
     if top >= vocab:
         raise CheckpointError(f"the tokenizer yields id {top}, beyond the vocab of {vocab}", reference)
 
-    acc = Accumulator()
-    with progress(f"validating {candidate.name}", total=len(chunks), unit="windows") as advance:
-        for i, chunk in enumerate(chunks):
-            ref.score(acc, i, chunk, scored_rows(cand_rt, chunk), vocab)
-            advance()
-    metrics = acc.result()
+    metrics = _score_windows(candidate, cand_rt, ref, vocab).result()
     log.info("%d tokens scored: KLD %.6g, delta-ppl %+.4f %%", metrics.tokens, metrics.kld, metrics.delta_ppl_pct)
     return Report(
         reference=str(reference),
@@ -184,6 +179,30 @@ def validate(
         reference_cache=getattr(ref, "cache_file", None),
         reference_cache_computed=getattr(ref, "computed", False),
     )
+
+
+def _score_windows(candidate: Path, cand_rt, ref, vocab: int) -> Accumulator:
+    """Every window of ``ref`` scored; once more from the start if a cached reference finds a damaged
+    window (it recomputes its file first: nothing from the damaged one is kept)."""
+    from validation.refcache import InvalidCache
+
+    try:
+        return _score_once(candidate, cand_rt, ref, vocab)
+    except InvalidCache as exc:  # only _CachedReference raises it
+        ref.recompute(exc)
+    try:
+        return _score_once(candidate, cand_rt, ref, vocab)
+    except InvalidCache as exc:
+        raise InputError(f"reference cache damaged again after recomputing it: {exc}", ref.cache_file) from None
+
+
+def _score_once(candidate: Path, cand_rt, ref, vocab: int) -> Accumulator:
+    acc = Accumulator()
+    with progress(f"validating {candidate.name}", total=len(ref.windows), unit="windows") as advance:
+        for i, chunk in enumerate(ref.windows):
+            ref.score(acc, i, chunk, scored_rows(cand_rt, chunk), vocab)
+            advance()
+    return acc
 
 
 def scored_rows(runtime, tokens: list[int]) -> np.ndarray:
@@ -237,20 +256,35 @@ class _CachedReference:
     def __init__(self, reference: Path, corpus, n_ctx: int, n_windows: int, cache_dir: Path):
         from validation import refcache
 
-        path, self.computed = refcache.prepare_cache(reference, corpus, n_ctx, n_windows, cache_dir)
+        # the windows' crc32s are checked as they are read (RefCache.window), not in a pass of their own
+        path, self.computed = refcache.prepare_cache(reference, corpus, n_ctx, n_windows, cache_dir, verify=False)
         self.evaluation = split_text(load_text(corpus))[0]
-        key = refcache.cache_key(reference, self.evaluation, n_ctx, n_windows, cache_dir)
-        try:
-            self.cache = refcache.open_cache(path, key, verify=False)  # checked whole by prepare_cache
-        except refcache.InvalidCache as exc:
-            raise InputError(f"reference cache changed while in use: {exc}", path) from None
+        self.reference, self.path = reference, path
+        self.key = refcache.cache_key(reference, self.evaluation, n_ctx, n_windows, cache_dir)
+        self._open()
         self.cache_file = str(path)
+
+    def _open(self) -> None:
+        from validation import refcache
+
+        try:
+            self.cache = refcache.open_cache(self.path, self.key, verify=False)
+        except refcache.InvalidCache as exc:
+            raise InputError(f"reference cache changed while in use: {exc}", self.path) from None
         h = self.cache.header
         self.bos, self.pieces, self.vocab_size = h["bos"], h["pieces"], h["vocab"]
         self.sample_ids, self.windows, self.runtime_name = h["sample_ids"], h["windows"], h["reference_runtime"]
 
     def load(self) -> None:
         pass
+
+    def recompute(self, why) -> None:
+        """The cache file written again (``why`` it could not be used is logged) and opened anew."""
+        from validation import refcache
+
+        refcache.recompute(self.path, self.key, self.reference, self.evaluation, why)
+        self.computed = True
+        self._open()
 
     def score(self, acc: Accumulator, i: int, chunk: list[int], cand: np.ndarray, vocab: int) -> None:
         if vocab not in self.cache.cuts:
