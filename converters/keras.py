@@ -558,6 +558,11 @@ def _datasets(h5, file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
             dtype = _stored_dtype(obj)
             if dtype is None:
                 raise CheckpointError(f"weight {name} has dtype {obj.dtype} (read: float32, float16, bfloat16)", file)
+            stored, needed = obj.id.get_storage_size(), obj.size * obj.dtype.itemsize
+            if obj.chunks is None and stored != needed:  # Keras writes contiguous data: a lie about the shape
+                raise CheckpointError(
+                    f"weight {name} stores {stored} bytes, its shape {list(obj.shape)} needs {needed}", file
+                )
             found[name] = (tuple(int(d) for d in obj.shape), dtype)
 
     try:
