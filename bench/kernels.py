@@ -63,9 +63,9 @@ BATCHES = (1, 4, 16, 64)
 SMALL_SHAPES = {"tiny": {"q_proj": (96, 256), "down_proj": (64, 384)}}
 SMALL_BATCHES = (1, 16)  # one GEMV, one GEMM
 CHECK_SHAPES = {"quant": (4096, 3072), "gguf": (512, 3072), "gemm": (512, 24576, 3072), "gemv": (1, 24576, 3072)}
-SMALL_CHECK_SHAPES = {"quant": (64, 256), "gguf": (8, 256), "gemm": (20, 96, 256), "gemv": (1, 96, 256)}
+SMALL_CHECK_SHAPES = {"quant": (8, 256), "gguf": (8, 256), "gemm": (20, 96, 256), "gemv": (1, 96, 256)}
 GPTQ_LAYER = "gemma-7b"
-SMALL_GPTQ = {"q_proj": (32, 256), "down_proj": (16, 384)}
+SMALL_GPTQ = {"q_proj": (16, 256), "down_proj": (16, 384)}
 GPTQ_TARGET_S = 2.0
 FLUSH_BYTES = 512 << 20  # written before each timed call: several times the H200's 60 MB L2
 
@@ -496,11 +496,12 @@ def run_gptq(small: bool, cuda: bool, dev: str) -> list[dict]:
     if gptq is None:
         return [{"check": "gptq", "pass": None, "note": why}]
     rows = []
-    w, h = weight(64, 256, seed=5).float(), hessian(256, "cpu", 5)
+    rows_, cols_ = (16, 256) if small else (64, 256)
+    w, h = weight(rows_, cols_, seed=5).float(), hessian(cols_, "cpu", 5)
     (_, cpu_values, _), _ = wall(lambda: gptq_one(gptq, w, h, "cpu"), False)
     (levels, values, _), t_first = wall(lambda: gptq_one(gptq, w.to(dev), h.to(dev), "cuda"), cuda)
     cpu_loss, gpu_loss = proxy_loss(w, cpu_values, h), proxy_loss(w, values.cpu(), h)
-    rows.append({"check": "gptq cuda vs cpu [64, 256]: Hessian-weighted error within 5 %",
+    rows.append({"check": f"gptq cuda vs cpu {[rows_, cols_]}: Hessian-weighted error within 5 %",
                  "pass": gpu_loss <= cpu_loss * 1.05 and int(levels.abs().max()) <= 8,
                  "error": gpu_loss / cpu_loss - 1, "kernel_ms": t_first * 1e3})  # fmt: skip
     hessians = {}
