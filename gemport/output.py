@@ -92,14 +92,34 @@ def _release(lock: Path, fd: int) -> None:
     os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int, since: float | None = None) -> bool:
+    """True when a process of ``pid`` lives: not a zombie (a killed writer that nobody reaped, as under a
+    container's init that does not reap), and, where ``since`` (a time.time()) is given and /proc says when
+    the process started, one started before ``since`` (a later one reuses the pid of a dead writer)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # a live process of another user
         return True
-    return True
+    state, started = _proc_state(pid)
+    if state in ("Z", "X"):
+        return False
+    return since is None or started is None or started <= since + 1.0  # 1 s: clock tick and mtime granularity
+
+
+def _proc_state(pid: int) -> tuple[str | None, float | None]:
+    """(state letter, start time as a time.time()) of ``pid`` from /proc (ref: proc(5), /proc/PID/stat fields
+    3 and 22, /proc/stat btime); (None, None) where /proc cannot say."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": the comm may hold spaces
+        btime = next(
+            int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")
+        )
+        return fields[0], btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None, None
 
 
 def clean_stale_temporaries(folder: Path) -> list[Path]:
@@ -127,7 +147,11 @@ def _remove_if_stale(tmp: Path, pid: int) -> bool:
     try:
         fd = os.open(lock, os.O_RDWR)
     except FileNotFoundError:
-        if _pid_alive(pid):
+        try:
+            made = tmp.lstat().st_mtime
+        except OSError:
+            return False  # gone meanwhile
+        if _pid_alive(pid, since=made):
             return False
         return _discard(tmp)
     except OSError:

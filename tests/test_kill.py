@@ -227,6 +227,29 @@ def test_stale_is_told_by_the_lock_and_without_one_by_the_pid(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([unlocked_live.name, *(p.name for p in unrelated)])
 
 
+def test_without_a_lock_a_zombie_or_a_later_process_of_the_pid_is_no_writer(tmp_path):
+    zombie = subprocess.Popen([sys.executable, "-c", ""])  # exits and stays unreaped until wait()
+    later = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not Path(f"/proc/{zombie.pid}/stat").read_text().split(") ")[1].startswith("Z"):
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.05)
+        of_zombie = tmp_path / f".z.gguf.partial-{zombie.pid}"
+        of_zombie.write_text("x")
+        of_later = tmp_path / f".r.gguf.partial-{later.pid}"  # written (mtime) an hour before that process began
+        of_later.write_text("x")
+        an_hour_ago = time.time() - 3600
+        os.utime(of_later, (an_hour_ago, an_hour_ago))
+        removed = clean_stale_temporaries(tmp_path)
+        assert sorted(p.name for p in removed) == sorted([of_zombie.name, of_later.name])
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        later.kill()
+        later.wait()
+        zombie.wait()
+
+
 def test_a_half_moved_split_set_is_rolled_back_and_a_moved_one_kept(tmp_path):
     from gemport.output import JOURNAL
 
