@@ -6,8 +6,10 @@ operation by operation (no FMA, IEEE division, half-to-even), so levels, values 
 bit for bit. With its own U (torch.linalg instead of LAPACK in place; measured 1.5e-6 relative apart at
 n = 640) a rounding tie can flip a level and the error fed forward then moves its row: measured 100 %
 equal levels on every case here; asserted >= 99.9 % equal levels, values within one grid step, and
-the output error within 1 % of the CPU's. End to end on a tiny model: >= 99.9 % equal codes, the
-perplexity within 0.5 % of the CPU run's.
+the output error within 1 % of the CPU's. End to end on the tiny Gemma 3 (4 layers, int4 g32 asym,
+act-order) measured 100 % equal codes (147456) and the same perplexity to 7 digits; asserted >= 99.9 %
+codes and perplexity within 0.5 %. (Natural order, grids fitted on the fly, measured 99.81 % equal codes
+and +0.14 % perplexity: a flipped level changes the next layers' calibration inputs; not a CI case.)
 """
 
 from __future__ import annotations
