@@ -164,11 +164,19 @@ def test_device_cuda_scores_compressed_tensors_as_transformers_does(tiny_models,
 
 @pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")  # transformers, asymmetric
 @pytest.mark.parametrize(
-    "config", [RTNConfig(bits=4, group_size=32, symmetric=False), RTNConfig(bits=8)], ids=["int4-g32-asym", "int8"]
+    "variant,config",
+    [
+        ("gemma3", RTNConfig(bits=4, group_size=32, symmetric=False)),
+        ("gemma3", RTNConfig(bits=8)),
+        ("gemma-mqa", RTNConfig(bits=4, group_size=64)),  # an untied LM head, loaded as a dense tensor
+        ("gemma2", RTNConfig(bits=8, symmetric=False)),  # attention softcap, eager
+    ],
+    ids=["gemma3-int4-g32-asym", "gemma3-int8", "gemma-mqa-int4-g64", "gemma2-int8-asym"],
 )
-def test_kernel_runtime_logits_equal_transformers_compressed_tensors(tiny_models, tmp_path, config):
-    """The other schemes gemport quantize writes (asymmetric groups, int8 per channel): the logits of a window."""
-    out = hf.write(quantize(hf.read(tiny_models["gemma3"]), config), tmp_path / "q")
+def test_kernel_runtime_logits_equal_transformers_compressed_tensors(tiny_models, tmp_path, variant, config):
+    """The other schemes gemport quantize writes (asymmetric groups, int8 per channel) and the other families:
+    the logits of a window."""
+    out = hf.write(quantize(hf.read(tiny_models[variant]), config), tmp_path / "q")
     tokens = [2, *range(10, 10 + CTX - 1)]
     want = as_loaded(out).scored_logits(tokens, 16, 15)
     got = CompressedTensorsKernelRuntime(out).scored_logits(tokens, 16, 15)
