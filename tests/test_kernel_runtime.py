@@ -302,3 +302,26 @@ def test_device_cuda_names_a_missing_tensor(int4_g32, gemma3_unscaled, tmp_path)
     save_file(tensors, out / "rank0.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="tensor transformer.layers.1.mlp.fc.weight is missing"):
         kernel_runtime(out, "trtllm")
+
+
+def _validate_json(candidate: Path, reference: Path, out: Path, device: str, interpret: bool) -> dict:
+    argv = ["validate", str(candidate), "--reference", str(reference), "--ctx", str(CTX), "--windows", str(WINDOWS)]
+    done = _gemport(*argv, "--device", device, "--no-reference-cache", "--no-default-gates", "--json", str(out),
+                    interpret=interpret)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible: the compiled kernels cannot run")
+def test_device_cuda_on_a_gpu(tiny_models, int4_g32, gemma3_unscaled, tmp_path):
+    """On a CUDA GPU, compiled (no interpreter): the compressed-tensors folder's perplexity within 0.1 % of
+    transformers + compressed-tensors', a W4A16_AWQ checkpoint's within 0.5 % of the layout runtime's."""
+    awq = _awq_with_prequant(gemma3_unscaled, tmp_path / "awq")
+    for candidate, reference, bound in ((int4_g32, tiny_models["gemma3"], 1e-3), (awq, gemma3_unscaled, 5e-3)):
+        cpu = _validate_json(candidate, reference, tmp_path / "cpu.json", "cpu", interpret=False)
+        gpu = _validate_json(candidate, reference, tmp_path / "gpu.json", "cuda", interpret=False)
+        a, b = cpu["metrics"]["ppl_cand"], gpu["metrics"]["ppl_cand"]
+        print(f"{candidate.name}: ppl {cpu['runtime']['name'][:40]} {a:.6f}, Triton on CUDA {b:.6f}, {b / a - 1:+.2e}")
+        assert abs(b / a - 1) < bound
+        assert gpu["runtime"]["kind"] == KERNELS and "on CUDA (" in gpu["runtime"]["name"], gpu["runtime"]["name"]
