@@ -325,3 +325,17 @@ def test_device_cuda_on_a_gpu(tiny_models, int4_g32, gemma3_unscaled, tmp_path):
         print(f"{candidate.name}: ppl {cpu['runtime']['name'][:40]} {a:.6f}, Triton on CUDA {b:.6f}, {b / a - 1:+.2e}")
         assert abs(b / a - 1) < bound
         assert gpu["runtime"]["kind"] == KERNELS and "on CUDA (" in gpu["runtime"]["name"], gpu["runtime"]["name"]
+
+
+def test_a_projection_stored_in_float_runs_as_a_torch_matmul_and_is_said(tiny_models, tmp_path):
+    src = hf.read(tiny_models["gemma3"])
+    q = quantize(src, RTNConfig(bits=4, group_size=32))
+    name = "model.layers.1.mlp.down_proj.weight"
+    q.tensors[name] = src.tensors[name]  # left unquantized: compressed-tensors' ignore list names it
+    out = hf.write(q, tmp_path / "q")
+    tokens = [2, *range(10, 10 + CTX - 1)]
+    want = as_loaded(out).scored_logits(tokens, 16, 15)
+    rt = CompressedTensorsKernelRuntime(out)
+    assert abs(rt.scored_logits(tokens, 16, 15) - want).max() / abs(want).max() < 1e-5
+    assert "in 27 projections, 1 stored in float as torch matmuls" in rt.name, rt.name
+    assert rt.notes == ["stored in float, run as torch matmuls, not kernels: model.layers.1.mlp.down_proj"]

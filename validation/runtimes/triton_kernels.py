@@ -191,7 +191,7 @@ class CompressedTensorsKernelRuntime:
             + (f", {len(floats)} stored in float as torch matmuls" if floats else "")
             + f"; transformers {_version('transformers')} Gemma model around them ({dtype}, eager) {where()}"
         )
-        self.notes = [f"{len(floats)} projections are stored in float: torch matmuls, not kernels"] if floats else []
+        self.notes = [f"stored in float, run as torch matmuls, not kernels: {', '.join(floats)}"] if floats else []
         log.info("loaded %s: %s", path, self.name)
 
     kind = KERNELS
