@@ -191,7 +191,8 @@ class CompressedTensorsKernelRuntime:
             + (f", {len(floats)} stored in float as torch matmuls" if floats else "")
             + f"; transformers {_version('transformers')} Gemma model around them ({dtype}, eager) {where()}"
         )
-        self.notes = [f"stored in float, run as torch matmuls, not kernels: {', '.join(floats)}"] if floats else []
+        shown = ", ".join(floats[:3]) + (f" and {len(floats) - 3} more" if len(floats) > 3 else "")
+        self.notes = [f"stored in float, run as torch matmuls, not kernels: {shown}"] if floats else []
         log.info("loaded %s: %s", path, self.name)
 
     kind = KERNELS
