@@ -171,7 +171,13 @@ BENCH_RC=$RC BENCH_S=$SECS
   echo
   echo "$(status "$BENCH_RC" "$BENCH_LIMIT") in $BENCH_S s."
   echo
-  if [ -f "$OUTDIR/kernels.md" ]; then cat "$OUTDIR/kernels.md"; else tail -20 "$OUTDIR/kernels.log"; fi
+  if [ "$BENCH_RC" != 0 ] || [ ! -f "$OUTDIR/kernels.md" ]; then
+    echo '```'
+    grep -v '^|' "$OUTDIR/kernels.log" | tail -15
+    echo '```'
+    echo
+  fi
+  [ -f "$OUTDIR/kernels.md" ] && cat "$OUTDIR/kernels.md"
 } >"$OUTDIR/gpu_check.md"
 cat "$OUTDIR/gpu_check.md"
 [ "$PYTEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ]

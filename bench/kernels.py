@@ -45,6 +45,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -609,6 +610,16 @@ def target_lines(timings: list[dict], gptq: list[dict]) -> list[str]:
     return lines
 
 
+def guarded(part: str, fn, *args) -> list[dict]:
+    """``fn(*args)``'s rows, or one failed check naming the exception: one broken part (a kernel that does not
+    compile for some K, an out-of-memory) must not cost the rest of a GPU run that may not come again."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # reported as a failed check, its traceback in the log
+        traceback.print_exc()
+        return [{"check": part, "pass": False, "note": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}]
+
+
 def write(out: Path, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("kernels.json", json.dumps(result, indent=2) + "\n"), ("kernels.md", markdown(result))):
@@ -662,9 +673,10 @@ def main() -> int:
 
     if not args.skip_checks:
         shapes = SMALL_CHECK_SHAPES if args.small else CHECK_SHAPES
-        result["checks"] += check_quant(shapes["quant"], cuda) + check_gguf(shapes["gguf"], cuda)
         paths = {"gemm": shapes["gemm"][0], "gemv": shapes["gemv"][0]}
-        result["checks"] += check_matmul(shapes["gemm"], paths, cuda, INTERPRET)
+        result["checks"] += guarded("quantize", lambda: check_quant(shapes["quant"], cuda))
+        result["checks"] += guarded("gguf", lambda: check_gguf(shapes["gguf"], cuda))
+        result["checks"] += guarded("matmul", lambda: check_matmul(shapes["gemm"], paths, cuda, INTERPRET))
         save()
     timer = Timer(cuda, reps, warmup)
     models, batches = plan(args.small)
@@ -674,12 +686,17 @@ def main() -> int:
                 result["timings"].append({"model": model, "proj": proj, "N": n, "K": k, "M": 0, "impl": "all",
                                           "note": "not run: time budget"})  # fmt: skip
                 continue
-            result["timings"] += time_shape(model, proj, n, k, batches, timer, peaks, device())
+            args_ = (model, proj, n, k, batches, timer, peaks, device())
+            rows = guarded(f"timing {model} {proj}", time_shape, *args_)
+            if rows and "check" in rows[0]:  # it failed: the error is a failed check, the case a note
+                result["checks"] += rows
+                rows = [{"model": model, "proj": proj, "N": n, "K": k, "M": 0, "impl": "all", "note": "error"}]
+            result["timings"] += rows
             save()
     timer.flush = None
     result["checks"] += timing_checks(result["timings"])
     save()
-    gptq_rows = run_gptq(args.small, cuda, device())
+    gptq_rows = guarded("gptq", lambda: run_gptq(args.small, cuda, device()))
     result["checks"] += [r for r in gptq_rows if r.get("pass") is not None]
     result["gptq"] = [r for r in gptq_rows if r.get("pass") is None]
     save()
