@@ -10,8 +10,8 @@ Protocol: as gemma_worker.py's. stdin line 1: ``{"preset": PATH}``; reply ``{"ok
 window, answered by ``{"rows": n, "cols": V}`` and n * V little-endian float32 log-probabilities.
 
 The preset is loaded as a user loads it: ``keras_hub.models.CausalLM.from_preset(PATH, dtype="float32",
-preprocessor=None)`` when it has task.json (the Gemma 3 preprocessor needs TensorFlow, which this
-environment leaves out; ref: keras_hub/src/models/gemma3/gemma3_causal_lm_preprocessor.py
+preprocessor=None)`` when it has task.json, and run by ``predict_on_batch`` (the Gemma 3 preprocessor
+needs TensorFlow, which this environment leaves out; ref: keras_hub/src/models/gemma3/gemma3_causal_lm_preprocessor.py
 assert_tf_installed), else ``keras_hub.models.Backbone.from_preset`` and the tied embedding's reverse
 projection; its tokenizer, when there is one, with ``keras_hub.models.Tokenizer.from_preset(PATH)``.
 """
@@ -40,11 +40,11 @@ class Scorer:
         import keras_hub
 
         preset = setup["preset"]
-        self.tokenizer = None
+        self.tokenizer, self.model = None, None
         if os.path.isfile(os.path.join(preset, "task.json")):
-            model = keras_hub.models.CausalLM.from_preset(preset, dtype="float32", preprocessor=None)
-            self.backbone = model.backbone
-            self.description = f"{type(model).__name__}.from_preset"
+            self.model = keras_hub.models.CausalLM.from_preset(preset, dtype="float32", preprocessor=None)
+            self.backbone = self.model.backbone
+            self.description = f"{type(self.model).__name__}.from_preset"
         else:
             self.backbone = keras_hub.models.Backbone.from_preset(preset, dtype="float32")
             self.description = f"{type(self.backbone).__name__}.from_preset"
@@ -54,11 +54,16 @@ class Scorer:
         self.vocab = int(self.backbone.vocabulary_size)
 
     def logits(self, tokens: list[int]) -> np.ndarray:
-        """The backbone's hidden states, then the tied head with its final soft cap (ref: keras_hub/src/
-        models/gemma/gemma_causal_lm.py __init__: token_embedding(x, reverse=True)); an explicit all-ones
-        padding mask, so that id 0 inside a window is a token."""
+        """The CausalLM's logits, through Keras's compiled predict step (``predict_on_batch``; XLA on the
+        JAX backend, as users run inference); a backbone preset's hidden states then the tied head with
+        its final soft cap (ref: keras_hub/src/models/gemma/gemma_causal_lm.py __init__:
+        token_embedding(x, reverse=True)). An explicit all-ones padding mask: id 0 inside a window is a
+        token."""
         ids = np.asarray([tokens], dtype=np.int32)
-        hidden = self.backbone({"token_ids": ids, "padding_mask": np.ones_like(ids)})
+        inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+        if self.model is not None:
+            return np.asarray(self.model.predict_on_batch(inputs), dtype=np.float32)[0]
+        hidden = self.backbone.predict_on_batch(inputs)
         return np.asarray(self.backbone.token_embedding(hidden, reverse=True), dtype=np.float32)[0]
 
 
