@@ -250,3 +250,52 @@ def test_sniffed_as_keras_not_hf(presets):
 
     assert registry.detect(presets["gemma3"]) == "keras"
     assert not hf.sniff(presets["gemma3"])
+
+
+def test_backbone_preset_without_tokenizer(references, corpus, tmp_path):
+    """A checkpoint without tokenizer.model: a backbone preset (no task.json), which keras-hub loads with
+    Backbone.from_preset, scored through the tied embedding's reverse projection."""
+    import dataclasses
+
+    from validation.validate import validate
+
+    _keras_python()
+    ckpt = dataclasses.replace(hf.read(references["gemma2"]), tokenizer_files={})
+    preset = ck.write(ckpt, tmp_path / "backbone")
+    assert not (preset / ck.TASK).exists() and not (preset / ck.VOCABULARY).exists()
+    report = validate(preset, references["gemma2"], corpus=corpus, n_ctx=N_CTX, n_windows=1)
+    assert report.passed and report.metrics.kld < MAX_KLD, report.table()
+    assert "GemmaBackbone.from_preset" in report.runtime, report.runtime
+
+
+# --- the demo model --------------------------------------------------------------------------------------
+@pytest.mark.realmodel
+def test_demo_model_in_keras_hub_matches_transformers(demo_model, tmp_path):
+    """Gemma 3 270M as an f32 preset in keras-hub: within 0.01 % delta-ppl and KLD < 1e-5 (issue 18; the
+    default protocol's 16 windows measured 3.6e-11, README); two windows here for CI's time."""
+    from validation.validate import validate
+
+    _keras_python()
+    preset = ck.write(hf.read(demo_model), tmp_path / "gemma-3-270m-keras", dtype="f32")
+    report = validate(preset, demo_model, n_ctx=512, n_windows=2, max_kld=1e-5, max_ppl_delta=0.01)
+    assert report.passed and report.metrics.tokens == 2 * 255, report.table()
+    assert report.runtime.startswith("keras-hub 0.32.0 (Gemma3CausalLM.from_preset, Gemma3Tokenizer"), report.runtime
+
+
+@pytest.mark.realmodel
+def test_demo_model_round_trip_and_spec_from_config_alone(demo_model, tmp_path):
+    """HF -> Keras -> HF bit-identical; without gemport.json, config.json gives back the architecture."""
+    import torch
+
+    original = hf.read(demo_model)
+    preset = ck.write(original, tmp_path / "keras")
+    again = ck.read(preset)
+    for name, t in original.tensors.items():
+        assert torch.equal(t.load(), again.tensors[name].load()), name
+    (preset / ck.MANIFEST).unlink()
+    got, want = ck.read(preset).spec, original.spec
+    fields = "family vocab_size hidden_size intermediate_size num_layers num_heads num_kv_heads head_dim "
+    fields += "layer_types sliding_window rope_theta rope_local_theta rope_scaling attn_softcap final_softcap"
+    for field in fields.split():
+        assert getattr(got, field) == getattr(want, field), field
+    assert (got.query_pre_attn_scalar or got.head_dim) == (want.query_pre_attn_scalar or want.head_dim)
