@@ -112,15 +112,18 @@ fuzz: venv
 bench: demo-model
 	$(BIN)/python bench/convert_memory.py
 
-# The GPU tier (issue 17): the Triton kernels compiled and run on CUDA against their CPU references
-# (tests/test_gpu.py; each test skipped with its reason where no GPU is visible), and the prepared GPU
-# check (bench/gpu_check.sh: those tests + bench/kernels.py inside 8 minutes, a Markdown report in $$OUT
-# or build/bench/gpu). Neither builds the venv: a GPU machine has its own torch and triton, and its
-# python3 runs them when there is no .venv.
+# The GPU tier (issue 17): the gpu-marked tests (each skipped with its reason where no GPU is visible):
+# the Triton kernels compiled and run on CUDA against their CPU references (tests/test_gpu.py) and
+# `gemport validate --device cuda` against the CPU runtimes (tests/test_kernel_runtime.py), each file in
+# a pytest process of its own (the kernels are compiled or interpreted as chosen at their first import);
+# and the prepared GPU check (bench/gpu_check.sh: those tests + bench/kernels.py inside 8 minutes, a
+# Markdown report in $$OUT or build/bench/gpu). Neither builds the venv: a GPU machine has its own torch
+# and triton, and its python3 runs them when there is no .venv.
 GPU_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_TESTS := tests/test_gpu.py tests/test_kernel_runtime.py
 
 test-gpu:
-	$(GPU_PYTHON) -m pytest -q -ra -m gpu tests/test_gpu.py
+	rc=0; for f in $(GPU_TESTS); do $(GPU_PYTHON) -m pytest -q -ra -m gpu $$f || rc=1; done; exit $$rc
 
 bench-gpu:
 	PYTHON=$(GPU_PYTHON) bash bench/gpu_check.sh

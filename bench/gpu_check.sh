@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check of issue 17, in one command on one GPU, inside 8 minutes:
-#   1. the GPU tests (tests/test_gpu.py: every Triton kernel on CUDA against its CPU reference), at most
-#      PYTEST_LIMIT seconds;
+#   1. the GPU tests, each file in its own pytest process (the kernels are compiled or interpreted as
+#      chosen at their first import in a process): tests/test_gpu.py (every Triton kernel on CUDA against
+#      its CPU reference), at most PYTEST_LIMIT seconds, and the gpu-marked tests of
+#      tests/test_kernel_runtime.py (gemport validate --device cuda against the CPU runtimes), at most
+#      RUNTIME_LIMIT seconds;
 #   2. bench/kernels.py (correctness at 7B widths, W4A16/W8A16 beside torch at Gemma 2B/7B/27B shapes,
 #      GPTQ of one 7B layer), at most BENCH_LIMIT seconds (it starts no timing after BENCH_BUDGET);
 # then writes gpu_check.md (a Markdown report: environment, test summary, the kernels' tables) with
@@ -38,9 +41,10 @@ fi
 OUTDIR=${OUT:-build/bench/gpu}
 WHEELS=${GEMPORT_WHEELS:-build/gpu-wheels}
 SITE=${TMPDIR:-/tmp}/gemport-gpu-site
-PYTEST_LIMIT=${PYTEST_LIMIT:-150}
-BENCH_LIMIT=${BENCH_LIMIT:-300}
-BENCH_BUDGET=${BENCH_BUDGET:-180}
+PYTEST_LIMIT=${PYTEST_LIMIT:-120}
+RUNTIME_LIMIT=${RUNTIME_LIMIT:-90}
+BENCH_LIMIT=${BENCH_LIMIT:-250}  # 120 + 90 + 250 s, and the package check: under 8 minutes
+BENCH_BUDGET=${BENCH_BUDGET:-150}
 # the packages the GPU image lacks (/work/.library/device/KINDS.md): gguf, and compressed-tensors with
 # what it needs there (pydantic and its parts, loguru; typing-extensions for pydantic's minimum)
 CARRIED="gguf compressed-tensors pydantic pydantic-core annotated-types typing-inspection typing-extensions loguru"
@@ -49,6 +53,7 @@ PYTEST_CMD=("$PY" -m pytest -q -ra -p no:cacheprovider -m gpu tests/test_gpu.py)
 # pytest-xdist, where installed (the GPU image has it): Triton compiles each kernel variant on one CPU
 # core, and the tests compile about a hundred
 if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_CMD+=(-n 4); fi
+RUNTIME_CMD=("$PY" -m pytest -q -ra -p no:cacheprovider -m gpu tests/test_kernel_runtime.py)
 BENCH_CMD=("$PY" bench/kernels.py --out "$OUTDIR" --budget-s "$BENCH_BUDGET")
 
 deps() {
@@ -96,7 +101,7 @@ fi
 
 if [ "$DRY" = 1 ]; then
   echo "gpu_check.sh --dry-run: nothing is run"
-  echo "python: $PY; output: $OUTDIR (gpu_check.md, kernels.md, kernels.json, pytest.log, kernels.log, deps.txt)"
+  echo "python: $PY; output: $OUTDIR (gpu_check.md, kernels.md, kernels.json, pytest.log, runtime_tests.log, kernels.log, deps.txt)"
   echo "deps (checked first; required ones missing stop a real run with exit 3):"
   deps any | sed 's/^/  /'
   echo "wheels to install first when optional ones are missing: $WHEELS ($(ls "$WHEELS"/*.whl 2>/dev/null | wc -l) wheels here)"
@@ -104,6 +109,7 @@ if [ "$DRY" = 1 ]; then
   "$PY" bench/kernels.py --list | sed 's/^/  /'
   echo "commands:"
   echo "  timeout $PYTEST_LIMIT ${PYTEST_CMD[*]}"
+  echo "  timeout $RUNTIME_LIMIT ${RUNTIME_CMD[*]}"
   echo "  timeout $BENCH_LIMIT ${BENCH_CMD[*]}"
   exit 0
 fi
@@ -148,8 +154,23 @@ status() {  # RC LIMIT
   esac
 }
 
+report_tests() {  # COMMAND RC LIMIT SECONDS LOG: a section of the report
+  echo "## GPU tests: \`$1\`"
+  echo
+  echo "$(status "$2" "$3") in $4 s: $(grep -E '(passed|failed|skipped|error|no tests ran|nothing run)' "$5" | tail -1)"
+  grep -E '^(FAILED|ERROR|SKIPPED)' "$5" | head -20 | sed 's/^/    /'
+  echo
+}
+
 run_step "$PYTEST_LIMIT" "$OUTDIR/pytest.log" "${PYTEST_CMD[@]}"
 PYTEST_RC=$RC PYTEST_S=$SECS
+if [ -f tests/test_kernel_runtime.py ]; then
+  run_step "$RUNTIME_LIMIT" "$OUTDIR/runtime_tests.log" "${RUNTIME_CMD[@]}"
+else
+  RC=0 SECS=0
+  echo "tests/test_kernel_runtime.py is not there: nothing run" >"$OUTDIR/runtime_tests.log"
+fi
+RUNTIME_RC=$RC RUNTIME_S=$SECS
 run_step "$BENCH_LIMIT" "$OUTDIR/kernels.log" "${BENCH_CMD[@]}"
 BENCH_RC=$RC BENCH_S=$SECS
 
@@ -162,11 +183,8 @@ BENCH_RC=$RC BENCH_S=$SECS
   echo
   echo "Packages: $(grep -v '^ok cuda' "$OUTDIR/deps.txt" | tr '\n' ';' | sed 's/;$//; s/;/; /g')"
   echo
-  echo "## GPU tests: \`${PYTEST_CMD[*]}\`"
-  echo
-  echo "$(status "$PYTEST_RC" "$PYTEST_LIMIT") in $PYTEST_S s: $(grep -E '(passed|failed|skipped|error|no tests ran)' "$OUTDIR/pytest.log" | tail -1)"
-  grep -E '^(FAILED|ERROR|SKIPPED)' "$OUTDIR/pytest.log" | head -20 | sed 's/^/    /'
-  echo
+  report_tests "${PYTEST_CMD[*]}" "$PYTEST_RC" "$PYTEST_LIMIT" "$PYTEST_S" "$OUTDIR/pytest.log"
+  report_tests "${RUNTIME_CMD[*]}" "$RUNTIME_RC" "$RUNTIME_LIMIT" "$RUNTIME_S" "$OUTDIR/runtime_tests.log"
   echo "## Kernels: \`${BENCH_CMD[*]}\`"
   echo
   echo "$(status "$BENCH_RC" "$BENCH_LIMIT") in $BENCH_S s."
@@ -180,4 +198,4 @@ BENCH_RC=$RC BENCH_S=$SECS
   [ -f "$OUTDIR/kernels.md" ] && cat "$OUTDIR/kernels.md"
 } >"$OUTDIR/gpu_check.md"
 cat "$OUTDIR/gpu_check.md"
-[ "$PYTEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ]
+[ "$PYTEST_RC" = 0 ] && [ "$RUNTIME_RC" = 0 ] && [ "$BENCH_RC" = 0 ]
