@@ -4,7 +4,10 @@
   the compressed-tensors int32 packing (compressed_tensors.compressors.pack_quantized.helpers
   .pack_to_int32, bit for bit);
 - gguf_legacy.py: GGUF Q8_0 and Q4_0 blocks (quantizers/gguf_blocks.py without an importance matrix,
-  byte for byte).
+  byte for byte);
+- dequant_matmul.py: W4A16/W8A16 matmul on compressed-tensors' packed records (GEMM and GEMV);
+- trtllm_matmul.py: the same on TensorRT-LLM's stored W4A16_AWQ / W4A16 / W8A16 weights;
+- gptq_block.py: GPTQ's column-block step (quantizers/gptq.py ``_quantize_block``, bit for bit).
 
 Each kernel has its pure-torch/numpy reference beside it (named in its docstring) and runs either on a
 CUDA device or, with ``TRITON_INTERPRET=1`` set before triton is imported, on CPU tensors through
