@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from converters.presets import tokenizer_pieces
 from gemport import __version__
 from gemport.checkpoint import DTYPES, Checkpoint, LazyTensor, all_finite, expected_shapes
 from gemport.errors import CheckpointError, InputError, UnsupportedError
@@ -489,6 +490,7 @@ def read(path: str | Path) -> Checkpoint:
     tensors = _lazy_tensors(file, spec)
     tokenizer_files = {}
     if (path / VOCABULARY).is_file():
+        tokenizer_pieces(path / VOCABULARY, spec.vocab_size, path)  # a SentencePiece model that fits the embedding
         tokenizer_files[TOKENIZER] = (path / VOCABULARY).read_bytes()
         config = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False}
         tokenizer_files["tokenizer_config.json"] = (json.dumps(config, indent=2) + "\n").encode()

@@ -301,3 +301,31 @@ def test_demo_model_round_trip_and_spec_from_config_alone(demo_model, tmp_path):
     for field in fields.split():
         assert getattr(got, field) == getattr(want, field), field
     assert (got.query_pre_attn_scalar or got.head_dim) == (want.query_pre_attn_scalar or want.head_dim)
+
+
+def test_damaged_vocabulary_is_one_line(presets, tmp_path, capsys):
+    preset = _broken(presets, tmp_path, lambda p: (p / ck.VOCABULARY).write_bytes(b"\x0a\xff not a proto"))
+    code = main(["convert", str(preset), str(tmp_path / "out"), "--to", "hf"])
+    assert_one_line_error(code, capsys.readouterr().err, str(preset / ck.VOCABULARY), "not a SentencePiece model")
+    assert_nothing_left(tmp_path / "out")
+
+
+def test_validate_without_the_keras_venv_names_the_make_target(presets, references, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GEMPORT_KERAS_PYTHON", str(tmp_path / "no-python"))
+    code = main(["validate", str(presets["gemma-mha"]), "--reference", str(references["gemma-mha"])])
+    assert_one_line_error(code, capsys.readouterr().err, "make keras-venv")
+
+
+def test_a_preset_keras_hub_cannot_load_is_one_line(presets, references, corpus, tmp_path, capsys):
+    """keras-hub's own refusal (here of a tokenizer config naming no class it has), from the worker."""
+    _keras_python()
+
+    def edit(preset: Path) -> None:
+        config = json.loads((preset / ck.TOKENIZER_CONFIG).read_text())
+        config["class_name"] = config["registered_name"] = "NoSuchTokenizer"
+        (preset / ck.TOKENIZER_CONFIG).write_text(json.dumps(config))
+
+    preset = _broken(presets, tmp_path, edit)
+    args = ["validate", str(preset), "--reference", str(references["gemma2"]), "--corpus", str(corpus)]
+    code = main([*args, "--ctx", "64", "--windows", "1"])
+    assert_one_line_error(code, capsys.readouterr().err, str(preset), "keras-hub cannot load it")
