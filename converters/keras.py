@@ -31,7 +31,8 @@ What keras-hub fixes and gemport therefore checks (refusing anything else with o
 blocks' RMSNorm epsilon 1e-6 (the backbones pass ``layer_norm_epsilon`` to the final norm only);
 tanh-GELU; rope bases 10000 (Gemma 1/2), 10000 local and 1e6 global (Gemma 3); sliding layers every
 even layer (Gemma 2, ``i % 2 == 0``) or five of six (Gemma 3, ``i % 6 < 5``); the query scale
-1/sqrt(head_dim) or 1/sqrt(hidden / heads) (``query_head_dim_normalize``); linear rope scaling only.
+1/sqrt(head_dim), whatever ``query_head_dim_normalize`` says (see the note above KERAS_RMS_EPS); linear
+rope scaling only.
 
 gemport also writes ``gemport.json`` (the spec and generation config) beside the preset,
 which keras-hub ignores; a preset without it (keras-hub's own) gets its spec from config.json.
@@ -72,6 +73,10 @@ MANIFEST = "gemport.json"
 TOKENIZER = "tokenizer.model"
 # The versions whose preset layout this module writes (and whose runtime validates it: make keras-venv).
 KERAS_VERSION, KERAS_HUB_VERSION = "3.15.1", "0.32.0"
+# keras-hub 0.32.0 stores query_head_dim_normalize in the backbone config and passes it to the decoder blocks,
+# which build their attention with query_head_dim_normalize=True regardless (ref: gemma_decoder_block.py and
+# gemma3_decoder_block.py __init__): queries are always scaled by 1/sqrt(head_dim); measured on tiny models,
+# a preset saying false scores as the HF model with query_pre_attn_scalar = head_dim (KLD 1.6e-13).
 KERAS_RMS_EPS = 1e-6  # ref: gemma_decoder_block.py / gemma3_decoder_block.py layer_norm_epsilon=1e-6, not passed
 
 # --- per-family facts, as data --------------------------------------------------------------------
@@ -231,12 +236,11 @@ def check_expressible(spec: GemmaSpec, source: str | Path) -> None:
     if spec.embed_scale_rule != "sqrt_hidden_in_dtype":  # ref: gemma_backbone.py x * cast(sqrt(hidden_dim))
         raise UnsupportedError(f"embedding scale rule {spec.embed_scale_rule!r}", source)
     scalar = spec.query_pre_attn_scalar or spec.head_dim
-    if scalar not in (spec.head_dim, spec.hidden_size // spec.num_heads):
-        # ref: gemma_attention.py / gemma3_attention.py: query_head_dim_normalize picks 1/sqrt(head_dim)
-        # or 1/sqrt(hidden_dim // num_query_heads); no other scale is expressible.
+    if scalar != spec.head_dim:
         raise UnsupportedError(
-            f"query_pre_attn_scalar {scalar:g}: keras-hub scales queries by 1/sqrt(head_dim = {spec.head_dim}) or "
-            f"1/sqrt(hidden / heads = {spec.hidden_size // spec.num_heads}) only",
+            f"query_pre_attn_scalar {scalar:g}: keras-hub {KERAS_HUB_VERSION} scales queries by 1/sqrt(head_dim = "
+            f"{spec.head_dim}) whatever its config says (its decoder blocks build the attention with "
+            "query_head_dim_normalize=True)",
             source,
         )
     sliding = SLIDING in spec.layer_types
@@ -266,7 +270,7 @@ def backbone_config(spec: GemmaSpec, dtype: str) -> dict:
     gemma_backbone.py / gemma3_backbone.py get_config, keys in their order)."""
     cls = BACKBONE_OF_FAMILY[spec.family]
     sliding = SLIDING in spec.layer_types
-    head_norm = (spec.query_pre_attn_scalar or spec.head_dim) == spec.head_dim
+    head_norm = True  # the only scale keras-hub computes (check_expressible; the note above KERAS_RMS_EPS)
     policy = {"module": "keras", "class_name": "DTypePolicy", "config": {"name": _KERAS_DTYPES[dtype]}}
     policy["registered_name"] = None
     config: dict[str, Any] = {"name": BACKBONES[cls]["name"], "trainable": True, "dtype": policy}
@@ -365,7 +369,14 @@ def spec_from_config(data: dict, path: Path) -> GemmaSpec:
     hidden, heads = dims["hidden_size"], dims["num_heads"]
     if not (isinstance(heads, int) and heads > 0 and isinstance(hidden, int)):
         raise InputError(f"config num_query_heads {heads!r}", path)
-    scalar = dims["head_dim"] if head_norm else hidden // heads
+    if not head_norm and hidden // heads != dims["head_dim"]:
+        raise UnsupportedError(
+            "query_head_dim_normalize false: the preset asks for 1/sqrt(hidden / heads) query scaling, and keras-hub "
+            f"{KERAS_HUB_VERSION} computes 1/sqrt(head_dim) whatever it says (its decoder blocks build the attention "
+            "with query_head_dim_normalize=True): which model is meant is unknown",
+            path,
+        )
+    scalar = dims["head_dim"]
     extra: dict[str, Any] = {}
     if cls == "Gemma3Backbone":
         for key, want in (
@@ -396,7 +407,7 @@ def spec_from_config(data: dict, path: Path) -> GemmaSpec:
         family = "gemma2"
         extra = {"query_pre_attn_scalar": scalar, "final_softcap": final_cap, "attn_softcap": attn_cap}
         extra["max_position"] = 8192
-    elif post_ffw or post_attn or sliding or final_cap is not None or attn_cap is not None or not head_norm:
+    elif post_ffw or post_attn or sliding or final_cap is not None or attn_cap is not None:
         raise UnsupportedError(
             "a GemmaBackbone with only some of Gemma 2's settings (post norms, sliding window, soft caps, query "
             "scale): transformers has no such model",

@@ -193,11 +193,15 @@ def test_hf_keras_hf_round_trip_is_identity(references, tmp_path, dtype):
         ("gemma-mqa", {}, "ties the output head"),
         ("gemma2", {}, "query_pre_attn_scalar 24"),
         ("gemma3", {}, "sliding layers other than keras-hub's pattern"),
-        ("gemma3", {"query_pre_attn_scalar": 24, **VARIANTS["gemma3"]}, "query_pre_attn_scalar 24"),
+        ("gemma3", {**VARIANTS["gemma3"], "query_pre_attn_scalar": 24}, "query_pre_attn_scalar 24"),
+        # hidden / heads (as Gemma 2 and 3 27B): keras-hub 0.32.0 ignores query_head_dim_normalize=False
+        ("gemma3", {**VARIANTS["gemma3"], "head_dim": 8, "query_pre_attn_scalar": 16}, "whatever its config says"),
+        ("gemma2", {"head_dim": 8, "query_pre_attn_scalar": 16}, "query_pre_attn_scalar 16"),
     ],
 )
 def test_models_keras_hub_runs_differently_are_refused(variant, overrides, needle, tmp_path, capsys):
     src = make_tiny(variant, tmp_path / "src", **overrides)
+    capsys.readouterr()  # transformers' progress while saving
     code = main(["convert", str(src), str(tmp_path / "k"), "--to", "keras"])
     assert_one_line_error(code, capsys.readouterr().err, str(src), needle)
     assert_nothing_left(tmp_path / "k")
@@ -228,15 +232,23 @@ def _truncate(preset: Path) -> None:
     file.write_bytes(data[: len(data) // 2])
 
 
+def _hidden_over_heads_scale(preset: Path) -> None:
+    """query_head_dim_normalize false with hidden / heads != head_dim: keras-hub computes otherwise."""
+    config = json.loads((preset / ck.CONFIG).read_text())
+    config["config"] |= {"query_head_dim_normalize": False, "head_dim": 8}
+    (preset / ck.CONFIG).write_text(json.dumps(config))
+
+
 @pytest.mark.parametrize(
     "edit, file, needle",
     [
+        (_hidden_over_heads_scale, ck.CONFIG, "query_head_dim_normalize false"),
         (lambda p: (p / ck.WEIGHTS).unlink(), ck.WEIGHTS, "file not found"),
         (_drop_layer, ck.WEIGHTS, "missing weight layers/gemma_decoder_block_1/"),
         (_other_backbone, ck.CONFIG, "backbone class 'LlamaBackbone' is not a Gemma text backbone"),
         (_truncate, ck.WEIGHTS, ""),
     ],
-    ids=["no-weights", "missing-layer", "llama-backbone", "truncated"],
+    ids=["query-scale", "no-weights", "missing-layer", "llama-backbone", "truncated"],
 )
 @pytest.mark.parametrize("to", ["hf", "gguf"])
 def test_bad_preset_is_one_line_naming_the_file(presets, tmp_path, capsys, edit, file, needle, to):
