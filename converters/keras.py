@@ -160,6 +160,8 @@ _KERAS_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 # Gemma 3's vision tokens: Gemma3Tokenizer requires them unless has_vision_tokens is false
 # (ref: gemma3_tokenizer.py Gemma3Tokenizer.__init__).
 _VISION_PIECES = ("<img>", "<start_of_image>", "<end_of_image>")
+# ref: gemma_tokenizer.py / gemma3_tokenizer.py __init__: _add_special_token("<bos>", ...), "<eos>", "<pad>"
+_SPECIAL_PIECES = ("<bos>", "<eos>", "<pad>")
 
 
 def block_group(family: str, layer: int) -> str:
@@ -634,6 +636,11 @@ def write(
     if task and not has_tokenizer:
         raise UnsupportedError("a CausalLM preset needs the tokenizer (tokenizer.model), and the source has none")
     task = has_tokenizer if task is None else task
+    if task and not _has_pieces(ckpt.tokenizer_files[TOKENIZER], _SPECIAL_PIECES):
+        raise UnsupportedError(
+            f"the tokenizer lacks one of {', '.join(_SPECIAL_PIECES)}, which keras-hub's Gemma tokenizers require",
+            ckpt.source,
+        )
     if dtype == "f16":  # weights only: a float16 policy computes in fp16 (gemport validates in fp32)
         ckpt = fp16_range.guard_weights(ckpt)
     if dtype:
@@ -692,12 +699,12 @@ def _keras_array(ckpt: Checkpoint, name: str, kind: str) -> np.ndarray:
     return np.ascontiguousarray(from_canonical(kind, array, ckpt.spec))
 
 
-def _has_vision_pieces(model: bytes) -> bool:
+def _has_pieces(model: bytes, pieces: tuple[str, ...]) -> bool:
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor()
     sp.LoadFromSerializedProto(model)
-    return all(sp.PieceToId(p) != sp.unk_id() for p in _VISION_PIECES)
+    return all(sp.PieceToId(p) != sp.unk_id() for p in pieces)
 
 
 def _write_configs(ckpt: Checkpoint, tmp: Path, stored: str, task: bool) -> None:
@@ -723,7 +730,7 @@ def _write_configs(ckpt: Checkpoint, tmp: Path, stored: str, task: bool) -> None
         tok_config |= {"proto": None, "sequence_length": None, "add_bos": False, "add_eos": False}
         model = ckpt.tokenizer_files[TOKENIZER]
         if spec.family == "gemma3":  # ref: gemma3_tokenizer.py get_config
-            tok_config["has_vision_tokens"] = _has_vision_pieces(model)
+            tok_config["has_vision_tokens"] = _has_pieces(model, _VISION_PIECES)
         tokenizer = _object(names["tokenizer_module"], names["tokenizer"], tok_config)
         f32 = copy.deepcopy(backbone["config"]["dtype"]) | {"config": {"name": "float32"}}
         pre_config = {"name": names["preprocessor_name"], "trainable": True, "dtype": f32, "tokenizer": tokenizer}

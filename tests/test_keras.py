@@ -341,3 +341,18 @@ def test_a_preset_keras_hub_cannot_load_is_one_line(presets, references, corpus,
     args = ["validate", str(preset), "--reference", str(references["gemma2"]), "--corpus", str(corpus)]
     code = main([*args, "--ctx", "64", "--windows", "1"])
     assert_one_line_error(code, capsys.readouterr().err, str(preset), "keras-hub cannot load it")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_half_precision_preset_in_keras_hub(dtype, references, corpus, tmp_path):
+    """bf16 (Keras's opaque 2-byte data tagged "bfloat16") and f16 weights as keras-hub loads them: against the
+    reference rounded to the same dtype, run in fp32, the KLD is float32 rounding (measured 1.2e-13, 1.1e-13)."""
+    from validation.validate import validate
+
+    _keras_python()
+    original = hf.read(references["gemma3"])
+    reference = hf.write(original.cast(dtype).cast("f32"), tmp_path / "reference")
+    preset = ck.write(original, tmp_path / "preset", dtype=dtype)
+    assert json.loads((preset / ck.CONFIG).read_text())["config"]["dtype"]["config"]["name"] == ck._KERAS_DTYPES[dtype]
+    report = validate(preset, reference, corpus=corpus, n_ctx=N_CTX, n_windows=2)
+    assert report.passed and report.metrics.kld < MAX_KLD, report.table()
