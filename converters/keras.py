@@ -154,6 +154,12 @@ TOP_TABLE: dict[str, tuple[str | None, str]] = {
     "layers/reversible_embedding": ("model.embed_tokens.weight", "token_embedding"),
     "layers/rms_normalization": ("model.norm.weight", "final_normalization"),
 }
+# A multimodal Gemma3Backbone holds its vision tower's weights in one group (Keras's object path of the
+# backbone's vision_encoder; ref: gemma3_backbone.py __init__, gemma3_vision_encoder.py Gemma3VisionEncoder):
+# the text model is read without them (dropped, logged), as transformers' Gemma3ForCausalLM loads the text
+# part of a Gemma3ForConditionalGeneration checkpoint.
+VISION_ENCODER = "Gemma3VisionEncoder"
+VISION_GROUP = "layers/gemma3_vision_encoder/"
 # h5 dataset dtypes -> gemport dtype names; bfloat16 is 2-byte opaque data tagged by an attribute.
 _H5_DTYPES = {np.dtype("float32"): "f32", np.dtype("float16"): "f16"}
 _KERAS_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
@@ -385,12 +391,14 @@ def spec_from_config(data: dict, path: Path) -> GemmaSpec:
             ("use_query_key_norm", True),
             ("use_post_ffw_norm", True),
             ("use_post_attention_norm", True),
-            ("vision_encoder", None),
             ("use_bidirectional_attention", False),
             ("is_embedding_model", False),
         ):
             if config.get(key, want) != want:
                 raise UnsupportedError(f"{key} = {config.get(key)!r}: gemport reads Gemma 3 text models only", path)
+        vision = config.get("vision_encoder")
+        if vision is not None and (not isinstance(vision, dict) or vision.get("class_name") != VISION_ENCODER):
+            raise UnsupportedError(f"vision_encoder {str(vision)[:60]!r}: not keras-hub's {VISION_ENCODER}", path)
         if attn_cap is not None:
             raise UnsupportedError("attention_logit_soft_cap: transformers' Gemma 3 has none", path)
         if get("local_rope_scaling_factor", num, 1.0) != 1.0:
@@ -559,6 +567,11 @@ def _lazy_tensors(file: Path, spec: GemmaSpec) -> dict[str, LazyTensor]:
             if shape != want:
                 raise CheckpointError(f"weight {key} has shape {list(shape)}, expected {list(want)}", file)
             tensors[name] = LazyTensor(name, shapes[name], dtype, load=_loader(file, key, kind, shapes[name]))
+    vision = [key for key in found if spec.family == "gemma3" and key.startswith(VISION_GROUP)]
+    if vision:
+        log.info("%s: dropped the %d weights of the vision encoder (the text model is read)", file, len(vision))
+        for key in vision:
+            del found[key]
     if found:
         raise CheckpointError(f"unexpected weight {next(iter(found))} for a {spec.family} backbone", file)
     return {n: tensors[n] for n in shapes if n in tensors}

@@ -4,7 +4,8 @@
 (GemmaBackbone with Gemma 1 MHA / MQA and Gemma 2 settings, Gemma3Backbone without a vision encoder),
 wrapped in its CausalLM with the tokenizer and saved with keras-hub's own ``save_to_preset`` as
 OUT/VARIANT, and keras-hub's log-softmax of one token window (``WINDOW``) as OUT/VARIANT.logprobs.npy;
-OUT/window.json holds the tokens. Imports nothing from gemport.
+OUT/window.json holds the tokens; OUT/gemma3-vision is a multimodal backbone with gemma3's text weights.
+Imports nothing from gemport.
 """
 
 from __future__ import annotations
@@ -84,10 +85,29 @@ def make(variant: str, out: Path, tokenizer_model: str, seed: int) -> None:
     np.save(out / f"{variant}.logprobs.npy", logits)  # float64: float32 rounding alone reads as KLD 1e-8
 
 
+def make_multimodal(out: Path) -> None:
+    """OUT/gemma3-vision: a backbone preset of Gemma3Backbone with a (tiny) vision encoder, whose text
+    weights are those of OUT/gemma3."""
+    import keras_hub
+    from keras_hub.src.models.gemma3.gemma3_vision_encoder import Gemma3VisionEncoder
+
+    text = keras_hub.models.Backbone.from_preset(str(out / "gemma3"))
+    encoder = Gemma3VisionEncoder(
+        image_size=28, patch_size=14, num_heads=2, hidden_dim=16, num_layers=1, intermediate_dim=32, output_dim=64
+    )
+    config = dict(VARIANTS["gemma3"][1], image_size=28, vision_encoder=encoder)
+    backbone = keras_hub.models.Gemma3Backbone(**config, dtype="float32")
+    names = ["token_embedding", "final_normalization", *(f"decoder_block_{i}" for i in range(config["num_layers"]))]
+    for name in names:
+        backbone.get_layer(name).set_weights(text.get_layer(name).get_weights())
+    backbone.save_to_preset(str(out / "gemma3-vision"))
+
+
 def main() -> None:
     out, tokenizer_model = Path(sys.argv[1]), sys.argv[2]
     for seed, variant in enumerate(VARIANTS):
         make(variant, out, tokenizer_model, seed)
+    make_multimodal(out)
     (out / "window.json").write_text(json.dumps(WINDOW))
 
 

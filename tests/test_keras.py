@@ -165,6 +165,19 @@ def test_keras_hub_preset_reads_its_structure(keras_made):
     assert ck.read(keras_made / "gemma-mqa").spec.num_kv_heads == 1
 
 
+def test_multimodal_keras_hub_preset_reads_as_its_text_model(keras_made, caplog):
+    """Gemma3Backbone with a vision encoder: the text weights read, the vision tower's dropped (logged)."""
+    import torch
+
+    with caplog.at_level("INFO"):
+        vision = ck.read(keras_made / "gemma3-vision")
+    text = ck.read(keras_made / "gemma3")
+    assert "dropped the" in caplog.text and "vision encoder" in caplog.text
+    assert vision.spec == text.spec and set(vision.tensors) == set(text.tensors)
+    for name, t in text.tensors.items():
+        assert torch.equal(t.load(), vision.tensors[name].load()), name
+
+
 # --- round trips ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_hf_keras_hf_round_trip_is_identity(references, tmp_path, dtype):
@@ -356,3 +369,9 @@ def test_half_precision_preset_in_keras_hub(dtype, references, corpus, tmp_path)
     assert json.loads((preset / ck.CONFIG).read_text())["config"]["dtype"]["config"]["name"] == ck._KERAS_DTYPES[dtype]
     report = validate(preset, reference, corpus=corpus, n_ctx=N_CTX, n_windows=2)
     assert report.passed and report.metrics.kld < MAX_KLD, report.table()
+
+
+def test_validating_a_multimodal_preset_is_refused(keras_made, references, tmp_path, capsys):
+    preset = keras_made / "gemma3-vision"
+    code = main(["validate", str(preset), "--reference", str(references["gemma3"]), "--ctx", "64", "--windows", "1"])
+    assert_one_line_error(code, capsys.readouterr().err, str(preset), "a multimodal preset")

@@ -58,6 +58,12 @@ class KerasHubRuntime:
         python = keras_python()
         spec = keras_format.read(self.path).spec
         keras_format.check_expressible(spec, self.path)
+        if json.loads((self.path / keras_format.CONFIG).read_text())["config"].get("vision_encoder") is not None:
+            raise UnsupportedError(
+                "a multimodal preset: keras-hub's Gemma 3 runs it with images; validate its text model converted to "
+                "another format (e.g. --to hf)",
+                self.path,
+            )
         self.vocab_size = spec.vocab_size
         self._stderr: IO[bytes] = tempfile.TemporaryFile()
         log.info("loading %s with keras-hub (%s)", self.path, python)
