@@ -446,10 +446,11 @@ def spec_from_config(data: dict, path: Path) -> GemmaSpec:
 
 # --- reading ------------------------------------------------------------------------------------------
 def sniff(path: Path) -> bool:
-    """A preset folder: config.json beside model.weights.h5, or beside a metadata.json of keras-hub."""
+    """A preset folder: config.json beside model.weights.h5 (or model.weights.json), or beside a metadata.json
+    of keras-hub."""
     if not (path.is_dir() and (path / CONFIG).is_file()):
         return False
-    if (path / WEIGHTS).is_file():
+    if (path / WEIGHTS).is_file() or (path / SHARDED_WEIGHTS).is_file():
         return True
     try:
         return "keras_hub_version" in json.loads((path / METADATA).read_text(encoding="utf-8"))
@@ -505,10 +506,9 @@ def read(path: str | Path) -> Checkpoint:
     manifest = _read_manifest(path, spec)
     if manifest is not None:
         spec = GemmaSpec.from_json(spec.to_json() | {k: manifest["spec"][k] for k in _MANIFEST_FIELDS})
-    if (path / SHARDED_WEIGHTS).is_file() and not (path / WEIGHTS).is_file():
-        raise UnsupportedError(f"sharded weights ({SHARDED_WEIGHTS}) are not read yet", path)
-    file = path / WEIGHTS
-    tensors = _lazy_tensors(file, spec)
+    sharded = (path / SHARDED_WEIGHTS).is_file() and not (path / WEIGHTS).is_file()
+    files = _shard_files(path / SHARDED_WEIGHTS) if sharded else [path / WEIGHTS]
+    tensors = _lazy_tensors(files, spec, path / SHARDED_WEIGHTS if sharded else path / WEIGHTS)
     tokenizer_files = {}
     if (path / VOCABULARY).is_file():
         tokenizer_pieces(path / VOCABULARY, spec.vocab_size, path)  # a SentencePiece model that fits the embedding
@@ -552,28 +552,55 @@ def _read_manifest(path: Path, spec: GemmaSpec) -> dict | None:
     return data
 
 
-def _lazy_tensors(file: Path, spec: GemmaSpec) -> dict[str, LazyTensor]:
-    """Every weight of the h5, checked against the spec's names and shapes before any data is read."""
+def _shard_files(index: Path) -> list[Path]:
+    """The weight files a sharded preset's model.weights.json names: its ``weight_map`` of group path ->
+    file name or list of them (ref: keras saving_lib.py ShardedH5IOStore: ``sharding_config``), each a plain
+    file name ending in .weights.h5 beside it."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError("no weight_map (an object of variable path -> shard files)", index)
+    names: set[str] = set()
+    for key, value in weight_map.items():
+        listed = value if isinstance(value, list) else [value]
+        for name in listed:
+            if not isinstance(name, str) or Path(name).name != name or not name.endswith(".weights.h5"):
+                raise InputError(f"weight_map[{key!r}] = {value!r} is not a .weights.h5 file name in the folder", index)
+            names.add(name)
+    for name in sorted(names):
+        if not (index.parent / name).is_file():
+            raise InputError(f"shard {name} named by the weight map is missing", index)
+    return [index.parent / name for name in sorted(names)]
+
+
+def _lazy_tensors(files: list[Path], spec: GemmaSpec, named: Path) -> dict[str, LazyTensor]:
+    """Every weight of the h5 files, checked against the spec's names and shapes before any data is read;
+    ``named`` is the file errors name (model.weights.h5, or a sharded preset's model.weights.json)."""
     table = weight_table(spec)
     shapes = expected_shapes(spec)
     tensors: dict[str, LazyTensor] = {}
-    with _open_h5(file) as h5:
-        found = _datasets(h5, file)
-        for key, (name, kind) in table.items():
-            if key not in found:
-                raise CheckpointError(f"missing weight {key} ({name})", file)
-            shape, dtype = found.pop(key)
-            want = keras_shape(kind, shapes[name], spec)
-            if shape != want:
-                raise CheckpointError(f"weight {key} has shape {list(shape)}, expected {list(want)}", file)
-            tensors[name] = LazyTensor(name, shapes[name], dtype, load=_loader(file, key, kind, shapes[name]))
+    found: dict[str, tuple[tuple[int, ...], str, Path]] = {}
+    for file in files:
+        with _open_h5(file) as h5:
+            for key, (shape, dtype) in _datasets(h5, file).items():
+                if key in found:
+                    raise CheckpointError(f"weight {key} is stored twice ({found[key][2].name}, {file.name})", named)
+                found[key] = (shape, dtype, file)
+    for key, (name, kind) in table.items():
+        if key not in found:
+            raise CheckpointError(f"missing weight {key} ({name})", named)
+        shape, dtype, file = found.pop(key)
+        want = keras_shape(kind, shapes[name], spec)
+        if shape != want:
+            raise CheckpointError(f"weight {key} has shape {list(shape)}, expected {list(want)}", file)
+        tensors[name] = LazyTensor(name, shapes[name], dtype, load=_loader(file, key, kind, shapes[name]))
     vision = [key for key in found if spec.family == "gemma3" and key.startswith(VISION_GROUP)]
     if vision:
-        log.info("%s: dropped the %d weights of the vision encoder (the text model is read)", file, len(vision))
+        log.info("%s: dropped the %d weights of the vision encoder (the text model is read)", named, len(vision))
         for key in vision:
             del found[key]
     if found:
-        raise CheckpointError(f"unexpected weight {next(iter(found))} for a {spec.family} backbone", file)
+        key = next(iter(found))
+        raise CheckpointError(f"unexpected weight {key} for a {spec.family} backbone", found[key][2])
     return {n: tensors[n] for n in shapes if n in tensors}
 
 

@@ -4,7 +4,8 @@
 (GemmaBackbone with Gemma 1 MHA / MQA and Gemma 2 settings, Gemma3Backbone without a vision encoder),
 wrapped in its CausalLM with the tokenizer and saved with keras-hub's own ``save_to_preset`` as
 OUT/VARIANT, and keras-hub's log-softmax of one token window (``WINDOW``) as OUT/VARIANT.logprobs.npy;
-OUT/window.json holds the tokens; OUT/gemma3-vision is a multimodal backbone with gemma3's text weights.
+OUT/window.json holds the tokens; OUT/gemma2-sharded is gemma2 saved in shards; OUT/gemma3-vision is a
+multimodal backbone with gemma3's text weights.
 Imports nothing from gemport.
 """
 
@@ -74,6 +75,8 @@ def make(variant: str, out: Path, tokenizer_model: str, seed: int) -> None:
         preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(tokenizer=tokenizer)
         model = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=preprocessor)
     model.save_to_preset(str(out / variant))
+    if variant == "gemma2":  # the same model in shards of at most 200 kB (model.weights.json + model_*.weights.h5)
+        model.save_to_preset(str(out / "gemma2-sharded"), max_shard_size=0.0002)
     if cls == "Gemma3Backbone":
         tokenizer.save_to_preset(str(out / variant))
     ids = np.asarray([WINDOW], dtype=np.int32)

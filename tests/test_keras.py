@@ -165,6 +165,25 @@ def test_keras_hub_preset_reads_its_structure(keras_made):
     assert ck.read(keras_made / "gemma-mqa").spec.num_kv_heads == 1
 
 
+def test_sharded_keras_hub_preset_reads_as_the_single_file(keras_made):
+    import torch
+
+    sharded, single = ck.read(keras_made / "gemma2-sharded"), ck.read(keras_made / "gemma2")
+    assert len(list((keras_made / "gemma2-sharded").glob("model_*.weights.h5"))) > 1
+    assert sharded.spec == single.spec and set(sharded.tensors) == set(single.tensors)
+    for name, t in single.tensors.items():
+        assert torch.equal(t.load(), sharded.tensors[name].load()), name
+
+
+def test_sharded_preset_missing_a_shard_is_one_line(keras_made, tmp_path, capsys):
+    preset = shutil.copytree(keras_made / "gemma2-sharded", tmp_path / "sharded")
+    shard = sorted(preset.glob("model_*.weights.h5"))[-1]
+    shard.unlink()
+    code = main(["convert", str(preset), str(tmp_path / "out"), "--to", "hf"])
+    assert_one_line_error(code, capsys.readouterr().err, str(preset / ck.SHARDED_WEIGHTS), f"shard {shard.name}")
+    assert_nothing_left(tmp_path / "out")
+
+
 def test_multimodal_keras_hub_preset_reads_as_its_text_model(keras_made, caplog):
     """Gemma3Backbone with a vision encoder: the text weights read, the vision tower's dropped (logged)."""
     import torch
