@@ -53,7 +53,16 @@ import numpy as np
 
 from converters.presets import tokenizer_pieces
 from gemport import __version__
-from gemport.checkpoint import DTYPES, Checkpoint, LazyTensor, all_finite, expected_shapes
+from gemport.checkpoint import (
+    CHUNK_VALUES,
+    DTYPES,
+    Checkpoint,
+    LazyTensor,
+    RowLoader,
+    all_finite,
+    expected_shapes,
+    row_chunks,
+)
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_output
 from gemport.progress import log_tensor, progress
@@ -628,20 +637,26 @@ def _datasets(h5, file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def _loader(file: Path, key: str, kind: str, shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
-    def load() -> torch.Tensor:
+    """The tensor's load(); for a 2-D tensor stored as it is (the embedding), a RowLoader, so that a writer
+    streams it a chunk of rows at a time (h5py reads a row range alone)."""
+
+    def rows(a: int, b: int) -> torch.Tensor:
         with _open_h5(file) as h5:
             try:
                 dataset = h5[key]
-                raw = dataset[()]
                 bf16 = _stored_dtype(dataset) == "bf16"
+                raw = dataset[a:b] if len(shape) == 2 and kind == "copy" else dataset[()]
             except (OSError, RuntimeError, KeyError, ValueError) as exc:
                 raise InputError(f"cannot read weight {key}: {exc}", file) from None
         data = np.ascontiguousarray(to_canonical(kind, raw.view(np.int16) if bf16 else raw))
-        if data.shape != shape:
-            raise CheckpointError(f"weight {key} came out {list(data.shape)}, expected {list(shape)}", file)
+        want = (b - a, *shape[1:]) if len(shape) == 2 and kind == "copy" else shape
+        if data.shape != want:
+            raise CheckpointError(f"weight {key} came out {list(data.shape)}, expected {list(want)}", file)
         return _to_torch(data, bf16)
 
-    return load
+    if len(shape) == 2 and kind == "copy":
+        return RowLoader(rows, shape[0])
+    return lambda: rows(0, shape[0] if shape else 0)
 
 
 def _to_torch(data: np.ndarray, bf16: bool) -> torch.Tensor:
@@ -714,14 +729,45 @@ def _write_weights(ckpt: Checkpoint, file: Path, dst: Path) -> None:
                 h5.create_group(f"{block}/{sub}/vars").attrs["name"] = name
         h5.create_group("vars").attrs["name"] = BACKBONES[BACKBONE_OF_FAMILY[spec.family]]["name"]
         for key, (name, kind) in table.items():
-            data = _keras_array(ckpt, name, kind)
-            if data.dtype == np.int16:  # bfloat16 bits: opaque 2-byte data tagged as Keras tags it
-                dataset = h5.create_dataset(key, data=data.view(np.dtype("V2")))
-                dataset.attrs["dtype"] = "bfloat16"
+            t = ckpt.tensors[name]
+            if kind == "copy" and len(t.shape) == 2:  # the embedding: a chunk of rows at a time
+                _write_rows(h5, key, ckpt, t)
             else:
-                h5.create_dataset(key, data=data)
-            log_tensor(log, key, data.shape, ckpt.tensors[name].dtype)
+                _store(h5.create_dataset(key, shape=keras_shape(kind, t.shape, spec), dtype=_h5_dtype(t.dtype)))
+                h5[key][...] = _h5_view(_keras_array(ckpt, name, kind))
+            log_tensor(log, key, keras_shape(kind, t.shape, spec), t.dtype)
             advance(1)
+
+
+def _h5_dtype(dtype: str) -> np.dtype:
+    """bfloat16 as opaque 2-byte data, as Keras stores it (ref: saving_lib.py H5IOStore.__setitem__)."""
+    return {"f32": np.dtype("float32"), "f16": np.dtype("float16"), "bf16": np.dtype("V2")}[dtype]
+
+
+def _h5_view(data: np.ndarray) -> np.ndarray:
+    return data.view(np.dtype("V2")) if data.dtype == np.int16 else data  # bfloat16 bits
+
+
+def _store(dataset) -> None:
+    if dataset.dtype == np.dtype("V2"):
+        dataset.attrs["dtype"] = "bfloat16"  # the tag Keras reads back as bfloat16
+
+
+def _write_rows(h5, key: str, ckpt: Checkpoint, t: LazyTensor) -> None:
+    import torch
+
+    dataset = h5.create_dataset(key, shape=t.shape, dtype=_h5_dtype(t.dtype))
+    _store(dataset)
+    done = 0
+    for rows in row_chunks(t, CHUNK_VALUES):
+        if not all_finite(rows):
+            raise CheckpointError(f"tensor {t.name} has NaN or infinite values", ckpt.source)
+        rows = rows.contiguous()
+        array = rows.view(torch.int16).numpy() if rows.dtype == torch.bfloat16 else rows.numpy()
+        dataset[done : done + len(array)] = _h5_view(array)
+        done += len(array)
+    if done != t.shape[0]:
+        raise CheckpointError(f"tensor {t.name} gave {done} rows, expected {t.shape[0]}", ckpt.source)
 
 
 def _keras_array(ckpt: Checkpoint, name: str, kind: str) -> np.ndarray:
