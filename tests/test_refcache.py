@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from gemport.cli import main as gemport_main
 from validation import refcache, streamed
 from validation.corpus import load_text, split_text
-from validation.metrics import Accumulator, RefStats, reference_stats, scored_span
+from validation.metrics import Accumulator, RefStats, decoded_stats, reference_stats, scored_span
 from validation.runtimes import hf_transformers
 from validation.validate import validate
 
@@ -56,8 +57,9 @@ def test_window_codec_keeps_probable_entries_and_stats_exact():
         got = arrays["stats"][c]
         assert (got[0] == want.nll).all() and (got[1] == want.negentropy).all() and (got[2] == want.log_norm).all()
         assert (arrays["top"][c] == want.top).all()
-        of_decoded = reference_stats(raw[:, :cut], targets)  # what the KL term is scored with
-        assert (got[3] == of_decoded.negentropy).all() and (got[4] == of_decoded.log_norm).all()
+        negentropy, log_norm = decoded_stats(torch.from_numpy(raw[:, :cut]))  # what the KL term is scored with
+        assert (got[3] == negentropy).all() and (got[4] == log_norm).all()
+        assert np.allclose(negentropy, reference_stats(raw[:, :cut], targets).negentropy, rtol=1e-12, atol=0)
 
 
 def test_exact_entries_are_capped_to_the_most_probable(monkeypatch):

@@ -104,14 +104,20 @@ def _f64(x: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
     return work_buffer(name, *t.shape).copy_(t)
 
 
-def _log_norm(x: torch.Tensor) -> torch.Tensor:
-    """[rows] float64 log-normaliser ``max + log(sum(exp(x - max)))`` of float64 rows (torch.logsumexp's
-    formula, its exp computed in a reused buffer)."""
+def _exp_rows(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(max, exp(x - max), its sum) per row of float64 rows, the exp in the work buffer ``name``."""
     import torch
 
     m = x.amax(dim=1, keepdim=True)
-    e = torch.sub(x, m, out=work_buffer("exp", *x.shape)).exp_()
-    return m[:, 0] + e.sum(dim=1).log_()
+    e = torch.sub(x, m, out=work_buffer(name, *x.shape)).exp_()
+    return m[:, 0], e, e.sum(dim=1)
+
+
+def _log_norm(x: torch.Tensor) -> torch.Tensor:
+    """[rows] float64 log-normaliser ``max + log(sum(exp(x - max)))`` of float64 rows (torch.logsumexp's
+    formula, its exp computed in a reused buffer)."""
+    m, _, s = _exp_rows(x, "exp")
+    return m + s.log_()
 
 
 def _cross(p: torch.Tensor, x: torch.Tensor, log_norm: torch.Tensor) -> np.ndarray:
@@ -153,8 +159,9 @@ def _stats_and_p(ref: np.ndarray | torch.Tensor, targets: np.ndarray) -> tuple[R
     import torch
 
     x = _f64(ref, "ref")
-    log_norm = _log_norm(x)
-    p = torch.sub(x, log_norm[:, None], out=work_buffer("p", *x.shape)).exp_()
+    m, p, total = _exp_rows(x, "p")
+    log_norm = m + torch.log(total)
+    p.div_(total[:, None])  # exp(x - max) / sum = exp(x - log_norm): one exp per entry, not two
     nll = (log_norm - _at(x, targets)).numpy()
     # argmax: the first maximum (numpy's rule too); float64 keeps float32's order and ties
     return RefStats(nll, _cross(p, x, log_norm), x.argmax(dim=1).numpy(), log_norm.numpy()), p
@@ -184,6 +191,17 @@ def score_rows(
     x = _f64(ref, "ref")
     p = x.sub_(torch.from_numpy(np.array(stats.log_norm, dtype=np.float64))[:, None]).exp_()
     return _score(stats, p, cand, targets)
+
+
+def decoded_stats(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(negentropy, log_norm) per row of float64 rows ``x`` (only read), with p computed exactly as score_rows
+    computes it from a stored log_norm, ``exp(x - log_norm)``: a cache stores these for its decoded rows, so
+    that the KL of a candidate equal to them is 0 to the last bit."""
+    import torch
+
+    log_norm = _log_norm(x)
+    p = torch.sub(x, log_norm[:, None], out=work_buffer("p", *x.shape)).exp_()
+    return _cross(p, x, log_norm), log_norm.numpy()
 
 
 def token_scores(ref: np.ndarray, cand: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -71,7 +71,14 @@ from gemport.errors import CheckpointError, GemportError, InputError, OutputErro
 from gemport.output import atomic_output
 from gemport.progress import progress, stage
 from validation.corpus import load_text, split_text, tokenize, windows
-from validation.metrics import ROWS_PER_CHUNK_ELEMENTS, RefStats, reference_stats, scored_span, work_buffer
+from validation.metrics import (
+    ROWS_PER_CHUNK_ELEMENTS,
+    RefStats,
+    decoded_stats,
+    reference_stats,
+    scored_span,
+    work_buffer,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -222,9 +229,9 @@ def _encode_window(raw: np.ndarray, targets: np.ndarray, cuts: list[int]) -> byt
         parts = _encode_rows(chunk, exact[0].log_norm)
         arrays = dict(zip(("counts", "lo_scale", "codes", "index", "value"), parts, strict=True))
         decoded = decode_rows(arrays, out=work_buffer("decoded", len(chunk), vocab))
-        of_decoded = [reference_stats(decoded[:, :cut], t) for cut in cuts]  # what the KL term reads
+        of_decoded = [decoded_stats(decoded[:, :cut]) for cut in cuts]  # what the KL term reads
         pairs = zip(exact, of_decoded, strict=True)
-        stats.append([[e.nll, e.negentropy, e.log_norm, d.negentropy, d.log_norm] for e, d in pairs])
+        stats.append([[e.nll, e.negentropy, e.log_norm, *d] for e, d in pairs])
         tops.append([e.top for e in exact])
         encoded.append(parts)
     arrays = {
