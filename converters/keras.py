@@ -65,7 +65,7 @@ from gemport.checkpoint import (
 )
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_output
-from gemport.progress import log_tensor, progress
+from gemport.progress import log_tensor, progress, stage
 from gemport.spec import FULL, SLIDING, TANH_GELU, GemmaSpec, RopeScaling
 from quantizers import fp16_range
 
@@ -673,12 +673,15 @@ def write(
     dtype: str | None = None,
     overwrite: bool = False,
     task: bool | None = None,
+    allow_fp16_overflow: bool = False,
     **_ignored: Any,
 ) -> Path:
     """Write ``ckpt`` as a keras-hub preset folder at ``dst`` that ``GemmaCausalLM.from_preset(dst)`` (or
     ``Gemma3CausalLM``) loads: a CausalLM preset with its tokenizer when the checkpoint has
     tokenizer.model (``task`` None or True), else a backbone preset. ``dtype`` f32/bf16/f16 (default: the
-    embedding's); it is also the preset's dtype policy, the dtype keras-hub computes in by default."""
+    embedding's); it is also the preset's dtype policy, the dtype keras-hub computes in by default, so an
+    f16 preset is refused when an activation outgrows fp16 on calibration text (quantizers.fp16_range), as
+    the HF writer refuses one, unless ``allow_fp16_overflow``."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     unused = [k for k, v in _ignored.items() if v]
@@ -696,11 +699,14 @@ def write(
             f"the tokenizer lacks one of {', '.join(_SPECIAL_PIECES)}, which keras-hub's Gemma tokenizers require",
             ckpt.source,
         )
-    if dtype == "f16":  # weights only: a float16 policy computes in fp16 (gemport validates in fp32)
+    stored = dtype or ckpt.tensors["model.embed_tokens.weight"].dtype  # also the preset's dtype policy
+    if stored == "f16":  # keras-hub computes in the policy's dtype by default: every activation in fp16
+        label = "--dtype f16" if dtype else "f16 (the source's dtype, kept)"
+        with stage("probing fp16 activations on calibration text"):
+            fp16_range.check_fp16(ckpt, fp16_range.ALL, "keras", allow_fp16_overflow, label=label)
         ckpt = fp16_range.guard_weights(ckpt)
     if dtype:
         ckpt = ckpt.cast(dtype)
-    stored = ckpt.tensors["model.embed_tokens.weight"].dtype
     dst = Path(dst)
     with atomic_output(dst, overwrite) as tmp:
         tmp.mkdir()

@@ -394,3 +394,22 @@ def test_validating_a_multimodal_preset_is_refused(keras_made, references, tmp_p
     preset = keras_made / "gemma3-vision"
     code = main(["validate", str(preset), "--reference", str(references["gemma3"]), "--ctx", "64", "--windows", "1"])
     assert_one_line_error(code, capsys.readouterr().err, str(preset), "a multimodal preset")
+
+
+def test_f16_preset_of_an_overflowing_model_is_refused(references, tmp_path, capsys):
+    """keras-hub computes an f16 preset in fp16 (its dtype policy): a residual stream past 65504 on
+    calibration text is refused in one line, as for --to hf; --allow-fp16-overflow writes it."""
+    from safetensors.torch import load_file, save_file
+
+    src = shutil.copytree(references["gemma3"], tmp_path / "hot")
+    weights = load_file(src / "model.safetensors")
+    for name in weights:
+        if name.endswith("post_feedforward_layernorm.weight"):
+            weights[name].fill_(3e4)
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    code = main(["convert", str(src), str(tmp_path / "k"), "--to", "keras", "--dtype", "f16"])
+    assert_one_line_error(code, capsys.readouterr().err, str(src), "65504", "--allow-fp16-overflow")
+    assert_nothing_left(tmp_path / "k")
+    args = ["convert", str(src), str(tmp_path / "k"), "--to", "keras", "--dtype", "f16", "--allow-fp16-overflow"]
+    assert main(args) == 0
+    assert main(["convert", str(references["gemma3"]), str(tmp_path / "cool"), "--to", "keras", "--dtype", "f16"]) == 0
