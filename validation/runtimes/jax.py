@@ -15,16 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import tempfile
 from pathlib import Path
-from typing import IO
 
-import numpy as np
-
-from gemport.errors import CheckpointError, UnsupportedError
+from gemport.errors import UnsupportedError
 from gemport.spec import GemmaSpec
-from validation.runtimes import PARITY
+from validation.runtimes.worker import WorkerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +70,10 @@ def _transpose_gating(path: Path) -> bool:
     return True
 
 
-class GemmaLibraryRuntime:
+class GemmaLibraryRuntime(WorkerRuntime):
     """A JAX/Orbax checkpoint loaded with ``gm.ckpts.load_params`` and run by the gemma library's Transformer."""
 
-    kind = PARITY
+    who = "the gemma library"
 
     def __init__(self, path: Path):
         from converters import jax as jax_format
@@ -88,37 +83,15 @@ class GemmaLibraryRuntime:
         spec = jax_format.read(self.path).spec
         check_expressible(spec, self.path)
         self.vocab_size = spec.vocab_size
-        self._stderr: IO[bytes] = tempfile.TemporaryFile()
         log.info("loading %s with the gemma library (%s)", self.path, python)
-        env = os.environ | {"JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-        # -I: isolated mode, so this folder (holding this jax.py) is not on the worker's sys.path and
-        # gemport's PYTHONPATH and user site stay out of the library's environment.
-        self._proc = subprocess.Popen(
-            [str(python), "-I", str(WORKER)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            env=env,
-        )
         setup = {
             "checkpoint": str(self.path.resolve()),
             "spec": spec.to_json(),
             "transpose_gating": _transpose_gating(self.path),
         }
-        # The worker loads while the caller goes on (validate loads the reference meanwhile); its reply
-        # is read when the runtime is first used.
-        self._send(setup)
-        self._ready: dict | None = None
-
-    def _wait_ready(self) -> dict:
-        if self._ready is None:
-            ready = self._reply("load it")
-            if "error" in ready:
-                self.close()
-                raise CheckpointError(f"the gemma library cannot load it: {ready['error']}", self.path)
-            self._ready = ready
-            log.info("%s: %s", self.path, self.name)
-        return self._ready
+        # The worker loads while the caller goes on (validate loads the reference meanwhile).
+        env = {"JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+        self._start(python, WORKER, env, setup)
 
     @property
     def name(self) -> str:
@@ -126,65 +99,3 @@ class GemmaLibraryRuntime:
         ready = self._wait_ready()
         versions = ready["versions"]
         return f"gemma library {versions['gemma']} ({ready['model']}; Flax, JAX {versions['jax']}, fp32, CPU)"
-
-    def _send(self, message: dict) -> None:
-        try:
-            self._proc.stdin.write((json.dumps(message) + "\n").encode())
-            self._proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            pass  # the worker is gone; _reply says why
-
-    def _reply(self, doing: str) -> dict:
-        """The worker's next reply line; CheckpointError with its last stderr line if it died."""
-        line = self._proc.stdout.readline()
-        if not line:
-            self._proc.wait()
-            raise CheckpointError(
-                f"the gemma library's worker exited ({self._proc.returncode}) trying to {doing}: {self._last_error()}",
-                self.path,
-            )
-        return json.loads(line)
-
-    def _last_error(self) -> str:
-        self._stderr.seek(0)
-        text = self._stderr.read().decode("utf-8", errors="replace")
-        log.debug("gemma worker stderr:\n%s", text)
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        return lines[-1] if lines else "no message"
-
-    def logprobs(self, tokens: list[int]) -> np.ndarray:
-        """float32 log-softmax [len(tokens), vocab_size] of one window; row i predicts token i + 1."""
-        self._wait_ready()
-        self._send({"tokens": [int(t) for t in tokens]})
-        reply = self._reply(f"score a window of {len(tokens)} tokens")
-        if "error" in reply:
-            raise CheckpointError(
-                f"the gemma library failed on a window of {len(tokens)} tokens: {reply['error']}", self.path
-            )
-        out = np.empty((reply["rows"], reply["cols"]), dtype="<f4")
-        view, done = memoryview(out).cast("B"), 0
-        while done < len(view):
-            n = self._proc.stdout.readinto(view[done:])
-            if not n:
-                raise CheckpointError(f"the gemma library's worker stopped mid-window: {self._last_error()}", self.path)
-            done += n
-        return out
-
-    def close(self) -> None:
-        """Stop the worker (end of its input) and free its stderr file."""
-        proc = getattr(self, "_proc", None)
-        if proc is not None and proc.poll() is None:
-            try:
-                proc.stdin.close()
-                proc.wait(timeout=30)
-            except (OSError, subprocess.TimeoutExpired):
-                proc.kill()
-                proc.wait()
-        if proc is not None:
-            proc.stdout.close()
-        if getattr(self, "_stderr", None) is not None:
-            self._stderr.close()
-            self._stderr = None
-
-    def __del__(self) -> None:
-        self.close()

@@ -15,15 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import tempfile
 from pathlib import Path
-from typing import IO
-
-import numpy as np
 
 from gemport.errors import CheckpointError, UnsupportedError
-from validation.runtimes import PARITY
+from validation.runtimes.worker import WorkerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +41,10 @@ def keras_python() -> Path:
     return python
 
 
-class KerasHubRuntime:
+class KerasHubRuntime(WorkerRuntime):
     """A keras-hub preset loaded with ``from_preset`` and run by keras-hub's Gemma backbone (fp32, CPU)."""
 
-    kind = PARITY
+    who = "keras-hub"
 
     def __init__(self, path: Path):
         from converters import keras as keras_format
@@ -65,40 +60,16 @@ class KerasHubRuntime:
                 self.path,
             )
         self.vocab_size = spec.vocab_size
-        self._stderr: IO[bytes] = tempfile.TemporaryFile()
         log.info("loading %s with keras-hub (%s)", self.path, python)
-        env = os.environ | {
-            "KERAS_BACKEND": "jax",
-            "JAX_PLATFORMS": "cpu",
-            "CUDA_VISIBLE_DEVICES": "",
-            "TF_CPP_MIN_LOG_LEVEL": "3",
-        }
-        # -I: isolated mode, so this folder (holding this keras.py) is not on the worker's sys.path.
-        self._proc = subprocess.Popen(
-            [str(python), "-I", str(WORKER)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            env=env,
-        )
-        self._send({"preset": str(self.path.resolve())})
-        self._ready: dict | None = None  # read when first used: the caller loads the reference meanwhile
+        env = {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+        self._start(python, WORKER, env, {"preset": str(self.path.resolve())})
 
-    def _wait_ready(self) -> dict:
-        if self._ready is None:
-            ready = self._reply("load it")
-            if "error" in ready:
-                self.close()
-                raise CheckpointError(f"keras-hub cannot load it: {ready['error']}", self.path)
-            if ready["vocab_size"] != self.vocab_size:
-                self.close()
-                raise CheckpointError(
-                    f"keras-hub loaded {ready['vocab_size']} vocabulary rows, the preset says {self.vocab_size}",
-                    self.path,
-                )
-            self._ready = ready
-            log.info("%s: %s", self.path, self.name)
-        return self._ready
+    def _check_ready(self, ready: dict) -> None:
+        if ready["vocab_size"] != self.vocab_size:
+            self.close()
+            raise CheckpointError(
+                f"keras-hub loaded {ready['vocab_size']} vocabulary rows, the preset says {self.vocab_size}", self.path
+            )
 
     @property
     def name(self) -> str:
@@ -106,62 +77,3 @@ class KerasHubRuntime:
         ready = self._wait_ready()
         v = ready["versions"]
         return f"keras-hub {v['keras-hub']} ({ready['model']}; Keras {v['keras']}, JAX {v['jax']}, fp32, CPU)"
-
-    def _send(self, message: dict) -> None:
-        try:
-            self._proc.stdin.write((json.dumps(message) + "\n").encode())
-            self._proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            pass  # the worker is gone; _reply says why
-
-    def _reply(self, doing: str) -> dict:
-        line = self._proc.stdout.readline()
-        if not line:
-            self._proc.wait()
-            raise CheckpointError(
-                f"keras-hub's worker exited ({self._proc.returncode}) trying to {doing}: {self._last_error()}",
-                self.path,
-            )
-        return json.loads(line)
-
-    def _last_error(self) -> str:
-        self._stderr.seek(0)
-        text = self._stderr.read().decode("utf-8", errors="replace")
-        log.debug("keras worker stderr:\n%s", text)
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        return lines[-1] if lines else "no message"
-
-    def logprobs(self, tokens: list[int]) -> np.ndarray:
-        """float32 log-softmax [len(tokens), vocab_size] of one window; row i predicts token i + 1."""
-        self._wait_ready()
-        self._send({"tokens": [int(t) for t in tokens]})
-        reply = self._reply(f"score a window of {len(tokens)} tokens")
-        if "error" in reply:
-            raise CheckpointError(f"keras-hub failed on a window of {len(tokens)} tokens: {reply['error']}", self.path)
-        out = np.empty((reply["rows"], reply["cols"]), dtype="<f4")
-        view, done = memoryview(out).cast("B"), 0
-        while done < len(view):
-            n = self._proc.stdout.readinto(view[done:])
-            if not n:
-                raise CheckpointError(f"keras-hub's worker stopped mid-window: {self._last_error()}", self.path)
-            done += n
-        return out
-
-    def close(self) -> None:
-        """Stop the worker (end of its input) and free its stderr file."""
-        proc = getattr(self, "_proc", None)
-        if proc is not None and proc.poll() is None:
-            try:
-                proc.stdin.close()
-                proc.wait(timeout=30)
-            except (OSError, subprocess.TimeoutExpired):
-                proc.kill()
-                proc.wait()
-        if proc is not None:
-            proc.stdout.close()
-        if getattr(self, "_stderr", None) is not None:
-            self._stderr.close()
-            self._stderr = None
-
-    def __del__(self) -> None:
-        self.close()
