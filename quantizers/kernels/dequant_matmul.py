@@ -122,25 +122,30 @@ def matmul(x, packed, scales, zeros=None, bits: int = 4, path: str | None = None
     """``x [M, K] @ W.T`` -> [M, N] in x's dtype (fp16/bf16/fp32), W the compressed-tensors record
     (module docstring). ``path`` "gemm" or "gemv" forces one (default: GEMV below 16 rows). ValueError for
     shapes that do not fit; RuntimeError where no kernel can run."""
-    import torch
-
     check_available()
     M, N, K, group = _check(x, packed, scales, zeros, bits)
     x, packed, scales = on_device(x), on_device(packed), on_device(scales)
     zeros = on_device(zeros) if zeros is not None else packed  # unread without HAS_ZERO
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     meta = {"K": K, "GROUP": group, "BITS": bits, "HAS_ZERO": zeros is not packed}
+    return launch(_gemm, _gemv, x, (packed, scales, zeros), N, meta, path)
+
+
+def launch(gemm, gemv, x, weight: tuple, N: int, meta: dict, path: str | None):
+    """y [M, N] in x's dtype from ``gemm`` or ``gemv`` (their arguments: x, the ``weight`` tensors, y, then
+    (M,) N; constexprs ``meta``): GEMV below GEMV_MAX_ROWS rows of x unless ``path`` says "gemm" or "gemv".
+    Shared by the compressed-tensors and TensorRT-LLM kernels, whose tiles are the same."""
+    import torch
+
+    M = x.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if (path or ("gemv" if M < GEMV_MAX_ROWS else "gemm")) == "gemv":
         bn, bk = 64, 64
-        _gemv[(M, triton.cdiv(N, bn))](x, packed, scales, zeros, y, N, BN=bn, BK=bk, **meta, **FP_OPTIONS)
+        gemv[(M, triton.cdiv(N, bn))](x, *weight, y, N, BN=bn, BK=bk, **meta, **FP_OPTIONS)
         return y
     bm, bn, bk = 32, 64, 64
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 only matters for fp32 inputs
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    _gemm[grid](
-        x, packed, scales, zeros, y, M, N, PRECISION=precision, DOT_F32=INTERPRET, BM=bm, BN=bn, BK=bk,
-        **meta, **FP_OPTIONS,
-    )  # fmt: skip
+    gemm[grid](x, *weight, y, M, N, PRECISION=precision, DOT_F32=INTERPRET, BM=bm, BN=bn, BK=bk, **meta, **FP_OPTIONS)
     return y
 
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from quantizers.kernels import FP_OPTIONS, INTERPRET, check_available, on_device
-from quantizers.kernels.dequant_matmul import GEMV_MAX_ROWS, _to
+from quantizers.kernels import check_available, on_device
+from quantizers.kernels.dequant_matmul import _to, launch
 
 
 @triton.jit
@@ -114,26 +114,12 @@ def matmul(x, weight, scales, prequant=None, bits: int = 4, path: str | None = N
     """``(x * prequant) [M, K] @ W.T`` -> [M, N] in x's dtype (fp16/bf16/fp32), W the TensorRT-LLM weight
     (module docstring). ``path`` "gemm" or "gemv" forces one (default: GEMV below 16 rows). ValueError for
     shapes that do not fit; RuntimeError where no kernel can run."""
-    import torch
-
     check_available()
     M, N, K, group = _check(x, weight, scales, prequant, bits)
     x, weight, scales = on_device(x), on_device(weight), on_device(scales)
     p = on_device(prequant) if prequant is not None else scales  # unread without HAS_PREQUANT
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     meta = {"K": K, "GROUP": group, "BITS": bits, "HAS_PREQUANT": prequant is not None}
-    if (path or ("gemv" if M < GEMV_MAX_ROWS else "gemm")) == "gemv":
-        bn, bk = 64, 64
-        _gemv[(M, triton.cdiv(N, bn))](x, weight, scales, p, y, N, BN=bn, BK=bk, **meta, **FP_OPTIONS)
-        return y
-    bm, bn, bk = 32, 64, 64
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 only matters for fp32 inputs
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    _gemm[grid](
-        x, weight, scales, p, y, M, N, PRECISION=precision, DOT_F32=INTERPRET, BM=bm, BN=bn, BK=bk,
-        **meta, **FP_OPTIONS,
-    )  # fmt: skip
-    return y
+    return launch(_gemm, _gemv, x, (weight, scales, p), N, meta, path)
 
 
 def stored_weight(codes, bits: int):
