@@ -353,10 +353,18 @@ def _field(config: dict, key: str, kinds: type | tuple[type, ...], path: Path, d
 
 
 def spec_from_config(data: dict, path: Path) -> GemmaSpec:
+    """The GemmaSpec of a backbone config.json; InputError, one line, for a value the spec refuses."""
+    try:
+        return _spec_from_config(data, path)
+    except (ValueError, OverflowError) as exc:  # GemmaSpec's and RopeScaling's checks of the values
+        raise InputError(f"invalid backbone config: {exc}", path) from None
+
+
+def _spec_from_config(data: dict, path: Path) -> GemmaSpec:
     """The GemmaSpec of a backbone config.json (``serialize_keras_object`` of GemmaBackbone or
     Gemma3Backbone); UnsupportedError for another class or what keras-hub's model does that HF's cannot."""
     cls = data.get("class_name")
-    if cls not in BACKBONES:
+    if not isinstance(cls, str) or cls not in BACKBONES:
         raise UnsupportedError(
             f"backbone class {cls!r} is not a Gemma text backbone (read: {', '.join(BACKBONES)})", path
         )
@@ -439,18 +447,15 @@ def spec_from_config(data: dict, path: Path) -> GemmaSpec:
     width = intermediate if family == "gemma3" else intermediate // 2  # ref: gemma_decoder_block.py // 2
     layers = dims["num_layers"]
     layer_types = _sliding_pattern(family, layers) if sliding and isinstance(layers, int) and layers > 0 else ()
-    try:
-        return GemmaSpec(
-            family=family,
-            **dims,
-            intermediate_size=width,
-            rms_eps=KERAS_RMS_EPS,
-            layer_types=layer_types,
-            sliding_window=window,
-            **extra,
-        )
-    except ValueError as exc:
-        raise InputError(f"invalid backbone config: {exc}", path) from None
+    return GemmaSpec(
+        family=family,
+        **dims,
+        intermediate_size=width,
+        rms_eps=KERAS_RMS_EPS,
+        layer_types=layer_types,
+        sliding_window=window,
+        **extra,
+    )
 
 
 # --- reading ------------------------------------------------------------------------------------------
@@ -501,8 +506,12 @@ def _open_h5(file: Path):
 def _stored_dtype(dataset) -> str | None:
     """gemport's name of an h5 dataset's float dtype (ref: saving_lib.py H5IOStore.__getitem__: an
     opaque dataset with attribute dtype "bfloat16" is bfloat16), or None."""
-    if dataset.dtype.kind == "V" and dataset.dtype.itemsize == 2 and dataset.attrs.get("dtype") == "bfloat16":
-        return "bf16"
+    if dataset.dtype.kind == "V" and dataset.dtype.itemsize == 2:
+        try:
+            tag = dataset.attrs.get("dtype")
+        except (OSError, TypeError, ValueError, KeyError):  # an attribute h5py cannot read: not Keras's tag
+            return None
+        return "bf16" if isinstance(tag, str) and tag == "bfloat16" else None
     return _H5_DTYPES.get(dataset.dtype)
 
 
@@ -512,9 +521,9 @@ def read(path: str | Path) -> Checkpoint:
     if not sniff(path):
         raise InputError(f"not a keras-hub preset folder (no {CONFIG} beside {WEIGHTS})", path)
     spec = spec_from_config(_read_json(path / CONFIG), path / CONFIG)
-    manifest = _read_manifest(path, spec)
-    if manifest is not None:
-        spec = GemmaSpec.from_json(spec.to_json() | {k: manifest["spec"][k] for k in _MANIFEST_FIELDS})
+    manifest, stated = _read_manifest(path, spec)
+    if stated is not None:  # the fields as the manifest's parsed spec has them (defaults for absent ones)
+        spec = GemmaSpec.from_json(spec.to_json() | {k: stated[k] for k in _MANIFEST_FIELDS})
     sharded = (path / SHARDED_WEIGHTS).is_file() and not (path / WEIGHTS).is_file()
     files = _shard_files(path / SHARDED_WEIGHTS) if sharded else [path / WEIGHTS]
     tensors = _lazy_tensors(files, spec, path / SHARDED_WEIGHTS if sharded else path / WEIGHTS)
@@ -541,12 +550,13 @@ def read(path: str | Path) -> Checkpoint:
 _MANIFEST_FIELDS = ("max_position", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def _read_manifest(path: Path, spec: GemmaSpec) -> dict | None:
-    """gemport.json, used only when its spec is config.json's but for _MANIFEST_FIELDS (a preset
-    fine-tuned and saved again by keras-hub keeps no gemport.json; a stale one is ignored)."""
+def _read_manifest(path: Path, spec: GemmaSpec) -> tuple[dict | None, dict | None]:
+    """gemport.json and its spec (``to_json`` of the parsed one), used only when that spec is config.json's
+    but for _MANIFEST_FIELDS (a preset fine-tuned and saved again by keras-hub keeps no gemport.json; a
+    stale one is ignored); (None, None) without one."""
     file = path / MANIFEST
     if not file.is_file():
-        return None
+        return None, None
     data = _read_json(file)
     try:
         stated = GemmaSpec.from_json(data.get("spec"))
@@ -554,11 +564,12 @@ def _read_manifest(path: Path, spec: GemmaSpec) -> dict | None:
         raise InputError(f"invalid gemport manifest: {exc}", file) from None
     if not isinstance(data.get("generation_config"), dict | None):
         raise InputError("invalid gemport manifest: generation_config is not an object", file)
-    same = {k: v for k, v in stated.to_json().items() if k not in _MANIFEST_FIELDS}
+    fields = stated.to_json()
+    same = {k: v for k, v in fields.items() if k not in _MANIFEST_FIELDS}
     if same != {k: v for k, v in spec.to_json().items() if k not in _MANIFEST_FIELDS}:
         log.warning("%s: its spec disagrees with %s; ignored", file, CONFIG)
-        return None
-    return data
+        return None, None
+    return data, fields
 
 
 def _shard_files(index: Path) -> list[Path]:
@@ -619,21 +630,50 @@ def _datasets(h5, file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 
     def visit(name: str, obj) -> None:
         if hasattr(obj, "shape") and hasattr(obj, "dtype"):
-            dtype = _stored_dtype(obj)
-            if dtype is None:
-                raise CheckpointError(f"weight {name} has dtype {obj.dtype} (read: float32, float16, bfloat16)", file)
-            stored, needed = obj.id.get_storage_size(), obj.size * obj.dtype.itemsize
-            if obj.chunks is None and stored != needed:  # Keras writes contiguous data: a lie about the shape
-                raise CheckpointError(
-                    f"weight {name} stores {stored} bytes, its shape {list(obj.shape)} needs {needed}", file
-                )
-            found[name] = (tuple(int(d) for d in obj.shape), dtype)
+            found[name] = (_dataset_shape(obj, name, file), _checked_dtype(obj, name, file))
 
     try:
         h5.visititems(visit)
     except (OSError, RuntimeError, KeyError, ValueError) as exc:
         raise InputError(f"damaged HDF5 file: {exc}", file) from None
     return found
+
+
+def _dataset_shape(dataset, name: str, file: Path) -> tuple[int, ...]:
+    """The dataset's shape, once its data is known to sit in the file itself, in full, as Keras writes it
+    (ref: saving_lib.py H5IOStore.__setitem__: ``create_dataset(key, data=value)``, contiguous, no
+    filters): CheckpointError for data elsewhere (an external raw file, a virtual dataset's sources, which
+    could name any file), filtered (compressed: a small file announcing any size), or chunks not stored
+    (read as fill values), and for a stored size that is not the shape's (a lie about the shape): what is
+    loaded is never more than the file's size."""
+    if dataset.shape is None:
+        raise CheckpointError(f"weight {name} has no shape (an empty dataspace)", file)
+    plist = dataset.id.get_create_plist()
+    if dataset.is_virtual or plist.get_external_count() > 0:
+        where = "a virtual dataset" if dataset.is_virtual else "in an external file"
+        raise CheckpointError(f"weight {name} is {where}; Keras stores weights in the h5 itself", file)
+    if plist.get_nfilters() > 0:
+        raise CheckpointError(f"weight {name} is stored filtered (compressed); Keras stores plain data", file)
+    shape = tuple(int(d) for d in dataset.shape)
+    needed = math.prod(shape) * dataset.dtype.itemsize
+    size = file.stat().st_size
+    if needed > size:  # a header that announces more data than the file holds: refused before any allocation
+        raise CheckpointError(f"weight {name} announces {needed} bytes, more than the file's {size}", file)
+    stored = dataset.id.get_storage_size()
+    if dataset.chunks is not None:  # chunked, unfiltered: every chunk stored, none read as fill values
+        chunks = math.prod(-(-d // c) for d, c in zip(shape, dataset.chunks, strict=True))
+        if dataset.id.get_num_chunks() != chunks:
+            raise CheckpointError(f"weight {name} stores {dataset.id.get_num_chunks()} of its {chunks} chunks", file)
+    elif stored != needed:
+        raise CheckpointError(f"weight {name} stores {stored} bytes, its shape {list(shape)} needs {needed}", file)
+    return shape
+
+
+def _checked_dtype(dataset, name: str, file: Path) -> str:
+    dtype = _stored_dtype(dataset)
+    if dtype is None:
+        raise CheckpointError(f"weight {name} has dtype {dataset.dtype} (read: float32, float16, bfloat16)", file)
+    return dtype
 
 
 def _loader(file: Path, key: str, kind: str, shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:

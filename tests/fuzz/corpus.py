@@ -163,8 +163,22 @@ def build_corpus(force: bool = False) -> Path:
     with open(FUZZ / ".corpus.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if STAMP.is_file() and not force:
+            _missing_seeds()
             return SEEDS
         return _build()
+
+
+def _missing_seeds() -> None:
+    """Seeds of the targets whose seed folder is missing or empty (added since the stamp's build),
+    from the models the stamp lists."""
+    from tests.fuzz import targets
+
+    models = {k: Path(v) for k, v in json.loads(STAMP.read_text()).items()}
+    for name, target in targets.TARGETS.items():
+        folder = SEEDS / name
+        if not folder.is_dir() or not any(folder.iterdir()):
+            for data in target.seeds(models):
+                _write_seed(name, data)
 
 
 def _build() -> Path:

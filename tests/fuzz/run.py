@@ -27,14 +27,25 @@ from tests.fuzz.corpus import FUZZ, ROOT, SEEDS, STAMP
 FINDINGS = Path(__file__).resolve().parent / "findings"
 RESULTS = FUZZ / "results"
 LOGS = FUZZ / "logs"
-ALL = ("gguf", "safetensors", "hf-folder", "config", "compressed-tensors", "jax", "jax-orbax", "gemma-pytorch", "onnx")
+ALL = (
+    "gguf",
+    "safetensors",
+    "hf-folder",
+    "config",
+    "compressed-tensors",
+    "jax",
+    "jax-orbax",
+    "gemma-pytorch",
+    "onnx",
+    "keras",
+)
 # Kept files of a finding, as libFuzzer names them after -artifact_prefix.
 _ARTIFACT = re.compile(r"(crash|timeout|oom|leak|slow-unit)-[0-9a-f]+")
 
 
 def ensure_corpus() -> None:
     """Build seeds in a separate process: the worker must import gemport under instrumentation."""
-    if not STAMP.is_file():
+    if not STAMP.is_file() or not all((SEEDS / t).is_dir() and any((SEEDS / t).iterdir()) for t in ALL):
         subprocess.run([sys.executable, "-m", "tests.fuzz.corpus"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
 

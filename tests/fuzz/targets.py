@@ -371,6 +371,287 @@ def _onnx_run(data, folder):
     load_all(onnx.read(folder))
 
 
+# --- keras-hub presets: config.json, metadata.json, model.weights.h5, the vocabulary ------------------
+# Seeds are presets gemport writes of micro models (2 layers; Gemma 3's both sliding, keras-hub's
+# pattern): CausalLM presets with the tokenizer in bf16, f32 and f16, a backbone preset, one without
+# gemport.json (as keras-hub saves it). The h5 is mutated through h5py (_mutate_h5).
+KERAS_FILES = ("config.json", "metadata.json", "model.weights.h5", "gemport.json", "assets/tokenizer/vocabulary.spm")
+KERAS_PRESETS = {  # name -> (variant, make_tiny overrides, dtype, CausalLM, keep gemport.json)
+    "gemma-mha": ("gemma-mha", dict(num_key_value_heads=2), "bf16", True, True),
+    "gemma2": (
+        "gemma2",
+        dict(num_key_value_heads=1, query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"]),
+        "f32",
+        True,
+        True,
+    ),
+    "gemma3": ("gemma3", dict(num_key_value_heads=1, layer_types=["sliding_attention"] * 2), "bf16", True, False),
+    "gemma3-backbone": (
+        "gemma3",
+        dict(num_key_value_heads=1, layer_types=["sliding_attention"] * 2),
+        "f16",
+        False,
+        True,
+    ),
+}
+
+
+def _keras_seeds(models):
+    import tempfile
+
+    from converters import hf, keras
+    from tests.fuzz.corpus import MICRO
+    from tests.tiny import make_tiny
+
+    seeds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (variant, overrides, dtype, task, manifest) in KERAS_PRESETS.items():
+            src = make_tiny(variant, Path(tmp) / f"{name}-hf", dtype="bfloat16", **(MICRO | overrides))
+            dst = keras.write(hf.read(src), Path(tmp) / name, dtype=dtype, task=task)
+            files = {f: (dst / f).read_bytes() for f in KERAS_FILES if (dst / f).is_file()}
+            if not manifest:
+                files.pop("gemport.json", None)
+            seeds.append(mut.pack_bundle(files))
+    return seeds
+
+
+def _keras_setup(models, scratch):
+    folder = scratch / "keras"
+    (folder / "assets" / "tokenizer").mkdir(parents=True)
+    return folder
+
+
+def _keras_run(data, folder):
+    from converters import keras
+
+    files = mut.unpack_bundle(data)
+    for f in KERAS_FILES:
+        _write(folder / f, files.get(f))
+    load_all(keras.read(folder))
+
+
+def _h5_items(h5) -> tuple[list[str], list[str]]:
+    datasets, groups = [], []
+    h5.visititems(lambda n, o: (datasets if hasattr(o, "shape") else groups).append(n))
+    return datasets, groups
+
+
+def _new_shape(rng: random.Random, shape: tuple) -> tuple:
+    r = rng.random()
+    if r < 0.2 or not shape:
+        return (*shape, rng.choice((1, 2, 3)))
+    if r < 0.35:
+        return shape[:-1]
+    if r < 0.5:
+        return tuple(reversed(shape))
+    i = rng.randrange(len(shape))
+    d = rng.choice((0, 1, shape[i] + 1, shape[i] - 1, shape[i] * 2, shape[i] // 2, 1 << 20, 1 << 31))
+    return (*shape[:i], max(d, 0), *shape[i + 1 :])
+
+
+_H5_DTYPES = ("float32", "float16", "float64", ">f4", "int16", "int8", "uint16", "V2", "V4", "complex64", "S2", "bool")
+
+
+class _Recreate:
+    """The h5 file with create_dataset replaced (attributes carried over)."""
+
+    def __init__(self, h5, create_dataset):
+        self._h5, self.create_dataset = h5, create_dataset
+
+    def __getattr__(self, name):
+        return getattr(self._h5, name)
+
+    def __getitem__(self, key):
+        return self._h5[key]
+
+    def __setitem__(self, key, value):
+        self._h5[key] = value
+
+    def __delitem__(self, key):
+        del self._h5[key]
+
+    def __contains__(self, key):
+        return key in self._h5
+
+
+def _mutate_h5_structure(h5, rng: random.Random) -> None:
+    """One change the way a damaged or hostile weights file would differ: a dataset of another shape,
+    dtype, storage (chunked, compressed, external, virtual, huge and unallocated), attributes changed,
+    a layer missing or doubled, links (soft, external, dangling)."""
+    import numpy as np
+
+    datasets, groups = _h5_items(h5)
+    if not datasets:
+        h5.create_dataset(rng.choice(("layers/rms_normalization/vars/0", "x")), data=np.zeros(4, "float32"))
+        return
+    key = rng.choice(datasets)
+    old = h5[key]
+    shape, dtype = old.shape, old.dtype
+    attrs = dict(old.attrs)
+    create = h5.create_dataset
+
+    def create_dataset(name, *args, **kwargs):  # a dataset made again keeps its attributes (bfloat16's tag)
+        made = create(name, *args, **kwargs)
+        if rng.random() < 0.9:
+            for k, v in attrs.items():
+                made.attrs[k] = v
+        return made
+
+    h5 = _Recreate(h5, create_dataset)
+    op = rng.randrange(14)
+    if op == 0:  # another shape, data present
+        new = _new_shape(rng, shape)
+        if np.prod(new, dtype=np.float64) > 1 << 16:
+            del h5[key]
+            h5.create_dataset(key, shape=new, dtype=dtype, chunks=True)  # huge, nothing stored
+        else:
+            del h5[key]
+            h5.create_dataset(key, data=np.zeros(new, dtype))
+    elif op == 1:  # another dtype
+        data = old[()]
+        new_dtype = np.dtype(rng.choice(_H5_DTYPES))
+        del h5[key]
+        try:
+            h5.create_dataset(
+                key,
+                data=data.view(np.uint8).view(new_dtype)
+                if data.nbytes % new_dtype.itemsize == 0 and data.ndim
+                else np.zeros(shape, new_dtype),
+            )
+        except (TypeError, ValueError):
+            h5.create_dataset(key, data=np.zeros(shape, new_dtype))
+    elif op == 2:  # attributes: the bfloat16 tag dropped, added, of another type
+        target = old if rng.random() < 0.7 else h5[rng.choice(groups)] if groups else old
+        choice = rng.randrange(6)
+        if choice == 0 and "dtype" in target.attrs:
+            del target.attrs["dtype"]
+        elif choice == 1:
+            target.attrs["dtype"] = rng.choice(("bfloat16", "float32", "", "float8_e4m3fn"))
+        elif choice == 2:
+            target.attrs["dtype"] = np.array([1, 2, 3])
+        elif choice == 3:
+            target.attrs["dtype"] = np.array(["bfloat16", "bfloat16"], dtype="S")
+        elif choice == 4:
+            target.attrs["name"] = rng.choice((7, "", "x" * 1000, np.zeros(3)))
+        else:
+            target.attrs.create("dtype", h5.ref if hasattr(h5, "ref") else 0)
+    elif op == 3:  # removed, or its layer removed
+        del h5[key if rng.random() < 0.5 else key.rsplit("/vars/", 1)[0]]
+    elif op == 4:  # doubled under another name
+        other = rng.choice(("vars/1", "vars/00", "extra"))
+        parent = key.rsplit("/", 1)[0]
+        if f"{parent}/{other}" not in h5:
+            h5.copy(old, f"{parent}/{other}")
+    elif op == 5:  # chunked, compressed, shuffled
+        data = old[()]
+        del h5[key]
+        kw = rng.choice(
+            (
+                {"chunks": True},
+                {"compression": "gzip"},
+                {"compression": "lzf"},
+                {"shuffle": True, "compression": "gzip"},
+                {"fletcher32": True},
+                {"scaleoffset": 0} if dtype.kind == "i" else {"chunks": True},
+            )
+        )
+        h5.create_dataset(key, data=data, **kw) if data.ndim else h5.create_dataset(key, data=data)
+    elif op == 6:  # storage in an external raw file
+        del h5[key]
+        name = rng.choice(("/etc/hostname", "../x.bin", "model.weights.h5", "missing.bin", "/proc/self/mem"))
+        h5.create_dataset(
+            key, shape=shape, dtype=dtype, external=[(name, 0, max(int(np.prod(shape)) * dtype.itemsize, 1))]
+        )
+        for k, v in attrs.items():
+            h5[key].attrs[k] = v
+    elif op == 7:  # a virtual dataset
+        import h5py
+
+        layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+        layout[...] = h5py.VirtualSource(
+            rng.choice((".", "/etc/hostname", "other.h5")), rng.choice(datasets), shape=shape
+        )
+        del h5[key]
+        h5.create_virtual_dataset(key, layout, fillvalue=0)
+        for k, v in attrs.items():
+            h5[key].attrs[k] = v
+    elif op == 8:  # a soft, external or dangling link where the dataset was
+        import h5py
+
+        del h5[key]
+        link = rng.randrange(3)
+        if link == 0:
+            h5[key] = h5py.SoftLink("/" + rng.choice(datasets))
+        elif link == 1:
+            h5[key] = h5py.ExternalLink(
+                rng.choice(("/etc/hostname", "model.weights.h5", "../a.h5")), "/" + rng.choice(datasets)
+            )
+        else:
+            h5[key] = h5py.SoftLink("/nowhere")
+    elif op == 9:  # a group where a dataset was, or a dataset where a group was
+        if rng.random() < 0.5 or not groups:
+            del h5[key]
+            h5.create_group(key)
+        else:
+            group = rng.choice(groups)
+            del h5[group]
+            h5.create_dataset(group, data=np.zeros(3, "float32"))
+    elif op == 10:  # a scalar or empty dataset
+        del h5[key]
+        h5.create_dataset(key, data=np.float32(1)) if rng.random() < 0.5 else h5.create_dataset(
+            key, shape=None, dtype=dtype
+        )
+    elif op == 11:  # values: NaN, inf, huge
+        data = np.array(old[()])
+        if data.size and data.dtype.kind == "f":
+            data.flat[rng.randrange(data.size)] = rng.choice((np.nan, np.inf, -np.inf, 1e38))
+            old[...] = data
+    elif op == 12:  # a hard link: one dataset at two paths, or a cycle of groups
+        other = rng.choice(datasets)
+        if other != key:
+            del h5[key]
+            h5[key] = h5[other]
+        elif groups:
+            g = rng.choice(groups)
+            if f"{g}/loop" not in h5:
+                h5[f"{g}/loop"] = h5[g]
+    else:  # resizable with a maxshape
+        data = old[()]
+        if data.ndim:
+            del h5[key]
+            h5.create_dataset(key, data=data, maxshape=tuple(None for _ in shape))
+
+
+def _mutate_h5(data: bytes, max_size: int, rng: random.Random) -> bytes:
+    """model.weights.h5 changed through h5py (one or two structural changes), truncated, or byte-mutated."""
+    import io
+
+    import h5py
+
+    r = rng.random()
+    if r < 0.08:
+        return data[: rng.randrange(len(data) + 1)]
+    if r < 0.2:
+        return mut.raw(data, max_size, rng)
+    buf = io.BytesIO(data)
+    try:
+        with h5py.File(buf, "r+") as h5:
+            for _ in range(1 + (rng.random() < 0.25)):
+                _mutate_h5_structure(h5, rng)
+    except Exception:  # noqa: BLE001  (an input h5py cannot rewrite: a byte mutation instead)
+        return mut.raw(data, max_size, rng)
+    return buf.getvalue()
+
+
+def _mutate_keras(data: bytes, max_size: int, rng: random.Random) -> bytes:
+    """mutators.mutate_bundle with model.weights.h5 mutated as HDF5 most of the time."""
+    files = mut.unpack_bundle(data)
+    if "model.weights.h5" not in files or rng.random() < 0.4:
+        return mut.mutate_bundle(data, max_size, rng)
+    files["model.weights.h5"] = _mutate_h5(files["model.weights.h5"], max_size, rng)
+    return mut.pack_bundle(files)
+
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
@@ -393,5 +674,6 @@ TARGETS: dict[str, Target] = {
             ("torch._weights_only_unpickler",),
         ),
         Target("onnx", "onnx", _onnx_seeds, _onnx_setup, _onnx_run, mut.mutate_bundle),
+        Target("keras", "keras", _keras_seeds, _keras_setup, _keras_run, _mutate_keras, ("converters.keras",)),
     )
 }

@@ -257,3 +257,126 @@ def test_onnx_initializer_of_another_stored_type_is_refused_before_it_is_read(mo
     _edit_onnx(folder, _retype(which, data_type))
     with pytest.raises(CheckpointError, match=r"model\.onnx: initializer .* is stored as .*, expected"):
         targets.load_all(onnx.read(folder))
+
+
+# --- Keras presets: config and manifest values, and the h5's datasets, of any kind -------------------
+@pytest.fixture(scope="module")
+def keras_preset(tmp_path_factory) -> Path:
+    """A CausalLM preset of a micro Gemma 3 in bf16 (the keras fuzz target's seed of that name)."""
+    from converters import keras
+    from tests.fuzz.corpus import MICRO
+    from tests.tiny import make_tiny
+
+    variant, overrides, dtype, task, _ = targets.KERAS_PRESETS["gemma3"]
+    tmp = tmp_path_factory.mktemp("keras")
+    src = make_tiny(variant, tmp / "hf", dtype="bfloat16", **(MICRO | overrides))
+    return keras.write(hf.read(src), tmp / "preset", dtype=dtype, task=task)
+
+
+def _keras_json(folder: Path, name: str, change) -> None:
+    data = json.loads((folder / name).read_text())
+    (folder / name).write_text(json.dumps(change(data)))
+
+
+@pytest.mark.parametrize("missing", ["eos_token_id", "bos_token_id", "max_position", "pad_token_id"])
+def test_keras_manifest_without_optional_spec_fields_reads(keras_preset, tmp_path, missing):
+    from converters import keras
+
+    folder = _copy(keras_preset, tmp_path / "preset")
+    _keras_json(folder, "gemport.json", lambda m: m | {"spec": {k: v for k, v in m["spec"].items() if k != missing}})
+    targets.load_all(keras.read(folder))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda c: c | {"class_name": {"a": 1}},
+        lambda c: c | {"class_name": ["GemmaBackbone"]},
+        lambda c: c | {"class_name": None},
+        lambda c: c | {"config": c["config"] | {"global_rope_scaling_factor": -2.0}},
+        lambda c: c | {"config": c["config"] | {"global_rope_scaling_factor": 0}},
+        lambda c: c | {"config": c["config"] | {"global_rope_scaling_factor": float("nan")}},
+        lambda c: c | {"config": c["config"] | {"global_rope_scaling_factor": float("inf")}},
+        lambda c: c | {"config": c["config"] | {"head_dim": 0}},
+        lambda c: c | {"config": c["config"] | {"num_layers": -1}},
+    ],
+)
+def test_keras_config_values_of_any_type_are_one_error(keras_preset, tmp_path, change):
+    from converters import keras
+
+    folder = _copy(keras_preset, tmp_path / "preset")
+    _keras_json(folder, "config.json", change)
+    with pytest.raises(GemportError, match="config.json"):
+        targets.load_all(keras.read(folder))
+
+
+def _h5_replace(file: Path, key: str, **create) -> None:
+    """Dataset ``key`` of the h5 made again with ``create_dataset``'s arguments (its attributes kept)."""
+    import h5py
+
+    with h5py.File(file, "r+") as h5:
+        old = h5[key]
+        data, attrs = old[()], dict(old.attrs)
+        del h5[key]
+        made = h5.create_dataset(key, **({"data": data} | create))
+        for k, v in attrs.items():
+            made.attrs[k] = v
+
+
+EMBED, NORM = "layers/reversible_embedding/vars/0", "layers/rms_normalization/vars/0"
+
+
+@pytest.mark.parametrize(
+    ("key", "create", "message"),
+    [
+        (NORM, {"data": None, "shape": None, "dtype": "V2"}, "no shape"),  # an empty dataspace
+        (EMBED, {"data": None, "shape": None, "dtype": "V2"}, "no shape"),
+        (NORM, {"compression": "gzip"}, "filtered"),  # a small file announcing any size
+        (EMBED, {"compression": "lzf"}, "filtered"),
+        (NORM, {"data": None, "shape": (32,), "dtype": "V2", "chunks": (8,)}, "0 of its 4 chunks"),  # fill values
+        (
+            NORM,
+            {"data": None, "shape": (32,), "dtype": "V2", "external": [("/etc/hostname", 0, 64)]},
+            "is in an external file",
+        ),
+        (EMBED, {"data": None, "shape": (1 << 30, 32), "dtype": "V2", "chunks": (1, 32)}, "more than the file"),
+    ],
+)
+def test_keras_h5_data_is_stored_in_full_in_the_file(keras_preset, tmp_path, key, create, message):
+    from converters import keras
+
+    folder = _copy(keras_preset, tmp_path / "preset")
+    _h5_replace(folder / "model.weights.h5", key, **create)
+    with pytest.raises(CheckpointError, match=message) as err:
+        targets.load_all(keras.read(folder))
+    assert "model.weights.h5" in str(err.value)
+
+
+def test_keras_h5_virtual_dataset_is_refused(keras_preset, tmp_path):
+    import h5py
+
+    from converters import keras
+
+    folder = _copy(keras_preset, tmp_path / "preset")
+    (tmp_path / "other.h5").write_bytes((folder / "model.weights.h5").read_bytes())
+    with h5py.File(folder / "model.weights.h5", "r+") as h5:
+        del h5[NORM]
+        layout = h5py.VirtualLayout(shape=(32,), dtype="float32")
+        layout[...] = h5py.VirtualSource(str(tmp_path / "other.h5"), "x", shape=(32,), dtype="float32")
+        h5.create_virtual_dataset(NORM, layout)
+    with pytest.raises(CheckpointError, match="is a virtual dataset"):
+        targets.load_all(keras.read(folder))
+
+
+@pytest.mark.parametrize("tag", [[1, 2, 3], ["bfloat16", "bfloat16"], b"bfloat16x", 7])
+def test_keras_bfloat16_tag_of_another_type_is_not_bfloat16(keras_preset, tmp_path, tag):
+    import h5py
+    import numpy as np
+
+    from converters import keras
+
+    folder = _copy(keras_preset, tmp_path / "preset")
+    with h5py.File(folder / "model.weights.h5", "r+") as h5:
+        h5[NORM].attrs["dtype"] = np.array(tag, dtype="S") if isinstance(tag, list) and isinstance(tag[0], str) else tag
+    with pytest.raises(CheckpointError, match=f"{NORM} has dtype"):
+        targets.load_all(keras.read(folder))
