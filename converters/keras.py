@@ -66,7 +66,7 @@ from gemport.checkpoint import (
 from gemport.errors import CheckpointError, InputError, UnsupportedError
 from gemport.output import atomic_output
 from gemport.progress import log_tensor, progress, stage
-from gemport.spec import FULL, SLIDING, TANH_GELU, GemmaSpec, RopeScaling
+from gemport.spec import BOUNDS, FULL, SLIDING, TANH_GELU, GemmaSpec, RopeScaling
 from quantizers import fp16_range
 
 if TYPE_CHECKING:
@@ -352,6 +352,12 @@ def _field(config: dict, key: str, kinds: type | tuple[type, ...], path: Path, d
     return value
 
 
+def _count(value: int, key: str, bound: int, path: Path) -> int:
+    if not 0 < value <= bound:
+        raise InputError(f"config {key!r} is {value}, expected 1..{bound}", path)
+    return value
+
+
 def spec_from_config(data: dict, path: Path) -> GemmaSpec:
     """The GemmaSpec of a backbone config.json; InputError, one line, for a value the spec refuses."""
     try:
@@ -373,15 +379,17 @@ def _spec_from_config(data: dict, path: Path) -> GemmaSpec:
         raise InputError("config.json has no backbone config object", path)
     num, flag = (int, float), bool
     get = lambda key, kinds=int, default=...: _field(config, key, kinds, path, default)  # noqa: E731
+    # Counts within gemport's bounds before anything per layer is built (spec.BOUNDS).
+    dim = lambda key, bound: _count(get(key), key, bound, path)  # noqa: E731
     dims = {
-        "vocab_size": get("vocabulary_size"),
-        "hidden_size": get("hidden_dim"),
-        "num_layers": get("num_layers"),
-        "num_heads": get("num_query_heads"),
-        "num_kv_heads": get("num_key_value_heads"),
-        "head_dim": get("head_dim"),
+        "vocab_size": dim("vocabulary_size", BOUNDS["vocab_size"]),
+        "hidden_size": dim("hidden_dim", BOUNDS["hidden_size"]),
+        "num_layers": dim("num_layers", BOUNDS["num_layers"]),
+        "num_heads": dim("num_query_heads", BOUNDS["num_heads"]),
+        "num_kv_heads": dim("num_key_value_heads", BOUNDS["num_kv_heads"]),
+        "head_dim": dim("head_dim", BOUNDS["head_dim"]),
     }
-    intermediate = get("intermediate_dim")
+    intermediate = dim("intermediate_dim", 2 * BOUNDS["intermediate_size"])
     eps = get("layer_norm_epsilon", num, KERAS_RMS_EPS)
     if eps != KERAS_RMS_EPS:
         raise UnsupportedError(f"layer_norm_epsilon {eps}: keras-hub's decoder blocks use 1e-6 whatever it says", path)

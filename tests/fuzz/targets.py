@@ -623,8 +623,12 @@ def _mutate_h5_structure(h5, rng: random.Random) -> None:
 
 
 def _mutate_h5(data: bytes, max_size: int, rng: random.Random) -> bytes:
-    """model.weights.h5 changed through h5py (one or two structural changes), truncated, or byte-mutated."""
-    import io
+    """model.weights.h5 changed through h5py (one or two structural changes), truncated, or byte-mutated.
+    The file goes through a path (TMPDIR, tmpfs under run.py), not a file object: h5py's file-object driver
+    crashes the process (SIGSEGV) reading a dataset whose data lies past the end of a damaged file, where
+    the path's driver (the one the reader uses) raises an error."""
+    import os
+    import tempfile
 
     import h5py
 
@@ -633,14 +637,18 @@ def _mutate_h5(data: bytes, max_size: int, rng: random.Random) -> bytes:
         return data[: rng.randrange(len(data) + 1)]
     if r < 0.2:
         return mut.raw(data, max_size, rng)
-    buf = io.BytesIO(data)
+    fd, name = tempfile.mkstemp(suffix=".h5")
     try:
-        with h5py.File(buf, "r+") as h5:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        with h5py.File(name, "r+") as h5:
             for _ in range(1 + (rng.random() < 0.25)):
                 _mutate_h5_structure(h5, rng)
+        return Path(name).read_bytes()
     except Exception:  # noqa: BLE001  (an input h5py cannot rewrite: a byte mutation instead)
         return mut.raw(data, max_size, rng)
-    return buf.getvalue()
+    finally:
+        os.unlink(name)
 
 
 def _mutate_keras(data: bytes, max_size: int, rng: random.Random) -> bytes:

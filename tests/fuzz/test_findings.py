@@ -380,3 +380,27 @@ def test_keras_bfloat16_tag_of_another_type_is_not_bfloat16(keras_preset, tmp_pa
         h5[NORM].attrs["dtype"] = np.array(tag, dtype="S") if isinstance(tag, list) and isinstance(tag[0], str) else tag
     with pytest.raises(CheckpointError, match=f"{NORM} has dtype"):
         targets.load_all(keras.read(folder))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("num_layers", 2**64 - 1),  # a sliding pattern of that many layers was built first: a hang
+        ("num_layers", 10**9),
+        ("num_layers", 1025),
+        ("vocabulary_size", 2**40),
+        ("intermediate_dim", 2**40),
+        ("head_dim", 10**6),
+        ("num_query_heads", 2**31),
+        ("hidden_dim", 0),
+    ],
+)
+def test_keras_config_counts_are_bounded_first(keras_preset, tmp_path, key, value):
+    from converters import keras
+
+    folder = _copy(keras_preset, tmp_path / "preset")
+    _keras_json(folder, "config.json", lambda c: c | {"config": c["config"] | {key: value}})
+    start = time.monotonic()
+    with pytest.raises(InputError, match=f"config.json: config '{key}' is {value}, expected 1"):
+        keras.read(folder)
+    assert time.monotonic() - start < 2
