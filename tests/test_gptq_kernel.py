@@ -22,15 +22,10 @@ import sys
 
 import pytest
 
-# The interpreter is chosen when triton and the kernels are imported (tests/test_kernels.py does the
-# same); set only for these imports, so that child processes of other tests are unaffected.
-_before = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton")
-    # triton.experimental.gluon: Triton 3.6 imports it at the first launch and asserts the interpreter then
+from tests.kernel_helpers import interpreted
+
+with interpreted():  # the kernels run through Triton's interpreter in this process
     import torch
-    import triton.experimental.gluon  # noqa: F401
     from safetensors.torch import load_file
 
     from gemport.cli import main
@@ -40,11 +35,6 @@ try:
     from quantizers.kernels import gptq_block  # noqa: F401  (defined under the interpreter)
     from quantizers.record import QuantFormat
     from validation.validate import validate
-finally:
-    if _before is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _before
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,6 +17,8 @@ import os
 import pytest
 import torch
 
+from tests.kernel_helpers import edge_weights
+
 
 def _not_runnable() -> str | None:
     if not torch.cuda.is_available():
@@ -56,20 +58,6 @@ FORMATS = [(4, 32, True, "bf16"), (4, 64, False, "bf16"), (4, 128, True, "f16"),
            (8, None, True, "bf16"), (8, 128, False, "f16")]  # fmt: skip
 
 
-def _weights(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """Random weights with the groups that decide edge cases: all zero, one sign only, a constant, +a and
-    -a, values far apart."""
-    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)) * 0.05
-    w[0, :128] = 0
-    w[1, :128] = -w[1, :128].abs()
-    w[2, :128] = w[2, :128].abs()
-    w[3, :128] = 0.01
-    w[4, :128] = 0
-    w[4, 5], w[4, 9] = 0.2, -0.2
-    w[5, :128] *= 1000
-    return w.to(dtype)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("spec", FORMATS, ids=str)
 @pytest.mark.parametrize("shape", [(37, 640), (256, 3072)], ids=str)  # odd rows, Gemma 3 270M's K; 7B's K
@@ -78,7 +66,7 @@ def test_group_quant_on_the_gpu_equals_rtn_on_the_cpu(kernels, dtype, spec, shap
     from quantizers.kernels import group_quant
 
     fmt = _fmt(*spec)
-    w = _weights(*shape, dtype)
+    w = edge_weights(*shape, dtype)
     got = group_quant.quantize_weight(w, fmt)
     want = rtn.quantize_weight(w, fmt)  # on the CPU
     assert got.codes.device.type == DEV

@@ -14,17 +14,10 @@ from pathlib import Path
 
 import pytest
 
-# The interpreter is chosen when triton and the kernels are imported; set only for these imports, so
-# that child processes of other tests are unaffected (as tests/test_kernels.py does).
-_before = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton")
-    import torch
+from tests.kernel_helpers import interpreted
 
-    # Triton 3.6 imports gluon when it first mangles an 8-bit tensor argument, and gluon's import asserts
-    # the interpreter is on: imported here, while it is.
-    import triton.experimental.gluon  # noqa: F401
+with interpreted():  # the kernels run through Triton's interpreter in this process
+    import torch
 
     from converters import hf, trtllm
     from gemport.cli import main
@@ -38,11 +31,6 @@ try:
     from validation.runtimes.triton_kernels import CompressedTensorsKernelRuntime, TrtllmKernelRuntime
     from validation.runtimes.trtllm_layout import TrtllmLayoutRuntime
     from validation.validate import validate
-finally:
-    if _before is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _before
 
 
 def test_the_kernels_run_interpreted():

@@ -11,12 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-# The interpreter is chosen when triton and the kernels are imported; set only for these imports, so
-# that child processes of other tests are unaffected.
-_before = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton")
+from tests.kernel_helpers import edge_weights, interpreted
+
+with interpreted():  # the kernels run through Triton's interpreter in this process
     import torch
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from gguf import GGMLQuantizationType
@@ -25,11 +22,6 @@ try:
     from quantizers.kernels import compile as kcompile
     from quantizers.kernels import dequant_matmul, gguf_legacy, group_quant
     from quantizers.record import QuantFormat
-finally:
-    if _before is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _before
 
 
 def test_the_kernels_run_interpreted():
@@ -37,18 +29,7 @@ def test_the_kernels_run_interpreted():
 
 
 def _weights(dtype: torch.dtype, rows: int = 12, cols: int = 384) -> torch.Tensor:
-    """Random weights with the groups that decide edge cases: all zero, negative only, positive only,
-    a constant, +a and -a, and values far apart."""
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(rows, cols, generator=g) * 0.05
-    w[0, :128] = 0
-    w[1, :128] = -w[1, :128].abs()
-    w[2, :128] = w[2, :128].abs()
-    w[3, :128] = 0.01
-    w[4, :128] = 0
-    w[4, 5], w[4, 9] = 0.2, -0.2
-    w[5, :128] *= 1000
-    return w.to(dtype)
+    return edge_weights(rows, cols, dtype)
 
 
 FORMATS = [
