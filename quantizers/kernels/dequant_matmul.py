@@ -71,6 +71,14 @@ def _to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _dot(x, w, acc, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    """``acc + x @ w.T`` for a [BM, BK] x and a [BN, BK] w tile, accumulated in float32."""
+    if DOT_F32:  # the interpreter's dot mishandles bf16 (stored as uint16): the same products in fp32
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _gemm(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
           HAS_ZERO: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BM: tl.constexpr,
           BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
@@ -82,10 +90,7 @@ def _gemm(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, GROUP: tl.co
         x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
                     other=0.0)  # fmt: skip
         w = _weight_tile(w_ptr, s_ptr, z_ptr, rn, rk, N, K, GROUP, BITS, HAS_ZERO, x.dtype)
-        if DOT_F32:  # the interpreter's dot mishandles bf16 (stored as uint16): the same products in fp32
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        acc = _dot(x, w, acc, PRECISION, DOT_F32)
     tl.store(y_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], _to(acc, y_ptr.dtype.element_ty),
              mask=(rm < M)[:, None] & (rn < N)[None, :])  # fmt: skip
 

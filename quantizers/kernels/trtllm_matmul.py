@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from quantizers.kernels import check_available, on_device
-from quantizers.kernels.dequant_matmul import _to, launch
+from quantizers.kernels.dequant_matmul import _dot, _to, launch
 
 
 @triton.jit
@@ -69,10 +69,7 @@ def _gemm(x_ptr, w_ptr, s_ptr, p_ptr, y_ptr, M, N, K: tl.constexpr, GROUP: tl.co
         rk = k0 + tl.arange(0, BK)
         x = _activations(x_ptr, p_ptr, rm.to(tl.int64)[:, None], rk[None, :], (rm < M)[:, None], K, HAS_PREQUANT)
         w = _weight_tile(w_ptr, s_ptr, rn, rk, N, K, GROUP, BITS, x.dtype)
-        if DOT_F32:  # the interpreter's dot mishandles bf16 (stored as uint16): the same products in fp32
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        acc = _dot(x, w, acc, PRECISION, DOT_F32)
     tl.store(y_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], _to(acc, y_ptr.dtype.element_ty),
              mask=(rm < M)[:, None] & (rn < N)[None, :])  # fmt: skip
 
