@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from gemport.errors import UnsupportedError
 from gemport.spec import GemmaSpec
-from validation.runtimes.worker import WorkerRuntime
+from validation.runtimes.worker import WorkerRuntime, venv_python
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +36,9 @@ LIBRARY_RMS_EPS = 1e-6
 
 def gemma_python() -> Path:
     """The interpreter of the gemma library's environment; UnsupportedError naming the make target if absent."""
-    python = Path(os.environ.get(PYTHON_ENV) or VENV_PYTHON)
-    if not (python.is_file() and os.access(python, os.X_OK)):
-        raise UnsupportedError(
-            f"validating JAX checkpoints needs the gemma library's environment, and {python} does not exist: "
-            f"run `{MAKE_TARGET}` in {ROOT} (builds {VENV_PYTHON.parent.parent}, about 2.4 GB on disk and a few "
-            f"minutes, from PyPI), or set {PYTHON_ENV} to another Python with the gemma library"
-        )
-    return python
+    return venv_python(
+        PYTHON_ENV, VENV_PYTHON, "JAX checkpoints needs the gemma library", MAKE_TARGET, "about 2.4 GB, a few minutes"
+    )
 
 
 def check_expressible(spec: GemmaSpec, path: Path) -> None:

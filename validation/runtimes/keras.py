@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from gemport.errors import CheckpointError, UnsupportedError
-from validation.runtimes.worker import WorkerRuntime
+from validation.runtimes.worker import WorkerRuntime, venv_python
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +30,9 @@ MAKE_TARGET = "make keras-venv"
 
 def keras_python() -> Path:
     """The interpreter of keras-hub's environment; UnsupportedError naming the make target if absent."""
-    python = Path(os.environ.get(PYTHON_ENV) or VENV_PYTHON)
-    if not (python.is_file() and os.access(python, os.X_OK)):
-        raise UnsupportedError(
-            f"validating Keras presets needs keras-hub's environment, and {python} does not exist: run "
-            f"`{MAKE_TARGET}` in {ROOT} (builds {VENV_PYTHON.parent.parent}, about 0.7 GB on disk and half a "
-            f"minute, from PyPI), or set {PYTHON_ENV} to another Python with keras-hub and the JAX backend"
-        )
-    return python
+    return venv_python(
+        PYTHON_ENV, VENV_PYTHON, "Keras presets needs keras-hub", MAKE_TARGET, "about 0.7 GB, half a minute"
+    )
 
 
 class KerasHubRuntime(WorkerRuntime):

@@ -20,10 +20,23 @@ from typing import IO
 
 import numpy as np
 
-from gemport.errors import CheckpointError
+from gemport.errors import CheckpointError, UnsupportedError
 from validation.runtimes import PARITY
 
 log = logging.getLogger(__name__)
+
+
+def venv_python(env_var: str, default: Path, needs: str, make_target: str, size: str) -> Path:
+    """The interpreter of a runtime's own environment: $``env_var``, else ``default``; UnsupportedError
+    naming the make target that builds it (``size``: its disk and time, in words) if it is absent."""
+    python = Path(os.environ.get(env_var) or default)
+    if not (python.is_file() and os.access(python, os.X_OK)):
+        root = Path(__file__).resolve().parents[2]
+        raise UnsupportedError(
+            f"validating {needs}'s environment, and {python} does not exist: run `{make_target}` in {root} "
+            f"(builds {default.parent.parent}, {size}, from PyPI), or set {env_var} to another Python with it"
+        )
+    return python
 
 
 class WorkerRuntime:
