@@ -191,7 +191,9 @@ def _one_line(exc: BaseException) -> str:
     return line if len(line) <= MAX_MESSAGE else line[: MAX_MESSAGE - 3] + "..."
 
 
-def main() -> int:
+def serve(make_scorer, versions) -> int:
+    """The worker's loop (module docstring): ``make_scorer(setup)`` loads, its ``logprobs(tokens)`` scores a
+    window, ``versions()`` names the packages. Shared with keras_worker.py."""
     # The replies get their own copy of stdout; fd 1 then points at stderr, so that whatever the
     # libraries print cannot corrupt the protocol.
     channel = os.fdopen(os.dup(1), "wb")
@@ -200,11 +202,11 @@ def main() -> int:
     if not line:
         return 0
     try:
-        scorer = Scorer(json.loads(line))
+        scorer = make_scorer(json.loads(line))
     except Exception as exc:  # reported to gemport, which raises a typed error naming the checkpoint
         _reply(channel, {"error": _one_line(exc)})
         return 1
-    _reply(channel, {"ok": True, "model": scorer.description, "versions": _versions(), "vocab_size": scorer.vocab})
+    _reply(channel, {"ok": True, "model": scorer.description, "versions": versions(), "vocab_size": scorer.vocab})
     for line in sys.stdin:
         try:
             logprobs = scorer.logprobs(json.loads(line)["tokens"])
@@ -215,6 +217,10 @@ def main() -> int:
         channel.write(np.ascontiguousarray(logprobs, dtype="<f4").tobytes())
         channel.flush()
     return 0
+
+
+def main() -> int:
+    return serve(Scorer, _versions)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ projection; its tokenizer, when there is one, with ``keras_hub.models.Tokenizer.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 from importlib import metadata
@@ -73,28 +72,12 @@ def _versions() -> dict[str, str]:
 
 def main() -> int:
     helpers = _helpers()
-    channel = os.fdopen(os.dup(1), "wb")  # replies on a copy of stdout; fd 1 then points at stderr
-    os.dup2(2, 1)
-    line = sys.stdin.readline()
-    if not line:
-        return 0
-    try:
-        scorer = Scorer(json.loads(line))
-    except Exception as exc:  # reported to gemport, which raises a typed error naming the preset
-        helpers._reply(channel, {"error": helpers._one_line(exc)})
-        return 1
-    ready = {"ok": True, "model": scorer.description, "versions": _versions(), "vocab_size": scorer.vocab}
-    helpers._reply(channel, ready)
-    for line in sys.stdin:
-        try:
-            logprobs = helpers.log_softmax(scorer.logits(json.loads(line)["tokens"]))
-        except Exception as exc:
-            helpers._reply(channel, {"error": helpers._one_line(exc)})
-            return 1
-        helpers._reply(channel, {"rows": logprobs.shape[0], "cols": logprobs.shape[1]})
-        channel.write(np.ascontiguousarray(logprobs, dtype="<f4").tobytes())
-        channel.flush()
-    return 0
+
+    class Scored(Scorer):
+        def logprobs(self, tokens: list[int]) -> np.ndarray:
+            return helpers.log_softmax(self.logits(tokens))
+
+    return helpers.serve(Scored, _versions)
 
 
 if __name__ == "__main__":
