@@ -515,12 +515,25 @@ def _stored_dtype(dataset) -> str | None:
     """gemport's name of an h5 dataset's float dtype (ref: saving_lib.py H5IOStore.__getitem__: an
     opaque dataset with attribute dtype "bfloat16" is bfloat16), or None."""
     if dataset.dtype.kind == "V" and dataset.dtype.itemsize == 2:
-        try:
-            tag = dataset.attrs.get("dtype")
-        except (OSError, TypeError, ValueError, KeyError):  # an attribute h5py cannot read: not Keras's tag
-            return None
-        return "bf16" if isinstance(tag, str) and tag == "bfloat16" else None
+        return "bf16" if _bfloat16_tag(dataset) else None
     return _H5_DTYPES.get(dataset.dtype)
+
+
+def _bfloat16_tag(dataset) -> bool:
+    """Whether the dataset has Keras's scalar string attribute dtype = "bfloat16". Its type and shape are
+    checked before its value is read: only a scalar string is converted (HDF5 has crashed the process
+    converting an attribute of a damaged file; fuzzing found it)."""
+    h5py = _h5py()
+    try:
+        if "dtype" not in dataset.attrs:
+            return False
+        attr = h5py.h5a.open(dataset.id, b"dtype")
+        if attr.get_type().get_class() != h5py.h5t.STRING or attr.shape != () or attr.get_storage_size() > 64:
+            return False
+        tag = dataset.attrs["dtype"]
+    except (OSError, TypeError, ValueError, KeyError):  # an attribute h5py cannot read: not Keras's tag
+        return False
+    return isinstance(tag, str) and tag == "bfloat16"
 
 
 def read(path: str | Path) -> Checkpoint:
