@@ -368,8 +368,9 @@ def test_keras_h5_virtual_dataset_is_refused(keras_preset, tmp_path):
         targets.load_all(keras.read(folder))
 
 
-@pytest.mark.parametrize("tag", [[1, 2, 3], ["bfloat16", "bfloat16"], b"bfloat16x", 7])
+@pytest.mark.parametrize("tag", [[1, 2, 3], ["bfloat16", "bfloat16"], ["bfloat16"], b"bfloat16x", 7])
 def test_keras_bfloat16_tag_of_another_type_is_not_bfloat16(keras_preset, tmp_path, tag):
+    """Only Keras's scalar string attribute is read as the tag (its type and shape checked first)."""
     import h5py
     import numpy as np
 
@@ -377,7 +378,9 @@ def test_keras_bfloat16_tag_of_another_type_is_not_bfloat16(keras_preset, tmp_pa
 
     folder = _copy(keras_preset, tmp_path / "preset")
     with h5py.File(folder / "model.weights.h5", "r+") as h5:
-        h5[NORM].attrs["dtype"] = np.array(tag, dtype="S") if isinstance(tag, list) and isinstance(tag[0], str) else tag
+        if isinstance(tag, list) and isinstance(tag[0], str):
+            tag = np.array(tag, dtype=h5py.string_dtype() if len(tag) == 1 else "S")
+        h5[NORM].attrs["dtype"] = tag
     with pytest.raises(CheckpointError, match=f"{NORM} has dtype"):
         targets.load_all(keras.read(folder))
 
