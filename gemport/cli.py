@@ -16,7 +16,7 @@ from pathlib import Path
 from gemport import __version__, progress, registry
 from gemport.checkpoint import DTYPES
 from gemport.errors import GemportError, OutputError, UnsupportedError
-from gemport.output import atomic_output, clean_stale_temporaries
+from gemport.output import Terminated, atomic_output, clean_stale_temporaries, stop_on_signals
 
 log = logging.getLogger("gemport")
 
@@ -1358,13 +1358,17 @@ def main(argv: list[str] | None = None) -> int:
     progress.configure()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return COMMANDS[args.command](args)
+        with stop_on_signals():
+            return COMMANDS[args.command](args)
     except GemportError as exc:
         print(f"gemport: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         return 0
+    except Terminated:
+        print("gemport: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("gemport: interrupted", file=sys.stderr)
         return 130

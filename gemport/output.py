@@ -22,6 +22,9 @@ import logging
 import os
 import re
 import shutil
+import signal
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +58,52 @@ def _close_inherited_locks() -> None:
 
 
 os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI timeout, `kill`): stopped as Ctrl-C stops a command, its temporaries removed."""
+
+
+_SIGNALLED: list[int] = []  # SIGINT / SIGTERM received while stop_on_signals is in force
+
+
+def _on_signal(signum: int, _frame) -> None:
+    _SIGNALLED.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While the block runs (in the main thread), SIGINT raises KeyboardInterrupt and SIGTERM raises Terminated,
+    and both are remembered: Python drops an exception raised inside a weakref callback or a ``__del__``
+    ("Exception ignored in ...", as when h5py frees an object at that moment), so ``raise_if_signalled`` raises
+    it again at the next progress step and before every rename into place: no destination appears after the
+    signal. The previous handlers are put back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    hook = sys.unraisablehook
+
+    def unraisable(info) -> None:  # the dropped interrupt is raised again later: no "Exception ignored" text
+        if not (isinstance(info.exc_value, KeyboardInterrupt) and _SIGNALLED):
+            hook(info)
+
+    sys.unraisablehook = unraisable
+    _SIGNALLED.clear()
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        sys.unraisablehook = hook
+        _SIGNALLED.clear()
+
+
+def raise_if_signalled() -> None:
+    """Raise the KeyboardInterrupt (Terminated for SIGTERM) of a signal received earlier, in the main thread."""
+    if _SIGNALLED and threading.current_thread() is threading.main_thread():
+        raise Terminated() if _SIGNALLED[-1] == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _remove(path: Path) -> None:
@@ -249,6 +298,7 @@ def atomic_output(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_tree(tmp)
+        raise_if_signalled()  # the last moment before the destination appears
         if dst.exists():
             _remove(dst)
         os.replace(tmp, dst)
@@ -283,6 +333,7 @@ def atomic_files(finals: list[Path], overwrite: bool = False) -> Iterator[Path]:
         journal = [(final.name, st.st_ino, st.st_size) for final, st in zip(order, stats, strict=True)]
         (tmp / JOURNAL).write_text(json.dumps(journal), encoding="utf-8")
         _fsync_tree(tmp / JOURNAL)
+        raise_if_signalled()  # the last moment before the first file appears
         moved = []
         try:
             for final in order:

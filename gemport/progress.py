@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from gemport.output import raise_if_signalled
+
 INTERVAL = 5.0  # seconds: the least time between two plain lines while a task advances
 HEARTBEAT = 7.0  # seconds: the most time without a line while a task runs (under 10, for a busy machine)
 PREFIX = "gemport: "
@@ -148,8 +150,13 @@ def progress(description: str, total: int | None, unit: str = "") -> Iterator[Ca
     summary counts (ONNX initializers against the summary's tensors), it must say so."""
     task = _Task(description, total, unit, clock())
     _reporter.enter(task)
+
+    def advance(n: int = 1) -> None:
+        _reporter.advance(task, n)
+        raise_if_signalled()  # a Ctrl-C that Python dropped inside a callback stops the work here
+
     try:
-        yield lambda n=1: _reporter.advance(task, n)
+        yield advance
     finally:
         _reporter.leave(task)
 

@@ -287,3 +287,50 @@ def test_atomic_output_writes_and_cleans_its_lock(tmp_path):
         tmp.write_text("a")
         assert _temporaries(tmp_path) == [tmp.name, tmp.name + ".lock"]
     assert (tmp_path / "a.txt").read_text() == "a" and _temporaries(tmp_path) == []
+
+
+# --- signals: SIGTERM like Ctrl-C, and a Ctrl-C that Python dropped ---
+
+
+class _RaisesInDel:
+    """Sends ``signum`` to this process from ``__del__``: the handler's exception is then raised where Python
+    ignores it ("Exception ignored in"), as a Ctrl-C landing in h5py's weakref callbacks was."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+
+    def __del__(self):
+        signal.raise_signal(self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_dropped_inside_a_callback_still_stops_the_write(tmp_path, signum, capsys):
+    from gemport.output import Terminated, stop_on_signals
+
+    dst = tmp_path / "out.bin"
+    with pytest.raises(Terminated if signum == signal.SIGTERM else KeyboardInterrupt):
+        with stop_on_signals(), atomic_output(dst) as tmp:
+            tmp.write_bytes(b"half")
+            obj = _RaisesInDel(signum)
+            del obj  # the exception is dropped here; the write goes on to its end
+            tmp.write_bytes(b"all of it")
+    assert list(tmp_path.iterdir()) == []  # nothing renamed into place, the temporary and its lock gone
+    assert "Exception ignored" not in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+
+
+def test_sigterm_during_a_conversion_is_one_line_exit_143_and_nothing_left(tiny_models, tmp_path, monkeypatch, capsys):
+    import converters.hf
+
+    original = converters.hf.write
+
+    def terminated_midway(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)  # as `kill` or a CI timeout sends it
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(converters.hf, "write", terminated_midway)
+    dst = tmp_path / "out"
+    code = cli.main(["convert", str(tiny_models["gemma3"]), str(dst), "--to", "hf"])
+    err = capsys.readouterr().err
+    assert code == 143 and err.strip().splitlines()[-1] == "gemport: terminated (SIGTERM)", err
+    assert list(tmp_path.iterdir()) == []
