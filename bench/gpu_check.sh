@@ -69,7 +69,12 @@ for group, mods in (("required", required), ("optional", optional)):
     for name, why in mods.items():
         try:
             mod = importlib.import_module(name)
-            print(f"ok {name} {getattr(mod, '__version__', '')}")
+            try:
+                from importlib.metadata import version
+                found = version(name.replace("_", "-"))
+            except Exception:  # not installed as a distribution (found on the path): the module's own
+                found = getattr(mod, "__version__", "")
+            print(f"ok {name} {found}")
         except Exception as exc:  # an installed package that fails to import is as missing
             print(f"MISSING {name} ({group}: {why}): {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
             bad = bad or group == "required"
@@ -119,7 +124,8 @@ export PYTHONUNBUFFERED=1
 mkdir -p "$OUTDIR"
 rm -f "$OUTDIR/kernels.md" "$OUTDIR/kernels.json"  # never a table of an earlier run
 START=$SECONDS
-if ! deps cuda >"$OUTDIR/deps.txt" 2>&1 || grep -q '^MISSING' "$OUTDIR/deps.txt"; then
+deps cuda >"$OUTDIR/deps.txt" 2>&1
+if grep -v '^MISSING cuda' "$OUTDIR/deps.txt" | grep -q '^MISSING'; then  # packages, not the GPU
   if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
     echo "gpu_check.sh: installing the carried wheels of $WHEELS into $SITE"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
@@ -131,7 +137,14 @@ deps cuda >"$OUTDIR/deps.txt" 2>&1
 DEPS_RC=$?
 cat "$OUTDIR/deps.txt"
 if [ "$DEPS_RC" != 0 ]; then
-  echo "gpu_check.sh: required Python packages or the GPU are missing (MISSING lines above); nothing run" >&2
+  if grep -q '^MISSING cuda' "$OUTDIR/deps.txt"; then
+    echo "gpu_check.sh: no CUDA GPU visible (torch.cuda.is_available() is False): this runs on a GPU machine;" \
+      "--dry-run shows what it would run" >&2
+  fi
+  if grep -v '^MISSING cuda' "$OUTDIR/deps.txt" | grep -q '^MISSING.*(required'; then
+    echo "gpu_check.sh: required Python packages are missing (MISSING lines above)" >&2
+  fi
+  echo "gpu_check.sh: nothing run" >&2
   exit 3
 fi
 if grep -q '^MISSING' "$OUTDIR/deps.txt"; then

@@ -540,7 +540,9 @@ def read(path: str | Path) -> Checkpoint:
     """Open a keras-hub Gemma preset lazily: configs and the h5's structure now, each weight when loaded."""
     path = Path(path)
     if not sniff(path):
-        raise InputError(f"not a keras-hub preset folder (no {CONFIG} beside {WEIGHTS})", path)
+        missing = [n for n in (CONFIG, WEIGHTS) if not (path / n).is_file()] if path.is_dir() else []
+        why = f"no {' and no '.join(missing)}" if missing else f"{CONFIG} is not a keras-hub preset's"
+        raise InputError(f"not a keras-hub preset folder ({why})", path)
     spec = spec_from_config(_read_json(path / CONFIG), path / CONFIG)
     manifest, stated = _read_manifest(path, spec)
     if stated is not None:  # the fields as the manifest's parsed spec has them (defaults for absent ones)

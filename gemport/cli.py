@@ -518,12 +518,13 @@ def _add_build_parsers(sub) -> None:
     s.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the merged report")
 
 
+VERBOSE_HELP = "more detail on stderr: each tensor as a writer stores it, each step of a validation"
+
+
 def _verbose_parent() -> argparse.ArgumentParser:
     """-v after the command name too (`gemport convert -v ...`); SUPPRESS keeps the top-level value."""
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument(
-        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log each tensor as it is written"
-    )
+    parent.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parent
 
 
@@ -534,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
         "against the reference model by perplexity and KL divergence.",
     )
     p.add_argument("--version", action="version", version=f"gemport {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="log each tensor as it is written")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_parser = sub.add_parser
     sub.add_parser = functools.partial(add_parser, parents=[_verbose_parent()])

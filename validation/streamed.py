@@ -65,7 +65,7 @@ class StreamedReference:
         spec = self.ckpt.spec
         config = CalibrationConfig(tokens=ids.numel(), n_ctx=ids.shape[1], batch=BATCH)
         final: list[torch.Tensor] = []
-        label = f"reference {self.path.name}, {len(windows)} window{'s' if len(windows) != 1 else ''}: decoder layers"
+        label = f"reference {self.path.name}, {len(windows)} window{'s' if len(windows) != 1 else ''}:"
         with progress(label, total=spec.num_layers, unit="layers") as advance:
             for _ in stream_layers(self.ckpt, config, ids=ids, final=final.append):
                 advance()
