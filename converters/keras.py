@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from converters.hf import read_json
 from converters.presets import tokenizer_pieces
 from gemport import __version__
 from gemport.checkpoint import (
@@ -480,18 +481,6 @@ def sniff(path: Path) -> bool:
         return False
 
 
-def _read_json(file: Path) -> dict:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError("file not found", file) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise InputError(f"not valid JSON: {exc}", file) from None
-    if not isinstance(data, dict):
-        raise InputError(f"a JSON {type(data).__name__}, not an object", file)
-    return data
-
-
 def _h5py():
     try:
         import h5py
@@ -543,7 +532,7 @@ def read(path: str | Path) -> Checkpoint:
         missing = [n for n in (CONFIG, WEIGHTS) if not (path / n).is_file()] if path.is_dir() else []
         why = f"no {' and no '.join(missing)}" if missing else f"{CONFIG} is not a keras-hub preset's"
         raise InputError(f"not a keras-hub preset folder ({why})", path)
-    spec = spec_from_config(_read_json(path / CONFIG), path / CONFIG)
+    spec = spec_from_config(read_json(path / CONFIG), path / CONFIG)
     manifest, stated = _read_manifest(path, spec)
     if stated is not None:  # the fields as the manifest's parsed spec has them (defaults for absent ones)
         spec = GemmaSpec.from_json(spec.to_json() | {k: stated[k] for k in _MANIFEST_FIELDS})
@@ -580,7 +569,7 @@ def _read_manifest(path: Path, spec: GemmaSpec) -> tuple[dict | None, dict | Non
     file = path / MANIFEST
     if not file.is_file():
         return None, None
-    data = _read_json(file)
+    data = read_json(file)
     try:
         stated = GemmaSpec.from_json(data.get("spec"))
     except ValueError as exc:
@@ -599,7 +588,7 @@ def _shard_files(index: Path) -> list[Path]:
     """The weight files a sharded preset's model.weights.json names: its ``weight_map`` of group path ->
     file name or list of them (ref: keras saving_lib.py ShardedH5IOStore: ``sharding_config``), each a plain
     file name ending in .weights.h5 beside it."""
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise InputError("no weight_map (an object of variable path -> shard files)", index)
     names: set[str] = set()
