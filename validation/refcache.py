@@ -63,7 +63,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -480,6 +480,13 @@ def write_cache(path: Path, key: dict, reference: Path, evaluation: str, n_ctx: 
     gc.collect()
 
 
+class PreparedCache(NamedTuple):
+    path: Path
+    computed: bool  # computed now (missing or invalid before)
+    key: dict  # cache_key's value
+    evaluation: str  # the evaluation text it holds the windows of
+
+
 def prepare_cache(
     reference: str | Path,
     corpus: str | Path | None,
@@ -487,8 +494,9 @@ def prepare_cache(
     n_windows: int,
     cache_dir: str | Path,
     verify: bool = True,
-) -> tuple[Path, bool]:
-    """(the cache file, True when computed now): an existing valid file is reused; a missing one is
+) -> PreparedCache:
+    """The cache file (and whether it was computed now, its key and the evaluation text it was made from):
+    an existing valid file is reused; a missing one is
     computed; an invalid one is logged as a warning and recomputed. Without ``verify`` the windows' crc32s
     are left to ``RefCache.window``, which checks each window as it reads it (validate reads the file once
     instead of twice, and recomputes it when a window turns out damaged: ``recompute``)."""
@@ -505,14 +513,14 @@ def prepare_cache(
         try:
             open_cache(path, key, verify)
             log.info("reference log-probs reused from %s", path)
-            return path, False
+            return PreparedCache(path, False, key, evaluation)
         except InvalidCache as exc:
             recompute(path, key, reference, evaluation, exc)
-            return path, True
+            return PreparedCache(path, True, key, evaluation)
     elif path.exists():
         raise InputError("the reference cache path exists and is not a file", path)
     write_cache(path, key, reference, evaluation, n_ctx, n_windows)
-    return path, True
+    return PreparedCache(path, True, key, evaluation)
 
 
 def recompute(path: Path, key: dict, reference: Path, evaluation: str, why: InvalidCache) -> None:
@@ -526,7 +534,7 @@ def ensure_cache(
 ) -> Path:
     """The cache file of a reference, corpus, ctx and window count in a cache folder, computed when missing
     or invalid: the reference streamed one decoder layer at a time, every window written."""
-    return prepare_cache(reference, corpus, n_ctx, n_windows, cache_dir)[0]
+    return prepare_cache(reference, corpus, n_ctx, n_windows, cache_dir).path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -545,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         from validation.validate import _check_options
 
         _check_options(args.ctx, args.windows, {})
-        path, computed = prepare_cache(args.reference, args.corpus, args.ctx, args.windows, args.cache)
+        path, computed, _, _ = prepare_cache(args.reference, args.corpus, args.ctx, args.windows, args.cache)
     except GemportError as exc:
         print(f"gemport: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -257,10 +257,10 @@ class _CachedReference:
         from validation import refcache
 
         # the windows' crc32s are checked as they are read (RefCache.window), not in a pass of their own
-        path, self.computed = refcache.prepare_cache(reference, corpus, n_ctx, n_windows, cache_dir, verify=False)
-        self.evaluation = split_text(load_text(corpus))[0]
+        path, self.computed, self.key, self.evaluation = refcache.prepare_cache(
+            reference, corpus, n_ctx, n_windows, cache_dir, verify=False
+        )
         self.reference, self.path = reference, path
-        self.key = refcache.cache_key(reference, self.evaluation, n_ctx, n_windows, cache_dir)
         self._open()
         self.cache_file = str(path)
 
