@@ -13,6 +13,9 @@ On the off-grid demo model, in one run:
      (``python -m validation.refcache``), then ``gemport validate ART ... --reference-cache DIR`` for each;
    - the ratio of the totals (target: at most 0.6), and every artifact's KLD, delta-ppl and top-1 as the
      validation table prints them, which must be the same strings both ways.
+3. The same eight in one ``gemport validate A1 .. A8 --reference REF --windows 4 --reference-cache DIR``
+   call from an empty DIR: the reference's log-probs computed in that process, then each artifact scored
+   in turn (one start and import for all); its time against the separate total, and its figures.
 
     make demo-model gemma-venv
     .venv/bin/python bench/build.py [--out build/bench/build] [--skip-build]
@@ -109,7 +112,16 @@ def main() -> None:
     for name in EIGHT:
         separate[name], figures_separate[name] = validate_once(out, manifest, name, None, logs)
         cached[name], figures_cached[name] = validate_once(out, manifest, name, cache, logs)
+    shared = args.out / "reference-cache-one-call"
+    shutil.rmtree(shared, ignore_errors=True)
+    report = logs / "one-call.json"
+    paths = [str(out / manifest["artifacts"][name]["path"]) for name in EIGHT]
+    argv = ["validate", *paths, "--reference", str(REFERENCE), "--windows", "4", "--json", str(report)]
+    result["one_call_s"] = timed(gemport(*argv, "--reference-cache", str(shared)), logs / "one-call.log")
+    figures_one_call = {name: printed(r) for name, r in zip(EIGHT, json.loads(report.read_text()), strict=True)}
     result.update(
+        figures_one_call=figures_one_call,
+        same_figures_one_call=figures_one_call == figures_separate,
         separate_s=separate,
         cached_s=cached,
         separate_total_s=sum(separate.values()),
@@ -119,6 +131,7 @@ def main() -> None:
         same_figures=figures_separate == figures_cached,
     )
     result["ratio"] = result["cached_total_s"] / result["separate_total_s"]
+    result["one_call_ratio"] = result["one_call_s"] / result["separate_total_s"]
     (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
 
@@ -137,6 +150,8 @@ def table(r: dict) -> str:
         "\n".join(rows),
         "",
         f"cached / separate: {r['ratio']:.2f} (target <= 0.6); every printed figure the same: {r['same_figures']}",
+        f"one `gemport validate` of all eight from an empty cache: {r['one_call_s']:.1f} s, "
+        f"{r['one_call_ratio']:.2f} of the separate total; every printed figure the same: {r['same_figures_one_call']}",
     ]
     if "first_build_s" in r:
         share = r["second_build_s"] / r["first_build_s"]

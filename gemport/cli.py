@@ -663,13 +663,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "validate",
-        help="score a candidate against the reference model; exit 1 if a gate fails",
-        description="Perplexity, delta-ppl %, mean KL divergence and top-1 agreement of CANDIDATE "
+        help="score candidates against the reference model; exit 1 if a gate fails",
+        description="Perplexity, delta-ppl %, mean KL divergence and top-1 agreement of each CANDIDATE "
         "versus REFERENCE, llama-perplexity protocol: windows of --ctx tokens starting "
-        "with BOS, second half of each window scored, evaluation split of the corpus. Exit 0 when every gate "
-        "passes, 1 when one fails, 2 for a bad input.",
+        "with BOS, second half of each window scored, evaluation split of the corpus. Several candidates share "
+        "one process and one preparation of the reference (its cache read or computed once), each scored in "
+        "turn and a summary table printed last; one that cannot be read is reported and the others go on. "
+        "Exit 0 when every gate of every candidate passes, 1 when one fails, 2 for a bad input.",
     )
-    s.add_argument("candidate", type=Path, metavar="CANDIDATE", help="the artifact to check, loaded by its own runtime")
+    s.add_argument(
+        "candidates",
+        type=Path,
+        nargs="+",
+        metavar="CANDIDATE",
+        help="the artifacts to check, each loaded by its own format's runtime",
+    )
     s.add_argument(
         "--reference", type=Path, required=True, metavar="DIR", help="reference HF checkpoint (transformers, fp32)"
     )
@@ -1262,7 +1270,8 @@ def cmd_imatrix(args) -> int:
 
 def cmd_validate(args) -> int:
     from validation import refcache
-    from validation.validate import validate
+    from validation.report import summary
+    from validation.validate import validate_each
 
     to_stdout = str(args.json_out) == "-"
     if args.json_out and not to_stdout:
@@ -1274,7 +1283,7 @@ def cmd_validate(args) -> int:
     reference = registry.get("hf").load().read(args.reference) if (args.reference / "config.json").is_file() else None
     from gemport.synth import synthetic_record
 
-    for folder in (args.reference, args.candidate):
+    for folder in (args.reference, *args.candidates):
         drawn = synthetic_record(folder)
         if drawn:
             log.warning(
@@ -1288,8 +1297,8 @@ def cmd_validate(args) -> int:
             f"{reference.spec.max_position}",
             args.reference,
         )
-    report = validate(
-        args.candidate,
+    results = validate_each(
+        args.candidates,
         args.reference,
         corpus=args.corpus,
         n_ctx=args.ctx,
@@ -1300,14 +1309,43 @@ def cmd_validate(args) -> int:
         device=args.device,
         reference_cache=None if args.no_reference_cache else args.reference_cache or refcache.default_dir(),
     )
-    print(report.table(), file=sys.stderr if to_stdout else sys.stdout)
-    if to_stdout:
-        print(json.dumps(report.to_json(), indent=2))
-    elif args.json_out:
-        with atomic_output(args.json_out, overwrite=True) as tmp:
-            tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    report.raise_if_failed()
-    return 0
+    if len(args.candidates) == 1:
+        ((_, report),) = results
+        if isinstance(report, GemportError):
+            raise report
+        print(report.table(), file=sys.stderr if to_stdout else sys.stdout)
+        _write_validation([report.to_json()], args.json_out, single=True)
+        report.raise_if_failed()
+        return 0
+    done, records, code = [], [], 0
+    for candidate, result in results:
+        done.append((candidate, result))
+        if isinstance(result, GemportError):
+            print(f"gemport: error: {result}", file=sys.stderr)
+            records.append({"candidate": str(candidate), "error": str(result), "exit_code": result.exit_code})
+            code = max(code, result.exit_code)
+            continue
+        print(result.table() + "\n", file=sys.stderr if to_stdout else sys.stdout)
+        records.append(result.to_json())
+        if not result.passed:
+            print(f"gemport: error: {result.gate_failure()}", file=sys.stderr)
+            code = max(code, 1)
+    print(summary(done), file=sys.stderr if to_stdout else sys.stdout)
+    _write_validation(records, args.json_out, single=False)
+    return code
+
+
+def _write_validation(records: list[dict], dst: Path | None, single: bool) -> None:
+    """``--json``: one candidate's report (an object), or a list of them, one per candidate in order (an error
+    as {"candidate", "error", "exit_code"}); to standard output for '-', else written atomically."""
+    if dst is None:
+        return
+    text = json.dumps(records[0] if single else records, indent=2)
+    if str(dst) == "-":
+        print(text)
+        return
+    with atomic_output(dst, overwrite=True) as tmp:
+        tmp.write_text(text + "\n")
 
 
 def cmd_synth(args) -> int:

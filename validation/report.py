@@ -177,15 +177,46 @@ class Report:
             "passed": self.passed,
         }
 
-    def raise_if_failed(self) -> None:
+    def gate_failure(self) -> str:
+        """What failed, in one line: every failed gate and the figures (empty when every gate passed)."""
         failed = self.failed_gates
-        if failed:
-            m = self.metrics
-            raise GateFailed(
-                "validation failed: "
-                + "; ".join(f"gate {g.name}: {g.describe()}" for g in failed)
-                + f" (ppl {_fmt(m.ppl_cand, '.4f')} vs reference {_fmt(m.ppl_ref, '.4f')}, KLD {m.kld:.6g},"
-                f" top-1 {m.top1_pct:.2f} %,"
-                f" {m.tokens} tokens in {plural(self.windows, 'window')} of {self.n_ctx})",
-                self.candidate,
+        if not failed:
+            return ""
+        m = self.metrics
+        return (
+            f"{self.candidate}: validation failed: "
+            + "; ".join(f"gate {g.name}: {g.describe()}" for g in failed)
+            + f" (ppl {_fmt(m.ppl_cand, '.4f')} vs reference {_fmt(m.ppl_ref, '.4f')}, KLD {m.kld:.6g},"
+            f" top-1 {m.top1_pct:.2f} %,"
+            f" {m.tokens} tokens in {plural(self.windows, 'window')} of {self.n_ctx})"
+        )
+
+    def raise_if_failed(self) -> None:
+        if self.failed_gates:
+            raise GateFailed(self.gate_failure().removeprefix(f"{self.candidate}: "), self.candidate)
+
+
+def summary(results: list[tuple[object, Report | Exception]]) -> str:
+    """One line per candidate of a several-candidate validation (plain text, aligned columns): its format
+    and runtime kind, ppl, delta-ppl, KLD and top-1 as each table prints them, and PASS, FAIL or the error."""
+    head = ("candidate", "format", "runtime", "ppl", "delta-ppl", "KLD", "top-1", "result")
+    lines = [head]
+    for candidate, r in results:
+        if not isinstance(r, Report):
+            lines.append((str(candidate), "", "", "", "", "", "", f"ERROR ({type(r).__name__})"))
+            continue
+        m = r.metrics
+        lines.append(
+            (
+                r.candidate,
+                r.candidate_format,
+                r.runtime_kind,
+                _fmt(m.ppl_cand, ".4f"),
+                _pm(m.delta_ppl_pct, m.delta_ppl_pct_se, "+.4f", " %"),
+                _pm(m.kld, m.kld_se, ".6f"),
+                _pm(m.top1_pct, m.top1_pct_se, ".2f", " %"),
+                "PASS" if r.passed else "FAIL " + ", ".join(g.name for g in r.failed_gates),
             )
+        )
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from gemport import registry
-from gemport.errors import CheckpointError, InputError, UnsupportedError
+from gemport.errors import CheckpointError, GemportError, InputError, UnsupportedError
 from gemport.progress import progress, stage
 from validation.corpus import load_text, split_text, tokenize, windows
 from validation.gates import ArtifactKind, artifact_kind
@@ -106,14 +109,79 @@ def validate(
 
     ``device`` "cuda" scores the candidate with gemport's Triton kernels in every projection
     (validation/runtimes/triton_kernels.py); UnsupportedError before anything runs when its format has no
-    kernel runtime or the kernels cannot run here."""
-    candidate, reference = Path(candidate), Path(reference)
+    kernel runtime or the kernels cannot run here.
+
+    Errors: GemportError (exit code 2) for a bad candidate, reference, cache or option."""
+    args = (corpus, n_ctx, n_windows, max_ppl_delta, max_kld, default_gates, reference_cache, device)
+    ((_, result),) = validate_each([candidate], reference, *args)
+    if isinstance(result, GemportError):
+        raise result
+    return result
+
+
+def validate_each(
+    candidates: list[str | Path],
+    reference: str | Path,
+    corpus: str | Path | None = None,
+    n_ctx: int = 512,
+    n_windows: int = 16,
+    max_ppl_delta: float | None = None,
+    max_kld: float | None = None,
+    default_gates: bool = True,
+    reference_cache: str | Path | None = None,
+    device: str = "cpu",
+) -> Iterator[tuple[Path, Report | GemportError]]:
+    """``validate`` of several candidates against one reference, the reference's side prepared once for all:
+    with ``reference_cache`` the cache file made (or checked) and opened once; without it, the corpus
+    tokenized and the fp32 reference model loaded once (it still runs once per candidate). Every candidate is
+    read (format, kind, tokenizer) before the reference is prepared, so a bad one costs nothing.
+
+    Yields (candidate, its Report or the GemportError that stopped it), in the order given; one
+    candidate's error does not stop the others. Raised at once instead: a bad option, or an error of the
+    reference or its cache (every candidate would meet it)."""
+    candidates, reference = [Path(c) for c in candidates], Path(reference)
     _check_options(n_ctx, n_windows, {"--max-kld": max_kld, "--max-ppl-delta": max_ppl_delta})
+    if registry.detect(reference) != "hf":
+        raise InputError("the reference must be a Hugging Face checkpoint folder", reference)
+    read: list[_Candidate | GemportError] = []
+    for candidate in candidates:
+        try:
+            read.append(_read_candidate(candidate, reference, device))
+        except GemportError as exc:
+            read.append(exc)
+    ref = None
+    if any(isinstance(c, _Candidate) for c in read):
+        if reference_cache is not None:
+            ref = _CachedReference(reference, corpus, n_ctx, n_windows, Path(reference_cache))
+        else:
+            ref = _LiveReference(reference, corpus, n_ctx, n_windows)
+    gates = (max_ppl_delta, max_kld, default_gates)
+    for candidate, cand in zip(candidates, read, strict=True):
+        if isinstance(cand, GemportError):
+            yield candidate, cand
+            continue
+        try:
+            yield candidate, _validate_one(cand, ref, corpus, n_windows, device, gates)
+        except GemportError as exc:
+            yield candidate, exc
+
+
+@dataclass
+class _Candidate:
+    """What is read of a candidate before the reference runs: its format, kind and (an HF folder with
+    tokenizer files of its own) tokenizer."""
+
+    path: Path
+    fmt: str
+    kind: ArtifactKind
+    same_files: bool  # its tokenizer files are the reference's, byte for byte
+    tokenizer: Any
+
+
+def _read_candidate(candidate: Path, reference: Path, device: str) -> _Candidate:
     with stage(f"reading {candidate.name}"):
         fmt = registry.detect(candidate)
         check_supported(fmt, candidate, device)
-        if registry.detect(reference) != "hf":
-            raise InputError("the reference must be a Hugging Face checkpoint folder", reference)
         kind = artifact_kind(candidate, fmt)
         log.info("candidate kind %s: %s", kind.name, kind.evidence)
         # a candidate folder's tokenizer is loaded before the reference is run (or its cache computed),
@@ -121,61 +189,66 @@ def validate(
         same_files = fmt == "hf" and same_tokenizer_files(candidate, reference)
         if same_files:
             log.info("the candidate's tokenizer files are the reference's, byte for byte: not loaded again")
-        cand_tokenizer = load_tokenizer(candidate, "candidate") if fmt == "hf" and not same_files else None
-    if reference_cache is not None:
-        ref = _CachedReference(reference, corpus, n_ctx, n_windows, Path(reference_cache))
-    else:
-        ref = _LiveReference(reference, corpus, n_ctx, n_windows)
+        tokenizer = load_tokenizer(candidate, "candidate") if fmt == "hf" and not same_files else None
+    return _Candidate(candidate, fmt, kind, same_files, tokenizer)
+
+
+def _validate_one(cand: _Candidate, ref, corpus, n_windows: int, device: str, gates: tuple) -> Report:
+    candidate, fmt = cand.path, cand.fmt
     sample = ref.evaluation[:TOKENIZER_CHECK_CHARS]
-    if cand_tokenizer is not None:
-        if cand_tokenizer.bos_token_id != ref.bos:
-            raise CheckpointError(f"BOS id {cand_tokenizer.bos_token_id}, reference has {ref.bos}", candidate)
-        check_same_ids(ref.sample_ids, tokenize(cand_tokenizer, sample), candidate)
-    elif not same_files:
+    if cand.tokenizer is not None:
+        if cand.tokenizer.bos_token_id != ref.bos:
+            raise CheckpointError(f"BOS id {cand.tokenizer.bos_token_id}, reference has {ref.bos}", candidate)
+        check_same_ids(ref.sample_ids, tokenize(cand.tokenizer, sample), candidate)
+    elif not cand.same_files:
         log.info("candidate is %s: token ids come from the reference tokenizer", fmt)
     chunks = ref.windows
     warnings = []
     if len(chunks) < n_windows:
         held = f"{len(chunks)} window{'s' if len(chunks) != 1 else ''}"
-        warnings.append(f"the corpus holds {held} of {n_ctx} tokens, fewer than the {n_windows} asked")
+        warnings.append(f"the corpus holds {held} of {ref.n_ctx} tokens, fewer than the {n_windows} asked")
         log.warning("%s", warnings[-1])
 
     with stage(f"loading {candidate.name}"):
         cand_rt = runtime_for(candidate, fmt, device)
-    for note in getattr(cand_rt, "notes", ()):  # where the candidate's runtime departs from the reference's
-        warnings.append(note)
-        log.warning("%s", note)
-    if hasattr(cand_rt, "tokenize"):  # a runtime with its own tokenizer (llama.cpp) must agree with the reference
-        check_same_ids(ref.sample_ids, cand_rt.tokenize(sample), candidate)
-    ref.load()
-    vocab = scored_vocab(cand_rt.vocab_size, ref.vocab_size, ref.pieces)
-    if vocab is None:
-        raise CheckpointError(f"vocab size {cand_rt.vocab_size}, reference has {ref.vocab_size}", candidate)
-    if vocab < ref.vocab_size:
-        warnings.append(padding_note(ref.vocab_size, vocab))
-        log.warning("%s", warnings[-1])
-    top = max(max(c) for c in chunks)
-    if top >= vocab:
-        raise CheckpointError(f"the tokenizer yields id {top}, beyond the vocab of {vocab}", reference)
-
-    metrics = _score_windows(candidate, cand_rt, ref, vocab).result()
+    try:
+        for note in getattr(cand_rt, "notes", ()):  # where the candidate's runtime departs from the reference's
+            warnings.append(note)
+            log.warning("%s", note)
+        if hasattr(cand_rt, "tokenize"):  # a runtime with its own tokenizer (llama.cpp) must agree with the reference
+            check_same_ids(ref.sample_ids, cand_rt.tokenize(sample), candidate)
+        ref.load()
+        vocab = scored_vocab(cand_rt.vocab_size, ref.vocab_size, ref.pieces)
+        if vocab is None:
+            raise CheckpointError(f"vocab size {cand_rt.vocab_size}, reference has {ref.vocab_size}", candidate)
+        if vocab < ref.vocab_size:
+            warnings.append(padding_note(ref.vocab_size, vocab))
+            log.warning("%s", warnings[-1])
+        top = max(max(c) for c in chunks)
+        if top >= vocab:
+            raise CheckpointError(f"the tokenizer yields id {top}, beyond the vocab of {vocab}", ref.path)
+        metrics = _score_windows(candidate, cand_rt, ref, vocab).result()
+    finally:
+        if hasattr(cand_rt, "close"):  # the next candidate's runtime does not wait for the garbage collector
+            cand_rt.close()
     log.info("%d tokens scored: KLD %.6g, delta-ppl %+.4f %%", metrics.tokens, metrics.kld, metrics.delta_ppl_pct)
+    max_ppl_delta, max_kld, default_gates = gates
     return Report(
-        reference=str(reference),
+        reference=str(ref.path),
         candidate=str(candidate),
         candidate_format=fmt,
         runtime=cand_rt.name,
         runtime_kind=cand_rt.kind,
         reference_runtime=ref.runtime_name,
         corpus=str(corpus) if corpus is not None else "pydoc topics (default)",
-        n_ctx=n_ctx,
+        n_ctx=ref.n_ctx,
         windows=len(chunks),
         windows_requested=n_windows,
         metrics=metrics,
-        gates=make_gates(metrics, max_ppl_delta, max_kld, _default_kld(kind) if default_gates else None),
+        gates=make_gates(metrics, max_ppl_delta, max_kld, _default_kld(cand.kind) if default_gates else None),
         warnings=warnings,
-        kind=kind.name,
-        kind_evidence=kind.evidence,
+        kind=cand.kind.name,
+        kind_evidence=cand.kind.evidence,
         reference_cache=getattr(ref, "cache_file", None),
         reference_cache_computed=getattr(ref, "computed", False),
     )
@@ -229,7 +302,7 @@ class _LiveReference:
     after the candidate (``load``)."""
 
     def __init__(self, reference: Path, corpus, n_ctx: int, n_windows: int):
-        self.path = reference
+        self.path, self.n_ctx, self.rt = reference, n_ctx, None
         with stage("reading the evaluation text"):
             self.evaluation = split_text(load_text(corpus))[0]
             tokenizer = load_tokenizer(reference, "reference")
@@ -240,6 +313,9 @@ class _LiveReference:
             self.windows = windows(tokenize(tokenizer, self.evaluation), n_ctx, n_windows, self.bos)
 
     def load(self) -> None:
+        """The model, loaded once (after the first candidate's runtime: a bad candidate costs nothing)."""
+        if self.rt is not None:
+            return
         with stage(f"loading the reference {self.path.name}"):
             self.rt = TransformersRuntime(self.path)
         self.vocab_size, self.runtime_name = self.rt.vocab_size, self.rt.name
@@ -260,7 +336,7 @@ class _CachedReference:
         path, self.computed, self.key, self.evaluation = refcache.prepare_cache(
             reference, corpus, n_ctx, n_windows, cache_dir, verify=False
         )
-        self.reference, self.path = reference, path
+        self.path, self.n_ctx, self.cache_path = reference, n_ctx, path
         self._open()
         self.cache_file = str(path)
 
@@ -268,9 +344,9 @@ class _CachedReference:
         from validation import refcache
 
         try:
-            self.cache = refcache.open_cache(self.path, self.key, verify=False)
+            self.cache = refcache.open_cache(self.cache_path, self.key, verify=False)
         except refcache.InvalidCache as exc:
-            raise InputError(f"reference cache changed while in use: {exc}", self.path) from None
+            raise InputError(f"reference cache changed while in use: {exc}", self.cache_path) from None
         h = self.cache.header
         self.bos, self.pieces, self.vocab_size = h["bos"], h["pieces"], h["vocab"]
         self.sample_ids, self.windows, self.runtime_name = h["sample_ids"], h["windows"], h["reference_runtime"]
@@ -282,7 +358,7 @@ class _CachedReference:
         """The cache file written again (``why`` it could not be used is logged) and opened anew."""
         from validation import refcache
 
-        refcache.recompute(self.path, self.key, self.reference, self.evaluation, why)
+        refcache.recompute(self.cache_path, self.key, self.path, self.evaluation, why)
         self.computed = True
         self._open()
 
