@@ -85,35 +85,13 @@ def _check_options(n_ctx: int, n_windows: int, bounds: dict[str, float | None]) 
         raise UnsupportedError(f"windows must be at least 1, got {n_windows}")
 
 
-def validate(
-    candidate: str | Path,
-    reference: str | Path,
-    corpus: str | Path | None = None,
-    n_ctx: int = 512,
-    n_windows: int = 16,
-    max_ppl_delta: float | None = None,
-    max_kld: float | None = None,
-    default_gates: bool = True,
-    reference_cache: str | Path | None = None,
-    device: str = "cpu",
-) -> Report:
-    """Perplexity, delta-ppl %, KLD and top-1 of ``candidate`` (run by its format's runtime) vs ``reference``.
-
-    Gates: NaN or infinite scores always fail; ``max_kld`` and ``max_ppl_delta`` when given; without
-    ``max_kld``, the default KLD bound of the candidate's kind (validation/gates.py) unless
-    ``default_gates`` is False.
-
-    With ``reference_cache`` (a folder), the reference's log-probs come from its cache file
-    (validation/refcache.py), computed first (and the reference freed) when missing or invalid: the
-    candidate is then scored without loading the reference or tokenizing the corpus.
-
-    ``device`` "cuda" scores the candidate with gemport's Triton kernels in every projection
-    (validation/runtimes/triton_kernels.py); UnsupportedError before anything runs when its format has no
-    kernel runtime or the kernels cannot run here.
+def validate(candidate: str | Path, reference: str | Path, *options, **named) -> Report:
+    """Perplexity, delta-ppl %, KLD and top-1 of ``candidate`` (run by its format's runtime) vs ``reference``:
+    ``validate_each`` of one candidate, with the same options (corpus, n_ctx, n_windows, max_ppl_delta,
+    max_kld, default_gates, reference_cache, device), its error raised.
 
     Errors: GemportError (exit code 2) for a bad candidate, reference, cache or option."""
-    args = (corpus, n_ctx, n_windows, max_ppl_delta, max_kld, default_gates, reference_cache, device)
-    ((_, result),) = validate_each([candidate], reference, *args)
+    ((_, result),) = validate_each([candidate], reference, *options, **named)
     if isinstance(result, GemportError):
         raise result
     return result
@@ -131,10 +109,25 @@ def validate_each(
     reference_cache: str | Path | None = None,
     device: str = "cpu",
 ) -> Iterator[tuple[Path, Report | GemportError]]:
-    """``validate`` of several candidates against one reference, the reference's side prepared once for all:
-    with ``reference_cache`` the cache file made (or checked) and opened once; without it, the corpus
-    tokenized and the fp32 reference model loaded once (it still runs once per candidate). Every candidate is
-    read (format, kind, tokenizer) before the reference is prepared, so a bad one costs nothing.
+    """Perplexity, delta-ppl %, KLD and top-1 of each candidate (run by its format's runtime) vs ``reference``.
+
+    Gates: NaN or infinite scores always fail; ``max_kld`` and ``max_ppl_delta`` when given; without
+    ``max_kld``, the default KLD bound of the candidate's kind (validation/gates.py) unless
+    ``default_gates`` is False.
+
+    With ``reference_cache`` (a folder), the reference's log-probs come from its cache file
+    (validation/refcache.py), computed first (and the reference freed) when missing or invalid: the
+    candidates are then scored without loading the reference or tokenizing the corpus.
+
+    ``device`` "cuda" scores the candidates with gemport's Triton kernels in every projection
+    (validation/runtimes/triton_kernels.py); UnsupportedError before anything runs when its format has no
+    kernel runtime or the kernels cannot run here.
+
+    The reference's side is prepared once for all: with ``reference_cache`` the cache file made (or checked)
+    and opened once; without it, the corpus tokenized and the fp32 reference model loaded once (it still
+    runs once per candidate). Every candidate is read (format, kind, tokenizer) before the reference is
+    prepared, so one whose files are unreadable costs no reference work; one that its runtime refuses is
+    found when it is loaded, in its turn.
 
     Yields (candidate, its Report or the GemportError that stopped it), in the order given; one
     candidate's error does not stop the others. Raised at once instead: a bad option, or an error of the
