@@ -16,6 +16,9 @@ On the off-grid demo model, in one run:
 3. The same eight in one ``gemport validate A1 .. A8 --reference REF --windows 4 --reference-cache DIR``
    call from an empty DIR: the reference's log-probs computed in that process, then each artifact scored
    in turn (one start and import for all); its time against the separate total, and its figures.
+4. That call again, DIR now holding the cache: one start, the cache read, the eight candidates' own forward
+   passes and scoring. Its ratio to the separate total is the floor of any reference cache, however cheap:
+   what the candidates themselves cost, which the separate calls pay too.
 
     make demo-model gemma-venv
     .venv/bin/python bench/build.py [--out build/bench/build] [--skip-build]
@@ -119,6 +122,7 @@ def main() -> None:
     argv = ["validate", *paths, "--reference", str(REFERENCE), "--windows", "4", "--json", str(report)]
     result["one_call_s"] = timed(gemport(*argv, "--reference-cache", str(shared)), logs / "one-call.log")
     figures_one_call = {name: printed(r) for name, r in zip(EIGHT, json.loads(report.read_text()), strict=True)}
+    result["one_call_warm_s"] = timed(gemport(*argv, "--reference-cache", str(shared)), logs / "one-call-warm.log")
     result.update(
         figures_one_call=figures_one_call,
         same_figures_one_call=figures_one_call == figures_separate,
@@ -132,6 +136,7 @@ def main() -> None:
     )
     result["ratio"] = result["cached_total_s"] / result["separate_total_s"]
     result["one_call_ratio"] = result["one_call_s"] / result["separate_total_s"]
+    result["one_call_warm_ratio"] = result["one_call_warm_s"] / result["separate_total_s"]
     (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
 
@@ -152,6 +157,8 @@ def table(r: dict) -> str:
         f"cached / separate: {r['ratio']:.2f} (target <= 0.6); every printed figure the same: {r['same_figures']}",
         f"one `gemport validate` of all eight from an empty cache: {r['one_call_s']:.1f} s, "
         f"{r['one_call_ratio']:.2f} of the separate total; every printed figure the same: {r['same_figures_one_call']}",
+        f"the same call with its cache present (the candidates' own share, the floor of any cache): "
+        f"{r['one_call_warm_s']:.1f} s, {r['one_call_warm_ratio']:.2f} of the separate total",
     ]
     if "first_build_s" in r:
         share = r["second_build_s"] / r["first_build_s"]

@@ -16,6 +16,7 @@ from converters import hf
 from gemport.cli import main
 from gemport.errors import UnsupportedError
 from quantizers.rtn import RTNConfig, quantize
+from validation.runtimes import hf_transformers
 from validation.runtimes.hf_transformers import TransformersRuntime
 
 CONFIGS = {
@@ -49,7 +50,7 @@ def test_transformers_decompresses_exactly_our_records(tiny_models, tmp_path, va
     assert runtime.name.startswith("transformers + compressed-tensors 0.20.0")
     from transformers import AutoModelForCausalLM
 
-    options = runtime._compressed_tensors(out)
+    options = hf_transformers._compressed_tensors(out, hf_transformers.read_config(out))[0]
     _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, **options)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     reference = _dequantized_reference(src, quantized)

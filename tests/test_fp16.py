@@ -145,10 +145,37 @@ def test_hf_f16_candidate_is_scored_in_fp16(models, corpus, tmp_path):
     src = models["gemma3"]
     assert convert(src, tmp_path / "out", "hf") == 0
     runtime = runtime_for(tmp_path / "out", "hf")
-    assert runtime.name == "transformers (float16, CPU)" and runtime.model.dtype == torch.float16
+    assert runtime.name == "transformers (float16, sdpa attention, CPU)" and runtime.model.dtype == torch.float16
     report = validate(tmp_path / "out", src, corpus=corpus, n_ctx=64, n_windows=2)
     assert report.reference_runtime == "transformers (fp32, CPU)"
     assert report.passed and 0 < report.metrics.kld < 1e-3, report.metrics
+
+
+@pytest.mark.parametrize(
+    "variant,dtype,attention",
+    [
+        ("gemma3", "float32", "eager"),  # as the reference computes: a lossless copy scores KLD 0
+        ("gemma3", "bfloat16", "sdpa"),  # transformers' default, as from_pretrained gives it
+        ("gemma-mqa", "float16", "sdpa"),
+        ("gemma2", "bfloat16", "eager"),  # attention softcap: transformers' Gemma 2 has no sdpa
+    ],
+)
+def test_candidate_attention(tmp_path, variant, dtype, attention):
+    runtime = runtime_for(make_tiny(variant, tmp_path / "m", dtype=dtype), "hf")
+    assert runtime.model.config._attn_implementation == attention
+    assert ("sdpa attention" in runtime.name) == (attention == "sdpa")
+
+
+def test_gemma3_attention_softcap_is_not_applied_with_sdpa_either(tmp_path):
+    # transformers' Gemma 3 never passes attn_logit_softcapping to its attention (the reference's
+    # semantics, which every writer follows): sdpa loses nothing by having no softcap
+    tokens = [2, *range(10, 40)]
+    plain, capped = (
+        runtime_for(make_tiny("gemma3", tmp_path / name, dtype="bfloat16", **cap), "hf")
+        for name, cap in (("plain", {}), ("capped", {"attn_logit_softcapping": 1.0}))
+    )
+    assert capped.model.config._attn_implementation == "sdpa"
+    np.testing.assert_array_equal(capped.scored_logits(tokens, 16, 15), plain.scored_logits(tokens, 16, 15))
 
 
 @pytest.mark.parametrize("variant", ["gemma2", "gemma3"])

@@ -39,7 +39,7 @@ class OnnxRuntime:
             self.session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise CheckpointError(f"onnxruntime cannot load it: {str(exc).splitlines()[0]}", file) from None
-        self.name = f"onnxruntime {ort.__version__} (CPU)"
+        self.name, self.file = f"onnxruntime {ort.__version__} (CPU)", file
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
         if "input_ids" not in self.inputs or logits is None:
@@ -74,8 +74,19 @@ class OnnxRuntime:
     def logprobs(self, tokens: list[int]) -> np.ndarray:
         import torch
 
+        return torch.log_softmax(torch.from_numpy(self._logits(tokens)), dim=-1).numpy()
+
+    def scored_logits(self, tokens: list[int], first: int, count: int) -> np.ndarray:
+        """float32 logits [count, vocab] of positions first .. first + count - 1: the graph computes every
+        position's (its LM head is part of the artifact); the others are dropped unnormalised."""
+        return self._logits(tokens)[first : first + count]
+
+    def _logits(self, tokens: list[int]) -> np.ndarray:
         (logits,) = self.session.run(["logits"], self.feeds(tokens))
-        return torch.log_softmax(torch.from_numpy(logits[0].astype(np.float32)), dim=-1).numpy()
+        if logits.ndim != 3 or logits.shape[:2] != (1, len(tokens)):
+            shape = f"logits of shape {list(logits.shape)}, expected [1, {len(tokens)}, vocab]"
+            raise CheckpointError(shape, self.file)
+        return logits[0].astype(np.float32, copy=False)
 
 
 def _genai_decoder(folder: Path) -> dict:

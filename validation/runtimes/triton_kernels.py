@@ -145,10 +145,11 @@ def _packed_linear(packed, scales, zeros, bits: int, calls: _Calls):
 
 
 class CompressedTensorsKernelRuntime:
-    """A compressed-tensors pack-quantized folder: transformers' model of its config.json (eager attention, the
-    config's dtype, as ``gemport validate`` loads HF folders), parameters left empty at construction
-    (accelerate.init_empty_weights: no float projection is ever allocated), the stored dense tensors loaded
-    into it and every quantized Linear replaced by a kernel call on its stored tensors."""
+    """A compressed-tensors pack-quantized folder: transformers' model of its config.json (the config's dtype
+    and the attention hf_transformers.attention_for gives it, as ``gemport validate`` loads HF folders),
+    parameters left empty at construction (accelerate.init_empty_weights: no float projection is ever
+    allocated), the stored dense tensors loaded into it and every quantized Linear replaced by a kernel
+    call on its stored tensors."""
 
     def __init__(self, path: Path):
         import torch
@@ -156,7 +157,7 @@ class CompressedTensorsKernelRuntime:
         from converters import hf
         from quantizers.kernels import device
         from quantizers.rtn import PROJECTIONS
-        from validation.runtimes.hf_transformers import config_dtype
+        from validation.runtimes.hf_transformers import attention_for, config_dtype
 
         ckpt = hf.read(path)  # every stored tensor checked: names, shapes, dtypes of the packed sets
         formats = {t.quant for t in ckpt.quantized().values()}  # one scheme per folder (compressed_tensors.py)
@@ -165,7 +166,8 @@ class CompressedTensorsKernelRuntime:
         fmt = formats.pop()
         bits = fmt.bits
         dtype = config_dtype(path)
-        model = self._empty_model(path, getattr(torch, dtype))
+        attention = attention_for(dtype)  # as transformers' runtime loads the folder
+        model = self._empty_model(path, getattr(torch, dtype), attention)
         stored = _stored_tensors(path)
         self.calls, kernels, floats = _Calls(), 0, []
         for i in range(ckpt.spec.num_layers):
@@ -189,7 +191,8 @@ class CompressedTensorsKernelRuntime:
             f"Triton W{bits}A16 kernels ({{calls}}) on the compressed-tensors layout: {scheme} in {kernels} "
             "projections"
             + (f", {len(floats)} stored in float as torch matmuls" if floats else "")
-            + f"; transformers {_version('transformers')} Gemma model around them ({dtype}, eager) {where()}"
+            + f"; transformers {_version('transformers')} Gemma model around them ({dtype}, "
+            + f"{model.config._attn_implementation} attention) {where()}"
         )
         shown = ", ".join(floats[:3]) + (f" and {len(floats) - 3} more" if len(floats) > 3 else "")
         self.notes = [f"stored in float, run as torch matmuls, not kernels: {shown}"] if floats else []
@@ -202,8 +205,9 @@ class CompressedTensorsKernelRuntime:
         return self._text.format(calls=self.calls.said())
 
     @staticmethod
-    def _empty_model(path: Path, dtype):
-        """transformers' model of the folder's config with its parameters on the meta device."""
+    def _empty_model(path: Path, dtype, attention: str | None):
+        """transformers' model of the folder's config with its parameters on the meta device, with
+        ``attention`` (an ``attn_implementation``; None: transformers' choice)."""
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
@@ -218,7 +222,7 @@ class CompressedTensorsKernelRuntime:
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the kernels compute the quantized Linears, not compressed-tensors
         with init_empty_weights(include_buffers=False):  # buffers (rotary tables) computed as usual
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
 
     def logprobs(self, tokens: list[int]):
         import torch

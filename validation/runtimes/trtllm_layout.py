@@ -147,25 +147,37 @@ class TrtllmLayoutRuntime:
     def logprobs(self, tokens: list[int]) -> np.ndarray:
         import torch
 
-        w, spec = self.weights, self.spec
         with torch.inference_mode():
-            x = w["transformer.vocab_embedding.weight"][torch.tensor(tokens)] * self.embed_scale
-            for i in range(spec.num_layers):
-                p = f"transformer.layers.{i}."
-                a = self._attention(self._norm(x, w[p + "input_layernorm.weight"]), i)
-                if spec.post_norms:
-                    a = self._norm(a, w[p + "post_layernorm.weight"])
-                    x = x + a
-                    m = self._mlp(self._norm(x, w[p + "pre_feedforward_layernorm.weight"]), i)
-                    x = x + self._norm(m, w[p + "post_feedforward_layernorm.weight"])
-                else:
-                    x = x + a
-                    x = x + self._mlp(self._norm(x, w[p + "post_layernorm.weight"]), i)
-            logits = self._norm(x, w["transformer.ln_f.weight"]) @ w["lm_head.weight"].T
-            cap = self.cfg.get("final_logit_softcapping")
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
-            return torch.log_softmax(logits, -1).numpy()
+            return torch.log_softmax(self._logits(tokens, 0, len(tokens)), -1).numpy()
+
+    def scored_logits(self, tokens: list[int], first: int, count: int) -> np.ndarray:
+        """float32 logits [count, vocab] of positions first .. first + count - 1 (softcapped where the model
+        caps): the LM head on those rows only, as TensorRT-LLM computes the logits of the positions it is
+        asked for (gather_context_logits) and llama-perplexity of the second half."""
+        import torch
+
+        with torch.inference_mode():
+            return self._logits(tokens, first, count).numpy()
+
+    def _logits(self, tokens: list[int], first: int, count: int):
+        import torch
+
+        w, spec = self.weights, self.spec
+        x = w["transformer.vocab_embedding.weight"][torch.tensor(tokens)] * self.embed_scale
+        for i in range(spec.num_layers):
+            p = f"transformer.layers.{i}."
+            a = self._attention(self._norm(x, w[p + "input_layernorm.weight"]), i)
+            if spec.post_norms:
+                a = self._norm(a, w[p + "post_layernorm.weight"])
+                x = x + a
+                m = self._mlp(self._norm(x, w[p + "pre_feedforward_layernorm.weight"]), i)
+                x = x + self._norm(m, w[p + "post_feedforward_layernorm.weight"])
+            else:
+                x = x + a
+                x = x + self._mlp(self._norm(x, w[p + "post_layernorm.weight"]), i)
+        logits = self._norm(x[first : first + count], w["transformer.ln_f.weight"]) @ w["lm_head.weight"].T
+        cap = self.cfg.get("final_logit_softcapping")
+        return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def _dequantized(t, dtype: str):
