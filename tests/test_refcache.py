@@ -26,10 +26,10 @@ N_CTX, WINDOWS = 32, 2
 # --- the window codec, on a large peaked vocabulary -------------------------------------------------
 
 
-def _peaked_logprobs(rows: int, vocab: int, seed: int = 0) -> np.ndarray:
+def _peaked_logprobs(rows: int, vocab: int, seed: int = 0, peak: float = 22) -> np.ndarray:
     rng = np.random.default_rng(seed)
     logits = rng.standard_normal((rows, vocab)) * 3
-    logits[:, :20] += 22  # a few probable tokens, a long tail below 1e-6
+    logits[:, :20] += peak  # a few probable tokens, a long tail below 1e-6
     logits[1, 7] = -np.inf  # no mass at all
     x = logits - logits.max(axis=1, keepdims=True)
     return (x - np.log(np.exp(x).sum(axis=1, keepdims=True))).astype(np.float32)
@@ -57,9 +57,10 @@ def test_window_codec_keeps_probable_entries_and_stats_exact():
         got = arrays["stats"][c]
         assert (got[0] == want.nll).all() and (got[1] == want.negentropy).all() and (got[2] == want.log_norm).all()
         assert (arrays["top"][c] == want.top).all()
-        negentropy, log_norm = decoded_stats(torch.from_numpy(raw[:, :cut]))  # what the KL term is scored with
-        assert (got[3] == negentropy).all() and (got[4] == log_norm).all()
-        assert np.allclose(negentropy, reference_stats(raw[:, :cut], targets).negentropy, rtol=1e-12, atol=0)
+        exact64 = torch.from_numpy(lp[:, :cut].astype(np.float64))
+        cross, log_norm = decoded_stats(torch.from_numpy(raw[:, :cut]), exact64, want.log_norm)  # the KL's term
+        assert (got[3] == cross).all() and (got[4] == log_norm).all()
+        assert np.allclose(cross, want.negentropy, rtol=1e-6, atol=0)  # sum_tail (p_decoded - p) lr
 
 
 def test_exact_entries_are_capped_to_the_most_probable(monkeypatch):
@@ -85,6 +86,32 @@ def test_cached_distribution_changes_the_kld_by_far_less_than_printed():
     a, b = live.result(), cached.result()
     assert abs(a.kld - b.kld) <= 1e-6 * a.kld
     assert (a.ppl_ref, a.ppl_cand, a.top1_pct) == (b.ppl_ref, b.ppl_cand, b.top1_pct)
+
+
+@pytest.mark.parametrize("noise", [0.0, 1e-6, 1e-4])
+def test_a_candidate_equal_or_next_to_the_reference_scores_as_live(noise):
+    # 16-bit codes round the tail by up to half a step (about 5e-4 nats): scored against the decoded
+    # distribution alone, an identical candidate would score KL(decoded || reference), about 1e-11 on a
+    # real vocabulary, which is the whole KLD of a float32 conversion. The cache pairs the decoded p with
+    # the exact log-probs: 0 for the reference itself, and live's figure within 0.1 % next to it (noise of
+    # 1e-6 nats: KLD 3.5e-13, off by 8e-4 of it; 1e-4 nats: 3.4e-9, off by 2e-5).
+    rows, vocab = 16, 40000
+    ref = _peaked_logprobs(rows, vocab, seed=1, peak=12)  # 0.3 % of the mass below 1e-6, as Gemma 3 270M's
+    cand = (ref + np.random.default_rng(2).normal(0, noise, ref.shape)).astype(np.float32) if noise else ref.copy()
+    targets = np.arange(rows)
+    live, cached = Accumulator(), Accumulator()
+    live.add(ref, cand, targets)
+    arrays = refcache._decode_window(refcache._encode_window(ref, targets, [vocab]), rows, vocab, 1)
+    tail = float((np.exp(ref.astype(np.float64)) * (np.exp(ref.astype(np.float64)) < refcache.EXACT_MIN_P)).sum())
+    assert tail > 1e-3  # a tail whose codes matter
+    nll, _, _, cross, log_norm = arrays["stats"][0]
+    stats = RefStats(nll, cross, arrays["top"][0], log_norm)
+    cached.add_stats(stats, lambda i, j: refcache.decode_rows(arrays, i, j), cand, targets)
+    a, b = live.result(), cached.result()
+    if noise == 0:
+        assert a.kld == 0.0 and b.kld == 0.0
+    else:
+        assert 0 < a.kld and abs(a.kld - b.kld) <= 1e-3 * a.kld, (a.kld, b.kld)
 
 
 # --- end to end on tiny models ------------------------------------------------------------------------

@@ -147,7 +147,7 @@ class RefStats:
     float64 log-softmax ``lr = raw - log_norm`` of the raw rows, as ``token_scores`` always did."""
 
     nll: np.ndarray  # [rows] -lr[target]
-    negentropy: np.ndarray  # [rows] sum_v p_v * lr_v
+    negentropy: np.ndarray  # [rows] sum_v p_v * lr_v (a cache's: p of its decoded rows; metrics.decoded_stats)
     top: np.ndarray  # [rows] argmax of the raw rows
     log_norm: np.ndarray  # [rows] the float64 log-normaliser of the raw rows
 
@@ -193,15 +193,19 @@ def score_rows(
     return _score(stats, p, cand, targets)
 
 
-def decoded_stats(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(negentropy, log_norm) per row of float64 rows ``x`` (only read), with p computed exactly as score_rows
-    computes it from a stored log_norm, ``exp(x - log_norm)``: a cache stores these for its decoded rows, so
-    that the KL of a candidate equal to them is 0 to the last bit."""
+def decoded_stats(decoded: torch.Tensor, exact: torch.Tensor, exact_log_norm: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(sum_v p_v * lr_v, log_norm) per row, with p the distribution of float64 rows ``decoded`` computed
+    exactly as score_rows computes it from a stored log_norm, ``exp(decoded - log_norm)``, and lr the exact
+    log-probs ``exact - exact_log_norm`` (float64 rows of the raw reference, and their log-normaliser). A
+    cache stores these, so that the KL a candidate is scored with is sum_v p_v (lr_v - lc_v): 0 to the last
+    bit for a candidate whose rows are the reference's, whatever the codes rounded (refcache docstring).
+    Both tensors are only read."""
     import torch
 
-    log_norm = _log_norm(x)
-    p = torch.sub(x, log_norm[:, None], out=work_buffer("p", *x.shape)).exp_()
-    return _cross(p, x, log_norm), log_norm.numpy()
+    log_norm = _log_norm(decoded)
+    p = torch.sub(decoded, log_norm[:, None], out=work_buffer("p", *decoded.shape)).exp_()
+    lr_norm = torch.from_numpy(np.asarray(exact_log_norm, dtype=np.float64))
+    return _cross(p, exact, lr_norm), log_norm.numpy()
 
 
 def token_scores(ref: np.ndarray, cand: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -21,27 +21,28 @@ n_ctx//2 .. n_ctx-2 of each window, validation.metrics.scored_span):
   EXACT_CAP, the most probable), and all others as uint16 codes between a per-token float32 min and
   scale (codes over the tail's own range, at most TAIL_RANGE nats deep; lower values are coded as the
   min, and code 65535 means no mass, -inf).
-- the negentropy and log-normaliser of the decoded rows (decoded in float64 as ``code * scale + min``
-  and renormalised, exactly as the scorer reads them: ``decode_rows``).
+- sum_v p_v lr_v with p the decoded rows' distribution (decoded in float64 as ``code * scale + min`` and
+  renormalised, exactly as the scorer reads them: ``decode_rows``) and lr the exact log-probs, and the
+  decoded rows' log-normaliser (validation.metrics.decoded_stats).
 
 Error analysis. ppl, delta-ppl and top-1 use only the exact NLL and argmax: identical to a live run.
-The KL is scored as negentropy - sum_v p_v lc_v (validation.metrics.score_rows). Tail codes are off by
-d_v, |d_v| <= step/2, step = tail range / 65534 (5e-4 to 7e-4 nats on the demo model). Pairing the
-decoded cross term with the EXACT negentropy leaves an error of about sum_tail p_v d_v lc_v, where the
-candidate's tail log-probs lc_v are about -25; pairing it with the negentropy OF THE DECODED rows (what
-is stored for scoring, both renormalised) leaves sum_tail p_v (d_v - mean d)(lr_v - lc_v), weighted by
-the small log-ratio of the two models instead. Measured on the demo model with format 2, which decoded
-in float32 where format 3 decodes in float64 (gemma-3-270m-offgrid, 2 windows of 512, 510 tokens; the
-tail, p < 1e-6, holds 0.25 % of the mass per token on average, at most 1.3 %; 2512 exact entries per
-token on average, the cap of 4096 reached on some):
+The KL is scored as sum_v p_v lr_v - sum_v p_v lc_v with the stored first term
+(validation.metrics.score_rows): sum_v p_v (lr_v - lc_v) with p decoded. Tail codes are off by d_v,
+|d_v| <= step/2, step = tail range / 65534 (5e-4 to 7e-4 nats on the demo model), which moves p_v by
+about p_v d_v; the error is sum_tail p_v d_v (lr_v - lc_v), weighted by the small log-ratio of the two
+models, and exactly 0 for a candidate whose rows are the reference's. Format 3 stored the negentropy of
+the decoded rows instead, which adds KL(decoded || reference) to every candidate's figure: about 1e-11
+per token on the demo model, small beside a quantized artifact's KLD but the whole of a float32
+conversion's, and 1.4e-11 for a bit-identical copy. Pairing the decoded cross term with the EXACT
+negentropy would leave sum_tail p_v d_v lc_v, with lc_v about -25: far worse. Measured on the demo
+model (gemma-3-270m-offgrid, 4 windows of 512, 1020 tokens; the tail, p < 1e-6, holds 0.25 % of the mass
+per token on average, at most 1.3 %; about 2500 exact entries per token, the cap of 4096 reached on
+some), cached against live (whole-model reference):
 
-  candidate  per-token |KL error| max / mean   mean KLD, relative error   (with the exact negentropy)
-  Q8_0       1.1e-08 / 6.5e-10                 -1.9e-08 of 4.04e-03       (5.0e-07 / 5.4e-08, +1.1e-06)
-  Q4_K_M     4.0e-08 / 3.1e-09                 +3.7e-09 of 8.05e-02       (5.2e-07 / 5.5e-08, +6.0e-08)
-
-so the cached KLD agrees with the live one far below its 6 printed digits and its standard error. Format
-3, Q4_K_M GGUF of the same model, 4 windows: 0.0861334284 cached against 0.0861334283 live (whole-model
-reference), 1.5e-9 relative, ppl and top-1 identical (bench/validate.py).
+  candidate                      live KLD     format 4     format 3
+  HF f32 copy of the reference   0            0            1.4e-11
+  ONNX f32                       8.104e-12    8.097e-12    3.292e-11
+  GGUF F16, Q8_0, Q4_K_M         every printed digit the same in both formats (1.392e-06, 0.004086, 0.087198)
 
 File layout (little-endian): MAGIC, uint64 header length, uint32 crc32 of header and window table, the
 JSON header, the window table (per window: uint64 offset, uint64 length, uint32 crc32), then each
@@ -86,7 +87,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAGIC = b"GPREF\x00\x00\x01"
-VERSION = 3
+VERSION = 4
 EXACT_MIN_P = 1e-6  # entries at least this probable are stored as their float32 values
 EXACT_CAP = 4096  # at most this many per token (the most probable)
 TAIL_RANGE = 64.0  # nats below the tail's largest value that the codes reach; e^-64 of 1e-6 is nothing
@@ -161,7 +162,8 @@ def _layout(rows: int, vocab: int, cuts: int) -> list[tuple[str, type, tuple[int
     """The fixed-size arrays of a window's block, in order: (name, dtype, shape); then the exact entries'
     int32 indices and float32 values, ``counts.sum()`` of each."""
     return [
-        # per cut: exact nll, negentropy, log_norm; then the negentropy and log_norm of the decoded rows
+        # per cut: exact nll, negentropy, log_norm; then sum p lr (p of the decoded rows, lr exact) and the
+        # decoded rows' log_norm (metrics.decoded_stats)
         ("stats", np.float64, (cuts, 5, rows)),
         ("top", np.int32, (cuts, rows)),
         ("counts", np.int32, (rows,)),  # exact entries per row
@@ -220,6 +222,8 @@ def _encode_rows(raw: np.ndarray, log_norm: np.ndarray) -> tuple[np.ndarray, ...
 def _encode_window(raw: np.ndarray, targets: np.ndarray, cuts: list[int]) -> bytes:
     """The block of one window from the reference's raw float32 log-probs [scored, vocab] of its scored
     rows, a chunk of rows at a time (float64 work arrays of at most 128 MiB)."""
+    import torch
+
     rows, vocab = raw.shape
     step = max(1, ROWS_PER_CHUNK_ELEMENTS // vocab)
     stats, tops, encoded = [], [], []
@@ -229,7 +233,9 @@ def _encode_window(raw: np.ndarray, targets: np.ndarray, cuts: list[int]) -> byt
         parts = _encode_rows(chunk, exact[0].log_norm)
         arrays = dict(zip(("counts", "lo_scale", "codes", "index", "value"), parts, strict=True))
         decoded = decode_rows(arrays, out=work_buffer("decoded", len(chunk), vocab))
-        of_decoded = [decoded_stats(decoded[:, :cut]) for cut in cuts]  # what the KL term reads
+        raw64 = work_buffer("raw", len(chunk), vocab).copy_(torch.from_numpy(np.ascontiguousarray(chunk)))
+        pairs = zip(cuts, exact, strict=True)
+        of_decoded = [decoded_stats(decoded[:, :cut], raw64[:, :cut], e.log_norm) for cut, e in pairs]  # the KL's
         pairs = zip(exact, of_decoded, strict=True)
         stats.append([[e.nll, e.negentropy, e.log_norm, *d] for e, d in pairs])
         tops.append([e.top for e in exact])
