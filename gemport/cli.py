@@ -668,8 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
         "versus REFERENCE, llama-perplexity protocol: windows of --ctx tokens starting "
         "with BOS, second half of each window scored, evaluation split of the corpus. Several candidates share "
         "one process and one preparation of the reference (its cache read or computed once), each scored in "
-        "turn and a summary table printed last; one that cannot be read is reported and the others go on. "
-        "Exit 0 when every gate of every candidate passes, 1 when one fails, 2 for a bad input.",
+        "turn and a summary table printed last; one that cannot be read is reported and the others go on; "
+        "Ctrl-C keeps the candidates already scored (summary and --json). "
+        "Exit 0 when every gate of every candidate passes, 1 when one fails, 2 for a bad input, 130 interrupted.",
     )
     s.add_argument(
         "candidates",
@@ -1297,8 +1298,9 @@ def cmd_validate(args) -> int:
             f"{reference.spec.max_position}",
             args.reference,
         )
+    candidates = _unique_candidates(args.candidates)
     results = validate_each(
-        args.candidates,
+        candidates,
         args.reference,
         corpus=args.corpus,
         n_ctx=args.ctx,
@@ -1318,21 +1320,38 @@ def cmd_validate(args) -> int:
         report.raise_if_failed()
         return 0
     done, records, code = [], [], 0
-    for candidate, result in results:
-        done.append((candidate, result))
-        if isinstance(result, GemportError):
-            print(f"gemport: error: {result}", file=sys.stderr)
-            records.append({"candidate": str(candidate), "error": str(result), "exit_code": result.exit_code})
-            code = max(code, result.exit_code)
-            continue
-        print(result.table() + "\n", file=sys.stderr if to_stdout else sys.stdout)
-        records.append(result.to_json())
-        if not result.passed:
-            print(f"gemport: error: {result.gate_failure()}", file=sys.stderr)
-            code = max(code, 1)
-    print(summary(done), file=sys.stderr if to_stdout else sys.stdout)
+    out = sys.stderr if to_stdout else sys.stdout
+    try:
+        for candidate, result in results:
+            done.append((candidate, result))
+            if isinstance(result, GemportError):
+                print(f"gemport: error: {result}", file=sys.stderr)
+                records.append({"candidate": str(candidate), "error": str(result), "exit_code": result.exit_code})
+                code = max(code, result.exit_code)
+                continue
+            print(result.table() + "\n", file=out)
+            records.append(result.to_json())
+            if not result.passed:
+                print(f"gemport: error: {result.gate_failure()}", file=sys.stderr)
+                code = max(code, 1)
+    except KeyboardInterrupt:  # the candidates already scored are not lost: their summary and --json
+        if done:
+            print(summary(done, total=len(candidates)), file=out)
+            _write_validation(records, args.json_out, single=False)
+        raise
+    print(summary(done), file=out)
     _write_validation(records, args.json_out, single=False)
     return code
+
+
+def _unique_candidates(paths: list[Path]) -> list[Path]:
+    """``paths`` in order, each file or folder once (by its resolved path); a repeat is logged and dropped."""
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        first = seen.setdefault(path.resolve(), path)
+        if first is not path:
+            log.warning("%s is given more than once (as %s): scored once", path, first)
+    return list(seen.values())
 
 
 def _write_validation(records: list[dict], dst: Path | None, single: bool) -> None:

@@ -291,7 +291,9 @@ def test_a_killed_build_leaves_no_child_running(recipe, tmp_path):
     out = tmp_path / "out"
     child = _start_build(recipe, out, "--only", "int8")
     _wait_for(".logs/int8.build.log", out, child)
-    workers = psutil.Process(child.pid).children(recursive=True)
+    deadline = time.monotonic() + 60  # the log is opened just before the worker is started
+    while not (workers := psutil.Process(child.pid).children(recursive=True)) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert workers
     child.kill()  # the parent only
     child.wait()

@@ -60,9 +60,11 @@ def test_several_candidates_equal_their_own_calls(tiny, candidates, corpus, tmp_
     records = json.loads(out.read_text())
     assert [r["candidate"] for r in records] == [str(p) for p in order]
     assert records[1]["exit_code"] == 2 and str(candidates["bogus"]) in records[1]["error"]
-    summary = captured.out.splitlines()[-4:]
-    assert summary[0].split()[:3] == ["candidate", "format", "runtime"]
-    assert "ERROR (" in summary[2] and summary[1].endswith("PASS") and summary[3].endswith("PASS")
+    summary = captured.out.splitlines()[-5:]
+    assert summary[0] == "summary, 3 candidates: 2 PASS, 0 FAIL, 1 ERROR"
+    assert summary[1].split()[:3] == ["candidate", "format", "runtime"]
+    assert summary[2].endswith("PASS") and summary[4].endswith("PASS")
+    assert f"ERROR: {records[1]['error']}" in summary[3]  # the message, as its error line gave it
 
     _forbid_reference(monkeypatch, tiny)  # each alone: the same cache, the same figures
     for record, path in ((records[0], order[0]), (records[2], order[2])):
@@ -111,3 +113,37 @@ def test_a_bad_reference_stops_at_once(candidates, corpus, tmp_path, capsys):
     assert main(_args([candidates["q8"], candidates["q4"]], missing, corpus)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(missing) in err[0]
+
+
+def test_a_candidate_given_twice_is_scored_once(tiny, candidates, corpus, tmp_path, caplog):
+    out = tmp_path / "twice.json"
+    again = candidates["q8"].parent / ".." / candidates["q8"].parent.name / candidates["q8"].name
+    args = _args([candidates["q8"], candidates["q4"], again], tiny, corpus, "--reference-cache", str(tmp_path))
+    assert main([*args, "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [r["candidate"] for r in records] == [str(candidates["q8"]), str(candidates["q4"])]
+    assert any(str(again) in r.getMessage() and "scored once" in r.getMessage() for r in caplog.records)
+
+
+def test_an_interrupted_run_keeps_what_was_scored(tiny, candidates, corpus, tmp_path, capsys, monkeypatch):
+    import validation.validate as v
+
+    real, calls = v._validate_one, []
+
+    def interrupted_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(v, "_validate_one", interrupted_second)
+    out = tmp_path / "partial.json"
+    order = [candidates["q8"], candidates["q4"], tmp_path / "never.gguf"]
+    order[2].write_bytes(candidates["q8"].read_bytes())
+    args = _args(order, tiny, corpus, "--reference-cache", str(tmp_path), "--json", str(out))
+    assert main(args) == 130
+    captured = capsys.readouterr()
+    assert captured.err.strip().endswith("gemport: interrupted")
+    assert "summary, 1 of 3 candidates (interrupted): 1 PASS, 0 FAIL, 0 ERROR" in captured.out
+    records = json.loads(out.read_text())
+    assert [r["candidate"] for r in records] == [str(candidates["q8"])]

@@ -196,15 +196,19 @@ class Report:
             raise GateFailed(self.gate_failure().removeprefix(f"{self.candidate}: "), self.candidate)
 
 
-def summary(results: list[tuple[object, Report | Exception]]) -> str:
-    """One line per candidate of a several-candidate validation (plain text, aligned columns): its format
-    and runtime kind, ppl, delta-ppl, KLD and top-1 as each table prints them, and PASS, FAIL or the error."""
+def summary(results: list[tuple[object, Report | Exception]], total: int | None = None) -> str:
+    """A title line (how many candidates passed, failed a gate, or could not be validated; "N of ``total``,
+    interrupted" when fewer than ``total`` were done), then one line per candidate of a several-candidate
+    validation (plain text, aligned columns): its format and runtime kind, ppl, delta-ppl, KLD and top-1 as
+    each table prints them, and PASS, FAIL with the failed gates, or ERROR with the error's message."""
     head = ("candidate", "format", "runtime", "ppl", "delta-ppl", "KLD", "top-1", "result")
-    lines = [head]
+    lines, counts = [head], {"PASS": 0, "FAIL": 0, "ERROR": 0}
     for candidate, r in results:
         if not isinstance(r, Report):
-            lines.append((str(candidate), "", "", "", "", "", "", f"ERROR ({type(r).__name__})"))
+            counts["ERROR"] += 1
+            lines.append((str(candidate), "", "", "", "", "", "", f"ERROR: {r}"))
             continue
+        counts["PASS" if r.passed else "FAIL"] += 1
         m = r.metrics
         lines.append(
             (
@@ -218,5 +222,9 @@ def summary(results: list[tuple[object, Report | Exception]]) -> str:
                 "PASS" if r.passed else "FAIL " + ", ".join(g.name for g in r.failed_gates),
             )
         )
+    done = len(results)
+    title = f"{done} of {total} candidates (interrupted)" if (total or 0) > done else f"{done} candidates"
+    title = f"summary, {title}: " + ", ".join(f"{n} {word}" for word, n in counts.items())
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines)
+    rows = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines]
+    return "\n".join([title, *rows])
