@@ -16,7 +16,7 @@ from pathlib import Path
 from gemport import __version__, progress, registry
 from gemport.checkpoint import DTYPES
 from gemport.errors import GemportError, OutputError, UnsupportedError
-from gemport.output import Terminated, atomic_output, clean_stale_temporaries, stop_on_signals
+from gemport.output import Terminated, atomic_output, clean_stale_temporaries, forget_signals, stop_on_signals
 
 log = logging.getLogger("gemport")
 
@@ -1319,28 +1319,33 @@ def cmd_validate(args) -> int:
         _write_validation([report.to_json()], args.json_out, single=True)
         report.raise_if_failed()
         return 0
-    done, records, code = [], [], 0
+    done, code = [], 0  # (candidate, Report or error, its --json record), appended at once
     out = sys.stderr if to_stdout else sys.stdout
     try:
         for candidate, result in results:
-            done.append((candidate, result))
-            if isinstance(result, GemportError):
+            failed = isinstance(result, GemportError)
+            record = (
+                {"candidate": str(candidate), "error": str(result), "exit_code": result.exit_code}
+                if failed
+                else result.to_json()
+            )
+            done.append((candidate, result, record))  # one append, before any of it is printed
+            if failed:
                 print(f"gemport: error: {result}", file=sys.stderr)
-                records.append({"candidate": str(candidate), "error": str(result), "exit_code": result.exit_code})
                 code = max(code, result.exit_code)
                 continue
             print(result.table() + "\n", file=out)
-            records.append(result.to_json())
             if not result.passed:
                 print(f"gemport: error: {result.gate_failure()}", file=sys.stderr)
                 code = max(code, 1)
-    except KeyboardInterrupt:  # the candidates already scored are not lost: their summary and --json
+    except KeyboardInterrupt:  # SIGINT or SIGTERM: the candidates already scored keep their summary and --json
         if done:
-            print(summary(done, total=len(candidates)), file=out)
-            _write_validation(records, args.json_out, single=False)
+            print(summary([d[:2] for d in done], total=len(candidates)), file=out)
+            forget_signals()  # the write is this signal's handling, not work it stops
+            _write_validation([d[2] for d in done], args.json_out, single=False)
         raise
-    print(summary(done), file=out)
-    _write_validation(records, args.json_out, single=False)
+    print(summary([d[:2] for d in done]), file=out)
+    _write_validation([d[2] for d in done], args.json_out, single=False)
     return code
 
 
@@ -1350,7 +1355,8 @@ def _unique_candidates(paths: list[Path]) -> list[Path]:
     for path in paths:
         first = seen.setdefault(path.resolve(), path)
         if first is not path:
-            log.warning("%s is given more than once (as %s): scored once", path, first)
+            same = "given more than once" if first == path else f"the same as {first}"
+            log.warning("%s is %s: scored once", path, same)
     return list(seen.values())
 
 

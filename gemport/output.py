@@ -100,6 +100,13 @@ def stop_on_signals() -> Iterator[None]:
         _SIGNALLED.clear()
 
 
+def forget_signals() -> None:
+    """Forget the signals received so far: a caller that caught their KeyboardInterrupt and saves what was
+    done before it (then raises again) would otherwise have that write undone by ``raise_if_signalled``.
+    A signal received afterwards still interrupts it."""
+    _SIGNALLED.clear()
+
+
 def raise_if_signalled() -> None:
     """Raise the KeyboardInterrupt (Terminated for SIGTERM) of a signal received earlier, in the main thread."""
     if _SIGNALLED and threading.current_thread() is threading.main_thread():

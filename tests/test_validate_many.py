@@ -6,6 +6,10 @@ line and the others go on; the exit code is the worst of them (2 an error, 1 a f
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,7 +126,8 @@ def test_a_candidate_given_twice_is_scored_once(tiny, candidates, corpus, tmp_pa
     assert main([*args, "--json", str(out)]) == 0
     records = json.loads(out.read_text())
     assert [r["candidate"] for r in records] == [str(candidates["q8"]), str(candidates["q4"])]
-    assert any(str(again) in r.getMessage() and "scored once" in r.getMessage() for r in caplog.records)
+    said = [r.getMessage() for r in caplog.records if "scored once" in r.getMessage()]
+    assert said == [f"{again} is the same as {candidates['q8']}: scored once"]
 
 
 def test_an_interrupted_run_keeps_what_was_scored(tiny, candidates, corpus, tmp_path, capsys, monkeypatch):
@@ -147,3 +152,31 @@ def test_an_interrupted_run_keeps_what_was_scored(tiny, candidates, corpus, tmp_
     assert "summary, 1 of 3 candidates (interrupted): 1 PASS, 0 FAIL, 0 ERROR" in captured.out
     records = json.loads(out.read_text())
     assert [r["candidate"] for r in records] == [str(candidates["q8"])]
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_keeps_what_was_scored(tiny, candidates, corpus, tmp_path, signum, code):
+    # a real signal, not a raised KeyboardInterrupt: the JSON is written although the signal is recorded,
+    # and replaces an older file of the same name
+    copies = []
+    for i in range(12):
+        copies.append(tmp_path / f"c{i}.gguf")
+        copies[-1].write_bytes(candidates["q8"].read_bytes())
+    out = tmp_path / "signalled.json"
+    out.write_text("old")
+    argv = _args(copies, tiny, corpus, "--reference-cache", str(tmp_path / "cache"), "--json", str(out))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "gemport.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    for line in child.stdout:  # the first candidate's table is complete
+        if line.startswith("result"):
+            break
+    child.send_signal(signum)
+    rest, err = child.communicate(timeout=120)
+    assert child.returncode == code, err
+    title = next(line for line in rest.splitlines() if line.startswith("summary, "))
+    done = int(title.split()[1])
+    assert 1 <= done < len(copies) and f"{done} of {len(copies)} candidates (interrupted)" in title
+    records = json.loads(out.read_text())
+    assert [r["candidate"] for r in records] == [str(c) for c in copies[:done]]
