@@ -50,7 +50,7 @@ def test_transformers_decompresses_exactly_our_records(tiny_models, tmp_path, va
     assert runtime.name.startswith("transformers + compressed-tensors 0.20.0")
     from transformers import AutoModelForCausalLM
 
-    options = hf_transformers._compressed_tensors(out, hf_transformers.read_config(out))[0]
+    options = hf_transformers._compressed_tensors(out, hf.read_json(out / "config.json"))[0]
     _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, **options)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     reference = _dequantized_reference(src, quantized)

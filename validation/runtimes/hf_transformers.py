@@ -18,12 +18,12 @@ Named hf_transformers so that nothing here can shadow the ``transformers`` packa
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
+from converters.hf import read_json
 from gemport.errors import CheckpointError
 from validation.runtimes import PARITY
 
@@ -44,7 +44,7 @@ class TransformersRuntime:
 
         hf_logging.disable_progress_bar()  # gemport draws its own; keep stderr to one line on errors
         self.dtype = dtype
-        config = read_config(path)
+        config = read_json(path / "config.json")
         options, loader, how = _compressed_tensors(path, config)
         attention = attention_for(dtype)
         log.info("loading %s with transformers (%s)", path, dtype)
@@ -117,21 +117,10 @@ def attention_for(dtype: str) -> str | None:
     return "eager" if dtype == "float32" else None
 
 
-def read_config(path: Path) -> dict:
-    """config.json of an HF folder. CheckpointError when it is unreadable or not a JSON object."""
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"unreadable config.json: {exc}", path / "config.json") from None
-    if not isinstance(config, dict):
-        raise CheckpointError("config.json is not a JSON object", path / "config.json")
-    return config
-
-
 def config_dtype(path: Path) -> str:
     """The dtype config.json names (``dtype``, or 4.x's ``torch_dtype``); float32 when it names none.
     ref: transformers modeling_utils ``_get_dtype``, dtype="auto" reads ``config.dtype``."""
-    config = read_config(path)
+    config = read_json(path / "config.json")
     dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     if dtype not in _TORCH_DTYPES:
         raise CheckpointError(f"config.json dtype {dtype!r} is not one of {', '.join(_TORCH_DTYPES)}", path)
